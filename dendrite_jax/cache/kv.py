@@ -1,0 +1,92 @@
+"""The paged KV cache pytree and the per-step attention metadata pytree.
+
+Layout: keys and values are each `[num_layers, num_pages, page_size, num_kv_heads, head_dim]`.
+All layers live in one array so the layer scan carries the cache and updates it in place
+(a scatter into a donated loop carry); attention gathers only the pages a sequence owns.
+One page holds `page_size` consecutive positions of one sequence for every layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from dendrite_jax.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: jax.Array  # [L, N, page_size, Hkv, hd]
+    v: jax.Array  # [L, N, page_size, Hkv, hd]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: str) -> KVCache:
+        shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    @staticmethod
+    def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: str) -> int:
+        return 2 * cfg.num_layers * page_size * cfg.kv_size * jnp.dtype(dtype).itemsize
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each token of a ragged step lives. Tokens are packed sequence after sequence.
+
+    Uploaded: `cu_q_lens` [S+1] (query start offsets), `seq_lens` [S] (context length after
+    this step, new tokens included), `page_tables` [S, P]. Derived once per step on device:
+    `positions`, `token_seq` and `slot_pages`/`slot_offsets` (where each new K/V is written).
+    Padding sequences have no queries and length 0; padding tokens write nowhere.
+    """
+
+    cu_q_lens: jax.Array
+    seq_lens: jax.Array
+    page_tables: jax.Array
+    positions: jax.Array  # [T]
+    token_seq: jax.Array  # [T]
+    slot_pages: jax.Array  # [T] page of each new K/V; num_pages (out of range) for padding
+    slot_offsets: jax.Array  # [T]
+
+    @classmethod
+    def build(cls, cu_q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array,
+              num_tokens: int, page_size: int, num_pages: int) -> AttentionMetadata:
+        t = jnp.arange(num_tokens, dtype=jnp.int32)
+        token_seq = jnp.clip(jnp.searchsorted(cu_q_lens, t, side="right") - 1,
+                             0, seq_lens.shape[0] - 1).astype(jnp.int32)
+        q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+        first_pos = seq_lens - q_lens
+        positions = first_pos[token_seq] + t - cu_q_lens[token_seq]
+        valid = t < cu_q_lens[-1]
+        positions = jnp.where(valid, positions, 0)
+        page = page_tables[token_seq, positions // page_size]
+        return cls(cu_q_lens=cu_q_lens, seq_lens=seq_lens, page_tables=page_tables,
+                   positions=positions, token_seq=token_seq,
+                   slot_pages=jnp.where(valid, page, num_pages),
+                   slot_offsets=positions % page_size)
+
+
+def write_kv(kv: KVCache, layer: jax.Array, k: jax.Array, v: jax.Array,
+             meta: AttentionMetadata) -> KVCache:
+    """Scatter this step's keys/values [T, Hkv, hd] into their pages; padding is dropped."""
+    idx = (layer, meta.slot_pages, meta.slot_offsets)
+    return KVCache(k=kv.k.at[idx].set(k.astype(kv.k.dtype), mode="drop"),
+                   v=kv.v.at[idx].set(v.astype(kv.v.dtype), mode="drop"))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def copy_pages(kv: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
+    """Copy whole pages src[i] -> dst[i] in every layer (the device half of copy-on-write)."""
+    return KVCache(k=kv.k.at[:, dst].set(kv.k[:, src]), v=kv.v.at[:, dst].set(kv.v[:, src]))

@@ -1,0 +1,197 @@
+"""Model and engine configuration: frozen dataclasses validated at construction.
+
+`ModelConfig` describes a Llama-family transformer (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2).
+`EngineConfig` describes the serving engine (pages, batch limits, dtype). Presets live in
+`configs/*.toml`; `load_preset` resolves a preset name or a path to a TOML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary-frequency scaling. `kind` is "llama3" (Llama 3.1+) or "linear"."""
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("llama3", "linear"):
+            raise ValueError(f"unsupported rope scaling type {self.kind!r}; supported: llama3, linear")
+        if self.factor <= 0:
+            raise ValueError(f"rope scaling factor must be positive, got {self.factor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder. Static: hashed into compiled steps."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: biases on the q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before rotary
+    sliding_window: int | None = None  # Mistral-style local attention, in tokens
+    name: str = "model"
+
+    def __post_init__(self) -> None:
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                      "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        d, f, layers = self.hidden_size, self.intermediate_size, self.num_layers
+        per_layer = d * (self.q_size + 2 * self.kv_size) + self.q_size * d + 3 * d * f + 2 * d
+        if self.attention_bias:
+            per_layer += self.q_size + 2 * self.kv_size
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
+        head = 0 if self.tie_word_embeddings else d * self.vocab_size
+        return layers * per_layer + self.vocab_size * d + d + head
+
+    def inv_freq(self) -> np.ndarray:
+        """Rotary inverse frequencies [head_dim // 2], float64, with scaling applied."""
+        exponents = np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim
+        inv = 1.0 / (self.rope_theta ** exponents)
+        scaling = self.rope_scaling
+        if scaling is None:
+            return inv
+        if scaling.kind == "linear":
+            return inv / scaling.factor
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth blend between.
+        old = scaling.original_max_position_embeddings
+        low_wavelen = old / scaling.low_freq_factor
+        high_wavelen = old / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        blended = (1 - smooth) * inv / scaling.factor + smooth * inv
+        return np.where(wavelen > low_wavelen, inv / scaling.factor,
+                        np.where(wavelen < high_wavelen, inv, blended))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        values = dict(values)
+        scaling = values.pop("rope_scaling", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**values, rope_scaling=RopeScaling(**scaling) if scaling else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    """Where a preset's weights come from: a GGUF file in an installed package, or random."""
+
+    format: str  # "gguf" or "random"
+    python_package: str | None = None
+    file: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.format not in ("gguf", "random"):
+            raise ValueError(f"checkpoint format must be 'gguf' or 'random', got {self.format!r}")
+        if self.format == "gguf" and not (self.python_package and self.file):
+            raise ValueError("a gguf checkpoint needs python_package and file")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    checkpoint: CheckpointSpec
+    model: ModelConfig | None  # None: read from the checkpoint itself
+    install_hint: str = ""
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def load_preset(name_or_path: str) -> Preset:
+    """Resolve a preset name (`smollm2-135m`) or a path to a preset TOML file."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = CONFIG_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise ValueError(
+            f"unknown model {name_or_path!r}: not a preset ({', '.join(preset_names())}), "
+            "a preset .toml file, a .gguf file or a Hugging Face checkpoint directory")
+    with open(path, "rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: invalid TOML: {e}") from None
+    if "checkpoint" not in data:
+        raise ValueError(f"{path}: a model preset needs a [checkpoint] table")
+    model = ModelConfig.from_dict({"name": path.stem, **data["model"]}) if "model" in data else None
+    return Preset(name=path.stem, checkpoint=CheckpointSpec(**data["checkpoint"]), model=model,
+                  install_hint=data.get("install_hint", ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Serving limits. `num_pages=None` sizes the cache for `max_num_seqs` full contexts,
+    capped by `kv_cache_bytes`."""
+
+    dtype: str = "float32"
+    page_size: int = 16
+    num_pages: int | None = None
+    max_num_seqs: int = 8
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # None: the model's context
+    kv_cache_bytes: int = 4 << 30
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.page_size < 8 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 8, got {self.page_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.page_size:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= page_size "
+                f"({self.page_size})")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError(f"num_pages must be >= 2, got {self.num_pages}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")

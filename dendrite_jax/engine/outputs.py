@@ -1,0 +1,34 @@
+"""What generate returns: RequestOutput and Logprob (vLLM-shaped)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Logprob:
+    logprob: float
+    rank: int  # 1 = the most likely token
+    decoded_token: str | None = None
+
+
+# One generated (or prompt) position: token id -> Logprob, the chosen token always included.
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop", "length" or None while running
+    stop_reason: str | int | None = None  # the stop string or stop token that ended it
+    logprobs: list[PositionLogprobs] | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # first entry None
+    time_to_first_token: float | None = None  # seconds from submission
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

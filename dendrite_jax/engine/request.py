@@ -1,0 +1,138 @@
+"""Request: the host-side state of one sequence, from admission to its finished output."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import numpy as np
+
+from dendrite_jax.engine.outputs import Logprob, PositionLogprobs, RequestOutput
+from dendrite_jax.engine.sampling_params import SamplingParams
+from dendrite_jax.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    DONE = "done"
+
+
+class Request:
+    """Tokens, pages and outputs of one request.
+
+    `num_computed` counts tokens whose K/V are in the cache. The request's sequence is
+    `prompt_ids + output_ids`; the last output token is fed in the next decode step.
+    """
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int],
+                 params: SamplingParams, seed: int, max_len: int,
+                 tokenizer: Tokenizer | None, stop_token_ids: tuple[int, ...]) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.seed = seed
+        # Total tokens this request may reach: prompt + max_tokens, capped by the context.
+        self.max_len = min(len(prompt_ids) + params.max_tokens, max_len)
+        self.stop_token_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            self.stop_token_ids.update(stop_token_ids)
+        self.status = RequestStatus.WAITING
+        self.pages: list[int] = []
+        self.slot = -1
+        self.num_computed = 0
+        self.output_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.tokenizer = tokenizer
+        self.detokenizer = (IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
+                            if tokenizer else None)
+        self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[PositionLogprobs | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+        self.arrival = time.perf_counter()
+        self.first_token_time: float | None = None
+
+    # ----------------------------------------------------------------------------- state
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[position] if position < n else self.output_ids[position - n]
+
+    # ----------------------------------------------------------------------------- outputs
+
+    def _decoded(self, token_id: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _position_logprobs(self, chosen: int, logprob: float, rank: int, top_lp: np.ndarray,
+                           top_ids: np.ndarray, n: int) -> PositionLogprobs:
+        entry = {int(t): Logprob(float(lp), i + 1, self._decoded(int(t)))
+                 for i, (t, lp) in enumerate(zip(top_ids[:n], top_lp[:n], strict=True))}
+        entry.setdefault(chosen, Logprob(float(logprob), int(rank), self._decoded(chosen)))
+        return entry
+
+    def add_prompt_logprobs(self, targets: list[int], logprob: np.ndarray, rank: np.ndarray,
+                            top_lp: np.ndarray, top_ids: np.ndarray) -> None:
+        """Record logprobs of prompt tokens `targets` (one row per target)."""
+        n = self.params.prompt_logprobs
+        for i, target in enumerate(targets):
+            self.prompt_logprobs.append(self._position_logprobs(
+                target, logprob[i], rank[i], top_lp[i], top_ids[i], n))
+
+    def append_token(self, token: int, logprob: float, rank: int, top_lp: np.ndarray,
+                     top_ids: np.ndarray, max_model_len: int) -> None:
+        """Add a sampled token, then decide whether the request is finished."""
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        self.output_ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(self._position_logprobs(token, logprob, rank, top_lp, top_ids,
+                                                         self.params.logprobs))
+        previous_len = len(self.text)
+        if self.detokenizer is not None:
+            self.text += self.detokenizer.push(token)
+        if token in self.stop_token_ids:
+            self._finish("stop", token)
+        elif self._check_stop_strings(previous_len):
+            pass
+        elif len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= max_model_len:
+            self._finish("length", None)
+
+    def _check_stop_strings(self, previous_len: int) -> bool:
+        for stop in self.params.stop:
+            start = max(0, previous_len - len(stop) + 1)
+            index = self.text.find(stop, start)
+            if index >= 0:
+                end = index + len(stop) if self.params.include_stop_str_in_output else index
+                self.text = self.text[:end]
+                self._finish("stop", stop)
+                return True
+        return False
+
+    def _finish(self, reason: str, stop_reason: str | int | None) -> None:
+        # A stop string already cut the text; otherwise emit any held-back tail.
+        if self.detokenizer is not None and not isinstance(stop_reason, str):
+            self.text += self.detokenizer.flush()
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+        self.status = RequestStatus.DONE
+
+    def output(self) -> RequestOutput:
+        ttft = None if self.first_token_time is None else self.first_token_time - self.arrival
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_ids,
+            text=self.text, token_ids=list(self.output_ids), finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason, logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs, time_to_first_token=ttft)

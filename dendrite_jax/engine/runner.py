@@ -1,0 +1,105 @@
+"""ModelRunner: device state (params, KV pages, penalty state) and one compiled step per bucket.
+
+Steps are compiled ahead of time (`jit(...).lower(...).compile()`) per `StepShape`, so the
+runner knows exactly how many compilations serving has caused. The KV cache and penalty
+state are donated to every step and replaced by the step's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dendrite_jax.cache.kv import KVCache, copy_pages
+from dendrite_jax.config import ModelConfig
+from dendrite_jax.engine.step import PenaltyState, StepOutput, step
+from dendrite_jax.engine.step_plan import StepPlan, StepShape, _field_sizes
+from dendrite_jax.model.params import Params
+
+
+def enable_compilation_cache(directory: str | None = None) -> str:
+    """Turn on JAX's persistent compilation cache (a user cache directory by default), so a
+    second process reuses compiled steps. Respects a directory the user already configured."""
+    configured = jax.config.jax_compilation_cache_dir
+    if configured:
+        return configured
+    if directory is None:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        directory = str(Path(base) / "dendrite_jax" / "xla")
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """A step's outputs, on the host."""
+
+    tokens: np.ndarray
+    logprob: np.ndarray
+    rank: np.ndarray
+    top_logprobs: np.ndarray
+    top_ids: np.ndarray
+    prompt_logprob: np.ndarray | None
+    prompt_rank: np.ndarray | None
+    prompt_top_logprobs: np.ndarray | None
+    prompt_top_ids: np.ndarray | None
+
+
+class ModelRunner:
+    """Runs StepPlans on the device. Not thread-safe: one step at a time."""
+
+    def __init__(self, cfg: ModelConfig, params: Params, *, num_pages: int, page_size: int,
+                 num_slots: int, dtype: str, attention_backend: str = "reference") -> None:
+        self.cfg = cfg
+        self.params = params
+        self.attention_backend = attention_backend
+        self.kv = KVCache.create(cfg, num_pages, page_size, dtype)
+        self.penalties = PenaltyState.create(num_slots, cfg.vocab_size)
+        self._jitted = jax.jit(step, static_argnames=("cfg", "shape", "attention_backend"),
+                               donate_argnames=("kv", "penalties"))
+        self._compiled: dict[StepShape, Any] = {}
+
+    @property
+    def compilations(self) -> int:
+        return len(self._compiled)
+
+    @property
+    def compiled_shapes(self) -> list[StepShape]:
+        return sorted(self._compiled)
+
+    def compile(self, shape: StepShape) -> Any:
+        """Compile the step for `shape` (idempotent)."""
+        if shape not in self._compiled:
+            buffer = jax.ShapeDtypeStruct((sum(_field_sizes(shape).values()),), jnp.int32)
+            lowered = self._jitted.lower(self.params, self.kv, self.penalties, buffer,
+                                         cfg=self.cfg, shape=shape,
+                                         attention_backend=self.attention_backend)
+            self._compiled[shape] = lowered.compile()
+        return self._compiled[shape]
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        compiled = self.compile(plan.shape)
+        buffer = jax.device_put(plan.pack())
+        out, self.kv, self.penalties = compiled(self.params, self.kv, self.penalties, buffer)
+        return _to_host(out)
+
+    def copy_pages(self, src: list[int], dst: list[int]) -> None:
+        """Device half of copy-on-write: duplicate pages src[i] into dst[i]."""
+        if src:
+            self.kv = copy_pages(self.kv, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
+
+
+def _to_host(out: StepOutput) -> StepResult:
+    host = jax.device_get(out)
+    return StepResult(**{f.name: getattr(host, f.name) for f in dataclasses.fields(StepOutput)})
+
+

@@ -1,0 +1,106 @@
+"""On-device sampling over fixed-shape per-row arrays.
+
+Every row carries its own temperature, top-k, top-p, min-p, penalties and seed, so one
+compiled function serves any mix of requests. Order (as in vLLM): penalties -> temperature
+-> min-p (on probabilities) -> top-k -> top-p (renormalised over the survivors) -> sample.
+Noise for a token is a function of (seed, position) alone, so a seeded request samples
+the same tokens whatever else shares its batch. Temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+MAX_LOGPROBS = 20  # top-n logprobs computed per token (as vLLM's default max_logprobs)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row sampling settings, each [S]. top_k <= 0 means no top-k."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    presence_penalty: jax.Array
+    frequency_penalty: jax.Array
+    seed: jax.Array  # uint32
+
+
+def apply_penalties(logits: jax.Array, prompt_mask: jax.Array, output_counts: jax.Array,
+                    batch: SamplingBatch) -> jax.Array:
+    """Repetition penalty over prompt+output tokens (divide positive logits, multiply negative
+    ones); presence and frequency penalties over output tokens only (as vLLM)."""
+    seen = prompt_mask | (output_counts > 0)
+    rep = batch.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    counts = output_counts.astype(logits.dtype)
+    logits = logits - batch.frequency_penalty[:, None] * counts
+    return logits - batch.presence_penalty[:, None] * (counts > 0)
+
+
+def truncation_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                    min_p: jax.Array) -> jax.Array:
+    """Boolean [B, V]: tokens that survive min-p, top-k and top-p. Ties at a cut-off survive.
+
+    `logits` are already temperature-scaled. Each filter is a threshold on the logit value,
+    so one descending sort serves all three.
+    """
+    vocab = logits.shape[-1]
+    max_logit = jnp.max(logits, axis=-1, keepdims=True)
+    # min-p: p >= min_p * p_max  <=>  logit >= max_logit + log(min_p)
+    min_p_cut = jnp.where(min_p[:, None] > 0, max_logit + jnp.log(min_p[:, None]), -jnp.inf)
+    ordered = jnp.sort(logits, axis=-1, descending=True)
+    k = jnp.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    top_k_cut = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
+    cut = jnp.maximum(min_p_cut, top_k_cut)
+    # top-p over the survivors, renormalised: keep the smallest prefix of the ordered list
+    # whose mass reaches top_p (a token is kept if the mass strictly before it is < top_p).
+    survivors = jnp.where(ordered >= cut, ordered, -jnp.inf)
+    probs = jax.nn.softmax(survivors, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = (mass_before < top_p[:, None]) & (ordered >= cut)
+    last_kept = jnp.sum(keep_sorted, axis=-1, keepdims=True) - 1
+    top_p_cut = jnp.take_along_axis(ordered, jnp.maximum(last_kept, 0), axis=-1)
+    return logits >= jnp.maximum(cut, top_p_cut)
+
+
+def token_noise_keys(seed: jax.Array, positions: jax.Array) -> jax.Array:
+    """One PRNG key per row from (seed, position of the token being sampled)."""
+    return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed, positions)
+
+
+def sample(logits: jax.Array, batch: SamplingBatch, positions: jax.Array) -> jax.Array:
+    """Next token per row from already-penalised float32 logits [B, V]."""
+    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled_tokens(logits):
+        temp = jnp.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
+        scaled = logits / temp
+        needs_mask = jnp.any((batch.top_k > 0) | (batch.top_p < 1) | (batch.min_p > 0))
+        keep = jax.lax.cond(
+            needs_mask,
+            lambda s: truncation_mask(s, batch.top_k, batch.top_p, batch.min_p),
+            lambda s: jnp.ones(s.shape, bool), scaled)
+        keys = token_noise_keys(batch.seed, positions)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], jnp.float32))(keys)
+        noisy = jnp.where(keep, scaled + gumbel, -jnp.inf)
+        return jnp.where(batch.temperature > 0, jnp.argmax(noisy, axis=-1),
+                         greedy_tokens).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(batch.temperature > 0), sampled_tokens,
+                        lambda _: greedy_tokens, logits)
+
+
+def top_logprobs(logprobs: jax.Array, chosen: jax.Array) -> tuple[jax.Array, ...]:
+    """For rows of log-probabilities [N, V] and chosen tokens [N]: the chosen token's logprob
+    and rank (1 = most likely), and the top MAX_LOGPROBS (logprobs, ids)."""
+    chosen_lp = jnp.take_along_axis(logprobs, chosen[:, None], axis=-1)[:, 0]
+    rank = jnp.sum(logprobs > chosen_lp[:, None], axis=-1).astype(jnp.int32) + 1
+    top_lp, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+    return chosen_lp, rank, top_lp, top_ids.astype(jnp.int32)

@@ -1,0 +1,73 @@
+"""SamplingParams: per-request decoding settings, vLLM-shaped, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dendrite_jax.engine.sampling import MAX_LOGPROBS
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How to decode one request.
+
+    temperature 0 is greedy. top_k <= 0 (or -1) disables top-k; top_p 1 and min_p 0 disable
+    theirs. `seed` makes sampling reproducible and independent of the rest of the batch.
+    `stop` strings end generation and are cut from the text (unless
+    `include_stop_str_in_output`); `stop_token_ids` end it after emitting that token; EOS
+    ends it unless `ignore_eos`. `logprobs=n` returns the top-n logprobs of each generated
+    token plus the chosen one; `prompt_logprobs=n` does the same for each prompt token.
+    Logprobs are those of the raw model distribution (before penalties and temperature).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+               f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        _check(self.temperature >= 0, f"temperature must be >= 0 (0 is greedy), got "
+               f"{self.temperature}")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(isinstance(self.top_k, int) and self.top_k >= -1,
+               f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}")
+        _check(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        _check(self.repetition_penalty > 0,
+               f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+        _check(-2 <= self.presence_penalty <= 2,
+               f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        _check(-2 <= self.frequency_penalty <= 2,
+               f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        _check(self.seed is None or (isinstance(self.seed, int) and self.seed >= 0),
+               f"seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS),
+                   f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        _check(all(isinstance(s, str) and s for s in self.stop),
+               f"stop must be non-empty strings, got {self.stop!r}")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+               f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)

@@ -1,0 +1,1 @@
+"""The model: params pytree, pure forward functions, checkpoint loading, tokenizer."""

@@ -1,0 +1,107 @@
+"""Llama-family decoder as pure functions over the Params pytree.
+
+Covers Llama 2/3 (incl. llama3 rope scaling), Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm)
+and SmolLM2. Rotary embeddings use the Hugging Face "rotate half" layout; GGUF checkpoints
+are converted to it at load. Norms, softmax and logits are computed in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dendrite_jax.cache.kv import AttentionMetadata, KVCache, write_kv
+from dendrite_jax.config import ModelConfig
+from dendrite_jax.model.params import LayerParams, Params
+from kernels_pallas.paged_attention import ragged_paged_attention
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate x [T, H, hd] by angle position * inv_freq (rotate-half layout)."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
+    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_block(lp: LayerParams, x: jax.Array, kv: KVCache, layer: jax.Array,
+                    meta: AttentionMetadata, cfg: ModelConfig, *, max_q_len: int,
+                    attention_backend: str) -> tuple[jax.Array, KVCache]:
+    num_tokens = x.shape[0]
+    with jax.named_scope("qkv_proj"):
+        qkv = jnp.einsum("td,dq->tq", x, lp.w_qkv)
+        if lp.b_qkv is not None:
+            qkv = qkv + lp.b_qkv
+        q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+        q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+    if lp.q_norm is not None:
+        with jax.named_scope("qk_norm"):
+            q = rms_norm(q, lp.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, lp.k_norm, cfg.rms_norm_eps)
+    with jax.named_scope("rotary"):
+        inv_freq = jnp.asarray(cfg.inv_freq(), jnp.float32)
+        q = rotary(q, meta.positions, inv_freq)
+        k = rotary(k, meta.positions, inv_freq)
+    with jax.named_scope("kv_write"):
+        kv = write_kv(kv, layer, k, v, meta)
+    with jax.named_scope("paged_attention"):
+        out = ragged_paged_attention(
+            q, kv.k, kv.v, layer, meta.cu_q_lens, meta.seq_lens, meta.page_tables,
+            max_q_len=max_q_len, sm_scale=cfg.head_dim ** -0.5,
+            sliding_window=cfg.sliding_window, backend=attention_backend)
+    with jax.named_scope("o_proj"):
+        out = jnp.einsum("tq,qd->td", out.reshape(num_tokens, cfg.q_size), lp.w_o)
+    return out, kv
+
+
+def swiglu_mlp(lp: LayerParams, x: jax.Array) -> jax.Array:
+    gate_up = jnp.einsum("td,df->tf", x, lp.w_gate_up)
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, lp.w_down)
+
+
+def forward(params: Params, kv: KVCache, input_ids: jax.Array, meta: AttentionMetadata,
+            cfg: ModelConfig, *, max_q_len: int,
+            attention_backend: str = "reference") -> tuple[jax.Array, KVCache]:
+    """Run the decoder over a ragged step's tokens. Returns final hidden states [T, D] and
+    the cache with this step's keys/values written."""
+    with jax.named_scope("embed"):
+        x = params.embed[input_ids]
+
+    def layer_step(carry, layer_inputs):
+        x, kv = carry
+        lp, layer = layer_inputs
+        with jax.named_scope("attention"):
+            h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+            attn, kv = attention_block(lp, h, kv, layer, meta, cfg, max_q_len=max_q_len,
+                                       attention_backend=attention_backend)
+            x = x + attn
+        with jax.named_scope("mlp"):
+            x = x + swiglu_mlp(lp, rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps))
+        return (x, kv), None
+
+    with jax.named_scope("layers"):
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, kv), _ = jax.lax.scan(layer_step, (x, kv), (params.layers, layer_ids))
+    with jax.named_scope("final_norm"):
+        x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    return x, kv
+
+
+def compute_logits(params: Params, hidden: jax.Array) -> jax.Array:
+    """Float32 logits [..., V] from final hidden states (tied or separate output matrix)."""
+    with jax.named_scope("lm_head"):
+        if params.lm_head is None:
+            return jnp.einsum("...d,vd->...v", hidden, params.embed,
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", hidden, params.lm_head,
+                          preferred_element_type=jnp.float32)
