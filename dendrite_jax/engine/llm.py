@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+
+import jax
 
 from dendrite_jax.config import EngineConfig
 from dendrite_jax.engine.engine import Engine
@@ -10,6 +13,7 @@ from dendrite_jax.engine.outputs import RequestOutput
 from dendrite_jax.engine.runner import enable_compilation_cache
 from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.model.loader import load_model
+from dendrite_jax.model.params import resolve_layer_loop, with_layer_loop
 from dendrite_jax.model.tokenizer import Tokenizer
 from kernels_pallas.paged_attention import resolve_backend
 
@@ -28,16 +32,20 @@ class LLM:
                  page_size: int = 16, num_pages: int | None = None, max_num_seqs: int = 8,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  kv_cache_bytes: int = 1 << 30, seed: int = 0,
-                 attention_backend: str = "auto", compilation_cache: bool = True) -> None:
+                 attention_backend: str = "auto", layer_loop: str = "auto",
+                 compilation_cache: bool = True) -> None:
         engine_cfg = EngineConfig(dtype=dtype, page_size=page_size, num_pages=num_pages,
                                   max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
                                   seed=seed)
         backend = resolve_backend(attention_backend)
+        loop = resolve_layer_loop(layer_loop, jax.default_backend())
         if compilation_cache:
             enable_compilation_cache()
-        self.model = load_model(model, dtype)
+        loaded = load_model(model, dtype)
+        self.model = dataclasses.replace(loaded, params=with_layer_loop(loaded.params, loop))
+        del loaded
         self.engine = Engine(self.model, engine_cfg, backend)
 
     @property

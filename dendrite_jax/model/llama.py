@@ -90,8 +90,13 @@ def forward(params: Params, kv: KVCache, input_ids: jax.Array, meta: AttentionMe
         return (x, kv), None
 
     with jax.named_scope("layers"):
-        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, kv), _ = jax.lax.scan(layer_step, (x, kv), (params.layers, layer_ids))
+        if isinstance(params.layers, LayerParams):  # stacked: one scan
+            layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            (x, kv), _ = jax.lax.scan(layer_step, (x, kv), (params.layers, layer_ids))
+        else:  # per-layer arrays: unrolled
+            for i, lp in enumerate(params.layers):
+                with jax.named_scope(f"layer_{i}"):
+                    (x, kv), _ = layer_step((x, kv), (lp, jnp.int32(i)))
     with jax.named_scope("final_norm"):
         x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
     return x, kv

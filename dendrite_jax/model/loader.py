@@ -43,7 +43,7 @@ def load_model(model: str, dtype: str) -> LoadedModel:
     path = Path(model).expanduser()
     if path.is_dir():
         cfg, params = load_hf(path, dtype)
-        return LoadedModel(cfg, params, Tokenizer.from_hf_dir(path), str(path))
+        return _checked(LoadedModel(cfg, params, Tokenizer.from_hf_dir(path), str(path)))
     if path.suffix == ".gguf":
         return _load_gguf_file(path, dtype)
     preset = load_preset(model)
@@ -55,7 +55,15 @@ def load_model(model: str, dtype: str) -> LoadedModel:
 
 
 def _load_gguf_file(path: Path, dtype: str, name: str | None = None) -> LoadedModel:
-    cfg, params, reader = load_gguf(path, dtype)
+    cfg, params, gguf = load_gguf(path, dtype)
     if name:
         cfg = dataclasses.replace(cfg, name=name)
-    return LoadedModel(cfg, params, Tokenizer.from_gguf(reader, path), str(path))
+    return _checked(LoadedModel(cfg, params, Tokenizer.from_gguf(gguf), str(path)))
+
+
+def _checked(model: LoadedModel) -> LoadedModel:
+    tokenizer = model.tokenizer
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{model.source}: the tokenizer has {tokenizer.vocab_size} tokens but the "
+                         f"model's embedding has only {model.config.vocab_size} rows")
+    return model

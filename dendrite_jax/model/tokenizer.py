@@ -17,6 +17,8 @@ import jinja2.sandbox
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HfTokenizer
 
+from dendrite_jax.model.gguf_file import GgufFile
+
 # GGUF `tokenizer.ggml.pre` -> pre-tokenizer. SmolLM splits digits one by one, then applies
 # GPT-2's byte-level regex (as llama.cpp's "smollm" pre-type does).
 _GGUF_PRE_TOKENIZERS = {
@@ -85,20 +87,19 @@ class Tokenizer:
     # ------------------------------------------------------------------------------ loaders
 
     @classmethod
-    def from_gguf(cls, reader: Any, path: Path) -> Tokenizer:
-        from dendrite_jax.model.weights import gguf_field
-
-        model = gguf_field(reader, "tokenizer.ggml.model")
-        pre = gguf_field(reader, "tokenizer.ggml.pre", "default")
+    def from_gguf(cls, gguf: GgufFile) -> Tokenizer:
+        meta, path = gguf.metadata, gguf.path
+        model = meta.get("tokenizer.ggml.model")
+        pre = meta.get("tokenizer.ggml.pre", "default")
         if model != "gpt2":
             raise ValueError(f"{path}: GGUF tokenizer model {model!r} is not supported (only "
                              "byte-level BPE, 'gpt2')")
         if pre not in _GGUF_PRE_TOKENIZERS:
             raise ValueError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported; supported: "
                              f"{', '.join(sorted(_GGUF_PRE_TOKENIZERS))}")
-        tokens = gguf_field(reader, "tokenizer.ggml.tokens")
-        merges = gguf_field(reader, "tokenizer.ggml.merges")
-        types = gguf_field(reader, "tokenizer.ggml.token_type")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        merges = meta.get("tokenizer.ggml.merges")
+        types = meta.get("tokenizer.ggml.token_type")
         if not tokens or merges is None:
             raise ValueError(f"{path}: GGUF metadata lacks tokenizer tokens or merges")
         vocab = {tok: i for i, tok in enumerate(tokens)}
@@ -109,13 +110,13 @@ class Tokenizer:
         specials = [AddedToken(tokens[i], special=True, normalized=False)
                     for i, kind in enumerate(types or []) if kind in (_CONTROL, _USER_DEFINED)]
         backend.add_special_tokens(specials)
-        eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
+        eos = meta.get("tokenizer.ggml.eos_token_id")
         if eos is None:
             raise ValueError(f"{path}: GGUF metadata lacks tokenizer.ggml.eos_token_id")
-        eot = gguf_field(reader, "tokenizer.ggml.eot_token_id")
-        return cls(backend, bos_token_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-                   eos_token_id=int(eos), chat_template=gguf_field(reader, "tokenizer.chat_template"),
-                   add_bos_token=bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        eot = meta.get("tokenizer.ggml.eot_token_id")
+        return cls(backend, bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+                   eos_token_id=int(eos), chat_template=meta.get("tokenizer.chat_template"),
+                   add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
                    stop_token_ids=() if eot is None else (int(eot),))
 
     @classmethod

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dendrite_jax.config import ModelConfig, RopeScaling
+from dendrite_jax.model.gguf_file import GgufFile
 from dendrite_jax.model.params import LayerParams, Params, check_shapes, random_params
 from dendrite_jax.model.safetensors_reader import read_safetensors
 from dendrite_jax.progress import Progress
@@ -69,51 +70,34 @@ _GGUF_NAMES = {
 }
 
 
-def open_gguf(path: Path) -> Any:
-    """A gguf.GGUFReader for `path`, with errors naming the file."""
-    import gguf
-
-    if not path.is_file():
-        raise ValueError(f"{path}: no such GGUF file")
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises assorted errors on bad bytes
-        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-
-
-def gguf_field(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def gguf_model_config(reader: Any, path: Path) -> ModelConfig:
-    arch = gguf_field(reader, "general.architecture")
+def gguf_model_config(gguf: GgufFile) -> ModelConfig:
+    meta, path = gguf.metadata, gguf.path
+    arch = meta.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama'); "
                          "use a Hugging Face directory for other families")
 
     def need(key: str) -> Any:
-        value = gguf_field(reader, f"llama.{key}")
+        value = meta.get(f"llama.{key}")
         if value is None:
             raise ValueError(f"{path}: GGUF metadata lacks llama.{key}")
         return value
 
     num_heads = need("attention.head_count")
     hidden = need("embedding_length")
-    names = {t.name for t in reader.tensors}
-    vocab = gguf_field(reader, "llama.vocab_size") or len(gguf_field(reader, "tokenizer.ggml.tokens"))
-    if gguf_field(reader, "llama.rope.scaling.type") not in (None, "none"):
+    vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+    if meta.get("llama.rope.scaling.type") not in (None, "none"):
         raise ValueError(f"{path}: GGUF rope scaling is not supported")
     return ModelConfig(
         name=path.stem, vocab_size=int(vocab), hidden_size=int(hidden),
         intermediate_size=int(need("feed_forward_length")), num_layers=int(need("block_count")),
         num_heads=int(num_heads),
-        num_kv_heads=int(gguf_field(reader, "llama.attention.head_count_kv", num_heads)),
-        head_dim=int(gguf_field(reader, "llama.rope.dimension_count", hidden // num_heads)),
+        num_kv_heads=int(meta.get("llama.attention.head_count_kv", num_heads)),
+        head_dim=int(meta.get("llama.rope.dimension_count", hidden // num_heads)),
         max_position_embeddings=int(need("context_length")),
-        rope_theta=float(gguf_field(reader, "llama.rope.freq_base", 10000.0)),
+        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        tie_word_embeddings="output.weight" not in names)
+        tie_word_embeddings="output.weight" not in gguf.tensors)
 
 
 def _unpermute_rotary(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -122,30 +106,26 @@ def _unpermute_rotary(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def load_gguf(path: Path, dtype: str) -> tuple[ModelConfig, Params, Any]:
-    """Dequantize a Llama GGUF (F32/F16/Q8_0/Q4_x/K-quants) to `dtype`; also return the reader."""
-    from gguf import quants
-
-    reader = open_gguf(path)
-    cfg = gguf_model_config(reader, path)
-    tensors = {t.name: t for t in reader.tensors}
+def load_gguf(path: Path, dtype: str) -> tuple[ModelConfig, Params, GgufFile]:
+    """Dequantize a Llama GGUF (F32/F16/Q8_0/Q4_x/K-quants) to `dtype`; also return the file."""
+    gguf = GgufFile(path)
+    cfg = gguf_model_config(gguf)
 
     def get(name: str) -> np.ndarray:
-        tensor = tensors.get(name)
+        tensor = gguf.tensors.get(name)
         if tensor is None:
             raise ValueError(f"{path}: tensor {name!r} is missing")
         try:
-            w = quants.dequantize(tensor.data, tensor.tensor_type)
+            w = tensor.dequantize()
         except Exception as e:
-            raise ValueError(f"{path}: cannot dequantize {name!r} "
-                             f"({tensor.tensor_type.name}): {e}") from None
+            raise ValueError(f"{path}: cannot dequantize {name!r}: {e}") from None
         if name.endswith("attn_q.weight"):
             w = _unpermute_rotary(w, cfg.num_heads)
         elif name.endswith("attn_k.weight"):
             w = _unpermute_rotary(w, cfg.num_kv_heads)
         return w
 
-    return cfg, _assemble(cfg, get, _GGUF_NAMES, dtype, path.name), reader
+    return cfg, _assemble(cfg, get, _GGUF_NAMES, dtype, path.name), gguf
 
 
 # ------------------------------------------------------------------------ Hugging Face directory

@@ -1,0 +1,38 @@
+"""KV writes land in the right page/offset; copy_pages duplicates whole pages."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from dendrite_jax.cache.kv import AttentionMetadata, KVCache, copy_pages, write_kv
+from dendrite_jax.config import ModelConfig
+
+CFG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                  num_kv_heads=1, head_dim=8, max_position_embeddings=64)
+
+
+def test_write_kv_scatters_by_page_table_and_drops_padding():
+    kv = KVCache.create(CFG, num_pages=6, page_size=4, dtype="float32")
+    # Two sequences: seq 0 has 3 new tokens at positions 4..6 (context 7), seq 1 one token at 2.
+    cu = jnp.array([0, 3, 4], jnp.int32)
+    seq_lens = jnp.array([7, 3], jnp.int32)
+    tables = jnp.array([[5, 2], [0, 0]], jnp.int32)
+    meta = AttentionMetadata.build(cu, seq_lens, tables, num_tokens=6, page_size=4, num_pages=6)
+    np.testing.assert_array_equal(meta.positions[:4], [4, 5, 6, 2])
+    k = jnp.arange(6, dtype=jnp.float32)[:, None, None] + 1 + jnp.zeros((6, 1, 8))
+    kv = write_kv(kv, jnp.int32(1), k, -k, meta)
+    written = np.asarray(kv.k[1, :, :, 0, 0])
+    assert written[2, 0] == 1 and written[2, 1] == 2 and written[2, 2] == 3  # page 2 = 2nd page
+    assert written[0, 2] == 4  # seq 1, position 2 -> page 0 offset 2
+    assert np.count_nonzero(written) == 4  # padding tokens 4, 5 wrote nowhere
+    assert np.count_nonzero(np.asarray(kv.k[0])) == 0  # other layer untouched
+    np.testing.assert_array_equal(np.asarray(kv.v[1, 2, :3, 0, 0]), [-1, -2, -3])
+
+
+def test_copy_pages_copies_every_layer():
+    kv = KVCache.create(CFG, num_pages=4, page_size=4, dtype="float32")
+    kv = KVCache(k=kv.k.at[:, 1].set(7.0), v=kv.v.at[:, 1].set(-7.0))
+    kv = copy_pages(kv, jnp.array([1]), jnp.array([3]))
+    assert np.all(np.asarray(kv.k[:, 3]) == 7.0) and np.all(np.asarray(kv.v[:, 3]) == -7.0)
+    assert np.all(np.asarray(kv.k[:, 2]) == 0.0)

@@ -1,0 +1,115 @@
+"""On-device sampling: exact top-k/top-p/min-p masks, penalties, and the sampler's law."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dendrite_jax.engine.sampling import (
+    SamplingBatch,
+    apply_penalties,
+    sample,
+    top_logprobs,
+    truncation_mask,
+)
+
+PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.01, 0.01])
+LOGITS = np.log(PROBS).astype(np.float32)
+
+
+def batch(n=1, **kw):
+    base = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                presence_penalty=0.0, frequency_penalty=0.0, seed=0)
+    base.update(kw)
+    dtypes = {"top_k": jnp.int32, "seed": jnp.uint32}
+    return SamplingBatch(**{k: jnp.full((n,), v, dtypes.get(k, jnp.float32))
+                            for k, v in base.items()})
+
+
+def mask(top_k=0, top_p=1.0, min_p=0.0, logits=LOGITS):
+    return np.asarray(truncation_mask(jnp.asarray(logits)[None], jnp.array([top_k]),
+                                      jnp.array([top_p], jnp.float32),
+                                      jnp.array([min_p], jnp.float32)))[0]
+
+
+@pytest.mark.parametrize("kwargs,kept", [
+    (dict(), 8),
+    (dict(top_k=3), 3),
+    (dict(top_k=1), 1),
+    (dict(top_k=-1), 8),
+    (dict(top_p=0.6), 2),  # 0.4 < 0.6 <= 0.65
+    (dict(top_p=0.7), 3),
+    (dict(top_p=0.01), 1),  # the most likely token always survives
+    (dict(min_p=0.3), 3),  # p >= 0.12
+    (dict(min_p=0.5), 2),  # p >= 0.2
+    (dict(top_k=3, top_p=0.8), 2),  # renormalised over top-3: [.5, .3125, .1875]
+    (dict(top_k=5, min_p=0.3), 3),
+])
+def test_truncation_masks_exact(kwargs, kept):
+    m = mask(**kwargs)
+    assert m.tolist() == [True] * kept + [False] * (8 - kept)
+
+
+def test_ties_at_the_cutoff_survive():
+    logits = np.log(np.array([0.3, 0.2, 0.2, 0.2, 0.1], np.float32))
+    assert mask(top_k=2, logits=logits).tolist() == [True, True, True, True, False]
+
+
+def test_penalties_match_formulae():
+    logits = jnp.array([[2.0, -1.0, 0.5, 3.0]])
+    prompt_mask = jnp.array([[True, True, False, False]])
+    counts = jnp.array([[0, 0, 2, 1]])
+    b = batch(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    out = np.asarray(apply_penalties(logits, prompt_mask, counts, b))[0]
+    expected = [2.0 / 2, -1.0 * 2, 0.5 / 2 - 0.25 * 2 - 0.5, 3.0 / 2 - 0.25 - 0.5]
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_greedy_and_sampled_rows_in_one_batch():
+    logits = jnp.tile(jnp.asarray(LOGITS), (2, 1))
+    b = batch(2, temperature=1.0)
+    b = SamplingBatch(**{**b.__dict__, "temperature": jnp.array([0.0, 1.0])})
+    tokens = np.asarray(sample(logits, b, jnp.array([3, 3])))
+    assert tokens[0] == 0
+
+
+def test_sampler_follows_the_distribution():
+    """Gumbel-max over 20k (seed, position) keys reproduces the softmax probabilities."""
+    n = 20000
+    logits = jnp.tile(jnp.asarray(LOGITS), (n, 1))
+    b = SamplingBatch(**{**batch(n).__dict__, "seed": jnp.arange(n, dtype=jnp.uint32)})
+    tokens = np.asarray(sample(logits, b, jnp.zeros(n, jnp.int32)))
+    freq = np.bincount(tokens, minlength=8) / n
+    tolerance = 4 * np.sqrt(PROBS * (1 - PROBS) / n) + 1e-3  # ~4 standard errors
+    assert np.all(np.abs(freq - PROBS) <= tolerance), (freq, PROBS)
+
+
+def test_sampled_tokens_respect_the_mask_and_temperature():
+    n = 4000
+    logits = jnp.tile(jnp.asarray(LOGITS), (n, 1))
+    seeds = jnp.arange(n, dtype=jnp.uint32)
+    b = SamplingBatch(**{**batch(n, top_k=2).__dict__, "seed": seeds})
+    assert set(np.asarray(sample(logits, b, jnp.zeros(n, jnp.int32))).tolist()) == {0, 1}
+    hot = SamplingBatch(**{**batch(n, temperature=0.05).__dict__, "seed": seeds})
+    assert np.mean(np.asarray(sample(logits, hot, jnp.zeros(n, jnp.int32))) == 0) > 0.99
+
+
+def test_same_seed_and_position_same_token_any_batch():
+    logits = jnp.tile(jnp.asarray(LOGITS), (6, 1))
+    b = SamplingBatch(**{**batch(6).__dict__,
+                         "seed": jnp.array([5, 9, 5, 1, 5, 7], jnp.uint32)})
+    positions = jnp.array([10, 10, 10, 10, 11, 10])
+    tokens = np.asarray(sample(logits, b, positions))
+    assert tokens[0] == tokens[2]
+    alone = SamplingBatch(**{**batch(1).__dict__, "seed": jnp.array([5], jnp.uint32)})
+    assert np.asarray(sample(logits[:1], alone, jnp.array([10])))[0] == tokens[0]
+
+
+def test_top_logprobs_rank_and_order():
+    lp = jnp.log(jnp.asarray(np.tile(np.concatenate([PROBS, np.full(24, 1e-9)]), (1, 1))))
+    lp = lp - jnp.log(jnp.sum(jnp.exp(lp)))
+    chosen_lp, rank, top_lp, top_ids = top_logprobs(lp, jnp.array([2]))
+    assert int(rank[0]) == 3 and np.asarray(top_ids)[0, :3].tolist() == [0, 1, 2]
+    assert np.all(np.diff(np.asarray(top_lp)[0]) <= 0)
+    np.testing.assert_allclose(float(chosen_lp[0]), float(lp[0, 2]))

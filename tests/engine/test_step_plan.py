@@ -1,0 +1,28 @@
+"""The packed plan survives the trip to the device exactly."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from dendrite_jax.engine.step_plan import StepPlan, StepShape, unpack
+
+
+def test_pack_unpack_round_trip():
+    shape = StepShape(num_tokens=16, num_seqs=4, pages_per_seq=3, max_q_len=8)
+    plan = StepPlan.empty(shape)
+    rng = np.random.default_rng(0)
+    plan.input_ids[:] = rng.integers(0, 1000, 16)
+    plan.cu_q_lens[:] = [0, 5, 9, 9, 9]
+    plan.page_tables[:] = rng.integers(0, 50, (4, 3))
+    plan.seed[:] = np.array([0, 1, 2**31 + 5, 2**32 - 1], np.uint32).view(np.int32)
+    plan.temperature[:] = [0.0, 0.7, 1.3, 2.0]
+    plan.top_p[:] = [1.0, 0.9, 0.5, 0.1]
+    device = jax.jit(unpack, static_argnums=1)(plan.pack(), shape)
+    np.testing.assert_array_equal(device.input_ids, plan.input_ids)
+    np.testing.assert_array_equal(device.page_tables, plan.page_tables)
+    np.testing.assert_array_equal(device.cu_q_lens, plan.cu_q_lens)
+    np.testing.assert_array_equal(device.sampling.temperature, plan.temperature)
+    np.testing.assert_array_equal(device.sampling.top_p, plan.top_p)
+    np.testing.assert_array_equal(np.asarray(device.sampling.seed),
+                                  [0, 1, 2**31 + 5, 2**32 - 1])

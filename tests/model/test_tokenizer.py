@@ -1,0 +1,67 @@
+"""Tokenizer from GGUF metadata, and incremental detokenization that never splits UTF-8."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dendrite_jax.model.tokenizer import IncrementalDetokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm):
+    return smollm.tokenizer
+
+
+def test_special_tokens_and_round_trip(tokenizer):
+    assert tokenizer.bos_token_id == 1 and tokenizer.eos_token_id == 2
+    assert tokenizer.encode("<|im_start|>user") == [1, 4093]
+    text = "Hello, world! 12 + 30 = 42. Ünïcödé ✓ 😀"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.decode([1, 4093], skip_special_tokens=False) == "<|im_start|>user"
+    assert tokenizer.decode([1, 4093]) == "user"
+
+
+def test_chat_template_tokenized(tokenizer):
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True)
+    assert ids[0] == 1 and ids.count(1) == 3  # system, user, assistant headers
+    with pytest.raises(ValueError, match="'role' and 'content'"):
+        tokenizer.apply_chat_template([{"content": "no role"}])
+
+
+def _stream(tokenizer, ids):
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.push(t) for t in ids]
+    return deltas, detok.flush()
+
+
+def test_multibyte_characters_are_held_until_complete(tokenizer):
+    text = "😀🎉 中文字符 ünïcode"
+    ids = tokenizer.encode(text)
+    # Some emoji take several byte-level tokens, so a naive per-token decode breaks them.
+    assert any("\ufffd" in tokenizer.decode([t]) for t in ids)
+    deltas, tail = _stream(tokenizer, ids)
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) + tail == text and tail == ""
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffd"),
+               max_size=40))
+def test_streamed_text_equals_full_decode(tokenizer, text):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    deltas, tail = _stream(tokenizer, ids)
+    assert "".join(deltas) + tail == tokenizer.decode(ids)
+    if tokenizer.decode(ids) == text:
+        # Representable text: no replacement character is ever emitted mid-stream. (Some
+        # bytes, e.g. 0xF1, have no token in this vocabulary, so not all text round-trips.)
+        assert all("\ufffd" not in d for d in deltas)
+
+
+def test_truncated_utf8_is_flushed_at_the_end(tokenizer):
+    ids = tokenizer.encode("ok 😀")
+    broken = ids[:-1]  # drop the emoji's last byte token
+    deltas, tail = _stream(tokenizer, broken)
+    assert "".join(deltas) == "ok" and "\ufffd" in tail
+    assert "".join(deltas) + tail == tokenizer.decode(broken)

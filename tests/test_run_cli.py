@@ -1,0 +1,42 @@
+"""The command line: a completion with timings, a profile trace, and clean errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def run_cli(*args, cache_dir):
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache_dir))
+    return subprocess.run([sys.executable, "-m", "dendrite_jax.run", *args], capture_output=True,
+                          text=True, timeout=600, env=env)
+
+
+def test_completion_profile_and_warm_cache(tmp_path):
+    trace_dir = tmp_path / "trace"
+    cold = run_cli("--prompt=The capital of France is", "--max_tokens=8",
+                   f"--profile_dir={trace_dir}", cache_dir=tmp_path)
+    assert cold.returncode == 0, cold.stderr
+    assert "Paris" in cold.stdout
+    assert "tok/s" in cold.stderr and "time to first token" in cold.stderr
+    assert list(trace_dir.rglob("*.xplane.pb")), "no profiler trace written"
+    assert list((tmp_path / "dendrite_jax" / "xla").iterdir()), "compilation cache is empty"
+    warm = run_cli("--prompt=The capital of France is", "--max_tokens=8", cache_dir=tmp_path)
+    assert warm.returncode == 0 and warm.stdout == cold.stdout
+
+
+def test_chat_flag(tmp_path):
+    out = run_cli("--chat", "--prompt=Say hello.", "--max_tokens=16", cache_dir=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+
+
+def test_errors_print_without_traceback(tmp_path):
+    bad_temp = run_cli("--temperature=-1", cache_dir=tmp_path)
+    assert bad_temp.returncode != 0
+    assert "error: temperature must be >= 0" in bad_temp.stderr
+    assert "Traceback" not in bad_temp.stderr
+    bad_model = run_cli("--model=/no/such/model.gguf", cache_dir=tmp_path)
+    assert bad_model.returncode != 0 and "no such GGUF file" in bad_model.stderr
+    assert "Traceback" not in bad_model.stderr
