@@ -25,7 +25,7 @@ flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to time.")
 flags.DEFINE_integer("max_tokens", 64, "New tokens per request.")
 flags.DEFINE_integer("repeats", 2, "Timed runs per batch size (the best is reported).")
 flags.DEFINE_boolean("transformers", True, "Also time Hugging Face transformers generate.")
-flags.DEFINE_string("output", "bench_results/decode_cpu.json", "Where to write the JSON.")
+flags.DEFINE_string("output", "benchmarks/results/decode_cpu.json", "Where to write the JSON.")
 
 PROMPTS = [
     "The capital of France is", "Once upon a time, in a land far away,",

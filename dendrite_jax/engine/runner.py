@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,8 @@ class ModelRunner:
         self._jitted = jax.jit(step, static_argnames=("cfg", "shape", "attention_backend"),
                                donate_argnames=("kv", "penalties"))
         self._compiled: dict[StepShape, Any] = {}
+        # (shape, seconds) per compilation, loads from the persistent cache included.
+        self.compile_log: list[tuple[StepShape, float]] = []
 
     @property
     def compilations(self) -> int:
@@ -79,11 +82,13 @@ class ModelRunner:
     def compile(self, shape: StepShape) -> Any:
         """Compile the step for `shape` (idempotent)."""
         if shape not in self._compiled:
+            start = time.perf_counter()
             buffer = jax.ShapeDtypeStruct((sum(_field_sizes(shape).values()),), jnp.int32)
             lowered = self._jitted.lower(self.params, self.kv, self.penalties, buffer,
                                          cfg=self.cfg, shape=shape,
                                          attention_backend=self.attention_backend)
             self._compiled[shape] = lowered.compile()
+            self.compile_log.append((shape, time.perf_counter() - start))
         return self._compiled[shape]
 
     def execute(self, plan: StepPlan) -> StepResult:
