@@ -177,7 +177,7 @@ class EngineConfig:
     max_num_seqs: int = 8
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # None: the model's context
-    kv_cache_bytes: int = 4 << 30
+    kv_cache_bytes: int = 1 << 30
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import jax
-
-from dendrite_jax.config import EngineConfig
+from dendrite_jax.config import EngineConfig, ModelConfig
 from dendrite_jax.engine.engine import Engine
 from dendrite_jax.engine.outputs import RequestOutput
 from dendrite_jax.engine.runner import enable_compilation_cache
@@ -31,7 +29,7 @@ class LLM:
     def __init__(self, model: str = "smollm2-135m", dtype: str = "float32", *,
                  page_size: int = 16, num_pages: int | None = None, max_num_seqs: int = 8,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
-                 kv_cache_bytes: int = 1 << 30, seed: int = 0,
+                 kv_cache_bytes: int = EngineConfig.kv_cache_bytes, seed: int = 0,
                  attention_backend: str = "auto", layer_loop: str = "auto",
                  compilation_cache: bool = True) -> None:
         engine_cfg = EngineConfig(dtype=dtype, page_size=page_size, num_pages=num_pages,
@@ -40,7 +38,7 @@ class LLM:
                                   max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
                                   seed=seed)
         backend = resolve_backend(attention_backend)
-        loop = resolve_layer_loop(layer_loop, jax.default_backend())
+        loop = resolve_layer_loop(layer_loop)
         if compilation_cache:
             enable_compilation_cache()
         loaded = load_model(model, dtype)
@@ -55,7 +53,7 @@ class LLM:
         return self.model.tokenizer
 
     @property
-    def config(self):
+    def config(self) -> ModelConfig:
         return self.model.config
 
     def generate(self, prompts: Prompt | Sequence[Prompt],

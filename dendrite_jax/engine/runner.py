@@ -35,7 +35,7 @@ def enable_compilation_cache(directory: str | None = None) -> str:
         directory = str(Path(base) / "dendrite_jax" / "xla")
     Path(directory).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from dendrite_jax.cache.kv import AttentionMetadata, KVCache
 from dendrite_jax.config import ModelConfig
 from dendrite_jax.engine.sampling import apply_penalties, sample, top_logprobs
-from dendrite_jax.engine.step_plan import StepShape, unpack
+from dendrite_jax.engine.step_plan import DevicePlan, StepShape, unpack
 from dendrite_jax.model.llama import compute_logits, forward
 from dendrite_jax.model.params import Params
 
@@ -90,7 +90,8 @@ def step(params: Params, kv: KVCache, penalties: PenaltyState, plan_buffer: jax.
     return out, kv, penalties
 
 
-def _record_prompt_tokens(penalties: PenaltyState, plan, meta: AttentionMetadata) -> PenaltyState:
+def _record_prompt_tokens(penalties: PenaltyState, plan: DevicePlan,
+                          meta: AttentionMetadata) -> PenaltyState:
     """A row whose step starts at position 0 begins a new request in its slot: clear the slot,
     then mark the prompt tokens this step carries."""
     num_slots = penalties.prompt_mask.shape[0]

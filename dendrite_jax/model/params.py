@@ -46,18 +46,17 @@ class Params:
 
 
 # How the forward pass iterates layers. "scan": one lax.scan over stacked weights; compile
-# time independent of depth. "unrolled": a Python loop over per-layer arrays. XLA:CPU copies
-# each layer's slice out of a stacked array before its matmul, which tripled the weight
-# traffic of a SmolLM2 decode step (30 ms vs 20 ms/step on 2 cores); separate arrays avoid it.
+# time independent of depth. "unrolled": a Python loop over per-layer arrays. XLA copies each
+# layer's slice out of a stacked array before its matmul: on 2 CPU cores that tripled the
+# weight traffic of a SmolLM2 decode step (30 vs 20 ms/step), and on an H200 the Llama-3.2-1B
+# shape decoded 1.3-1.6x faster unrolled (benchmarks/layer_loop.py). So "auto" unrolls.
 LAYER_LOOPS = ("auto", "scan", "unrolled")
 
 
-def resolve_layer_loop(layer_loop: str, platform: str) -> str:
+def resolve_layer_loop(layer_loop: str) -> str:
     if layer_loop not in LAYER_LOOPS:
         raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
-    if layer_loop == "auto":
-        return "unrolled" if platform == "cpu" else "scan"
-    return layer_loop
+    return "unrolled" if layer_loop == "auto" else layer_loop
 
 
 def with_layer_loop(params: Params, layer_loop: str) -> Params:

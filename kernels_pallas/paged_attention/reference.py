@@ -41,7 +41,9 @@ def ragged_paged_attention(
     k = k_pages[layer, page_tables].reshape(num_seqs, context, num_kv_heads, head_dim)
     v = v_pages[layer, page_tables].reshape(num_seqs, context, num_kv_heads, head_dim)
 
-    scores = jnp.einsum("sqhgd,skhd->shgqk", q_block, k,
+    # HIGHEST: float32 inputs stay float32 on GPUs too (XLA would use TF32 by default); this
+    # function is the oracle the kernels are checked against.
+    scores = jnp.einsum("sqhgd,skhd->shgqk", q_block, k, precision=jax.lax.Precision.HIGHEST,
                         preferred_element_type=jnp.float32) * sm_scale
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
@@ -57,7 +59,7 @@ def ragged_paged_attention(
     denom = jnp.sum(probs, axis=-1, keepdims=True)
     probs = probs / jnp.where(denom > 0, denom, 1.0)
     out = jnp.einsum("shgqk,skhd->sqhgd", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+                     precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
     out = out.reshape(num_seqs, max_q_len, num_heads, head_dim)
 
     t = jnp.arange(num_tokens)

@@ -186,6 +186,18 @@ def test_random_weight_preset_runs_token_prompts():
         llm.generate(["text needs a tokenizer"], GREEDY)
 
 
+def test_bfloat16_tracks_float32():
+    """The same random model in bfloat16 scores prompt tokens within bf16 rounding of float32."""
+    prompt = [[(13 * j) % 500 + 1 for j in range(40)]]
+    params = SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=0)
+    f32, bf16 = (LLM(model="tiny-random", dtype=d, num_pages=32, compilation_cache=False)
+                 .generate(prompt, params)[0] for d in ("float32", "bfloat16"))
+    lp32 = np.array([next(iter(e.values())).logprob for e in f32.prompt_logprobs[1:]])
+    lp16 = np.array([next(iter(e.values())).logprob for e in bf16.prompt_logprobs[1:]])
+    assert np.all(np.isfinite(lp16)) and np.abs(lp16 - lp32).max() < 0.1
+    assert np.abs(lp16 - lp32).max() > 0  # it really ran in a different dtype
+
+
 def test_more_requests_than_slots_and_a_tight_pool():
     """12 requests through 4 slots and a pool that fits only a few at once: all finish, no
     page leaks, same greedy tokens as with room to spare."""

@@ -1,0 +1,37 @@
+"""The runner: caches are donated to the step, and each bucket compiles once."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dendrite_jax import LLM, SamplingParams
+from dendrite_jax.engine.buckets import bucket_shape
+
+
+def test_kv_cache_and_penalty_state_are_donated():
+    llm = LLM(model="tiny-random", num_pages=32, compilation_cache=False)
+    runner = llm.engine.runner
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0))
+    old_k, old_counts = runner.kv.k, runner.penalties.output_counts
+    llm.generate([[4, 5, 6]], SamplingParams(max_tokens=2, temperature=0))
+    assert old_k.is_deleted() and old_counts.is_deleted()  # updated in place, not copied
+    assert np.any(np.asarray(runner.kv.k) != 0)  # K/V were written into pages
+
+
+def test_each_bucket_compiles_once():
+    llm = LLM(model="tiny-random", num_pages=64, max_num_seqs=4, compilation_cache=False)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    llm.generate([[1, 2, 3], [7, 8]], params)
+    first = llm.compilations
+    assert first >= 2  # a prefill bucket and a decode bucket
+    llm.generate([[9, 10, 11], [12, 13, 14, 15]], params)  # same buckets, different values
+    assert llm.compilations == first
+
+
+def test_bucket_shapes_are_powers_of_two():
+    shape = bucket_shape([5, 1, 13], [2, 3, 1], max_num_seqs=8, max_pages_per_seq=64,
+                         prompt_logprobs=False)
+    assert (shape.num_tokens, shape.num_seqs, shape.max_q_len, shape.pages_per_seq) == (32, 4, 16, 4)
+    decode = bucket_shape([1] * 5, [9] * 5, max_num_seqs=8, max_pages_per_seq=64,
+                          prompt_logprobs=False)
+    assert (decode.num_tokens, decode.num_seqs, decode.max_q_len, decode.pages_per_seq) == (8, 8, 1, 16)
