@@ -77,6 +77,11 @@ class Engine:
     def add(self, request: Request) -> None:
         self.scheduler.add(request)
 
+    def abort(self, request: Request) -> None:
+        if request.finish_reason is None:
+            request.finish_reason = "abort"
+        self.scheduler.abort(request)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

@@ -82,8 +82,14 @@ class LLM:
                 requests.append(self.engine.make_request(None, list(prompt), params))
         for r in requests:
             self.engine.add(r)
-        while self.engine.has_unfinished():
-            self.engine.step()
+        try:
+            while self.engine.has_unfinished():
+                self.engine.step()
+        except BaseException:
+            # An error or interrupt mid-run must not strand pages: release every request.
+            for r in requests:
+                self.engine.abort(r)
+            raise
         return [r.output() for r in requests]
 
     @property

@@ -23,7 +23,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop", "length" or None while running
+    finish_reason: str | None  # "stop", "length", "abort", or None while running
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
     logprobs: list[PositionLogprobs] | None = None
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # first entry None

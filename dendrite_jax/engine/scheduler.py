@@ -82,6 +82,18 @@ class Scheduler:
     def finish(self, request: Request) -> None:
         """Release a finished request's pages and slot."""
         self.running.remove(request)
+        self._release(request)
+
+    def abort(self, request: Request) -> None:
+        """Drop a waiting or running request, returning its pages and slot."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        elif request in self.running:
+            self.running.remove(request)
+            self._release(request)
+        request.status = RequestStatus.DONE
+
+    def _release(self, request: Request) -> None:
         self.pool.free(request.pages)
         request.pages = []
         self._free_slots.append(request.slot)
