@@ -28,10 +28,10 @@ def _paged_logits(params, ids, cfg: ModelConfig, page_size: int, num_tokens: int
     kv = KVCache.create(cfg, pages + 1, page_size, params.embed.dtype)
     # Pages in reverse order: logical order must come from the page table, not page ids.
     table = jnp.arange(pages, 0, -1, dtype=jnp.int32)[None]
-    meta = AttentionMetadata.build(jnp.array([0, num_tokens], jnp.int32),
-                                   jnp.array([num_tokens], jnp.int32), table, num_tokens,
-                                   page_size, pages + 1)
-    hidden, _ = forward(params, kv, ids, meta, cfg, max_q_len=num_tokens)
+    meta = AttentionMetadata.build(jnp.array([num_tokens], jnp.int32),
+                                   jnp.array([num_tokens], jnp.int32), table, num_decode=0,
+                                   max_q_len=num_tokens, page_size=page_size, num_pages=pages + 1)
+    hidden, _ = forward(params, kv, ids, meta, cfg, num_decode=0, max_q_len=num_tokens)
     return compute_logits(params, hidden)
 
 

@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dendrite_jax.config import ModelConfig
 
@@ -44,36 +45,38 @@ class KVCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AttentionMetadata:
-    """Where each token of a ragged step lives. Tokens are packed sequence after sequence.
+    """Where each token of a step lives (layout: see `engine.step_plan`).
 
-    Uploaded: `cu_q_lens` [S+1] (query start offsets), `seq_lens` [S] (context length after
-    this step, new tokens included), `page_tables` [S, P]. Derived once per step on device:
-    `positions`, `token_seq` and `slot_pages`/`slot_offsets` (where each new K/V is written).
-    Padding sequences have no queries and length 0; padding tokens write nowhere.
+    Uploaded per row: `q_lens` [S] (query tokens), `seq_lens` [S] (context length after this
+    step, new tokens included), `page_tables` [S, P]. Derived once per step on device:
+    `positions`, `token_seq`, `valid` and where each new K/V is written (`slot_pages`,
+    `slot_offsets`; padding tokens get page `num_pages`, out of range, and write nowhere).
     """
 
-    cu_q_lens: jax.Array
+    q_lens: jax.Array
     seq_lens: jax.Array
     page_tables: jax.Array
     positions: jax.Array  # [T]
     token_seq: jax.Array  # [T]
-    slot_pages: jax.Array  # [T] page of each new K/V; num_pages (out of range) for padding
+    valid: jax.Array  # [T] bool
+    slot_pages: jax.Array  # [T]
     slot_offsets: jax.Array  # [T]
 
     @classmethod
-    def build(cls, cu_q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array,
-              num_tokens: int, page_size: int, num_pages: int) -> AttentionMetadata:
-        t = jnp.arange(num_tokens, dtype=jnp.int32)
-        token_seq = jnp.clip(jnp.searchsorted(cu_q_lens, t, side="right") - 1,
-                             0, seq_lens.shape[0] - 1).astype(jnp.int32)
-        q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-        first_pos = seq_lens - q_lens
-        positions = first_pos[token_seq] + t - cu_q_lens[token_seq]
-        valid = t < cu_q_lens[-1]
-        positions = jnp.where(valid, positions, 0)
+    def build(cls, q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *,
+              num_decode: int, max_q_len: int, page_size: int,
+              num_pages: int) -> AttentionMetadata:
+        num_prefill = page_tables.shape[0] - num_decode
+        token_seq = np.concatenate([np.arange(num_decode),
+                                    num_decode + np.repeat(np.arange(num_prefill), max_q_len)])
+        token_index = np.concatenate([np.zeros(num_decode, np.int32),
+                                      np.tile(np.arange(max_q_len), num_prefill)])
+        token_seq, token_index = jnp.asarray(token_seq, jnp.int32), jnp.asarray(token_index)
+        valid = token_index < q_lens[token_seq]
+        positions = jnp.where(valid, (seq_lens - q_lens)[token_seq] + token_index, 0)
         page = page_tables[token_seq, positions // page_size]
-        return cls(cu_q_lens=cu_q_lens, seq_lens=seq_lens, page_tables=page_tables,
-                   positions=positions, token_seq=token_seq,
+        return cls(q_lens=q_lens, seq_lens=seq_lens, page_tables=page_tables,
+                   positions=positions, token_seq=token_seq, valid=valid,
                    slot_pages=jnp.where(valid, page, num_pages),
                    slot_offsets=positions % page_size)
 

@@ -1,10 +1,18 @@
-"""Bucket policy: round a step's sizes up to powers of two so few shapes ever compile."""
+"""Bucket policy: round a step's sizes up to powers of two so few shapes ever compile.
+
+A step has `num_decode` one-token rows and `num_prefill` rows padded to `max_q_len`
+(see `step_plan`). Each count is a power of two (or 0), `max_q_len` a power of two of at least
+MIN_Q_LEN, the prefill block at most `token_cap` tokens, and the page-table width a power of two
+of at least MIN_PAGES. `all_shapes` enumerates the set for warm-up.
+"""
 
 from __future__ import annotations
 
+import itertools
+
 from dendrite_jax.engine.step_plan import StepShape
 
-MIN_TOKENS = 16
+MIN_Q_LEN = 16
 MIN_PAGES = 4
 
 
@@ -13,19 +21,42 @@ def next_power_of_two(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def bucket_shape(q_lens: list[int], context_pages: list[int], *, max_num_seqs: int,
+def _count_bucket(n: int) -> int:
+    return 0 if n == 0 else next_power_of_two(n)
+
+
+def bucket_shape(num_decode: int, prefill_lens: list[int], context_pages: int, *,
                  max_pages_per_seq: int, prompt_logprobs: bool) -> StepShape:
-    """The bucket for a step whose rows have these query lengths and page counts."""
-    decode_only = max(q_lens) == 1
-    num_seqs = min(next_power_of_two(len(q_lens)), next_power_of_two(max_num_seqs))
-    num_seqs = max(num_seqs, len(q_lens))
-    if decode_only:
-        num_tokens, max_q_len = num_seqs, 1
-    else:
-        num_tokens = next_power_of_two(sum(q_lens), MIN_TOKENS)
-        max_q_len = min(next_power_of_two(max(q_lens), MIN_TOKENS), num_tokens)
-    pages = min(next_power_of_two(max(context_pages), MIN_PAGES),
-                next_power_of_two(max_pages_per_seq))
-    pages = max(pages, max(context_pages))
-    return StepShape(num_tokens=num_tokens, num_seqs=num_seqs, pages_per_seq=pages,
-                     max_q_len=max_q_len, prompt_logprobs=prompt_logprobs)
+    """The bucket for `num_decode` decode rows, prefill rows of these lengths, and a widest
+    row of `context_pages` pages."""
+    max_q_len = next_power_of_two(max(prefill_lens), MIN_Q_LEN) if prefill_lens else 1
+    pages = min(next_power_of_two(context_pages, MIN_PAGES), next_power_of_two(max_pages_per_seq))
+    return StepShape(num_decode=_count_bucket(num_decode),
+                     num_prefill=_count_bucket(len(prefill_lens)), max_q_len=max_q_len,
+                     pages_per_seq=max(pages, context_pages), prompt_logprobs=prompt_logprobs)
+
+
+def token_cap(max_num_batched_tokens: int) -> int:
+    """The most padded prefill-block tokens a step may have."""
+    return next_power_of_two(max_num_batched_tokens, MIN_Q_LEN)
+
+
+def all_shapes(*, max_num_seqs: int, max_num_batched_tokens: int,
+               max_pages_per_seq: int) -> list[StepShape]:
+    """Every bucket the scheduler can produce (prompt-logprob variants included)."""
+    cap = token_cap(max_num_batched_tokens)
+    counts = [0] + [1 << i for i in range(next_power_of_two(max_num_seqs).bit_length())]
+    q_lens = [q for q in (1 << i for i in range(cap.bit_length())) if MIN_Q_LEN <= q <= cap]
+    pages = [p for p in (1 << i for i in range(next_power_of_two(max_pages_per_seq).bit_length()
+                                               + 1))
+             if MIN_PAGES <= p <= next_power_of_two(max_pages_per_seq)] or [MIN_PAGES]
+    shapes = set()
+    for num_decode, num_prefill, p, lp in itertools.product(counts, counts, pages, (False, True)):
+        if num_prefill == 0:
+            if num_decode:
+                shapes.add(StepShape(num_decode, 0, 1, p, lp))
+            continue
+        for q in q_lens:
+            if num_prefill * q <= cap:
+                shapes.add(StepShape(num_decode, num_prefill, q, p, lp))
+    return sorted(shapes)

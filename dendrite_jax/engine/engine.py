@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 
 from dendrite_jax.cache.kv import KVCache
-from dendrite_jax.cache.pool import PagePool
+from dendrite_jax.cache.pool import PagePool, PoolStats
+from dendrite_jax.cache.prefix_cache import PrefixCache, PrefixCacheStats
 from dendrite_jax.config import EngineConfig
-from dendrite_jax.engine.buckets import bucket_shape
+from dendrite_jax.engine.buckets import all_shapes, bucket_shape
 from dendrite_jax.engine.request import Request
 from dendrite_jax.engine.runner import ModelRunner, StepResult
 from dendrite_jax.engine.sampling_params import SamplingParams
@@ -25,8 +27,20 @@ def default_num_pages(model: LoadedModel, cfg: EngineConfig, max_model_len: int)
     return max(2, min(full, cfg.kv_cache_bytes // per_page))
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    pool: PoolStats
+    prefix_cache: PrefixCacheStats | None
+    compilations: int
+    preemptions: int
+    steps: int
+    waiting: int
+    running: int
+
+
 class Engine:
-    def __init__(self, model: LoadedModel, cfg: EngineConfig, attention_backend: str) -> None:
+    def __init__(self, model: LoadedModel, cfg: EngineConfig, attention_backend: str, *,
+                 enable_prefix_caching: bool = False) -> None:
         self.model = model
         self.cfg = cfg
         context = model.config.max_position_embeddings
@@ -36,15 +50,19 @@ class Engine:
         self.max_model_len = cfg.max_model_len or context
         num_pages = cfg.num_pages or default_num_pages(model, cfg, self.max_model_len)
         self.pool = PagePool(num_pages)
+        self.prefix_cache = PrefixCache(self.pool, cfg.page_size) if enable_prefix_caching else None
         self.scheduler = Scheduler(self.pool, page_size=cfg.page_size,
                                    max_num_seqs=cfg.max_num_seqs,
-                                   max_num_batched_tokens=cfg.max_num_batched_tokens)
+                                   max_num_batched_tokens=cfg.max_num_batched_tokens,
+                                   prefix_cache=self.prefix_cache)
         self.runner = ModelRunner(model.config, model.params, num_pages=num_pages,
                                   page_size=cfg.page_size, num_slots=cfg.max_num_seqs,
                                   dtype=cfg.dtype, attention_backend=attention_backend)
         self.max_pages_per_seq = math.ceil(self.max_model_len / cfg.page_size)
+        self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(cfg.seed)
         self._next_id = 0
+        self.num_steps = 0
 
     # ----------------------------------------------------------------------------- requests
 
@@ -65,22 +83,26 @@ class Engine:
         request = Request(str(self._next_id), prompt, [int(t) for t in prompt_ids], params,
                           seed % 2**32, self.max_model_len, self.model.tokenizer,
                           self.model.tokenizer.stop_token_ids if self.model.tokenizer else ())
-        needed = self.scheduler.pages_needed(request)
-        if needed > self.pool.num_pages - self.pool.headroom:
+        needed = self.scheduler.pages_for(request.max_len)
+        capacity = self.pool.num_pages - self.pool.headroom
+        if needed > capacity:
             raise ValueError(f"request needs {needed} KV pages (prompt {n} + max_tokens "
-                             f"{params.max_tokens} tokens) but the cache has "
-                             f"{self.pool.num_pages - self.pool.headroom}; raise num_pages or "
-                             "lower max_tokens")
+                             f"{params.max_tokens} tokens) but the cache has {capacity}; raise "
+                             "num_pages or lower max_tokens")
         self._next_id += 1
         return request
 
     def add(self, request: Request) -> None:
+        self.requests[request.request_id] = request
         self.scheduler.add(request)
 
-    def abort(self, request: Request) -> None:
-        if request.finish_reason is None:
-            request.finish_reason = "abort"
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its pages. False if it is unknown or done."""
+        request = self.requests.pop(request_id, None)
+        if request is None or request.finished:
+            return False
         self.scheduler.abort(request)
+        return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -88,68 +110,98 @@ class Engine:
     # ----------------------------------------------------------------------------- steps
 
     def step(self) -> list[Request]:
-        """Run one step; return the requests that finished in it."""
+        """Run one step; return the requests that produced output in it."""
         batch = self.scheduler.schedule()
+        if not batch.rows:
+            raise RuntimeError("the scheduler found nothing to run although requests are waiting")
         plan = self.build_plan(batch)
+        src, dst = [s for s, _ in batch.copies], [d for _, d in batch.copies]
+        self.runner.copy_pages(src, dst)
         result = self.runner.execute(plan)
+        self.num_steps += 1
         return self._apply(batch, plan, result)
 
+    def warmup(self) -> int:
+        """Compile every bucket the scheduler can produce; afterwards a new shape raises."""
+        shapes = all_shapes(max_num_seqs=self.cfg.max_num_seqs,
+                            max_num_batched_tokens=self.cfg.max_num_batched_tokens,
+                            max_pages_per_seq=self.max_pages_per_seq)
+        self.runner.warmup(shapes)
+        return len(shapes)
+
     def build_plan(self, batch: ScheduledBatch) -> StepPlan:
-        ps = self.cfg.page_size
-        wants_prompt_lp = any(r.in_prefill and r.params.prompt_logprobs is not None
-                              for r in batch.requests)
+        num_decode = batch.num_decode
+        prefill_lens = [n for _, n in batch.rows[num_decode:]]
+        wants_prompt_lp = any(r.prompt_logprobs is not None and r.num_computed < len(r.prompt_ids)
+                              for r, _ in batch.rows)
         shape = bucket_shape(
-            batch.num_new_tokens,
-            [math.ceil((r.num_computed + n) / ps) for r, n in zip(
-                batch.requests, batch.num_new_tokens, strict=True)],
-            max_num_seqs=self.cfg.max_num_seqs, max_pages_per_seq=self.max_pages_per_seq,
-            prompt_logprobs=wants_prompt_lp)
+            num_decode, prefill_lens,
+            max(self.scheduler.pages_for(r.num_computed + n) for r, n in batch.rows),
+            max_pages_per_seq=self.max_pages_per_seq, prompt_logprobs=wants_prompt_lp)
         plan = StepPlan.empty(shape)
-        offset = 0
-        for i, (r, n) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True)):
-            start, prompt_len = r.num_computed, len(r.prompt_ids)
+        for i, (r, n) in enumerate(batch.rows):
+            row = i if i < num_decode else shape.num_decode + (i - num_decode)
+            start, prompt_len, offset = r.num_computed, len(r.prompt_ids), shape.row_start(row)
             positions = range(start, start + n)
             plan.input_ids[offset:offset + n] = [r.token_at(p) for p in positions]
             if wants_prompt_lp:
                 plan.targets[offset:offset + n] = [
                     r.prompt_ids[p + 1] if p + 1 < prompt_len else 0 for p in positions]
-            offset += n
-            plan.cu_q_lens[i + 1:] = offset
-            plan.seq_lens[i] = start + n
+            plan.q_lens[row] = n
+            plan.seq_lens[row] = start + n
             pages = r.pages[:shape.pages_per_seq]
-            plan.page_tables[i, :len(pages)] = pages
-            plan.slot_ids[i] = r.slot
-            plan.prompt_lens[i] = prompt_len
-            plan.sample[i] = start + n >= prompt_len
+            plan.page_tables[row, :len(pages)] = pages
+            plan.slot_ids[row] = r.slot
+            plan.prompt_lens[row] = prompt_len
+            plan.sample[row] = start + n == r.num_tokens
             p = r.params
-            plan.top_k[i] = p.top_k
-            plan.seed[i] = np.uint32(r.seed).view(np.int32)
-            plan.temperature[i] = p.temperature
-            plan.top_p[i] = p.top_p
-            plan.min_p[i] = p.min_p
-            plan.repetition_penalty[i] = p.repetition_penalty
-            plan.presence_penalty[i] = p.presence_penalty
-            plan.frequency_penalty[i] = p.frequency_penalty
+            plan.top_k[row] = p.top_k
+            plan.seed[row] = np.uint32(r.seed).view(np.int32)
+            plan.temperature[row] = p.temperature
+            plan.top_p[row] = p.top_p
+            plan.min_p[row] = p.min_p
+            plan.repetition_penalty[row] = p.repetition_penalty
+            plan.presence_penalty[row] = p.presence_penalty
+            plan.frequency_penalty[row] = p.frequency_penalty
         return plan
 
     def _apply(self, batch: ScheduledBatch, plan: StepPlan, result: StepResult) -> list[Request]:
-        finished = []
-        offset = 0
-        for i, (r, n) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True)):
-            start = r.num_computed
-            if r.prompt_logprobs is not None and r.in_prefill:
-                rows = [offset + j for j in range(n) if start + j + 1 < len(r.prompt_ids)]
-                r.add_prompt_logprobs([int(plan.targets[k]) for k in rows],
-                                      result.prompt_logprob[rows], result.prompt_rank[rows],
-                                      result.prompt_top_logprobs[rows],
-                                      result.prompt_top_ids[rows])
-            offset += n
+        shape = plan.shape
+        num_decode = batch.num_decode
+        touched = []
+        for i, (r, n) in enumerate(batch.rows):
+            row = i if i < num_decode else shape.num_decode + (i - num_decode)
+            start, offset = r.num_computed, shape.row_start(row)
+            if r.prompt_logprobs is not None and start < len(r.prompt_ids):
+                for j in range(n):
+                    t = offset + j
+                    r.add_prompt_logprobs(start + j + 1, float(result.prompt_logprob[t]),
+                                          int(result.prompt_rank[t]),
+                                          result.prompt_top_logprobs[t], result.prompt_top_ids[t])
             r.num_computed += n
-            if plan.sample[i]:
-                r.append_token(int(result.tokens[i]), float(result.logprob[i]),
-                               int(result.rank[i]), result.top_logprobs[i], result.top_ids[i],
-                               self.max_model_len)
+            if plan.sample[row]:
+                r.append_token(int(result.tokens[row]), float(result.logprob[row]),
+                               int(result.rank[row]), result.top_logprobs[row],
+                               result.top_ids[row], self.max_model_len)
+            self._commit_full_pages(r)
             if r.finish_reason is not None:
                 self.scheduler.finish(r)
-                finished.append(r)
-        return finished
+                self.requests.pop(r.request_id, None)
+            touched.append(r)
+        return touched
+
+    def _commit_full_pages(self, r: Request) -> None:
+        """Full pages enter the prefix cache as soon as they are computed."""
+        full = r.num_computed // self.cfg.page_size
+        if self.prefix_cache is None or full <= r.num_cached_pages:
+            return
+        self.prefix_cache.commit(r.tokens[:full * self.cfg.page_size], r.pages[:full])
+        r.num_cached_pages = full
+
+    def stats(self) -> EngineStats:
+        return EngineStats(pool=self.pool.stats(),
+                           prefix_cache=self.prefix_cache.stats() if self.prefix_cache else None,
+                           compilations=self.runner.compilations,
+                           preemptions=self.scheduler.num_preemptions, steps=self.num_steps,
+                           waiting=len(self.scheduler.waiting),
+                           running=len(self.scheduler.running))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+
+import jax
 
 from dendrite_jax.config import EngineConfig, ModelConfig
-from dendrite_jax.engine.engine import Engine
+from dendrite_jax.engine.engine import Engine, EngineStats
 from dendrite_jax.engine.outputs import RequestOutput
+from dendrite_jax.engine.request import Request
 from dendrite_jax.engine.runner import enable_compilation_cache
 from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.model.loader import load_model
@@ -18,18 +22,33 @@ from kernels_pallas.paged_attention import resolve_backend
 Prompt = str | list[int]
 
 
+@dataclasses.dataclass(frozen=True)
+class CompletionDelta:
+    """What one request produced since the last delta (streaming)."""
+
+    request_id: str
+    text: str  # new text, never ending inside a UTF-8 character
+    token_ids: list[int]  # new tokens
+    finish_reason: str | None  # set on a request's last delta
+    output: RequestOutput | None = None  # the full output, on the last delta
+
+
 class LLM:
     """A model plus its serving engine.
 
     >>> llm = LLM(model="smollm2-135m", dtype="float32")
     >>> out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))
     >>> out[0].text
+
+    `warmup` compiles every step bucket up front and then makes compiling a new one an error
+    (default: on for accelerators, off on CPU where compiling on demand is cheaper).
     """
 
     def __init__(self, model: str = "smollm2-135m", dtype: str = "float32", *,
                  page_size: int = 16, num_pages: int | None = None, max_num_seqs: int = 8,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  kv_cache_bytes: int = EngineConfig.kv_cache_bytes, seed: int = 0,
+                 enable_prefix_caching: bool = False, warmup: bool | None = None,
                  attention_backend: str = "auto", layer_loop: str = "auto",
                  compilation_cache: bool = True) -> None:
         engine_cfg = EngineConfig(dtype=dtype, page_size=page_size, num_pages=num_pages,
@@ -44,7 +63,12 @@ class LLM:
         loaded = load_model(model, dtype)
         self.model = dataclasses.replace(loaded, params=with_layer_loop(loaded.params, loop))
         del loaded
-        self.engine = Engine(self.model, engine_cfg, backend)
+        self.engine = Engine(self.model, engine_cfg, backend,
+                             enable_prefix_caching=enable_prefix_caching)
+        if warmup is None:
+            warmup = jax.default_backend() != "cpu"
+        if warmup:
+            self.engine.warmup()
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -56,45 +80,102 @@ class LLM:
     def config(self) -> ModelConfig:
         return self.model.config
 
+    @property
+    def compilations(self) -> int:
+        return self.engine.runner.compilations
+
+    def stats(self) -> EngineStats:
+        """Pool usage and watermarks, prefix-cache hit rate, compilations, preemptions."""
+        return self.engine.stats()
+
+    # ----------------------------------------------------------------------------- requests
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> str:
+        """Queue one request without running it; returns its request id."""
+        return self._make_requests([prompt], [params or SamplingParams()])[0].request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a queued or running request and free its pages."""
+        return self.engine.abort(request_id)
+
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Complete each prompt (a string or a list of token ids). Every request is validated
-        before any runs; outputs come back in prompt order."""
+        before any runs; outputs come back in prompt order. Requests are served by continuous
+        batching together with any others already queued."""
         prompts = _as_prompt_list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params] * len(prompts)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} "
-                                 "prompts; pass one, or one per prompt")
+        requests = self._make_requests(prompts, _params_list(sampling_params, len(prompts)))
+        with self._aborting_on_error(requests):
+            while not all(r.finished for r in requests):
+                self.engine.step()
+        return [r.output() for r in requests]
+
+    def stream(self, prompts: Prompt | Sequence[Prompt],
+               sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+               ) -> Iterator[CompletionDelta]:
+        """Yield each request's new text and tokens as they are generated. Closing the
+        generator early aborts the requests it started."""
+        prompts = _as_prompt_list(prompts)
+        requests = self._make_requests(prompts, _params_list(sampling_params, len(prompts)))
+        emitted = {r.request_id: (0, 0) for r in requests}
+        with self._aborting_on_error(requests):
+            while emitted:
+                for r in self.engine.step():
+                    if r.request_id not in emitted:
+                        continue
+                    tokens_done, text_done = emitted[r.request_id]
+                    new_tokens = r.output_ids[tokens_done:]
+                    if not new_tokens and not r.finished:
+                        continue
+                    emitted[r.request_id] = (len(r.output_ids), len(r.text))
+                    finished = r.finished
+                    if finished:
+                        del emitted[r.request_id]
+                    yield CompletionDelta(r.request_id, r.text[text_done:], new_tokens,
+                                          r.finish_reason, r.output() if finished else None)
+
+    def _make_requests(self, prompts: list[Prompt], params_list: list[SamplingParams]
+                       ) -> list[Request]:
         requests = []
         for prompt, params in zip(prompts, params_list, strict=True):
             if not isinstance(params, SamplingParams):
                 raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
             if isinstance(prompt, str):
-                requests.append(self.engine.make_request(prompt, self.tokenizer.encode(prompt),
-                                                         params))
+                ids = self.tokenizer.encode(prompt)
+                requests.append(self.engine.make_request(prompt, ids, params))
             else:
                 requests.append(self.engine.make_request(None, list(prompt), params))
         for r in requests:
             self.engine.add(r)
-        try:
-            while self.engine.has_unfinished():
-                self.engine.step()
-        except BaseException:
-            # An error or interrupt mid-run must not strand pages: release every request.
-            for r in requests:
-                self.engine.abort(r)
-            raise
-        return [r.output() for r in requests]
+        return requests
 
-    @property
-    def compilations(self) -> int:
-        return self.engine.runner.compilations
+    @contextlib.contextmanager
+    def _aborting_on_error(self, requests: list[Request]) -> Iterator[None]:
+        """An error, interrupt or early close mid-run must not strand pages: abort these."""
+        try:
+            yield
+        except BaseException:
+            for r in requests:
+                self.engine.abort(r.request_id)
+            raise
+        finally:
+            for r in requests:
+                if not r.finished:
+                    self.engine.abort(r.request_id)
+
+
+def _params_list(sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+                 count: int) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * count
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * count
+    params = list(sampling_params)
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; pass one, or "
+                         "one per prompt")
+    return params
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

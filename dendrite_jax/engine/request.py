@@ -15,14 +15,19 @@ from dendrite_jax.model.tokenizer import IncrementalDetokenizer, Tokenizer
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PREEMPTED = "preempted"  # waiting again; its pages were taken and it will be recomputed
     DONE = "done"
+    ABORTED = "aborted"
 
 
 class Request:
     """Tokens, pages and outputs of one request.
 
-    `num_computed` counts tokens whose K/V are in the cache. The request's sequence is
-    `prompt_ids + output_ids`; the last output token is fed in the next decode step.
+    The request's sequence is `prompt_ids + output_ids`. `num_computed` counts leading tokens
+    whose K/V are in its pages; the rest are fed in the next steps (a prefill computes many,
+    a decode step the one last sampled token). A token is sampled whenever a step brings
+    `num_computed` up to `num_tokens`. After preemption `num_computed` restarts at 0 and the
+    whole sequence is recomputed.
     """
 
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int],
@@ -42,6 +47,8 @@ class Request:
         self.pages: list[int] = []
         self.slot = -1
         self.num_computed = 0
+        self.num_cached_pages = 0  # leading pages already committed to the prefix cache
+        self.num_preemptions = 0
         self.output_ids: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
@@ -62,8 +69,16 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
-    def in_prefill(self) -> bool:
-        return self.num_computed < len(self.prompt_ids)
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (RequestStatus.DONE, RequestStatus.ABORTED)
 
     def token_at(self, position: int) -> int:
         n = len(self.prompt_ids)
@@ -83,13 +98,15 @@ class Request:
         entry.setdefault(chosen, Logprob(float(logprob), int(rank), self._decoded(chosen)))
         return entry
 
-    def add_prompt_logprobs(self, targets: list[int], logprob: np.ndarray, rank: np.ndarray,
-                            top_lp: np.ndarray, top_ids: np.ndarray) -> None:
-        """Record logprobs of prompt tokens `targets` (one row per target)."""
-        n = self.params.prompt_logprobs
-        for i, target in enumerate(targets):
-            self.prompt_logprobs.append(self._position_logprobs(
-                target, logprob[i], rank[i], top_lp[i], top_ids[i], n))
+    def add_prompt_logprobs(self, position: int, logprob: float, rank: int, top_lp: np.ndarray,
+                            top_ids: np.ndarray) -> None:
+        """Record the logprob of prompt token `position` (from the logits of position - 1).
+        Positions already recorded (a recomputation after preemption) are skipped."""
+        if position != len(self.prompt_logprobs) or position >= len(self.prompt_ids):
+            return
+        self.prompt_logprobs.append(self._position_logprobs(
+            self.prompt_ids[position], logprob, rank, top_lp, top_ids,
+            self.params.prompt_logprobs))
 
     def append_token(self, token: int, logprob: float, rank: int, top_lp: np.ndarray,
                      top_ids: np.ndarray, max_model_len: int) -> None:
@@ -120,6 +137,10 @@ class Request:
                 self._finish("stop", stop)
                 return True
         return False
+
+    def abort(self) -> None:
+        self.finish_reason = "abort"
+        self.status = RequestStatus.ABORTED
 
     def _finish(self, reason: str, stop_reason: str | int | None) -> None:
         # A stop string already cut the text; otherwise emit any held-back tail.

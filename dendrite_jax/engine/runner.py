@@ -19,8 +19,8 @@ import numpy as np
 
 from dendrite_jax.cache.kv import KVCache, copy_pages
 from dendrite_jax.config import ModelConfig
-from dendrite_jax.engine.step import PenaltyState, StepOutput, step
-from dendrite_jax.engine.step_plan import StepPlan, StepShape, _field_sizes
+from dendrite_jax.engine.step import SlotState, StepOutput, step
+from dendrite_jax.engine.step_plan import StepPlan, StepShape, field_sizes
 from dendrite_jax.model.params import Params
 
 
@@ -38,6 +38,10 @@ def enable_compilation_cache(directory: str | None = None) -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
+
+
+class RecompileError(RuntimeError):
+    """A step shape that warm-up did not compile was requested while serving."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +68,13 @@ class ModelRunner:
         self.params = params
         self.attention_backend = attention_backend
         self.kv = KVCache.create(cfg, num_pages, page_size, dtype)
-        self.penalties = PenaltyState.create(num_slots, cfg.vocab_size)
+        self.slots = SlotState.create(num_slots, cfg.vocab_size)
         self._jitted = jax.jit(step, static_argnames=("cfg", "shape", "attention_backend"),
-                               donate_argnames=("kv", "penalties"))
+                               donate_argnames=("kv", "slots"))
         self._compiled: dict[StepShape, Any] = {}
         # (shape, seconds) per compilation, loads from the persistent cache included.
         self.compile_log: list[tuple[StepShape, float]] = []
+        self.frozen = False  # after warm-up: compiling a new shape raises RecompileError
 
     @property
     def compilations(self) -> int:
@@ -82,20 +87,34 @@ class ModelRunner:
     def compile(self, shape: StepShape) -> Any:
         """Compile the step for `shape` (idempotent)."""
         if shape not in self._compiled:
+            if self.frozen:
+                raise RecompileError(f"step shape {shape} was not compiled at warm-up")
             start = time.perf_counter()
-            buffer = jax.ShapeDtypeStruct((sum(_field_sizes(shape).values()),), jnp.int32)
-            lowered = self._jitted.lower(self.params, self.kv, self.penalties, buffer,
+            buffer = jax.ShapeDtypeStruct((sum(field_sizes(shape).values()),), jnp.int32)
+            lowered = self._jitted.lower(self.params, self.kv, self.slots, buffer,
                                          cfg=self.cfg, shape=shape,
                                          attention_backend=self.attention_backend)
             self._compiled[shape] = lowered.compile()
             self.compile_log.append((shape, time.perf_counter() - start))
         return self._compiled[shape]
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def warmup(self, shapes: list[StepShape]) -> None:
+        """Compile every shape, then refuse to compile anything else."""
+        for shape in shapes:
+            self.compile(shape)
+        self.frozen = True
+
+    def launch(self, plan: StepPlan) -> StepOutput:
+        """Start a step and return its outputs as device arrays, without waiting for them."""
         compiled = self.compile(plan.shape)
         buffer = jax.device_put(plan.pack())
-        out, self.kv, self.penalties = compiled(self.params, self.kv, self.penalties, buffer)
-        return _to_host(out)
+        out, self.kv, self.slots = compiled(self.params, self.kv, self.slots, buffer)
+        for leaf in jax.tree_util.tree_leaves(out):
+            leaf.copy_to_host_async()
+        return out
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return to_host(self.launch(plan))
 
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         """Device half of copy-on-write: duplicate pages src[i] into dst[i]."""
@@ -103,7 +122,8 @@ class ModelRunner:
             self.kv = copy_pages(self.kv, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
 
 
-def _to_host(out: StepOutput) -> StepResult:
+def to_host(out: StepOutput) -> StepResult:
+    """Wait for a launched step and bring its outputs to the host."""
     host = jax.device_get(out)
     return StepResult(**{f.name: getattr(host, f.name) for f in dataclasses.fields(StepOutput)})
 

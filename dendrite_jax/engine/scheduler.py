@@ -1,10 +1,15 @@
 """Scheduler: which requests run in the next step, and how many tokens each computes.
 
-Requests are admitted first-come-first-served while a batch slot is free and the pool can
-hold the request's whole length (prompt + max_tokens), so a running request never runs out
-of pages. A step is either prefill (chunks of prompts under the token budget) or decode
-(one token for every running request); prefill goes first so new requests join the decode
-batch quickly.
+Iteration-level (Orca-style) continuous batching. Each step it:
+1. gives every running request with one token left a decode row (oldest first);
+2. fills the rest of the token budget with prefill chunks: running requests mid-prompt first,
+   then waiting requests it can admit (slots free, pages available), longest prompts split
+   into chunks;
+3. finds pages for all of them, allocating lazily; when the pool runs dry it evicts unused
+   prefix-cache pages, then preempts the youngest running request (it is recomputed later).
+With a prefix cache, an admitted request shares the cached pages of its prompt's prefix and
+skips their prefill; a request whose next page another running request is computing right now
+waits a step so the prefix is computed once.
 """
 
 from __future__ import annotations
@@ -14,32 +19,39 @@ import math
 from collections import deque
 
 from dendrite_jax.cache.pool import PagePool
+from dendrite_jax.cache.prefix_cache import PrefixCache
+from dendrite_jax.engine.buckets import MIN_Q_LEN, next_power_of_two, token_cap
 from dendrite_jax.engine.request import Request, RequestStatus
 
 
 @dataclasses.dataclass(frozen=True)
 class ScheduledBatch:
-    requests: list[Request]
-    num_new_tokens: list[int]  # tokens each request computes in this step
+    rows: list[tuple[Request, int]]  # (request, tokens it computes); decode rows first
+    copies: list[tuple[int, int]]  # (src, dst) pages to copy on device before the step
 
     @property
-    def is_prefill(self) -> bool:
-        return any(r.in_prefill for r in self.requests)
+    def num_decode(self) -> int:
+        return sum(1 for _, n in self.rows if n == 1)
 
 
 class Scheduler:
     def __init__(self, pool: PagePool, *, page_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, prefix_cache: PrefixCache | None = None) -> None:
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be at least "
+                             f"max_num_seqs ({max_num_seqs}) so every running request can decode")
         self.pool = pool
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # in admission order: the last is the youngest
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self.num_preemptions = 0
 
-    def pages_needed(self, request: Request) -> int:
-        return math.ceil(request.max_len / self.page_size)
+    def pages_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.page_size)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -47,54 +59,162 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _admit(self) -> None:
-        while self.waiting and self._free_slots:
-            request = self.waiting[0]
-            needed = self.pages_needed(request)
-            if not self.pool.can_allocate(needed):
-                break
-            self.waiting.popleft()
-            request.pages = self.pool.allocate(needed)
-            request.slot = self._free_slots.pop()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
+    # ------------------------------------------------------------------------------ schedule
 
     def schedule(self) -> ScheduledBatch:
-        """The next step's batch. Raises RuntimeError if requests wait but none can ever run."""
-        self._admit()
-        if not self.running:
-            raise RuntimeError("no request can be admitted: the KV cache is too small for the "
-                               "first waiting request")
-        prefilling = [r for r in self.running if r.in_prefill]
-        if not prefilling:
-            return ScheduledBatch(list(self.running), [1] * len(self.running))
-        budget = self.max_num_batched_tokens
-        requests, counts = [], []
-        for r in prefilling:
-            n = min(len(r.prompt_ids) - r.num_computed, budget)
-            if n <= 0:
+        copies: list[tuple[int, int]] = []
+        decodes = [r for r in self.running if r.num_uncomputed == 1]
+        budget = self.max_num_batched_tokens - len(decodes)
+        prefills = self._plan_prefill(budget)
+        rows: list[tuple[Request, int]] = []
+        for r in decodes:
+            if r.status is RequestStatus.RUNNING and self._grow(r, r.num_computed + 1):
+                rows.append((r, 1))
+        for r, n in prefills:
+            if r.status is RequestStatus.RUNNING:
+                if self._grow(r, r.num_computed + n):
+                    rows.append((r, n))
+            elif self._admit(r, n, copies):
+                rows.append((r, n))
+            else:
                 break
-            requests.append(r)
-            counts.append(n)
-            budget -= n
-        return ScheduledBatch(requests, counts)
+        rows = [(r, n) for r, n in rows if r.status is RequestStatus.RUNNING]
+        rows.sort(key=lambda row: row[1] > 1)  # decode block first (stable)
+        return ScheduledBatch(rows, copies)
 
-    def finish(self, request: Request) -> None:
+    def _plan_prefill(self, budget: int) -> list[tuple[Request, int]]:
+        """Prefill rows for this step: (request, tokens). Running requests mid-prompt come
+        first, then admissible waiting ones; the row length bucket is chosen to fit the most
+        tokens while the padded prefill block stays within the token cap."""
+        candidates = [(r, r.num_uncomputed) for r in self.running if r.num_uncomputed > 1]
+        free_slots = self.max_num_seqs - len(self.running)
+        for r in self.waiting:
+            if free_slots == 0:
+                break
+            hit = self._usable_hit(r)
+            if self._deferred(r, hit):
+                continue
+            candidates.append((r, r.num_tokens - hit))
+            free_slots -= 1
+        if not candidates or budget <= 0:
+            return []
+        cap = token_cap(self.max_num_batched_tokens)
+        best: list[tuple[Request, int]] = []
+        best_tokens = 0
+        q = MIN_Q_LEN
+        while q <= cap:
+            rows, tokens = [], 0
+            for r, remaining in candidates:
+                n = min(remaining, q, budget - tokens)
+                if n <= 0 or next_power_of_two(len(rows) + 1) * q > cap:
+                    break
+                rows.append((r, n))
+                tokens += n
+            if tokens > best_tokens:
+                best, best_tokens = rows, tokens
+            q *= 2
+        return best
+
+    def _usable_hit(self, r: Request) -> int:
+        """Tokens of r's sequence the prefix cache already holds (whole pages), keeping at least
+        one token to compute. Requests wanting prompt logprobs compute every token."""
+        if self.prefix_cache is None or r.params.prompt_logprobs is not None:
+            return 0
+        hit = len(self.prefix_cache.tree.find_prefix(r.tokens, touch=False)) * self.page_size
+        return min(hit, r.num_tokens - 1)
+
+    def _deferred(self, r: Request, hit: int) -> bool:
+        """True if a running request is computing the page after r's cached prefix right now."""
+        if self.prefix_cache is None:
+            return False
+        end = hit - hit % self.page_size + self.page_size
+        if end > len(r.prompt_ids):
+            return False
+        head = r.prompt_ids[:end]
+        return any(q.num_computed < end <= len(q.prompt_ids) and q.prompt_ids[:end] == head
+                   for q in self.running)
+
+    # ------------------------------------------------------------------------------ pages
+
+    def _grow(self, r: Request, num_tokens: int) -> bool:
+        """Give running request r pages for `num_tokens`, evicting cached pages and then
+        preempting younger requests as needed. False if r itself had to be preempted."""
+        need = self.pages_for(num_tokens) - len(r.pages)
+        while need > self.pool.num_allocatable:
+            if self.prefix_cache and self.prefix_cache.evict_lru(
+                    need - self.pool.num_allocatable):
+                continue
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is r:
+                return False
+        if need > 0:
+            r.pages.extend(self.pool.allocate(need))
+        return True
+
+    def _admit(self, r: Request, n: int, copies: list[tuple[int, int]]) -> bool:
+        """Move waiting request r to running with pages for its first n tokens; shares cached
+        prefix pages. Never preempts. False (nothing changed) if the pages are not there."""
+        hit_tokens, shared = 0, []
+        if self.prefix_cache is not None and r.params.prompt_logprobs is None:
+            pages = self.prefix_cache.lookup(r.tokens).pages
+            hit_tokens = min(len(pages) * self.page_size, r.num_tokens - 1)
+            shared = pages[:self.pages_for(hit_tokens)]
+        need = self.pages_for(hit_tokens + n) - len(shared)
+        self.pool.fork(shared)  # pin before eviction can take them
+        while need > self.pool.num_allocatable and self.prefix_cache and \
+                self.prefix_cache.evict_lru(need - self.pool.num_allocatable):
+            pass
+        if need > self.pool.num_allocatable:
+            self.pool.free(shared)
+            return False
+        if self.prefix_cache is not None and r.params.prompt_logprobs is None:
+            self.prefix_cache.record_hit(r.num_tokens, hit_tokens)
+        r.pages = shared + self.pool.allocate(need)
+        if hit_tokens % self.page_size:
+            # The cache held every token: the last one is recomputed into a shared page.
+            last = self.pages_for(hit_tokens) - 1
+            page, copied = self.pool.copy_on_write(r.pages[last])
+            if copied:
+                copies.append((r.pages[last], page))
+                r.pages[last] = page
+        r.num_computed = hit_tokens
+        r.num_cached_pages = len(shared) if hit_tokens % self.page_size == 0 else len(shared) - 1
+        self.waiting.remove(r)
+        r.slot = self._free_slots.pop()
+        r.status = RequestStatus.RUNNING
+        self.running.append(r)
+        return True
+
+    # ------------------------------------------------------------------------------ endings
+
+    def preempt(self, r: Request) -> None:
+        """Take r's pages and slot; it waits at the front of the queue to be recomputed."""
+        self.running.remove(r)
+        self._release(r)
+        r.num_computed = 0
+        r.num_cached_pages = 0
+        r.num_preemptions += 1
+        r.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(r)
+        self.num_preemptions += 1
+
+    def finish(self, r: Request) -> None:
         """Release a finished request's pages and slot."""
-        self.running.remove(request)
-        self._release(request)
+        self.running.remove(r)
+        self._release(r)
 
-    def abort(self, request: Request) -> None:
+    def abort(self, r: Request) -> None:
         """Drop a waiting or running request, returning its pages and slot."""
-        if request in self.waiting:
-            self.waiting.remove(request)
-        elif request in self.running:
-            self.running.remove(request)
-            self._release(request)
-        request.status = RequestStatus.DONE
+        if r in self.waiting:
+            self.waiting.remove(r)
+        elif r in self.running:
+            self.running.remove(r)
+            self._release(r)
+        r.abort()
 
-    def _release(self, request: Request) -> None:
-        self.pool.free(request.pages)
-        request.pages = []
-        self._free_slots.append(request.slot)
-        request.slot = -1
+    def _release(self, r: Request) -> None:
+        self.pool.free(r.pages)
+        r.pages = []
+        self._free_slots.append(r.slot)
+        r.slot = -1

@@ -1,8 +1,8 @@
-"""The compiled step: `step(params, kv, penalties, plan) -> (StepOutput, kv, penalties)`.
+"""The compiled step: `step(params, kv, slots, plan) -> (StepOutput, kv, slots)`.
 
-Pure: writes this step's K/V into pages, runs the decoder over a ragged mix of prefill
-chunks and decode tokens, samples one token per row and computes logprobs. The KV cache and
-the penalty state are donated by the caller so XLA updates them in place.
+Pure: writes this step's K/V into pages, runs the decoder over a mix of decode tokens and
+prefill chunks, samples one token per row and computes logprobs. The KV cache and the
+per-slot state are donated by the caller so XLA updates them in place.
 """
 
 from __future__ import annotations
@@ -19,19 +19,25 @@ from dendrite_jax.engine.step_plan import DevicePlan, StepShape, unpack
 from dendrite_jax.model.llama import compute_logits, forward
 from dendrite_jax.model.params import Params
 
+# An input id of FROM_LAST_TOKEN means "the token this slot sampled in its previous step",
+# read from the device-side buffer: the host can launch a step before it has read the last.
+FROM_LAST_TOKEN = -1
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PenaltyState:
-    """Per-slot token statistics for repetition/presence/frequency penalties, kept on device."""
+class SlotState:
+    """Per-slot request state kept on device between steps."""
 
     prompt_mask: jax.Array  # [num_slots, V] bool: token occurs in the prompt
-    output_counts: jax.Array  # [num_slots, V] int32: times generated so far
+    output_counts: jax.Array  # [num_slots, V] int32: times generated (and fed back) so far
+    last_token: jax.Array  # [num_slots] int32: the token sampled in the slot's last step
 
     @classmethod
-    def create(cls, num_slots: int, vocab_size: int) -> PenaltyState:
+    def create(cls, num_slots: int, vocab_size: int) -> SlotState:
         return cls(prompt_mask=jnp.zeros((num_slots, vocab_size), bool),
-                   output_counts=jnp.zeros((num_slots, vocab_size), jnp.int32))
+                   output_counts=jnp.zeros((num_slots, vocab_size), jnp.int32),
+                   last_token=jnp.zeros((num_slots,), jnp.int32))
 
 
 @jax.tree_util.register_dataclass
@@ -48,35 +54,40 @@ class StepOutput:
     prompt_top_ids: jax.Array | None = None  # [T, MAX_LOGPROBS]
 
 
-def step(params: Params, kv: KVCache, penalties: PenaltyState, plan_buffer: jax.Array, *,
+def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array, *,
          cfg: ModelConfig, shape: StepShape,
-         attention_backend: str) -> tuple[StepOutput, KVCache, PenaltyState]:
+         attention_backend: str) -> tuple[StepOutput, KVCache, SlotState]:
     plan = unpack(plan_buffer, shape)
-    meta = AttentionMetadata.build(plan.cu_q_lens, plan.seq_lens, plan.page_tables,
-                                   shape.num_tokens, kv.page_size, kv.num_pages)
-    hidden, kv = forward(params, kv, plan.input_ids, meta, cfg, max_q_len=shape.max_q_len,
-                         attention_backend=attention_backend)
+    meta = AttentionMetadata.build(plan.q_lens, plan.seq_lens, plan.page_tables,
+                                   num_decode=shape.num_decode, max_q_len=shape.max_q_len,
+                                   page_size=kv.page_size, num_pages=kv.num_pages)
+    token_slots = plan.slot_ids[meta.token_seq]
+    input_ids = jnp.where(plan.input_ids == FROM_LAST_TOKEN, slots.last_token[token_slots],
+                          plan.input_ids)
+    hidden, kv = forward(params, kv, input_ids, meta, cfg, num_decode=shape.num_decode,
+                         max_q_len=shape.max_q_len, attention_backend=attention_backend)
 
-    with jax.named_scope("penalty_state"):
-        penalties = _record_prompt_tokens(penalties, plan, meta)
+    with jax.named_scope("slot_state"):
+        slots = _record_inputs(slots, plan, meta, input_ids, token_slots)
 
     with jax.named_scope("sampling"):
-        last_token = jnp.maximum(plan.cu_q_lens[1:] - 1, 0)
+        row_starts = jnp.asarray([shape.row_start(r) for r in range(shape.num_seqs)], jnp.int32)
+        last_token = row_starts + jnp.maximum(plan.q_lens - 1, 0)
         logits = compute_logits(params, hidden[last_token])  # [S, V] float32
         raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
-        rows_prompt = penalties.prompt_mask[plan.slot_ids]
-        rows_counts = penalties.output_counts[plan.slot_ids]
         b = plan.sampling
         any_penalty = jnp.any((b.repetition_penalty != 1) | (b.presence_penalty != 0)
                               | (b.frequency_penalty != 0))
-        logits = jax.lax.cond(any_penalty, lambda x: apply_penalties(x, rows_prompt, rows_counts, b),
-                              lambda x: x, logits)
+        logits = jax.lax.cond(
+            any_penalty,
+            lambda x: apply_penalties(x, slots.prompt_mask[plan.slot_ids],
+                                      slots.output_counts[plan.slot_ids], b),
+            lambda x: x, logits)
         # The sampled token will sit at position seq_len: noise depends on (seed, position).
         tokens = sample(logits, b, plan.seq_lens)
-        counted = jnp.where(plan.sample > 0, plan.slot_ids, penalties.output_counts.shape[0])
-        penalties = dataclasses.replace(
-            penalties,
-            output_counts=penalties.output_counts.at[counted, tokens].add(1, mode="drop"))
+        sampled_rows = jnp.where(plan.sample > 0, plan.slot_ids, slots.last_token.shape[0])
+        slots = dataclasses.replace(
+            slots, last_token=slots.last_token.at[sampled_rows].set(tokens, mode="drop"))
         logprob, rank, top_lp, top_ids = top_logprobs(raw_logprobs, tokens)
     out = StepOutput(tokens=tokens, logprob=logprob, rank=rank, top_logprobs=top_lp,
                      top_ids=top_ids)
@@ -87,21 +98,28 @@ def step(params: Params, kv: KVCache, penalties: PenaltyState, plan_buffer: jax.
             p_lp, p_rank, p_top_lp, p_top_ids = top_logprobs(all_logprobs, plan.targets)
         out = dataclasses.replace(out, prompt_logprob=p_lp, prompt_rank=p_rank,
                                   prompt_top_logprobs=p_top_lp, prompt_top_ids=p_top_ids)
-    return out, kv, penalties
+    return out, kv, slots
 
 
-def _record_prompt_tokens(penalties: PenaltyState, plan: DevicePlan,
-                          meta: AttentionMetadata) -> PenaltyState:
-    """A row whose step starts at position 0 begins a new request in its slot: clear the slot,
-    then mark the prompt tokens this step carries."""
-    num_slots = penalties.prompt_mask.shape[0]
-    q_lens = plan.cu_q_lens[1:] - plan.cu_q_lens[:-1]
-    starts = (q_lens > 0) & (plan.seq_lens == q_lens)
+def _record_inputs(slots: SlotState, plan: DevicePlan, meta: AttentionMetadata,
+                   input_ids: jax.Array, token_slots: jax.Array) -> SlotState:
+    """Penalty statistics from this step's input tokens.
+
+    A row starting at position 0 begins (or recomputes) a request in its slot: the slot is
+    cleared first. Inputs before prompt_len mark the prompt mask; inputs after it are output
+    tokens fed back, counted once each, so a recomputed request rebuilds identical counts.
+    """
+    num_slots = slots.prompt_mask.shape[0]
+    starts = (plan.q_lens > 0) & (plan.seq_lens == plan.q_lens)
     reset_rows = jnp.where(starts, plan.slot_ids, num_slots)
-    prompt_mask = penalties.prompt_mask.at[reset_rows].set(False, mode="drop")
-    output_counts = penalties.output_counts.at[reset_rows].set(0, mode="drop")
-    t = jnp.arange(plan.input_ids.shape[0])
-    is_prompt = (t < plan.cu_q_lens[-1]) & (meta.positions < plan.prompt_lens[meta.token_seq])
-    rows = jnp.where(is_prompt, plan.slot_ids[meta.token_seq], num_slots)
-    prompt_mask = prompt_mask.at[rows, plan.input_ids].set(True, mode="drop")
-    return PenaltyState(prompt_mask=prompt_mask, output_counts=output_counts)
+    prompt_mask = slots.prompt_mask.at[reset_rows].set(False, mode="drop")
+    output_counts = slots.output_counts.at[reset_rows].set(0, mode="drop")
+    in_prompt = meta.positions < plan.prompt_lens[meta.token_seq]
+    prompt_rows = jnp.where(meta.valid & in_prompt, token_slots, num_slots)
+    output_rows = jnp.where(meta.valid & ~in_prompt, token_slots, num_slots)
+    prompt_mask = prompt_mask.at[prompt_rows, input_ids].set(True, mode="drop")
+    output_counts = output_counts.at[output_rows, input_ids].add(1, mode="drop")
+    return dataclasses.replace(slots, prompt_mask=prompt_mask, output_counts=output_counts)
+
+
+__all__ = ["FROM_LAST_TOKEN", "SlotState", "StepOutput", "step"]

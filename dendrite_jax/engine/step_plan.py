@@ -1,8 +1,14 @@
 """StepPlan: everything the host decides for one step, as fixed-shape numpy arrays.
 
-The plan is packed into one int32 buffer (floats bit-cast) so each step makes a single
-host-to-device transfer; the jitted step unpacks it with static slices. `StepShape` is the
-bucket: the static sizes a compiled step is specialised on.
+Token layout of a step (static, set by the bucket `StepShape`):
+
+    [ decode block: num_decode rows x 1 token | prefill block: num_prefill rows x max_q_len ]
+
+Row i of the decode block owns token i; prefill row j owns tokens
+num_decode + j * max_q_len + [0, q_len). Unused slots are padding. A fixed layout lets the
+device find each token's row without searching, and lets attention treat each block as a
+dense batch. The plan is packed into one int32 buffer (floats bit-cast), so each step makes a
+single host-to-device transfer.
 """
 
 from __future__ import annotations
@@ -18,23 +24,35 @@ from dendrite_jax.engine.sampling import SamplingBatch
 
 @dataclasses.dataclass(frozen=True, order=True)
 class StepShape:
-    num_tokens: int  # T: query tokens in the step, padded
-    num_seqs: int  # S: sequences (rows), padded
-    pages_per_seq: int  # P: page-table width
-    max_q_len: int  # Q: longest query run of one sequence (1 for pure decode)
+    num_decode: int  # rows with one query token
+    num_prefill: int  # rows with up to max_q_len query tokens
+    max_q_len: int  # padded length of a prefill row (1 when num_prefill == 0)
+    pages_per_seq: int  # page-table width
     prompt_logprobs: bool = False  # also score every input token against `targets`
 
+    @property
+    def num_seqs(self) -> int:
+        return self.num_decode + self.num_prefill
 
-# Field name -> (length as a function of the shape, dtype). Order is the packing order.
-_INT_FIELDS = ("input_ids", "targets", "cu_q_lens", "seq_lens", "page_tables", "slot_ids",
+    @property
+    def num_tokens(self) -> int:
+        return self.num_decode + self.num_prefill * self.max_q_len
+
+    def row_start(self, row: int) -> int:
+        if row < self.num_decode:
+            return row
+        return self.num_decode + (row - self.num_decode) * self.max_q_len
+
+
+_INT_FIELDS = ("input_ids", "targets", "q_lens", "seq_lens", "page_tables", "slot_ids",
                "prompt_lens", "sample", "top_k", "seed")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty")
 
 
-def _field_sizes(shape: StepShape) -> dict[str, int]:
-    t, s, p = shape.num_tokens, shape.num_seqs, shape.pages_per_seq
-    sizes = {"input_ids": t, "targets": t, "cu_q_lens": s + 1, "page_tables": s * p}
+def field_sizes(shape: StepShape) -> dict[str, int]:
+    t, s = shape.num_tokens, shape.num_seqs
+    sizes = {"input_ids": t, "targets": t, "page_tables": s * shape.pages_per_seq}
     for name in _INT_FIELDS + _FLOAT_FIELDS:
         sizes.setdefault(name, s)
     return sizes
@@ -42,18 +60,17 @@ def _field_sizes(shape: StepShape) -> dict[str, int]:
 
 @dataclasses.dataclass
 class StepPlan:
-    """Host arrays for one step, padded to `shape`. Rows past the real sequences have
-    q_len 0 and seq_len 0; tokens past the real ones are ignored."""
+    """Host arrays for one step, padded to `shape`. Padding rows have q_len 0 and seq_len 0."""
 
     shape: StepShape
-    input_ids: np.ndarray
-    targets: np.ndarray  # next prompt token per input token, for prompt logprobs
-    cu_q_lens: np.ndarray
-    seq_lens: np.ndarray
+    input_ids: np.ndarray  # [T]
+    targets: np.ndarray  # [T] next prompt token per input token, for prompt logprobs
+    q_lens: np.ndarray  # [S] query tokens of each row
+    seq_lens: np.ndarray  # [S] context length after this step (new tokens included)
     page_tables: np.ndarray  # [S, P]
-    slot_ids: np.ndarray  # per-row slot in the device-side penalty state
-    prompt_lens: np.ndarray
-    sample: np.ndarray  # 1 where the row's last token is sampled this step
+    slot_ids: np.ndarray  # [S] row -> slot of the device-side per-request state
+    prompt_lens: np.ndarray  # [S]
+    sample: np.ndarray  # [S] 1 where the row's last token is sampled this step
     top_k: np.ndarray
     seed: np.ndarray
     temperature: np.ndarray
@@ -65,11 +82,11 @@ class StepPlan:
 
     @classmethod
     def empty(cls, shape: StepShape) -> StepPlan:
-        sizes = _field_sizes(shape)
+        sizes = field_sizes(shape)
         arrays = {n: np.zeros(sizes[n], np.int32) for n in _INT_FIELDS}
-        arrays.update({n: np.ones(sizes[n], np.float32) for n in _FLOAT_FIELDS})
-        for name in ("temperature", "min_p", "presence_penalty", "frequency_penalty"):
-            arrays[name][:] = 0.0
+        arrays.update({n: np.zeros(sizes[n], np.float32) for n in _FLOAT_FIELDS})
+        for name in ("top_p", "repetition_penalty"):
+            arrays[name][:] = 1.0
         arrays["page_tables"] = arrays["page_tables"].reshape(shape.num_seqs, shape.pages_per_seq)
         return cls(shape=shape, **arrays)
 
@@ -87,7 +104,7 @@ class DevicePlan:
 
     input_ids: jax.Array
     targets: jax.Array
-    cu_q_lens: jax.Array
+    q_lens: jax.Array
     seq_lens: jax.Array
     page_tables: jax.Array
     slot_ids: jax.Array
@@ -97,7 +114,7 @@ class DevicePlan:
 
 
 def unpack(buffer: jax.Array, shape: StepShape) -> DevicePlan:
-    sizes = _field_sizes(shape)
+    sizes = field_sizes(shape)
     fields, offset = {}, 0
     for name in _INT_FIELDS + _FLOAT_FIELDS:
         chunk = buffer[offset:offset + sizes[name]]

@@ -32,8 +32,8 @@ def rotary(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array
 
 
 def attention_block(lp: LayerParams, x: jax.Array, kv: KVCache, layer: jax.Array,
-                    meta: AttentionMetadata, cfg: ModelConfig, *, max_q_len: int,
-                    attention_backend: str) -> tuple[jax.Array, KVCache]:
+                    meta: AttentionMetadata, cfg: ModelConfig, *, num_decode: int,
+                    max_q_len: int, attention_backend: str) -> tuple[jax.Array, KVCache]:
     num_tokens = x.shape[0]
     with jax.named_scope("qkv_proj"):
         qkv = jnp.einsum("td,dq->tq", x, lp.w_qkv)
@@ -55,8 +55,8 @@ def attention_block(lp: LayerParams, x: jax.Array, kv: KVCache, layer: jax.Array
         kv = write_kv(kv, layer, k, v, meta)
     with jax.named_scope("paged_attention"):
         out = ragged_paged_attention(
-            q, kv.k, kv.v, layer, meta.cu_q_lens, meta.seq_lens, meta.page_tables,
-            max_q_len=max_q_len, sm_scale=cfg.head_dim ** -0.5,
+            q, kv.k, kv.v, layer, meta.q_lens, meta.seq_lens, meta.page_tables,
+            num_decode=num_decode, max_q_len=max_q_len, sm_scale=cfg.head_dim ** -0.5,
             sliding_window=cfg.sliding_window, backend=attention_backend)
     with jax.named_scope("o_proj"):
         out = jnp.einsum("tq,qd->td", out.reshape(num_tokens, cfg.q_size), lp.w_o)
@@ -70,10 +70,10 @@ def swiglu_mlp(lp: LayerParams, x: jax.Array) -> jax.Array:
 
 
 def forward(params: Params, kv: KVCache, input_ids: jax.Array, meta: AttentionMetadata,
-            cfg: ModelConfig, *, max_q_len: int,
+            cfg: ModelConfig, *, num_decode: int, max_q_len: int,
             attention_backend: str = "reference") -> tuple[jax.Array, KVCache]:
-    """Run the decoder over a ragged step's tokens. Returns final hidden states [T, D] and
-    the cache with this step's keys/values written."""
+    """Run the decoder over a step's tokens (layout: `engine.step_plan`). Returns final hidden
+    states [T, D] and the cache with this step's keys/values written."""
     with jax.named_scope("embed"):
         x = params.embed[input_ids]
 
@@ -82,7 +82,8 @@ def forward(params: Params, kv: KVCache, input_ids: jax.Array, meta: AttentionMe
         lp, layer = layer_inputs
         with jax.named_scope("attention"):
             h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-            attn, kv = attention_block(lp, h, kv, layer, meta, cfg, max_q_len=max_q_len,
+            attn, kv = attention_block(lp, h, kv, layer, meta, cfg, num_decode=num_decode,
+                                       max_q_len=max_q_len,
                                        attention_backend=attention_backend)
             x = x + attn
         with jax.named_scope("mlp"):

@@ -1,9 +1,9 @@
 """Pure-JAX ragged paged attention: the correctness oracle and the CPU path.
 
-One call serves a ragged batch: each sequence contributes `q_len` query tokens (a prefill
-chunk, or 1 for decode) that attend causally to its whole context, read from its pages.
-Queries are gathered into a padded [S, max_q_len] block, so cost is S x max_q_len x context;
-the host keeps max_q_len small by bucketing and chunking.
+A step's queries come in two blocks (see `dendrite_jax.engine.step_plan`): `num_decode` rows of
+one token, then rows of up to `max_q_len` tokens (prefill chunks). Each row attends causally
+to its whole context, read from its pages. Each block is computed as a dense padded batch, so
+decode rows never pay for the prefill rows' query length.
 """
 
 from __future__ import annotations
@@ -12,42 +12,26 @@ import jax
 import jax.numpy as jnp
 
 
-def ragged_paged_attention(
-    q: jax.Array,  # [T, Hq, hd]
-    k_pages: jax.Array,  # [L, N, page_size, Hkv, hd]
-    v_pages: jax.Array,  # [L, N, page_size, Hkv, hd]
-    layer: jax.Array,  # scalar int32
-    cu_q_lens: jax.Array,  # [S + 1]
-    seq_lens: jax.Array,  # [S]
-    page_tables: jax.Array,  # [S, P]
-    *,
-    max_q_len: int,
-    sm_scale: float,
-    sliding_window: int | None = None,
-    soft_cap: float | None = None,
-) -> jax.Array:
-    """Attention output [T, Hq, hd] for each query token; padding tokens get zeros."""
-    num_tokens, num_heads, head_dim = q.shape
+def _attend_block(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array,
+                  q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *,
+                  sm_scale: float, sliding_window: int | None,
+                  soft_cap: float | None) -> jax.Array:
+    """q [R, Q, Hq, hd] for R rows -> [R, Q, Hq, hd]; query slots past q_len give zeros."""
+    rows, max_q_len, num_heads, head_dim = q.shape
     _, _, page_size, num_kv_heads, _ = k_pages.shape
-    num_seqs, pages_per_seq = page_tables.shape
     group = num_heads // num_kv_heads
-    context = pages_per_seq * page_size
-
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    q_index = jnp.arange(max_q_len)
-    token_of = jnp.clip(cu_q_lens[:-1, None] + q_index, 0, num_tokens - 1)  # [S, Q]
-    q_block = q[token_of].reshape(num_seqs, max_q_len, num_kv_heads, group, head_dim)
-
-    k = k_pages[layer, page_tables].reshape(num_seqs, context, num_kv_heads, head_dim)
-    v = v_pages[layer, page_tables].reshape(num_seqs, context, num_kv_heads, head_dim)
-
+    context = page_tables.shape[1] * page_size
+    q = q.reshape(rows, max_q_len, num_kv_heads, group, head_dim)
+    k = k_pages[layer, page_tables].reshape(rows, context, num_kv_heads, head_dim)
+    v = v_pages[layer, page_tables].reshape(rows, context, num_kv_heads, head_dim)
     # HIGHEST: float32 inputs stay float32 on GPUs too (XLA would use TF32 by default); this
     # function is the oracle the kernels are checked against.
-    scores = jnp.einsum("sqhgd,skhd->shgqk", q_block, k, precision=jax.lax.Precision.HIGHEST,
+    scores = jnp.einsum("rqhgd,rkhd->rhgqk", q, k, precision=jax.lax.Precision.HIGHEST,
                         preferred_element_type=jnp.float32) * sm_scale
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
-    q_pos = (seq_lens - q_lens)[:, None] + q_index  # [S, Q]
+    q_index = jnp.arange(max_q_len)
+    q_pos = (seq_lens - q_lens)[:, None] + q_index  # [R, Q]
     k_pos = jnp.arange(context)
     mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (
         k_pos[None, None, :] < seq_lens[:, None, None])
@@ -58,12 +42,43 @@ def ragged_paged_attention(
     probs = jnp.exp(scores - jnp.where(jnp.isfinite(row_max), row_max, 0.0))
     denom = jnp.sum(probs, axis=-1, keepdims=True)
     probs = probs / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("shgqk,skhd->sqhgd", probs.astype(v.dtype), v,
+    out = jnp.einsum("rhgqk,rkhd->rqhgd", probs.astype(v.dtype), v,
                      precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    out = out.reshape(num_seqs, max_q_len, num_heads, head_dim)
+    out = out.reshape(rows, max_q_len, num_heads, head_dim)
+    return jnp.where((q_index < q_lens[:, None])[:, :, None, None], out, 0.0)
 
-    t = jnp.arange(num_tokens)
-    token_seq = jnp.clip(jnp.searchsorted(cu_q_lens, t, side="right") - 1, 0, num_seqs - 1)
-    token_q = jnp.clip(t - cu_q_lens[token_seq], 0, max_q_len - 1)
-    valid = t < cu_q_lens[-1]
-    return jnp.where(valid[:, None, None], out[token_seq, token_q], 0).astype(q.dtype)
+
+def ragged_paged_attention(
+    q: jax.Array,  # [T, Hq, hd], T = num_decode + num_prefill * max_q_len
+    k_pages: jax.Array,  # [L, N, page_size, Hkv, hd]
+    v_pages: jax.Array,  # [L, N, page_size, Hkv, hd]
+    layer: jax.Array,  # scalar int32
+    q_lens: jax.Array,  # [S]
+    seq_lens: jax.Array,  # [S]
+    page_tables: jax.Array,  # [S, P]
+    *,
+    num_decode: int,
+    max_q_len: int,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:
+    """Attention output [T, Hq, hd]; padding query slots get zeros."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_prefill = page_tables.shape[0] - num_decode
+    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    parts = []
+    if num_decode:
+        decode = _attend_block(q[:num_decode, None], k_pages, v_pages, layer,
+                               q_lens[:num_decode], seq_lens[:num_decode],
+                               page_tables[:num_decode], **kwargs)
+        parts.append(decode.reshape(num_decode, num_heads, head_dim))
+    if num_prefill:
+        prefill = _attend_block(
+            q[num_decode:].reshape(num_prefill, max_q_len, num_heads, head_dim), k_pages,
+            v_pages, layer, q_lens[num_decode:], seq_lens[num_decode:],
+            page_tables[num_decode:], **kwargs)
+        parts.append(prefill.reshape(num_prefill * max_q_len, num_heads, head_dim))
+    out = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+    assert out.shape[0] == num_tokens, (out.shape, num_tokens)
+    return out.astype(q.dtype)

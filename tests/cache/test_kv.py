@@ -14,20 +14,23 @@ CFG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layer
 
 def test_write_kv_scatters_by_page_table_and_drops_padding():
     kv = KVCache.create(CFG, num_pages=6, page_size=4, dtype="float32")
-    # Two sequences: seq 0 has 3 new tokens at positions 4..6 (context 7), seq 1 one token at 2.
-    cu = jnp.array([0, 3, 4], jnp.int32)
-    seq_lens = jnp.array([7, 3], jnp.int32)
-    tables = jnp.array([[5, 2], [0, 0]], jnp.int32)
-    meta = AttentionMetadata.build(cu, seq_lens, tables, num_tokens=6, page_size=4, num_pages=6)
-    np.testing.assert_array_equal(meta.positions[:4], [4, 5, 6, 2])
-    k = jnp.arange(6, dtype=jnp.float32)[:, None, None] + 1 + jnp.zeros((6, 1, 8))
+    # Decode row 0: one token at position 2 (context 3). Prefill row 1 (padded to 4 tokens):
+    # 3 new tokens at positions 4..6 (context 7). Token layout: [d0, p0, p1, p2, pad].
+    q_lens = jnp.array([1, 3], jnp.int32)
+    seq_lens = jnp.array([3, 7], jnp.int32)
+    tables = jnp.array([[0, 0], [5, 2]], jnp.int32)
+    meta = AttentionMetadata.build(q_lens, seq_lens, tables, num_decode=1, max_q_len=4,
+                                   page_size=4, num_pages=6)
+    np.testing.assert_array_equal(meta.positions[:4], [2, 4, 5, 6])
+    np.testing.assert_array_equal(meta.valid, [True, True, True, True, False])
+    k = jnp.arange(5, dtype=jnp.float32)[:, None, None] + 1 + jnp.zeros((5, 1, 8))
     kv = write_kv(kv, jnp.int32(1), k, -k, meta)
     written = np.asarray(kv.k[1, :, :, 0, 0])
-    assert written[2, 0] == 1 and written[2, 1] == 2 and written[2, 2] == 3  # page 2 = 2nd page
-    assert written[0, 2] == 4  # seq 1, position 2 -> page 0 offset 2
-    assert np.count_nonzero(written) == 4  # padding tokens 4, 5 wrote nowhere
+    assert written[2, 0] == 2 and written[2, 1] == 3 and written[2, 2] == 4  # 2nd page = page 2
+    assert written[0, 2] == 1  # decode row, position 2 -> page 0 offset 2
+    assert np.count_nonzero(written) == 4  # the padding token wrote nowhere
     assert np.count_nonzero(np.asarray(kv.k[0])) == 0  # other layer untouched
-    np.testing.assert_array_equal(np.asarray(kv.v[1, 2, :3, 0, 0]), [-1, -2, -3])
+    np.testing.assert_array_equal(np.asarray(kv.v[1, 2, :3, 0, 0]), [-2, -3, -4])
 
 
 def test_copy_pages_copies_every_layer():

@@ -12,7 +12,7 @@ def test_kv_cache_and_penalty_state_are_donated():
     llm = LLM(model="tiny-random", num_pages=32, compilation_cache=False)
     runner = llm.engine.runner
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0))
-    old_k, old_counts = runner.kv.k, runner.penalties.output_counts
+    old_k, old_counts = runner.kv.k, runner.slots.output_counts
     llm.generate([[4, 5, 6]], SamplingParams(max_tokens=2, temperature=0))
     assert old_k.is_deleted() and old_counts.is_deleted()  # updated in place, not copied
     assert np.any(np.asarray(runner.kv.k) != 0)  # K/V were written into pages
@@ -29,9 +29,9 @@ def test_each_bucket_compiles_once():
 
 
 def test_bucket_shapes_are_powers_of_two():
-    shape = bucket_shape([5, 1, 13], [2, 3, 1], max_num_seqs=8, max_pages_per_seq=64,
-                         prompt_logprobs=False)
-    assert (shape.num_tokens, shape.num_seqs, shape.max_q_len, shape.pages_per_seq) == (32, 4, 16, 4)
-    decode = bucket_shape([1] * 5, [9] * 5, max_num_seqs=8, max_pages_per_seq=64,
-                          prompt_logprobs=False)
-    assert (decode.num_tokens, decode.num_seqs, decode.max_q_len, decode.pages_per_seq) == (8, 8, 1, 16)
+    shape = bucket_shape(3, [5, 13], 3, max_pages_per_seq=64, prompt_logprobs=False)
+    dims = lambda s: (s.num_decode, s.num_prefill, s.max_q_len, s.pages_per_seq)  # noqa: E731
+    assert dims(shape) == (4, 2, 16, 4)
+    decode = bucket_shape(5, [], 9, max_pages_per_seq=64, prompt_logprobs=False)
+    assert dims(decode) == (8, 0, 1, 16)
+    assert decode.num_tokens == 8

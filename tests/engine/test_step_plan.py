@@ -9,11 +9,12 @@ from dendrite_jax.engine.step_plan import StepPlan, StepShape, unpack
 
 
 def test_pack_unpack_round_trip():
-    shape = StepShape(num_tokens=16, num_seqs=4, pages_per_seq=3, max_q_len=8)
+    shape = StepShape(num_decode=2, num_prefill=2, max_q_len=8, pages_per_seq=3)
+    assert (shape.num_tokens, shape.num_seqs, shape.row_start(3)) == (18, 4, 10)
     plan = StepPlan.empty(shape)
     rng = np.random.default_rng(0)
-    plan.input_ids[:] = rng.integers(0, 1000, 16)
-    plan.cu_q_lens[:] = [0, 5, 9, 9, 9]
+    plan.input_ids[:] = rng.integers(0, 1000, 18)
+    plan.q_lens[:] = [1, 1, 5, 0]
     plan.page_tables[:] = rng.integers(0, 50, (4, 3))
     plan.seed[:] = np.array([0, 1, 2**31 + 5, 2**32 - 1], np.uint32).view(np.int32)
     plan.temperature[:] = [0.0, 0.7, 1.3, 2.0]
@@ -21,7 +22,7 @@ def test_pack_unpack_round_trip():
     device = jax.jit(unpack, static_argnums=1)(plan.pack(), shape)
     np.testing.assert_array_equal(device.input_ids, plan.input_ids)
     np.testing.assert_array_equal(device.page_tables, plan.page_tables)
-    np.testing.assert_array_equal(device.cu_q_lens, plan.cu_q_lens)
+    np.testing.assert_array_equal(device.q_lens, plan.q_lens)
     np.testing.assert_array_equal(device.sampling.temperature, plan.temperature)
     np.testing.assert_array_equal(device.sampling.top_p, plan.top_p)
     np.testing.assert_array_equal(np.asarray(device.sampling.seed),

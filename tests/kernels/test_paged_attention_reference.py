@@ -27,43 +27,54 @@ def dense_attention(q, k, v, q_positions, sm_scale, sliding_window=None, soft_ca
 
 
 def run_case(rng, q_lens, ctx_lens, *, num_heads=4, num_kv_heads=2, head_dim=16, page_size=8,
-             num_layers=2, layer=1, slack_seqs=1, sliding_window=None, soft_cap=None):
-    """Random ragged batch: sequence i has ctx_lens[i] tokens, the last q_lens[i] are queries.
-    Pages are assigned in a random order from a shared pool; one padding row is added."""
-    num_seqs = len(q_lens) + slack_seqs
+             num_layers=2, layer=1, pad_decode=1, pad_prefill=1, sliding_window=None,
+             soft_cap=None):
+    """Random batch: row i has ctx_lens[i] tokens of context, its last q_lens[i] are queries.
+    Rows with one query form the decode block, the rest the prefill block (padded to a power
+    of two), each with extra padding rows. Pages come in a random order from a shared pool."""
+    decode = [i for i, q in enumerate(q_lens) if q == 1]
+    prefill = [i for i, q in enumerate(q_lens) if q > 1]
+    order = decode + [None] * pad_decode + prefill + [None] * (pad_prefill if prefill else 0)
+    num_decode = len(decode) + pad_decode
+    max_q_len = 1 << (max([q_lens[i] for i in prefill], default=1) - 1).bit_length()
+    num_seqs = len(order)
     pages_per_seq = max(-(-c // page_size) for c in ctx_lens) + 1
     num_pages = num_seqs * pages_per_seq + 3
     k_pages = rng.standard_normal((num_layers, num_pages, page_size, num_kv_heads, head_dim))
     v_pages = rng.standard_normal(k_pages.shape)
     page_ids = rng.permutation(num_pages)
-    page_tables = np.zeros((num_seqs, pages_per_seq), np.int32)
-    total = sum(q_lens)
-    num_tokens = total + 5  # trailing padding tokens
+    num_tokens = num_decode + (num_seqs - num_decode) * max_q_len
     q = rng.standard_normal((num_tokens, num_heads, head_dim))
-    cu = np.zeros(num_seqs + 1, np.int32)
-    cu[1:len(q_lens) + 1] = np.cumsum(q_lens)
-    cu[len(q_lens) + 1:] = total
+    page_tables = np.zeros((num_seqs, pages_per_seq), np.int32)
+    q_len_arr = np.zeros(num_seqs, np.int32)
     seq_lens = np.zeros(num_seqs, np.int32)
-    seq_lens[:len(ctx_lens)] = ctx_lens
     expected = np.zeros_like(q)
-    for s, (ql, ctx) in enumerate(zip(q_lens, ctx_lens, strict=True)):
+    valid = np.zeros(num_tokens, bool)
+    for row, i in enumerate(order):
+        if i is None:
+            continue
+        ql, ctx = q_lens[i], ctx_lens[i]
+        start = row if row < num_decode else num_decode + (row - num_decode) * max_q_len
         n_pages = -(-ctx // page_size)
-        page_tables[s, :n_pages] = page_ids[s * pages_per_seq:s * pages_per_seq + n_pages]
-        k = k_pages[layer, page_tables[s, :n_pages]].reshape(-1, num_kv_heads, head_dim)[:ctx]
-        v = v_pages[layer, page_tables[s, :n_pages]].reshape(-1, num_kv_heads, head_dim)[:ctx]
+        page_tables[row, :n_pages] = page_ids[row * pages_per_seq:row * pages_per_seq + n_pages]
+        q_len_arr[row], seq_lens[row] = ql, ctx
+        k = k_pages[layer, page_tables[row, :n_pages]].reshape(-1, num_kv_heads, head_dim)[:ctx]
+        v = v_pages[layer, page_tables[row, :n_pages]].reshape(-1, num_kv_heads, head_dim)[:ctx]
         positions = np.arange(ctx - ql, ctx)
-        expected[cu[s]:cu[s] + ql] = dense_attention(q[cu[s]:cu[s] + ql], k, v, positions,
+        expected[start:start + ql] = dense_attention(q[start:start + ql], k, v, positions,
                                                      head_dim ** -0.5, sliding_window, soft_cap)
-    max_q_len = 1 << (max(q_lens) - 1).bit_length()
+        valid[start:start + ql] = True
     out = ragged_paged_attention(
         q.astype(np.float32), k_pages.astype(np.float32), v_pages.astype(np.float32),
-        np.int32(layer), cu, seq_lens, page_tables, max_q_len=max_q_len,
-        sm_scale=head_dim ** -0.5, sliding_window=sliding_window, soft_cap=soft_cap)
-    return np.asarray(out, np.float64), expected, total
+        np.int32(layer), q_len_arr, seq_lens, page_tables, num_decode=num_decode,
+        max_q_len=max_q_len, sm_scale=head_dim ** -0.5, sliding_window=sliding_window,
+        soft_cap=soft_cap)
+    return np.asarray(out, np.float64), expected, valid
 
 
 @pytest.mark.parametrize("q_lens,ctx_lens", [
     ([1], [1]),  # first token
+    ([4], [4]),  # prefill only
     ([1, 1, 1], [7, 8, 9]),  # decodes straddling a page boundary (page_size 8)
     ([13, 1, 5, 1], [13, 40, 21, 17]),  # ragged mix: full prefill, decode, chunk, decode
     ([8, 16], [8, 16]),  # prompts exactly filling pages
@@ -71,23 +82,23 @@ def run_case(rng, q_lens, ctx_lens, *, num_heads=4, num_kv_heads=2, head_dim=16,
 ])
 def test_matches_dense_attention(q_lens, ctx_lens):
     rng = np.random.default_rng(sum(q_lens) * 31 + sum(ctx_lens))
-    out, expected, total = run_case(rng, q_lens, ctx_lens)
-    np.testing.assert_allclose(out[:total], expected[:total], rtol=1e-4, atol=1e-5)
-    assert np.all(out[total:] == 0)  # padding tokens produce zeros
+    out, expected, valid = run_case(rng, q_lens, ctx_lens)
+    np.testing.assert_allclose(out[valid], expected[valid], rtol=1e-4, atol=1e-5)
+    assert np.all(out[~valid] == 0)  # padding tokens produce zeros
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(9, 3), (8, 8), (6, 1)])
 def test_grouped_query_attention(num_heads, num_kv_heads):
     rng = np.random.default_rng(num_heads)
-    out, expected, total = run_case(rng, [5, 1, 2], [11, 30, 2], num_heads=num_heads,
+    out, expected, valid = run_case(rng, [5, 1, 2], [11, 30, 2], num_heads=num_heads,
                                     num_kv_heads=num_kv_heads)
-    np.testing.assert_allclose(out[:total], expected[:total], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out[valid], expected[valid], rtol=1e-4, atol=1e-5)
 
 
 def test_sliding_window_and_soft_cap():
     rng = np.random.default_rng(7)
-    out, expected, total = run_case(rng, [9, 1], [25, 33], sliding_window=6, soft_cap=5.0)
-    np.testing.assert_allclose(out[:total], expected[:total], rtol=1e-4, atol=1e-5)
+    out, expected, valid = run_case(rng, [9, 1], [25, 33], sliding_window=6, soft_cap=5.0)
+    np.testing.assert_allclose(out[valid], expected[valid], rtol=1e-4, atol=1e-5)
 
 
 def test_random_ragged_batches():
@@ -96,5 +107,6 @@ def test_random_ragged_batches():
         n = int(rng.integers(1, 6))
         q_lens = [int(x) for x in rng.integers(1, 12, n)]
         ctx_lens = [q + int(rng.integers(0, 30)) for q in q_lens]
-        out, expected, total = run_case(rng, q_lens, ctx_lens, page_size=16, slack_seqs=2)
-        np.testing.assert_allclose(out[:total], expected[:total], rtol=1e-4, atol=1e-5)
+        out, expected, valid = run_case(rng, q_lens, ctx_lens, page_size=16, pad_decode=2,
+                                        pad_prefill=int(rng.integers(0, 3)))
+        np.testing.assert_allclose(out[valid], expected[valid], rtol=1e-4, atol=1e-5)
