@@ -34,3 +34,16 @@ def hf_smollm():
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(smollm_dir(), gguf_file=SMOLLM_FILE)
     return model, tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Each compiled CPU program holds hundreds of memory mappings until JAX's caches drop it;
+    release them between test modules so the whole suite stays under vm.max_map_count."""
+    yield
+    import gc
+
+    import jax
+
+    gc.collect()
+    jax.clear_caches()

@@ -7,6 +7,7 @@ state are donated to every step and replaced by the step's outputs.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import time
@@ -44,6 +45,25 @@ class RecompileError(RuntimeError):
     """A step shape that warm-up did not compile was requested while serving."""
 
 
+def memory_map_pressure() -> float | None:
+    """This process's memory mappings as a fraction of the kernel's limit (Linux), else None.
+
+    Each executable XLA compiles for the CPU maps hundreds of regions (~770 for a SmolLM2 step),
+    and JAX's caches keep them alive, so a process can run out of mappings long before memory.
+    """
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps") as f:
+            count = sum(1 for _ in f)
+    except (OSError, ValueError):
+        return None
+    return count / limit
+
+
+MAP_PRESSURE_LIMIT = 0.7
+
+
 @dataclasses.dataclass(frozen=True)
 class StepResult:
     """A step's outputs, on the host."""
@@ -71,7 +91,7 @@ class ModelRunner:
         self.slots = SlotState.create(num_slots, cfg.vocab_size)
         self._jitted = jax.jit(step, static_argnames=("cfg", "shape", "attention_backend"),
                                donate_argnames=("kv", "slots"))
-        self._compiled: dict[StepShape, Any] = {}
+        self._compiled: collections.OrderedDict[StepShape, Any] = collections.OrderedDict()
         # (shape, seconds) per compilation, loads from the persistent cache included.
         self.compile_log: list[tuple[StepShape, float]] = []
         self.frozen = False  # after warm-up: compiling a new shape raises RecompileError
@@ -86,9 +106,12 @@ class ModelRunner:
 
     def compile(self, shape: StepShape) -> Any:
         """Compile the step for `shape` (idempotent)."""
-        if shape not in self._compiled:
+        if shape in self._compiled:
+            self._compiled.move_to_end(shape)
+        else:
             if self.frozen:
                 raise RecompileError(f"step shape {shape} was not compiled at warm-up")
+            self._relieve_map_pressure()
             start = time.perf_counter()
             buffer = jax.ShapeDtypeStruct((sum(field_sizes(shape).values()),), jnp.int32)
             lowered = self._jitted.lower(self.params, self.kv, self.slots, buffer,
@@ -98,9 +121,25 @@ class ModelRunner:
             self.compile_log.append((shape, time.perf_counter() - start))
         return self._compiled[shape]
 
+    def _relieve_map_pressure(self) -> None:
+        """Before compiling: if the process nears its memory-mapping limit, drop the least
+        recently used half of the compiled steps and JAX's caches (which hold them too)."""
+        pressure = memory_map_pressure()
+        if pressure is None or pressure < MAP_PRESSURE_LIMIT or len(self._compiled) < 2:
+            return
+        for _ in range(len(self._compiled) // 2):
+            self._compiled.popitem(last=False)
+        jax.clear_caches()
+
     def warmup(self, shapes: list[StepShape]) -> None:
         """Compile every shape, then refuse to compile anything else."""
-        for shape in shapes:
+        for i, shape in enumerate(shapes):
+            pressure = memory_map_pressure()
+            if pressure is not None and pressure > MAP_PRESSURE_LIMIT:
+                raise RuntimeError(
+                    f"warm-up compiled {i} of {len(shapes)} step shapes and this process is at "
+                    f"{pressure:.0%} of its memory-mapping limit (vm.max_map_count); lower "
+                    "max_num_seqs, max_num_batched_tokens or max_model_len, or use warmup=False")
             self.compile(shape)
         self.frozen = True
 

@@ -87,14 +87,16 @@ class Scheduler:
         first, then admissible waiting ones; the row length bucket is chosen to fit the most
         tokens while the padded prefill block stays within the token cap."""
         candidates = [(r, r.num_uncomputed) for r in self.running if r.num_uncomputed > 1]
+        computing = [(r, r.num_computed) for r in self.running]
         free_slots = self.max_num_seqs - len(self.running)
         for r in self.waiting:
             if free_slots == 0:
                 break
             hit = self._usable_hit(r)
-            if self._deferred(r, hit):
+            if self._deferred(r, hit, computing):
                 continue
             candidates.append((r, r.num_tokens - hit))
+            computing.append((r, hit))
             free_slots -= 1
         if not candidates or budget <= 0:
             return []
@@ -123,16 +125,19 @@ class Scheduler:
         hit = len(self.prefix_cache.tree.find_prefix(r.tokens, touch=False)) * self.page_size
         return min(hit, r.num_tokens - 1)
 
-    def _deferred(self, r: Request, hit: int) -> bool:
-        """True if a running request is computing the page after r's cached prefix right now."""
+    def _deferred(self, r: Request, hit: int, computing: list[tuple[Request, int]]) -> bool:
+        """True if another request (running, or admitted earlier in this step; given with the
+        tokens it has computed) is computing the page after r's cached prefix: r waits, and
+        finds that page in the cache later, so a prefix shared by requests arriving together is
+        computed once."""
         if self.prefix_cache is None:
             return False
         end = hit - hit % self.page_size + self.page_size
         if end > len(r.prompt_ids):
             return False
         head = r.prompt_ids[:end]
-        return any(q.num_computed < end <= len(q.prompt_ids) and q.prompt_ids[:end] == head
-                   for q in self.running)
+        return any(done < end <= len(q.prompt_ids) and q.prompt_ids[:end] == head
+                   for q, done in computing)
 
     # ------------------------------------------------------------------------------ pages
 
