@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import numpy as np
 
@@ -12,8 +13,8 @@ from dendrite_jax.cache.pool import PagePool, PoolStats
 from dendrite_jax.cache.prefix_cache import PrefixCache, PrefixCacheStats
 from dendrite_jax.config import EngineConfig
 from dendrite_jax.engine.buckets import all_shapes, bucket_shape
-from dendrite_jax.engine.request import Request
-from dendrite_jax.engine.runner import ModelRunner, StepResult
+from dendrite_jax.engine.request import PENDING, Request, RequestStatus
+from dendrite_jax.engine.runner import ModelRunner, StepResult, to_host
 from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.engine.scheduler import ScheduledBatch, Scheduler
 from dendrite_jax.engine.step_plan import StepPlan
@@ -63,6 +64,11 @@ class Engine:
         self._rng = np.random.default_rng(cfg.seed)
         self._next_id = 0
         self.num_steps = 0
+        self._in_flight: tuple[ScheduledBatch, StepPlan, object] | None = None
+        # Time step() spent on the host (planning, launching, applying) and blocked waiting
+        # for the device's results: the overlap's effect shows as host work hidden in waits.
+        self.host_seconds = 0.0
+        self.wait_seconds = 0.0
 
     # ----------------------------------------------------------------------------- requests
 
@@ -105,21 +111,63 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ----------------------------------------------------------------------------- steps
 
     def step(self) -> list[Request]:
-        """Run one step; return the requests that produced output in it."""
+        """Launch the next step, then read back and apply the previous one.
+
+        The device runs step N+1 while the host applies step N's tokens (detokenization, stop
+        checks, prefix-cache commits) and plans step N+2. Planning is optimistic: launched
+        tokens count as computed and a sampled token is a placeholder that the device reads
+        from its per-slot buffer. A request that turns out to have finished at step N had its
+        row in step N+1 computed for nothing; that row's output is dropped.
+        Returns the requests whose output changed.
+        """
+        start = time.perf_counter()
+        launched = None
         batch = self.scheduler.schedule()
-        if not batch.rows:
+        if batch.rows:
+            plan = self.build_plan(batch)
+            self.runner.copy_pages([s for s, _ in batch.copies], [d for _, d in batch.copies])
+            launched = (batch, plan, self.runner.launch(plan))
+            self._advance(batch, plan)
+            self.num_steps += 1
+        elif self._in_flight is None:
             raise RuntimeError("the scheduler found nothing to run although requests are waiting")
-        plan = self.build_plan(batch)
-        src, dst = [s for s, _ in batch.copies], [d for _, d in batch.copies]
-        self.runner.copy_pages(src, dst)
-        result = self.runner.execute(plan)
-        self.num_steps += 1
-        return self._apply(batch, plan, result)
+        previous, self._in_flight = self._in_flight, launched
+        if previous is None:
+            self.host_seconds += time.perf_counter() - start
+            return []
+        batch, plan, out = previous
+        waited = time.perf_counter()
+        result = to_host(out)
+        wait = time.perf_counter() - waited
+        touched = self._apply(batch, plan, result)
+        self.wait_seconds += wait
+        self.host_seconds += time.perf_counter() - start - wait
+        return touched
+
+    def drain(self) -> list[Request]:
+        """Apply the step in flight, if any, launching nothing new."""
+        previous, self._in_flight = self._in_flight, None
+        if previous is None:
+            return []
+        batch, plan, out = previous
+        return self._apply(batch, plan, to_host(out))
+
+    def _advance(self, batch: ScheduledBatch, plan: StepPlan) -> None:
+        """Host bookkeeping at launch: tokens are computed, samples are pending."""
+        for i, (r, n) in enumerate(batch.rows):
+            r.num_computed += n
+            if plan.sample[self._row(plan, batch, i)]:
+                r.add_pending()
+
+    @staticmethod
+    def _row(plan: StepPlan, batch: ScheduledBatch, i: int) -> int:
+        num_decode = batch.num_decode
+        return i if i < num_decode else plan.shape.num_decode + (i - num_decode)
 
     def warmup(self) -> int:
         """Compile every bucket the scheduler can produce; afterwards a new shape raises."""
@@ -143,6 +191,8 @@ class Engine:
             row = i if i < num_decode else shape.num_decode + (i - num_decode)
             start, prompt_len, offset = r.num_computed, len(r.prompt_ids), shape.row_start(row)
             positions = range(start, start + n)
+            # A pending token (launched, not read back) is PENDING == FROM_LAST_TOKEN: the
+            # device reads it from the slot's last-token buffer.
             plan.input_ids[offset:offset + n] = [r.token_at(p) for p in positions]
             if wants_prompt_lp:
                 plan.targets[offset:offset + n] = [
@@ -166,24 +216,25 @@ class Engine:
         return plan
 
     def _apply(self, batch: ScheduledBatch, plan: StepPlan, result: StepResult) -> list[Request]:
-        shape = plan.shape
-        num_decode = batch.num_decode
+        """Route a finished step's results to its requests (already advanced at launch)."""
         touched = []
         for i, (r, n) in enumerate(batch.rows):
-            row = i if i < num_decode else shape.num_decode + (i - num_decode)
-            start, offset = r.num_computed, shape.row_start(row)
+            if r.finished:  # ended (stop, abort) after this step was launched
+                continue
+            row = self._row(plan, batch, i)
+            start, offset = int(plan.seq_lens[row]) - n, plan.shape.row_start(row)
             if r.prompt_logprobs is not None and start < len(r.prompt_ids):
                 for j in range(n):
                     t = offset + j
                     r.add_prompt_logprobs(start + j + 1, float(result.prompt_logprob[t]),
                                           int(result.prompt_rank[t]),
                                           result.prompt_top_logprobs[t], result.prompt_top_ids[t])
-            r.num_computed += n
             if plan.sample[row]:
                 r.append_token(int(result.tokens[row]), float(result.logprob[row]),
                                int(result.rank[row]), result.top_logprobs[row],
                                result.top_ids[row], self.max_model_len)
-            self._commit_full_pages(r)
+            if r.status is RequestStatus.RUNNING:
+                self._commit_full_pages(r)
             if r.finish_reason is not None:
                 self.scheduler.finish(r)
                 self.requests.pop(r.request_id, None)
@@ -195,7 +246,10 @@ class Engine:
         full = r.num_computed // self.cfg.page_size
         if self.prefix_cache is None or full <= r.num_cached_pages:
             return
-        self.prefix_cache.commit(r.tokens[:full * self.cfg.page_size], r.pages[:full])
+        tokens = r.tokens[:full * self.cfg.page_size]
+        if PENDING in tokens:  # a page still holds a token not read back: commit later
+            return
+        self.prefix_cache.commit(tokens, r.pages[:full])
         r.num_cached_pages = full
 
     def stats(self) -> EngineStats:

@@ -109,6 +109,7 @@ class LLM:
         with self._aborting_on_error(requests):
             while not all(r.finished for r in requests):
                 self.engine.step()
+            self.engine.drain()
         return [r.output() for r in requests]
 
     def stream(self, prompts: Prompt | Sequence[Prompt],
@@ -125,15 +126,17 @@ class LLM:
                     if r.request_id not in emitted:
                         continue
                     tokens_done, text_done = emitted[r.request_id]
-                    new_tokens = r.output_ids[tokens_done:]
+                    resolved = r.resolved_output_ids
+                    new_tokens = resolved[tokens_done:]
                     if not new_tokens and not r.finished:
                         continue
-                    emitted[r.request_id] = (len(r.output_ids), len(r.text))
+                    emitted[r.request_id] = (len(resolved), len(r.text))
                     finished = r.finished
                     if finished:
                         del emitted[r.request_id]
                     yield CompletionDelta(r.request_id, r.text[text_done:], new_tokens,
                                           r.finish_reason, r.output() if finished else None)
+            self.engine.drain()
 
     def _make_requests(self, prompts: list[Prompt], params_list: list[SamplingParams]
                        ) -> list[Request]:
@@ -158,6 +161,8 @@ class LLM:
         except BaseException:
             for r in requests:
                 self.engine.abort(r.request_id)
+            with contextlib.suppress(Exception):  # the step in flight may be what failed
+                self.engine.drain()
             raise
         finally:
             for r in requests:

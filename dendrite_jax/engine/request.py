@@ -9,7 +9,12 @@ import numpy as np
 
 from dendrite_jax.engine.outputs import Logprob, PositionLogprobs, RequestOutput
 from dendrite_jax.engine.sampling_params import SamplingParams
+from dendrite_jax.engine.step import FROM_LAST_TOKEN
 from dendrite_jax.model.tokenizer import IncrementalDetokenizer, Tokenizer
+
+# Placeholder for a sampled token whose step has been launched but not yet read back. As an
+# input id it tells the step to read the slot's last sampled token on device.
+PENDING = FROM_LAST_TOKEN
 
 
 class RequestStatus(enum.Enum):
@@ -73,6 +78,25 @@ class Request:
         return self.num_tokens - self.num_computed
 
     @property
+    def resolved_output_ids(self) -> list[int]:
+        """Generated tokens read back so far (pending placeholders excluded)."""
+        if PENDING in self.output_ids[-2:]:
+            return self.output_ids[:self.output_ids.index(PENDING)]
+        return list(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        return sum(1 for t in self.output_ids[-2:] if t == PENDING)
+
+    @property
+    def exhausted(self) -> bool:
+        """All tokens it may generate are sampled (some perhaps still pending)."""
+        return len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= self.max_len
+
+    def add_pending(self) -> None:
+        self.output_ids.append(PENDING)
+
+    @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
@@ -110,10 +134,17 @@ class Request:
 
     def append_token(self, token: int, logprob: float, rank: int, top_lp: np.ndarray,
                      top_ids: np.ndarray, max_model_len: int) -> None:
-        """Add a sampled token, then decide whether the request is finished."""
+        """Add a sampled token (filling the oldest pending placeholder if there is one), then
+        decide whether the request is finished."""
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
-        self.output_ids.append(token)
+        if PENDING in self.output_ids:
+            index = self.output_ids.index(PENDING)
+            later = self.output_ids[index + 1:]
+            self.output_ids = self.output_ids[:index] + [token]
+        else:
+            later = []
+            self.output_ids.append(token)
         if self.logprobs is not None:
             self.logprobs.append(self._position_logprobs(token, logprob, rank, top_lp, top_ids,
                                                          self.params.logprobs))
@@ -126,6 +157,8 @@ class Request:
             pass
         elif len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= max_model_len:
             self._finish("length", None)
+        if not self.finished:
+            self.output_ids.extend(later)  # placeholders of steps still in flight
 
     def _check_stop_strings(self, previous_len: int) -> bool:
         for stop in self.params.stop:
@@ -154,6 +187,6 @@ class Request:
         ttft = None if self.first_token_time is None else self.first_token_time - self.arrival
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_ids,
-            text=self.text, token_ids=list(self.output_ids), finish_reason=self.finish_reason,
+            text=self.text, token_ids=self.resolved_output_ids, finish_reason=self.finish_reason,
             stop_reason=self.stop_reason, logprobs=self.logprobs,
             prompt_logprobs=self.prompt_logprobs, time_to_first_token=ttft)

@@ -63,7 +63,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         copies: list[tuple[int, int]] = []
-        decodes = [r for r in self.running if r.num_uncomputed == 1]
+        decodes = [r for r in self.running if r.num_uncomputed == 1 and not r.exhausted]
         budget = self.max_num_batched_tokens - len(decodes)
         prefills = self._plan_prefill(budget)
         rows: list[tuple[Request, int]] = []
@@ -86,12 +86,17 @@ class Scheduler:
         """Prefill rows for this step: (request, tokens). Running requests mid-prompt come
         first, then admissible waiting ones; the row length bucket is chosen to fit the most
         tokens while the padded prefill block stays within the token cap."""
-        candidates = [(r, r.num_uncomputed) for r in self.running if r.num_uncomputed > 1]
-        computing = [(r, r.num_computed) for r in self.running]
+        candidates = [(r, r.num_uncomputed) for r in self.running
+                      if r.num_uncomputed > 1 and not r.exhausted]
+        # Pages reach the cache when a step's results are applied, one step after launch:
+        # compare with what each running request has committed, not what it has launched.
+        computing = [(r, r.num_cached_pages * self.page_size) for r in self.running]
         free_slots = self.max_num_seqs - len(self.running)
         for r in self.waiting:
             if free_slots == 0:
                 break
+            if r.num_pending:  # preempted while a step was in flight: wait for its token
+                continue
             hit = self._usable_hit(r)
             if self._deferred(r, hit, computing):
                 continue
@@ -205,9 +210,13 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish(self, r: Request) -> None:
-        """Release a finished request's pages and slot."""
-        self.running.remove(r)
-        self._release(r)
+        """Release a finished request's pages and slot. (A request preempted while its last
+        step was in flight finishes from the waiting queue, holding nothing.)"""
+        if r in self.running:
+            self.running.remove(r)
+            self._release(r)
+        elif r in self.waiting:
+            self.waiting.remove(r)
 
     def abort(self, r: Request) -> None:
         """Drop a waiting or running request, returning its pages and slot."""

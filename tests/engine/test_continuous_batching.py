@@ -140,13 +140,23 @@ def test_chunked_prefill_mixes_with_decodes(warmed, alone):
     long = engine.make_request(None, long_prompt, SamplingParams(max_tokens=3, temperature=0,
                                                                  ignore_eos=True))
     engine.add(long)
-    mixed = 0
-    while not long.finished:
-        batch = engine.scheduler.schedule()
-        sizes = sorted(n for _, n in batch.rows)
-        mixed += sizes[0] == 1 and sizes[-1] > 1
-        assert sum(sizes) <= CONFIG["max_num_batched_tokens"]
-        plan = engine.build_plan(batch)
-        engine._apply(batch, plan, engine.runner.execute(plan))
+    sizes = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        batch = schedule()
+        sizes.append(sorted(n for _, n in batch.rows))
+        return batch
+
+    engine.scheduler.schedule = recording_schedule
+    try:
+        while not long.finished:
+            engine.step()
+    finally:
+        engine.scheduler.schedule = schedule
+    mixed = sum(1 for s in sizes if s and s[0] == 1 and s[-1] > 1)
     assert mixed >= 2  # 56 tokens in chunks of at most 31 beside a decode row
+    assert all(sum(s) <= CONFIG["max_num_batched_tokens"] for s in sizes)
+    engine.abort(short.request_id)
+    engine.drain()
     assert long.output_ids == alone(tuple(long_prompt), 3)

@@ -189,20 +189,20 @@ def test_random_weight_preset_runs_token_prompts():
 def test_a_failing_step_releases_every_page(monkeypatch):
     llm = LLM(model="tiny-random", num_pages=64, max_num_seqs=2, compilation_cache=False)
     calls = {"n": 0}
-    execute = llm.engine.runner.execute
+    launch = llm.engine.runner.launch
 
     def flaky(plan):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("device lost")
-        return execute(plan)
+        return launch(plan)
 
-    monkeypatch.setattr(llm.engine.runner, "execute", flaky)
+    monkeypatch.setattr(llm.engine.runner, "launch", flaky)
     with pytest.raises(RuntimeError, match="device lost"):
         llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=5, temperature=0))
     assert not llm.engine.has_unfinished()
     assert_pool_empty(llm)
-    monkeypatch.setattr(llm.engine.runner, "execute", execute)
+    monkeypatch.setattr(llm.engine.runner, "launch", launch)
     outs = llm.generate([[1, 2, 3]] * 3, SamplingParams(max_tokens=5, temperature=0))
     assert all(len(o.token_ids) == 5 for o in outs)  # the engine still serves
     assert_pool_empty(llm)

@@ -1,0 +1,198 @@
+"""Serving benchmarks: decode throughput, prefill latency, host overhead per step, the host
+cost of admitting a request, and a shared system prompt with and without prefix caching.
+
+    python benchmarks/serving.py                                     # SmolLM2 on CPU
+    python benchmarks/serving.py --model=llama-3.2-1b --dtype=bfloat16 --batch=64 \\
+        --shared_prefix=4096 --shared_requests=64 --transformers      # on a GPU
+
+Prints a table and writes JSON. With --transformers (a CUDA GPU and a random-weight preset),
+Hugging Face transformers `generate` with a static, compiled cache runs the decode and
+shared-prefix workloads in the same process for a ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from dendrite_jax import LLM, SamplingParams
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "smollm2-135m", "Model preset or path.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+flags.DEFINE_integer("batch", 8, "Concurrent requests for decode throughput (max_num_seqs).")
+flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per request for decode throughput.")
+flags.DEFINE_integer("max_tokens", 64, "New tokens per request for decode throughput.")
+flags.DEFINE_list("prefill_lens", ["512", "2048"], "Prompt lengths for prefill latency.")
+flags.DEFINE_integer("shared_prefix", 1024, "System-prompt tokens shared by every request.")
+flags.DEFINE_integer("shared_requests", 16, "Requests sharing the system prompt.")
+flags.DEFINE_integer("max_num_batched_tokens", 512, "Token budget per step.")
+flags.DEFINE_boolean("transformers", False, "Also run Hugging Face transformers (CUDA).")
+flags.DEFINE_string("output", "benchmarks/results/serving_cpu.json", "JSON output path.")
+
+
+def token_prompts(n: int, length: int, vocab: int, salt: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(salt)
+    return [[int(t) for t in rng.integers(3, min(vocab, 30000), length)] for _ in range(n)]
+
+
+def make_llm(prefix_caching: bool, num_seqs: int, max_model_len: int) -> LLM:
+    return LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_num_seqs=num_seqs,
+               max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_model_len=max_model_len,
+               enable_prefix_caching=prefix_caching, warmup=False)
+
+
+def timed_generate(llm: LLM, prompts, params) -> tuple[float, list]:
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    return time.perf_counter() - start, outputs
+
+
+def decode_throughput(llm: LLM) -> dict:
+    prompts = token_prompts(FLAGS.batch, FLAGS.prompt_len, llm.config.vocab_size)
+    params = SamplingParams(max_tokens=FLAGS.max_tokens, temperature=0, ignore_eos=True)
+    timed_generate(llm, prompts, params)  # warm-up: compiles
+    engine = llm.engine
+    host0, wait0, steps0 = engine.host_seconds, engine.wait_seconds, engine.num_steps
+    seconds, _ = timed_generate(llm, prompts, params)
+    steps = engine.num_steps - steps0
+    host, wait = engine.host_seconds - host0, engine.wait_seconds - wait0
+    return {"batch": FLAGS.batch, "seconds": seconds,
+            "tokens_per_s": FLAGS.batch * FLAGS.max_tokens / seconds,
+            "steps": steps, "ms_per_step": 1e3 * seconds / steps,
+            "host_ms_per_step": 1e3 * host / steps, "wait_ms_per_step": 1e3 * wait / steps}
+
+
+def prefill_latency(llm: LLM) -> list[dict]:
+    rows = []
+    for length in (int(n) for n in FLAGS.prefill_lens):
+        prompt = token_prompts(1, length, llm.config.vocab_size, salt=length)
+        params = SamplingParams(max_tokens=1, temperature=0)
+        timed_generate(llm, prompt, params)  # warm-up
+        seconds = min(timed_generate(llm, prompt, params)[0] for _ in range(2))
+        rows.append({"prompt_tokens": length, "seconds": seconds,
+                     "tokens_per_s": length / seconds})
+    return rows
+
+
+def add_request_cost(llm: LLM, n: int = 500) -> dict:
+    prompts = token_prompts(n, FLAGS.prompt_len, llm.config.vocab_size, salt=7)
+    params = SamplingParams(max_tokens=4)
+    start = time.perf_counter()
+    ids = [llm.add_request(p, params) for p in prompts]
+    seconds = time.perf_counter() - start
+    for request_id in ids:
+        llm.abort(request_id)
+    return {"requests": n, "us_per_request": 1e6 * seconds / n}
+
+
+def shared_prefix(prefix_caching: bool, max_model_len: int) -> dict:
+    llm = make_llm(prefix_caching, min(FLAGS.shared_requests, 64), max_model_len)
+    vocab = llm.config.vocab_size
+    system = token_prompts(1, FLAGS.shared_prefix, vocab, salt=1)[0]
+    prompts = [system + q for q in token_prompts(FLAGS.shared_requests, 24, vocab, salt=2)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    llm.generate(token_prompts(2, 40, vocab, salt=3), params)  # compile small shapes
+    computed = sum(len(p) for p in prompts)
+    seconds, outputs = timed_generate(llm, prompts, params)
+    saved = llm.stats().prefix_cache.tokens_saved if prefix_caching else 0
+    ttft = [o.time_to_first_token for o in outputs]
+    return {"prefix_caching": prefix_caching, "requests": len(prompts),
+            "prefill_tokens_computed": computed - saved, "tokens_saved": saved,
+            "seconds": seconds, "ttft_mean_s": statistics.mean(ttft),
+            "ttft_max_s": max(ttft), "tokens": [o.token_ids for o in outputs]}
+
+
+def transformers_baseline() -> dict:
+    """HF generate, static cache, compiled, on the same decode workload (CUDA only)."""
+    import torch
+    import transformers
+
+    from dendrite_jax.config import load_preset
+
+    cfg = load_preset(FLAGS.model).model
+    hf_config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=4096, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_word_embeddings)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(
+            hf_config, dtype=torch.bfloat16).eval()
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    ids = torch.tensor(token_prompts(FLAGS.batch, FLAGS.prompt_len, cfg.vocab_size),
+                       device="cuda")
+
+    def run(new_tokens):
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+        torch.cuda.synchronize()
+
+    run(FLAGS.max_tokens)
+    run(FLAGS.max_tokens)  # compile and warm up
+    start = time.perf_counter()
+    run(FLAGS.max_tokens)
+    seconds = time.perf_counter() - start
+    return {"batch": FLAGS.batch, "seconds": seconds,
+            "tokens_per_s": FLAGS.batch * FLAGS.max_tokens / seconds}
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    longest = max([FLAGS.prompt_len + FLAGS.max_tokens, FLAGS.shared_prefix + 64,
+                   *(int(n) + 8 for n in FLAGS.prefill_lens)])
+    max_model_len = 1 << (longest - 1).bit_length()
+    llm = make_llm(False, FLAGS.batch, max_model_len)
+    report = {"benchmark": "serving", "model": FLAGS.model, "dtype": FLAGS.dtype,
+              "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+              "date": time.strftime("%Y-%m-%d")}
+    report["decode_throughput"] = decode_throughput(llm)
+    report["prefill_latency"] = prefill_latency(llm)
+    report["add_request"] = add_request_cost(llm)
+    del llm
+    without, with_cache = shared_prefix(False, max_model_len), shared_prefix(True, max_model_len)
+    same = without.pop("tokens") == with_cache.pop("tokens")
+    report["shared_prefix"] = {"system_prompt_tokens": FLAGS.shared_prefix,
+                               "without_cache": without, "with_cache": with_cache,
+                               "same_greedy_tokens": same}
+    if FLAGS.transformers:
+        report["transformers_decode"] = transformers_baseline()
+
+    d = report["decode_throughput"]
+    print(f"\nserving, {FLAGS.model} {FLAGS.dtype} on {report['device']}")
+    print(f"decode_throughput  batch {d['batch']}: {d['tokens_per_s']:.1f} tok/s, "
+          f"{d['ms_per_step']:.2f} ms/step")
+    print(f"mixed_step_overhead  host {d['host_ms_per_step']:.2f} ms/step, blocked on device "
+          f"{d['wait_ms_per_step']:.2f} ms/step")
+    for row in report["prefill_latency"]:
+        print(f"prefill_latency  {row['prompt_tokens']} tokens: {row['seconds'] * 1e3:.1f} ms "
+              f"({row['tokens_per_s']:.0f} tok/s)")
+    print(f"add_request  {report['add_request']['us_per_request']:.1f} us per request")
+    print(f"shared_prefix  {FLAGS.shared_prefix}-token system prompt x {FLAGS.shared_requests}:")
+    for row in (without, with_cache):
+        print(f"  cache {'on ' if row['prefix_caching'] else 'off'}: "
+              f"{row['prefill_tokens_computed']:>7} prefill tokens, {row['seconds']:.2f} s, "
+              f"TTFT mean {row['ttft_mean_s']:.3f} s max {row['ttft_max_s']:.3f} s")
+    print(f"  same greedy tokens: {same}")
+    if FLAGS.transformers:
+        t = report["transformers_decode"]
+        print(f"transformers decode batch {t['batch']}: {t['tokens_per_s']:.1f} tok/s -> ratio "
+              f"{d['tokens_per_s'] / t['tokens_per_s']:.2f}")
+    out = Path(FLAGS.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
