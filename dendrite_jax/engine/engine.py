@@ -67,8 +67,9 @@ class Engine:
         self._in_flight: tuple[ScheduledBatch, StepPlan, object] | None = None
         # Time step() spent on the host (planning, launching, applying) and blocked waiting
         # for the device's results: the overlap's effect shows as host work hidden in waits.
-        self.host_seconds = 0.0
+        self.host_seconds = 0.0  # includes launch_seconds
         self.wait_seconds = 0.0
+        self.launch_seconds = 0.0  # inside runner.launch: transfer, dispatch
 
     # ----------------------------------------------------------------------------- requests
 
@@ -131,7 +132,9 @@ class Engine:
         if batch.rows:
             plan = self.build_plan(batch)
             self.runner.copy_pages([s for s, _ in batch.copies], [d for _, d in batch.copies])
+            launch_start = time.perf_counter()
             launched = (batch, plan, self.runner.launch(plan))
+            self.launch_seconds += time.perf_counter() - launch_start
             self._advance(batch, plan)
             self.num_steps += 1
         elif self._in_flight is None:
@@ -204,15 +207,12 @@ class Engine:
             plan.slot_ids[row] = r.slot
             plan.prompt_lens[row] = prompt_len
             plan.sample[row] = start + n == r.num_tokens
-            p = r.params
-            plan.top_k[row] = p.top_k
-            plan.seed[row] = np.uint32(r.seed).view(np.int32)
-            plan.temperature[row] = p.temperature
-            plan.top_p[row] = p.top_p
-            plan.min_p[row] = p.min_p
-            plan.repetition_penalty[row] = p.repetition_penalty
-            plan.presence_penalty[row] = p.presence_penalty
-            plan.frequency_penalty[row] = p.frequency_penalty
+        rows = [self._row(plan, batch, i) for i in range(len(batch.rows))]
+        params = [r.params for r, _ in batch.rows]
+        plan.seed[rows] = np.array([r.seed for r, _ in batch.rows], np.uint32).view(np.int32)
+        for name in ("top_k", "temperature", "top_p", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty"):
+            getattr(plan, name)[rows] = [getattr(p, name) for p in params]
         return plan
 
     def _apply(self, batch: ScheduledBatch, plan: StepPlan, result: StepResult) -> list[Request]:

@@ -28,10 +28,10 @@ from dendrite_jax.engine.request import Request, RequestStatus
 class ScheduledBatch:
     rows: list[tuple[Request, int]]  # (request, tokens it computes); decode rows first
     copies: list[tuple[int, int]]  # (src, dst) pages to copy on device before the step
+    num_decode: int = dataclasses.field(init=False)  # rows computing one token
 
-    @property
-    def num_decode(self) -> int:
-        return sum(1 for _, n in self.rows if n == 1)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_decode", sum(1 for _, n in self.rows if n == 1))
 
 
 class Scheduler:
