@@ -117,7 +117,7 @@ class Scheduler:
                     break
                 rows.append((r, n))
                 tokens += n
-            if tokens > best_tokens:
+            if tokens >= best_tokens:  # on a tie, fewer and longer chunks: first come, first served
                 best, best_tokens = rows, tokens
             q *= 2
         return best
