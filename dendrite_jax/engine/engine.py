@@ -207,6 +207,8 @@ class Engine:
             plan.slot_ids[row] = r.slot
             plan.prompt_lens[row] = prompt_len
             plan.sample[row] = start + n == r.num_tokens
+            plan.reset[row] = r.new_in_slot
+            r.new_in_slot = False
         rows = [self._row(plan, batch, i) for i in range(len(batch.rows))]
         params = [r.params for r, _ in batch.rows]
         plan.seed[rows] = np.array([r.seed for r, _ in batch.rows], np.uint32).view(np.int32)

@@ -53,6 +53,7 @@ class Request:
         self.slot = -1
         self.num_computed = 0
         self.num_cached_pages = 0  # leading pages already committed to the prefix cache
+        self.new_in_slot = False  # its next row must clear the slot's device-side state
         self.num_preemptions = 0
         self.output_ids: list[int] = []
         self.text = ""

@@ -124,11 +124,17 @@ class Scheduler:
 
     def _usable_hit(self, r: Request) -> int:
         """Tokens of r's sequence the prefix cache already holds (whole pages), keeping at least
-        one token to compute. Requests wanting prompt logprobs compute every token."""
-        if self.prefix_cache is None or r.params.prompt_logprobs is not None:
+        one token to compute."""
+        if not self._may_share(r):
             return 0
         hit = len(self.prefix_cache.tree.find_prefix(r.tokens, touch=False)) * self.page_size
         return min(hit, r.num_tokens - 1)
+
+    def _may_share(self, r: Request) -> bool:
+        """Whether r may skip cached prefix tokens. Prompt logprobs need every prompt token's
+        logits, and a repetition penalty needs every prompt token fed to mark it seen."""
+        return (self.prefix_cache is not None and r.params.prompt_logprobs is None
+                and r.params.repetition_penalty == 1)
 
     def _deferred(self, r: Request, hit: int, computing: list[tuple[Request, int]]) -> bool:
         """True if another request (running, or admitted earlier in this step; given with the
@@ -166,7 +172,7 @@ class Scheduler:
         """Move waiting request r to running with pages for its first n tokens; shares cached
         prefix pages. Never preempts. False (nothing changed) if the pages are not there."""
         hit_tokens, shared = 0, []
-        if self.prefix_cache is not None and r.params.prompt_logprobs is None:
+        if self._may_share(r):
             pages = self.prefix_cache.lookup(r.tokens).pages
             hit_tokens = min(len(pages) * self.page_size, r.num_tokens - 1)
             shared = pages[:self.pages_for(hit_tokens)]
@@ -178,7 +184,7 @@ class Scheduler:
         if need > self.pool.num_allocatable:
             self.pool.free(shared)
             return False
-        if self.prefix_cache is not None and r.params.prompt_logprobs is None:
+        if self._may_share(r):
             self.prefix_cache.record_hit(r.num_tokens, hit_tokens)
         r.pages = shared + self.pool.allocate(need)
         if hit_tokens % self.page_size:
@@ -192,6 +198,7 @@ class Scheduler:
         r.num_cached_pages = len(shared) if hit_tokens % self.page_size == 0 else len(shared) - 1
         self.waiting.remove(r)
         r.slot = self._free_slots.pop()
+        r.new_in_slot = True
         r.status = RequestStatus.RUNNING
         self.running.append(r)
         return True

@@ -105,13 +105,13 @@ def _record_inputs(slots: SlotState, plan: DevicePlan, meta: AttentionMetadata,
                    input_ids: jax.Array, token_slots: jax.Array) -> SlotState:
     """Penalty statistics from this step's input tokens.
 
-    A row starting at position 0 begins (or recomputes) a request in its slot: the slot is
-    cleared first. Inputs before prompt_len mark the prompt mask; inputs after it are output
-    tokens fed back, counted once each, so a recomputed request rebuilds identical counts.
+    A row flagged `reset` is the first of a request newly placed in its slot (admitted, or
+    re-admitted after preemption): the slot is cleared first. Inputs before prompt_len mark the
+    prompt mask; inputs after it are output tokens fed back, counted once each, so a recomputed
+    request rebuilds identical counts.
     """
     num_slots = slots.prompt_mask.shape[0]
-    starts = (plan.q_lens > 0) & (plan.seq_lens == plan.q_lens)
-    reset_rows = jnp.where(starts, plan.slot_ids, num_slots)
+    reset_rows = jnp.where(plan.reset > 0, plan.slot_ids, num_slots)
     prompt_mask = slots.prompt_mask.at[reset_rows].set(False, mode="drop")
     output_counts = slots.output_counts.at[reset_rows].set(0, mode="drop")
     in_prompt = meta.positions < plan.prompt_lens[meta.token_seq]

@@ -45,7 +45,7 @@ class StepShape:
 
 
 _INT_FIELDS = ("input_ids", "targets", "q_lens", "seq_lens", "page_tables", "slot_ids",
-               "prompt_lens", "sample", "top_k", "seed")
+               "prompt_lens", "sample", "reset", "top_k", "seed")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty")
 
@@ -71,6 +71,7 @@ class StepPlan:
     slot_ids: np.ndarray  # [S] row -> slot of the device-side per-request state
     prompt_lens: np.ndarray  # [S]
     sample: np.ndarray  # [S] 1 where the row's last token is sampled this step
+    reset: np.ndarray  # [S] 1 where the row's request is new to its slot: clear the slot first
     top_k: np.ndarray
     seed: np.ndarray
     temperature: np.ndarray
@@ -110,6 +111,7 @@ class DevicePlan:
     slot_ids: jax.Array
     prompt_lens: jax.Array
     sample: jax.Array
+    reset: jax.Array
     sampling: SamplingBatch
 
 

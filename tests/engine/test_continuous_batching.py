@@ -119,6 +119,20 @@ def test_penalties_survive_preemption(warmed):
     assert [o.token_ids for o in together] == one_by_one
 
 
+def test_penalties_with_prefix_caching(warmed):
+    """A request admitted with a cached prefix starts mid-sequence in a slot another request
+    used: its penalty state must still start clean (and repetition penalties see the whole
+    prompt). Outputs equal those of the engine without caching."""
+    shared = SHARED + [11, 12, 13, 14, 15, 16, 17, 18]
+    prompts = [shared + [20 + i, 30 + i, 40 + i] for i in range(6)]
+    for penalty in (dict(frequency_penalty=1.5, presence_penalty=0.5),
+                    dict(repetition_penalty=1.7)):
+        params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, **penalty)
+        plain = [warmed[False].generate([p], params)[0].token_ids for p in prompts]
+        cached = [warmed[True].generate([p], params)[0].token_ids for p in prompts]
+        assert cached == plain
+
+
 def test_warmup_then_guard_raises_on_new_shapes(warmed):
     from dendrite_jax.engine.runner import RecompileError
     from dendrite_jax.engine.step_plan import StepShape
