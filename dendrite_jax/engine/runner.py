@@ -1,7 +1,7 @@
-"""ModelRunner: device state (params, KV pages, penalty state) and one compiled step per bucket.
+"""ModelRunner: device state (params, KV pages, per-slot state) and one compiled step per bucket.
 
 Steps are compiled ahead of time (`jit(...).lower(...).compile()`) per `StepShape`, so the
-runner knows exactly how many compilations serving has caused. The KV cache and penalty
+runner knows exactly how many compilations serving has caused. The KV cache and the per-slot
 state are donated to every step and replaced by the step's outputs.
 """
 
@@ -151,9 +151,6 @@ class ModelRunner:
         for leaf in jax.tree_util.tree_leaves(out):
             leaf.copy_to_host_async()
         return out
-
-    def execute(self, plan: StepPlan) -> StepResult:
-        return to_host(self.launch(plan))
 
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         """Device half of copy-on-write: duplicate pages src[i] into dst[i]."""
