@@ -191,7 +191,7 @@ class Engine:
             max_pages_per_seq=self.max_pages_per_seq, prompt_logprobs=wants_prompt_lp)
         plan = StepPlan.empty(shape)
         for i, (r, n) in enumerate(batch.rows):
-            row = i if i < num_decode else shape.num_decode + (i - num_decode)
+            row = self._row(plan, batch, i)
             start, prompt_len, offset = r.num_computed, len(r.prompt_ids), shape.row_start(row)
             positions = range(start, start + n)
             # A pending token (launched, not read back) is PENDING == FROM_LAST_TOKEN: the

@@ -139,8 +139,10 @@ class Request:
         decide whether the request is finished."""
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
-        if PENDING in self.output_ids:
-            index = self.output_ids.index(PENDING)
+        # Placeholders only ever sit in the last two entries (at most two steps in flight).
+        tail = len(self.output_ids) - 2
+        if PENDING in self.output_ids[tail:]:
+            index = self.output_ids.index(PENDING, max(tail, 0))
             later = self.output_ids[index + 1:]
             self.output_ids = self.output_ids[:index] + [token]
         else:

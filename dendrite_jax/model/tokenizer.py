@@ -55,9 +55,6 @@ class Tokenizer:
             env.globals["raise_exception"] = _raise_template_error
             self._template = env.from_string(chat_template)
 
-    def token_to_str(self, token_id: int) -> str | None:
-        return self.backend.id_to_token(token_id)
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings such as <|im_start|> map to their ids."""
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
