@@ -1,27 +1,32 @@
 """Ragged paged attention, dispatched by backend.
 
 `ragged_paged_attention(..., backend=...)` is the one call the model makes. Backends:
-"reference" (pure JAX, every platform). Pallas TPU and GPU kernels plug in here, chosen by
-platform, with "reference" always available as the oracle.
+
+- "reference": pure JAX, every platform; the correctness oracle and the CPU path.
+- "pallas_gpu": Pallas kernels lowered through Triton (`gpu.py`); on a platform other than a
+  GPU it runs in Pallas interpret mode (for debugging, slow).
+- "auto": "pallas_gpu" on GPUs, "reference" elsewhere.
 """
 
 from __future__ import annotations
 
 import jax
 
+from kernels_pallas.paged_attention import gpu
 from kernels_pallas.paged_attention.reference import (
     ragged_paged_attention as reference_ragged_paged_attention,
 )
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "pallas_gpu")
 
 
-def resolve_backend(backend: str) -> str:
-    """Map "auto" to the best backend for the default JAX platform."""
+def resolve_backend(backend: str, platform: str | None = None) -> str:
+    """Map "auto" to the best backend for `platform` (default: JAX's default backend)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
     if backend == "auto":
-        return "reference"
+        platform = platform or jax.default_backend()
+        return "pallas_gpu" if platform == "gpu" else "reference"
     return backend
 
 
@@ -34,10 +39,13 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     """Attention for a step's query tokens [T, Hq, hd] (layout: `engine.step_plan`) over
     the paged cache [L, N, page_size, Hkv, hd] of layer `layer`."""
     backend = resolve_backend(backend)
-    return reference_ragged_paged_attention(
-        q, k_pages, v_pages, layer, q_lens, seq_lens, page_tables, num_decode=num_decode,
-        max_q_len=max_q_len, sm_scale=sm_scale, sliding_window=sliding_window,
-        soft_cap=soft_cap)
+    kwargs = dict(num_decode=num_decode, max_q_len=max_q_len, sm_scale=sm_scale,
+                  sliding_window=sliding_window, soft_cap=soft_cap)
+    args = (q, k_pages, v_pages, layer, q_lens, seq_lens, page_tables)
+    if backend == "pallas_gpu":
+        return gpu.ragged_paged_attention(*args, interpret=jax.default_backend() != "gpu",
+                                          **kwargs)
+    return reference_ragged_paged_attention(*args, **kwargs)
 
 
 __all__ = ["BACKENDS", "ragged_paged_attention", "reference_ragged_paged_attention",

@@ -1,0 +1,313 @@
+"""Ragged paged attention for NVIDIA GPUs: Pallas kernels lowered through Triton.
+
+Two kernels follow the step's two blocks (`dendrite_jax.engine.step_plan`):
+
+- `decode`: one program per (decode row, KV head, context split). The row's query heads of one
+  KV head form the matrix rows (padded to 16 for the tensor cores); it streams the row's pages
+  in blocks of `pages_per_block` through an online softmax and writes an unnormalised partial
+  result per split, which `_combine_splits` merges. Splitting the context keeps every SM busy
+  at small batch and long context.
+- `prefill`: one program per (prefill row, query head, block of `block_q` query tokens), a
+  flash-attention loop over the pages up to the block's causal limit.
+
+Both read K/V straight from the paged cache `[L, N, page_size, Hkv, hd]` through the page table
+(flattened to `[L * N, ...]`, the layer folded into the page ids), so nothing is gathered or
+copied outside the kernel. Why Triton and not Mosaic GPU: this lowering has an interpret mode,
+so the exact kernel body runs in the CPU tests and CI; Mosaic GPU kernels (TMA, wgmma,
+barriers) run only on a GPU. The interface is the dispatcher's, so a Mosaic GPU kernel can
+replace either function without touching the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+MIN_DOT_ROWS = 16  # the smallest M, N and K Triton's tensor-core dot accepts
+
+
+SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of K/V tiles in flight; Hopper has 227 KiB per SM
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTuning:
+    """Defaults: the best of the sweep in `benchmarks/gpu_suite.py` on an H100 (NOTES.md)."""
+
+    pages_per_block: int = 4  # pages per loop step (block_k = pages_per_block * page_size)
+    num_splits: int | None = None  # context splits; None picks from batch and context
+    num_warps: int = 4
+    num_stages: int = 3  # software-pipelining depth, lowered where the tiles would not fit
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillTuning:
+    block_q: int = 64
+    block_k: int = 64  # key tokens per loop step (a multiple of the page size)
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _fit_stages(requested: int, bytes_per_stage: int) -> int:
+    """The deepest pipelining, up to `requested`, whose tiles fit the shared-memory budget."""
+    return max(1, min(requested, SHARED_MEMORY_BUDGET // bytes_per_stage))
+
+
+def _dot(a: jax.Array, b: jax.Array, trans_b: bool = False) -> jax.Array:
+    """a @ b (or a @ b.T) accumulated in float32; float32 inputs stay float32 (no TF32)."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return pltriton.dot(a, b, trans_b=trans_b, precision=precision)
+
+
+def _scores(q: jax.Array, k: jax.Array, sm_scale: float, soft_cap: float | None) -> jax.Array:
+    s = _dot(q, k, trans_b=True) * sm_scale
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    return s
+
+
+def _online_softmax_step(carry, s: jax.Array, v: jax.Array):
+    """Fold one block of masked scores s [M, K] and values v [K, hd] into (acc, m, l)."""
+    acc, m_prev, l_prev = carry
+    m_next = jnp.maximum(m_prev, s.max(axis=-1))
+    correction = jnp.exp(m_prev - m_next)
+    p = jnp.exp(s - m_next[:, None])
+    l_next = l_prev * correction + p.sum(axis=-1)
+    acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+    return acc, m_next, l_next
+
+
+def _load_pages(ref, page_ids: jax.Array, block_k: int) -> jax.Array:
+    """Pages `page_ids` of a [pages, page_size, hd] ref as [block_k, hd]."""
+    return ref[page_ids].reshape(block_k, ref.shape[-1])
+
+
+def _decode_kernel(seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *,
+                   sm_scale: float, soft_cap: float | None, sliding_window: int | None,
+                   pages_per_block: int):
+    split = pl.program_id(2)
+    page_size, head_dim = k_ref.shape[-2:]
+    pages_per_split = page_table_ref.shape[0]
+    block_k = pages_per_block * page_size
+    seq_len = seq_len_ref[0]
+    split_start = split * pages_per_split * page_size
+    end = jnp.clip(seq_len - split_start, 0, pages_per_split * page_size)
+    first = 0
+    if sliding_window is not None:  # the query sits at seq_len - 1
+        first = jnp.maximum(seq_len - sliding_window - split_start, 0) // block_k
+    q = q_ref[...]
+
+    def body(j, carry):
+        page_ids = page_table_ref[pl.ds(j * pages_per_block, pages_per_block)]
+        k = _load_pages(k_ref, page_ids, block_k)
+        v = _load_pages(v_ref, page_ids, block_k)
+        s = _scores(q, k, sm_scale, soft_cap)
+        k_pos = split_start + j * block_k + jnp.arange(block_k)
+        keep = k_pos < seq_len
+        if sliding_window is not None:
+            keep &= k_pos > seq_len - 1 - sliding_window
+        s = jnp.where(keep[None, :], s, MASK_VALUE)
+        return _online_softmax_step(carry, s, v)
+
+    rows = q.shape[0]
+    init = (jnp.zeros((rows, head_dim), jnp.float32),
+            jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    acc, m, denom = lax.fori_loop(first, pl.cdiv(end, block_k), body, init)
+    acc_ref[...], m_ref[...], l_ref[...] = acc, m, denom
+
+
+def _prefill_kernel(q_len_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, *,
+                    sm_scale: float, soft_cap: float | None, sliding_window: int | None,
+                    block_k: int):
+    q_block = pl.program_id(2)
+    block_q, head_dim = q_ref.shape
+    page_size = k_ref.shape[-2]
+    pages_per_block = block_k // page_size
+    q_len, seq_len = q_len_ref[0], seq_len_ref[0]
+    first_q = seq_len - q_len + q_block * block_q  # position of this block's first query
+    q_pos = first_q + jnp.arange(block_q)
+    live = q_block * block_q < q_len
+    end = jnp.where(live, jnp.minimum(seq_len, first_q + block_q), 0)
+    first = 0
+    if sliding_window is not None:
+        first = jnp.maximum(first_q - sliding_window + 1, 0) // block_k
+    q = q_ref[...]
+
+    def body(j, carry):
+        page_ids = page_table_ref[pl.ds(j * pages_per_block, pages_per_block)]
+        k = _load_pages(k_ref, page_ids, block_k)
+        v = _load_pages(v_ref, page_ids, block_k)
+        s = _scores(q, k, sm_scale, soft_cap)
+        k_pos = j * block_k + jnp.arange(block_k)
+        keep = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < seq_len)
+        if sliding_window is not None:
+            keep &= k_pos[None, :] > q_pos[:, None] - sliding_window
+        s = jnp.where(keep, s, MASK_VALUE)
+        return _online_softmax_step(carry, s, v)
+
+    init = (jnp.zeros((block_q, head_dim), jnp.float32),
+            jnp.full((block_q,), MASK_VALUE, jnp.float32), jnp.zeros((block_q,), jnp.float32))
+    acc, _, denom = lax.fori_loop(first, pl.cdiv(end, block_k), body, init)
+    valid = q_block * block_q + jnp.arange(block_q) < q_len
+    out = acc / jnp.where(denom > 0, denom, 1.0)[:, None]
+    o_ref[...] = jnp.where(valid[:, None], out, 0.0).astype(o_ref.dtype)
+
+
+def _flat_pages(pages: jax.Array) -> jax.Array:
+    """[L, N, page_size, Hkv, hd] -> [L * N, page_size, Hkv, hd] (a free reshape)."""
+    return pages.reshape(-1, *pages.shape[2:])
+
+
+def _pad_columns(page_tables: jax.Array, multiple: int) -> jax.Array:
+    pad = -page_tables.shape[1] % multiple
+    return jnp.pad(page_tables, ((0, 0), (0, pad))) if pad else page_tables
+
+
+def default_num_splits(num_rows: int, num_kv_heads: int, num_blocks: int) -> int:
+    """Enough context splits for about four programs per SM of a large GPU."""
+    target = 512
+    splits = max(1, target // max(num_rows * num_kv_heads, 1))
+    return int(min(1 << (splits - 1).bit_length(), num_blocks))
+
+
+def _combine_splits(acc: jax.Array, m: jax.Array, denom: jax.Array) -> jax.Array:
+    """Merge per-split partial softmaxes [splits, ...] into normalised outputs."""
+    m_all = m.max(axis=0)
+    scale = jnp.exp(m - m_all[None])
+    l_all = (denom * scale).sum(axis=0)
+    out = (acc * scale[..., None]).sum(axis=0)
+    return out / jnp.where(l_all > 0, l_all, 1.0)[..., None]
+
+
+def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array,
+           seq_lens: jax.Array, page_tables: jax.Array, *, sm_scale: float,
+           sliding_window: int | None = None, soft_cap: float | None = None,
+           tuning: DecodeTuning = DecodeTuning(), interpret: bool = False) -> jax.Array:
+    """One query token per row: q [R, Hq, hd] -> [R, Hq, hd]."""
+    rows, num_heads, head_dim = q.shape
+    num_layers, num_pages, page_size, num_kv_heads, _ = k_pages.shape
+    group = num_heads // num_kv_heads
+    group_pad = max(MIN_DOT_ROWS, 1 << (group - 1).bit_length())
+    pages_per_block = min(tuning.pages_per_block, 1 << (page_tables.shape[1] - 1).bit_length())
+    # Pages of 64+ tokens: one page per step is block enough.
+    pages_per_block = max(1, min(pages_per_block, 128 // page_size))
+    stages = _fit_stages(tuning.num_stages,
+                         2 * pages_per_block * page_size * head_dim * k_pages.dtype.itemsize)
+    num_blocks = pl.cdiv(page_tables.shape[1], pages_per_block)
+    splits = tuning.num_splits or default_num_splits(rows, num_kv_heads, num_blocks)
+    splits = min(splits, num_blocks)
+    page_tables = _pad_columns(page_tables, splits * pages_per_block) + layer * num_pages
+    pages_per_split = page_tables.shape[1] // splits
+    q = q.reshape(rows, num_kv_heads, group, head_dim)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
+    cache_spec = pl.BlockSpec((num_layers * num_pages, page_size, None, head_dim),
+                              lambda r, h, s: (0, 0, h, 0))
+    kernel = functools.partial(_decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap,
+                               sliding_window=sliding_window, pages_per_block=pages_per_block)
+    acc, m, denom = pl.pallas_call(
+        kernel,
+        grid=(rows, num_kv_heads, splits),
+        in_specs=[
+            pl.BlockSpec((1,), lambda r, h, s: (r,)),
+            pl.BlockSpec((None, pages_per_split), lambda r, h, s: (r, s)),
+            pl.BlockSpec((None, None, group_pad, head_dim), lambda r, h, s: (r, h, 0, 0)),
+            cache_spec, cache_spec,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, group_pad, head_dim),
+                         lambda r, h, s: (s, r, h, 0, 0)),
+            pl.BlockSpec((None, None, None, group_pad), lambda r, h, s: (s, r, h, 0)),
+            pl.BlockSpec((None, None, None, group_pad), lambda r, h, s: (s, r, h, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((splits, rows, num_kv_heads, group_pad, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((splits, rows, num_kv_heads, group_pad), jnp.float32),
+            jax.ShapeDtypeStruct((splits, rows, num_kv_heads, group_pad), jnp.float32),
+        ],
+        compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps,
+                                                num_stages=stages),
+        interpret=interpret,
+        name="paged_attention_decode",
+    )(seq_lens, page_tables, q, _flat_pages(k_pages), _flat_pages(v_pages))
+    out = _combine_splits(acc, m, denom)[:, :, :group]
+    return out.reshape(rows, num_heads, head_dim).astype(q.dtype)
+
+
+def prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array,
+            q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *,
+            sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
+            tuning: PrefillTuning = PrefillTuning(), interpret: bool = False) -> jax.Array:
+    """Rows of up to Q query tokens (the last q_len of each row's context): q [R, Q, Hq, hd]
+    -> [R, Q, Hq, hd], zeros past q_len."""
+    rows, max_q_len, num_heads, head_dim = q.shape
+    if max_q_len < MIN_DOT_ROWS:  # the engine's buckets never do this; small test cases do
+        q = jnp.pad(q, ((0, 0), (0, MIN_DOT_ROWS - max_q_len), (0, 0), (0, 0)))
+        return prefill(q, k_pages, v_pages, layer, q_lens, seq_lens, page_tables,
+                       sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                       tuning=tuning, interpret=interpret)[:, :max_q_len]
+    num_layers, num_pages, page_size, num_kv_heads, _ = k_pages.shape
+    group = num_heads // num_kv_heads
+    block_q = min(tuning.block_q, max_q_len)
+    if max_q_len % block_q:
+        raise ValueError(f"max_q_len {max_q_len} is not a multiple of block_q {block_q}")
+    block_k = max(tuning.block_k, page_size)
+    if block_k % page_size:
+        raise ValueError(f"block_k {block_k} is not a multiple of the page size {page_size}")
+    page_tables = _pad_columns(page_tables, block_k // page_size) + layer * num_pages
+    stages = _fit_stages(tuning.num_stages, 2 * block_k * head_dim * k_pages.dtype.itemsize
+                         + block_q * head_dim * q.dtype.itemsize)
+    cache_spec = pl.BlockSpec((num_layers * num_pages, page_size, None, head_dim),
+                              lambda r, h, b: (0, 0, h // group, 0))
+    token_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda r, h, b: (r, b, h, 0))
+    kernel = functools.partial(_prefill_kernel, sm_scale=sm_scale, soft_cap=soft_cap,
+                               sliding_window=sliding_window, block_k=block_k)
+    return pl.pallas_call(
+        kernel,
+        grid=(rows, num_heads, max_q_len // block_q),
+        in_specs=[
+            pl.BlockSpec((1,), lambda r, h, b: (r,)),
+            pl.BlockSpec((1,), lambda r, h, b: (r,)),
+            pl.BlockSpec((None, page_tables.shape[1]), lambda r, h, b: (r, 0)),
+            token_spec, cache_spec, cache_spec,
+        ],
+        out_specs=token_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps,
+                                                num_stages=stages),
+        interpret=interpret,
+        name="paged_attention_prefill",
+    )(q_lens, seq_lens, page_tables, q, _flat_pages(k_pages), _flat_pages(v_pages))
+
+
+def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                           layer: jax.Array, q_lens: jax.Array, seq_lens: jax.Array,
+                           page_tables: jax.Array, *, num_decode: int, max_q_len: int,
+                           sm_scale: float, sliding_window: int | None = None,
+                           soft_cap: float | None = None,
+                           decode_tuning: DecodeTuning = DecodeTuning(),
+                           prefill_tuning: PrefillTuning = PrefillTuning(),
+                           interpret: bool = False) -> jax.Array:
+    """The step's attention [T, Hq, hd] (same contract as the reference)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_prefill = page_tables.shape[0] - num_decode
+    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                  interpret=interpret)
+    parts = []
+    if num_decode:
+        parts.append(decode(q[:num_decode], k_pages, v_pages, layer, seq_lens[:num_decode],
+                            page_tables[:num_decode], tuning=decode_tuning, **kwargs))
+    if num_prefill:
+        out = prefill(q[num_decode:].reshape(num_prefill, max_q_len, num_heads, head_dim),
+                      k_pages, v_pages, layer, q_lens[num_decode:], seq_lens[num_decode:],
+                      page_tables[num_decode:], tuning=prefill_tuning, **kwargs)
+        parts.append(out.reshape(num_prefill * max_q_len, num_heads, head_dim))
+    out = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+    assert out.shape[0] == num_tokens, (out.shape, num_tokens)
+    return out
