@@ -54,7 +54,7 @@ flags.DEFINE_string("output", "benchmarks/results/gpu_suite.json", "JSON output 
 PAGE_SIZE = 16
 SHORT, LONG = 16, 112  # decode steps are timed as (LONG - SHORT) generated tokens
 # (pages_per_block, num_warps, num_stages, context splits as a multiple of the default)
-TUNINGS = [(4, 4, 3, 1), (2, 4, 3, 1), (4, 4, 4, 1), (4, 4, 3, 2), (4, 4, 3, 4), (8, 4, 3, 1)]
+TUNINGS = [(4, 4, 3, 1), (2, 4, 3, 1), (4, 4, 4, 1), (4, 4, 3, 2)]
 
 
 def seconds_per_call(fn, x, *args, n: int = 10, repeats: int = 5) -> float:

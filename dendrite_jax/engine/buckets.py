@@ -26,14 +26,16 @@ def _count_bucket(n: int) -> int:
 
 
 def bucket_shape(num_decode: int, prefill_lens: list[int], context_pages: int, *,
-                 max_pages_per_seq: int, prompt_logprobs: bool) -> StepShape:
+                 max_pages_per_seq: int, prompt_logprobs: bool,
+                 needs_sort: bool = False) -> StepShape:
     """The bucket for `num_decode` decode rows, prefill rows of these lengths, and a widest
     row of `context_pages` pages."""
     max_q_len = next_power_of_two(max(prefill_lens), MIN_Q_LEN) if prefill_lens else 1
     pages = min(next_power_of_two(context_pages, MIN_PAGES), next_power_of_two(max_pages_per_seq))
     return StepShape(num_decode=_count_bucket(num_decode),
                      num_prefill=_count_bucket(len(prefill_lens)), max_q_len=max_q_len,
-                     pages_per_seq=max(pages, context_pages), prompt_logprobs=prompt_logprobs)
+                     pages_per_seq=max(pages, context_pages), prompt_logprobs=prompt_logprobs,
+                     needs_sort=needs_sort)
 
 
 def token_cap(max_num_batched_tokens: int) -> int:
@@ -43,7 +45,7 @@ def token_cap(max_num_batched_tokens: int) -> int:
 
 def all_shapes(*, max_num_seqs: int, max_num_batched_tokens: int,
                max_pages_per_seq: int) -> list[StepShape]:
-    """Every bucket the scheduler can produce (prompt-logprob variants included)."""
+    """Every bucket the scheduler can produce (prompt-logprob and sorting variants included)."""
     cap = token_cap(max_num_batched_tokens)
     counts = [0] + [1 << i for i in range(next_power_of_two(max_num_seqs).bit_length())]
     q_lens = [q for q in (1 << i for i in range(cap.bit_length())) if MIN_Q_LEN <= q <= cap]
@@ -51,12 +53,14 @@ def all_shapes(*, max_num_seqs: int, max_num_batched_tokens: int,
                                                + 1))
              if MIN_PAGES <= p <= next_power_of_two(max_pages_per_seq)] or [MIN_PAGES]
     shapes = set()
-    for num_decode, num_prefill, p, lp in itertools.product(counts, counts, pages, (False, True)):
+    flags = (False, True)
+    for num_decode, num_prefill, p, lp, srt in itertools.product(counts, counts, pages, flags,
+                                                                 flags):
         if num_prefill == 0:
             if num_decode:
-                shapes.add(StepShape(num_decode, 0, 1, p, lp))
+                shapes.add(StepShape(num_decode, 0, 1, p, lp, srt))
             continue
         for q in q_lens:
             if num_prefill * q <= cap:
-                shapes.add(StepShape(num_decode, num_prefill, q, p, lp))
+                shapes.add(StepShape(num_decode, num_prefill, q, p, lp, srt))
     return sorted(shapes)

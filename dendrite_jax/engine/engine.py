@@ -21,6 +21,12 @@ from dendrite_jax.engine.step_plan import StepPlan
 from dendrite_jax.model.loader import LoadedModel
 
 
+def _needs_sort(params: SamplingParams) -> bool:
+    """Whether a request's sampling needs the sorted logits (the step's costly variant)."""
+    truncates = params.top_k > 0 or params.top_p < 1 or params.min_p > 0
+    return (params.temperature > 0 and truncates) or params.logprobs is not None
+
+
 def default_num_pages(model: LoadedModel, cfg: EngineConfig, max_model_len: int) -> int:
     """Enough pages for every slot at full length, capped by the kv_cache_bytes budget."""
     per_page = KVCache.bytes_per_page(model.config, cfg.page_size, cfg.dtype)
@@ -188,7 +194,8 @@ class Engine:
         shape = bucket_shape(
             num_decode, prefill_lens,
             max(self.scheduler.pages_for(r.num_computed + n) for r, n in batch.rows),
-            max_pages_per_seq=self.max_pages_per_seq, prompt_logprobs=wants_prompt_lp)
+            max_pages_per_seq=self.max_pages_per_seq, prompt_logprobs=wants_prompt_lp,
+            needs_sort=any(_needs_sort(r.params) for r, _ in batch.rows))
         plan = StepPlan.empty(shape)
         for i, (r, n) in enumerate(batch.rows):
             row = self._row(plan, batch, i)

@@ -75,32 +75,36 @@ def token_noise_keys(seed: jax.Array, positions: jax.Array) -> jax.Array:
     return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed, positions)
 
 
-def sample(logits: jax.Array, batch: SamplingBatch, positions: jax.Array) -> jax.Array:
-    """Next token per row from already-penalised float32 logits [B, V]."""
+def sample(logits: jax.Array, batch: SamplingBatch, positions: jax.Array, *,
+           truncate: bool) -> jax.Array:
+    """Next token per row from already-penalised float32 logits [B, V].
+
+    Branch-free: rows are greedy or sampled by `where`, not `lax.cond` (a conditional on a
+    GPU copies its predicate to the host and stalls the stream). `truncate` (static) adds
+    top-k/top-p/min-p, whose sort is the costly part; without it they are ignored.
+    """
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def sampled_tokens(logits):
-        temp = jnp.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
-        scaled = logits / temp
-        needs_mask = jnp.any((batch.top_k > 0) | (batch.top_p < 1) | (batch.min_p > 0))
-        keep = jax.lax.cond(
-            needs_mask,
-            lambda s: truncation_mask(s, batch.top_k, batch.top_p, batch.min_p),
-            lambda s: jnp.ones(s.shape, bool), scaled)
-        keys = token_noise_keys(batch.seed, positions)
-        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], jnp.float32))(keys)
-        noisy = jnp.where(keep, scaled + gumbel, -jnp.inf)
-        return jnp.where(batch.temperature > 0, jnp.argmax(noisy, axis=-1),
-                         greedy_tokens).astype(jnp.int32)
-
-    return jax.lax.cond(jnp.any(batch.temperature > 0), sampled_tokens,
-                        lambda _: greedy_tokens, logits)
+    scaled = logits / jnp.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
+    if truncate:
+        keep = truncation_mask(scaled, batch.top_k, batch.top_p, batch.min_p)
+        scaled = jnp.where(keep, scaled, -jnp.inf)
+    keys = token_noise_keys(batch.seed, positions)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], jnp.float32))(keys)
+    sampled_tokens = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+    return jnp.where(batch.temperature > 0, sampled_tokens, greedy_tokens)
 
 
-def top_logprobs(logprobs: jax.Array, chosen: jax.Array) -> tuple[jax.Array, ...]:
+def top_logprobs(logprobs: jax.Array, chosen: jax.Array, *,
+                 ranked: bool = True) -> tuple[jax.Array, ...]:
     """For rows of log-probabilities [N, V] and chosen tokens [N]: the chosen token's logprob
-    and rank (1 = most likely), and the top MAX_LOGPROBS (logprobs, ids)."""
+    and rank (1 = most likely), and the top MAX_LOGPROBS (logprobs, ids). With `ranked`
+    False (static) only the chosen logprob is computed, the rest are zeros: top-k is a sort."""
     chosen_lp = jnp.take_along_axis(logprobs, chosen[:, None], axis=-1)[:, 0]
+    if not ranked:
+        rows = logprobs.shape[0]
+        return (chosen_lp, jnp.zeros((rows,), jnp.int32),
+                jnp.zeros((rows, MAX_LOGPROBS), logprobs.dtype),
+                jnp.zeros((rows, MAX_LOGPROBS), jnp.int32))
     rank = jnp.sum(logprobs > chosen_lp[:, None], axis=-1).astype(jnp.int32) + 1
     top_lp, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
     return chosen_lp, rank, top_lp, top_ids.astype(jnp.int32)

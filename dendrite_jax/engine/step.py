@@ -76,19 +76,16 @@ def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array, 
         logits = compute_logits(params, hidden[last_token])  # [S, V] float32
         raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
         b = plan.sampling
-        any_penalty = jnp.any((b.repetition_penalty != 1) | (b.presence_penalty != 0)
-                              | (b.frequency_penalty != 0))
-        logits = jax.lax.cond(
-            any_penalty,
-            lambda x: apply_penalties(x, slots.prompt_mask[plan.slot_ids],
-                                      slots.output_counts[plan.slot_ids], b),
-            lambda x: x, logits)
+        # Branch-free (see `sample`): neutral penalties leave the logits bit-identical.
+        logits = apply_penalties(logits, slots.prompt_mask[plan.slot_ids],
+                                 slots.output_counts[plan.slot_ids], b)
         # The sampled token will sit at position seq_len: noise depends on (seed, position).
-        tokens = sample(logits, b, plan.seq_lens)
+        tokens = sample(logits, b, plan.seq_lens, truncate=shape.needs_sort)
         sampled_rows = jnp.where(plan.sample > 0, plan.slot_ids, slots.last_token.shape[0])
         slots = dataclasses.replace(
             slots, last_token=slots.last_token.at[sampled_rows].set(tokens, mode="drop"))
-        logprob, rank, top_lp, top_ids = top_logprobs(raw_logprobs, tokens)
+        logprob, rank, top_lp, top_ids = top_logprobs(raw_logprobs, tokens,
+                                                      ranked=shape.needs_sort)
     out = StepOutput(tokens=tokens, logprob=logprob, rank=rank, top_logprobs=top_lp,
                      top_ids=top_ids)
 

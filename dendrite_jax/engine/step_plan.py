@@ -29,6 +29,7 @@ class StepShape:
     max_q_len: int  # padded length of a prefill row (1 when num_prefill == 0)
     pages_per_seq: int  # page-table width
     prompt_logprobs: bool = False  # also score every input token against `targets`
+    needs_sort: bool = False  # a row uses top-k/top-p/min-p or asks for top logprobs
 
     @property
     def num_seqs(self) -> int:

@@ -13,6 +13,7 @@ from dendrite_jax.engine.sampling import (
     top_logprobs,
     truncation_mask,
 )
+from dendrite_jax.engine.sampling_params import SamplingParams
 
 PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.01, 0.01])
 LOGITS = np.log(PROBS).astype(np.float32)
@@ -70,7 +71,7 @@ def test_greedy_and_sampled_rows_in_one_batch():
     logits = jnp.tile(jnp.asarray(LOGITS), (2, 1))
     b = batch(2, temperature=1.0)
     b = SamplingBatch(**{**b.__dict__, "temperature": jnp.array([0.0, 1.0])})
-    tokens = np.asarray(sample(logits, b, jnp.array([3, 3])))
+    tokens = np.asarray(sample(logits, b, jnp.array([3, 3]), truncate=False))
     assert tokens[0] == 0
 
 
@@ -79,7 +80,7 @@ def test_sampler_follows_the_distribution():
     n = 20000
     logits = jnp.tile(jnp.asarray(LOGITS), (n, 1))
     b = SamplingBatch(**{**batch(n).__dict__, "seed": jnp.arange(n, dtype=jnp.uint32)})
-    tokens = np.asarray(sample(logits, b, jnp.zeros(n, jnp.int32)))
+    tokens = np.asarray(sample(logits, b, jnp.zeros(n, jnp.int32), truncate=False))
     freq = np.bincount(tokens, minlength=8) / n
     tolerance = 4 * np.sqrt(PROBS * (1 - PROBS) / n) + 1e-3  # ~4 standard errors
     assert np.all(np.abs(freq - PROBS) <= tolerance), (freq, PROBS)
@@ -90,9 +91,13 @@ def test_sampled_tokens_respect_the_mask_and_temperature():
     logits = jnp.tile(jnp.asarray(LOGITS), (n, 1))
     seeds = jnp.arange(n, dtype=jnp.uint32)
     b = SamplingBatch(**{**batch(n, top_k=2).__dict__, "seed": seeds})
-    assert set(np.asarray(sample(logits, b, jnp.zeros(n, jnp.int32))).tolist()) == {0, 1}
+    positions = jnp.zeros(n, jnp.int32)
+    assert set(np.asarray(sample(logits, b, positions, truncate=True)).tolist()) == {0, 1}
+    # Without the (static) truncation variant, top-k is not applied: the engine picks the
+    # variant from the batch's requests (`engine._needs_sort`).
+    assert len(set(np.asarray(sample(logits, b, positions, truncate=False)).tolist())) > 2
     hot = SamplingBatch(**{**batch(n, temperature=0.05).__dict__, "seed": seeds})
-    assert np.mean(np.asarray(sample(logits, hot, jnp.zeros(n, jnp.int32))) == 0) > 0.99
+    assert np.mean(np.asarray(sample(logits, hot, positions, truncate=False)) == 0) > 0.99
 
 
 def test_same_seed_and_position_same_token_any_batch():
@@ -100,10 +105,10 @@ def test_same_seed_and_position_same_token_any_batch():
     b = SamplingBatch(**{**batch(6).__dict__,
                          "seed": jnp.array([5, 9, 5, 1, 5, 7], jnp.uint32)})
     positions = jnp.array([10, 10, 10, 10, 11, 10])
-    tokens = np.asarray(sample(logits, b, positions))
+    tokens = np.asarray(sample(logits, b, positions, truncate=False))
     assert tokens[0] == tokens[2]
     alone = SamplingBatch(**{**batch(1).__dict__, "seed": jnp.array([5], jnp.uint32)})
-    assert np.asarray(sample(logits[:1], alone, jnp.array([10])))[0] == tokens[0]
+    assert np.asarray(sample(logits[:1], alone, jnp.array([10]), truncate=False))[0] == tokens[0]
 
 
 def test_top_logprobs_rank_and_order():
@@ -113,3 +118,25 @@ def test_top_logprobs_rank_and_order():
     assert int(rank[0]) == 3 and np.asarray(top_ids)[0, :3].tolist() == [0, 1, 2]
     assert np.all(np.diff(np.asarray(top_lp)[0]) <= 0)
     np.testing.assert_allclose(float(chosen_lp[0]), float(lp[0, 2]))
+    unranked = top_logprobs(lp, jnp.array([2]), ranked=False)
+    assert float(unranked[0][0]) == float(chosen_lp[0])
+    assert not np.any(np.asarray(unranked[2]))
+
+
+def test_neutral_penalties_leave_logits_bit_identical():
+    """The step applies penalties unconditionally (no device-side branch)."""
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((3, 50)), jnp.float32)
+    prompt_mask = jnp.asarray(np.random.default_rng(1).random((3, 50)) < 0.3)
+    counts = jnp.asarray(np.random.default_rng(2).integers(0, 3, (3, 50)), jnp.int32)
+    out = apply_penalties(logits, prompt_mask, counts, batch(3))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(logits))
+
+
+def test_needs_sort_picks_the_costly_variant_only_when_used():
+    from dendrite_jax.engine.engine import _needs_sort
+
+    assert not _needs_sort(SamplingParams(temperature=0, top_k=5))  # greedy ignores top-k
+    assert not _needs_sort(SamplingParams(temperature=0.8))
+    assert _needs_sort(SamplingParams(temperature=0.8, top_p=0.9))
+    assert _needs_sort(SamplingParams(temperature=0.8, min_p=0.1))
+    assert _needs_sort(SamplingParams(temperature=0, logprobs=0))
