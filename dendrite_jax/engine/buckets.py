@@ -26,12 +26,15 @@ def _count_bucket(n: int) -> int:
 
 
 def bucket_shape(num_decode: int, prefill_lens: list[int], context_pages: int, *,
-                 max_pages_per_seq: int, prompt_logprobs: bool,
-                 needs_sort: bool = False) -> StepShape:
+                 max_pages_per_seq: int, prompt_logprobs: bool, needs_sort: bool = False,
+                 bucket_pages: bool = True) -> StepShape:
     """The bucket for `num_decode` decode rows, prefill rows of these lengths, and a widest
-    row of `context_pages` pages."""
+    row of `context_pages` pages. Without `bucket_pages` the page table always has its full
+    width: kernels that stop at each row's length pay nothing for it, and it divides the
+    number of shapes by the number of page buckets."""
     max_q_len = next_power_of_two(max(prefill_lens), MIN_Q_LEN) if prefill_lens else 1
-    pages = min(next_power_of_two(context_pages, MIN_PAGES), next_power_of_two(max_pages_per_seq))
+    widest = next_power_of_two(max_pages_per_seq, MIN_PAGES)
+    pages = min(next_power_of_two(context_pages, MIN_PAGES), widest) if bucket_pages else widest
     return StepShape(num_decode=_count_bucket(num_decode),
                      num_prefill=_count_bucket(len(prefill_lens)), max_q_len=max_q_len,
                      pages_per_seq=max(pages, context_pages), prompt_logprobs=prompt_logprobs,
@@ -43,15 +46,15 @@ def token_cap(max_num_batched_tokens: int) -> int:
     return next_power_of_two(max_num_batched_tokens, MIN_Q_LEN)
 
 
-def all_shapes(*, max_num_seqs: int, max_num_batched_tokens: int,
-               max_pages_per_seq: int) -> list[StepShape]:
+def all_shapes(*, max_num_seqs: int, max_num_batched_tokens: int, max_pages_per_seq: int,
+               bucket_pages: bool = True) -> list[StepShape]:
     """Every bucket the scheduler can produce (prompt-logprob and sorting variants included)."""
     cap = token_cap(max_num_batched_tokens)
     counts = [0] + [1 << i for i in range(next_power_of_two(max_num_seqs).bit_length())]
     q_lens = [q for q in (1 << i for i in range(cap.bit_length())) if MIN_Q_LEN <= q <= cap]
-    pages = [p for p in (1 << i for i in range(next_power_of_two(max_pages_per_seq).bit_length()
-                                               + 1))
-             if MIN_PAGES <= p <= next_power_of_two(max_pages_per_seq)] or [MIN_PAGES]
+    widest = next_power_of_two(max_pages_per_seq, MIN_PAGES)
+    pages = [p for p in (1 << i for i in range(widest.bit_length()))
+             if MIN_PAGES <= p <= widest] if bucket_pages else [widest]
     shapes = set()
     flags = (False, True)
     for num_decode, num_prefill, p, lp, srt in itertools.product(counts, counts, pages, flags,

@@ -66,6 +66,9 @@ class Engine:
                                   page_size=cfg.page_size, num_slots=cfg.max_num_seqs,
                                   dtype=cfg.dtype, attention_backend=attention_backend)
         self.max_pages_per_seq = math.ceil(self.max_model_len / cfg.page_size)
+        # The reference attention gathers the whole page table, so its width is bucketed;
+        # the kernels read only each row's pages, so one full width serves every step.
+        self.bucket_pages = attention_backend == "reference"
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(cfg.seed)
         self._next_id = 0
@@ -182,7 +185,8 @@ class Engine:
         """Compile every bucket the scheduler can produce; afterwards a new shape raises."""
         shapes = all_shapes(max_num_seqs=self.cfg.max_num_seqs,
                             max_num_batched_tokens=self.cfg.max_num_batched_tokens,
-                            max_pages_per_seq=self.max_pages_per_seq)
+                            max_pages_per_seq=self.max_pages_per_seq,
+                            bucket_pages=self.bucket_pages)
         self.runner.warmup(shapes)
         return len(shapes)
 
@@ -195,7 +199,8 @@ class Engine:
             num_decode, prefill_lens,
             max(self.scheduler.pages_for(r.num_computed + n) for r, n in batch.rows),
             max_pages_per_seq=self.max_pages_per_seq, prompt_logprobs=wants_prompt_lp,
-            needs_sort=any(_needs_sort(r.params) for r, _ in batch.rows))
+            needs_sort=any(_needs_sort(r.params) for r, _ in batch.rows),
+            bucket_pages=self.bucket_pages)
         plan = StepPlan.empty(shape)
         for i, (r, n) in enumerate(batch.rows):
             row = self._row(plan, batch, i)

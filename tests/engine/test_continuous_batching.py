@@ -142,6 +142,18 @@ def test_warmup_then_guard_raises_on_new_shapes(warmed):
                                                       pages_per_seq=4))
 
 
+def test_sampling_variants_are_warmed_up(warmed):
+    """Truncated sampling and logprobs run the step's sorting variant: compiled at warm-up."""
+    llm = warmed[False]
+    before = llm.compilations
+    outs = llm.generate([[4, 5, 6], [7, 8, 9, 10]],
+                        [SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, seed=1),
+                         SamplingParams(max_tokens=4, temperature=0, logprobs=2)])
+    assert len(outs[1].logprobs[0]) >= 2 and all(len(o.token_ids) == 4 for o in outs)
+    assert all(lp.rank >= 1 for lp in outs[1].logprobs[0].values())  # ranked by the sort
+    assert llm.compilations == before
+
+
 def test_chunked_prefill_mixes_with_decodes(warmed, alone):
     """A long prompt arriving while others decode is split into chunks that share steps with
     the decode rows."""

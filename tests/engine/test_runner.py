@@ -35,3 +35,19 @@ def test_bucket_shapes_are_powers_of_two():
     decode = bucket_shape(5, [], 9, max_pages_per_seq=64, prompt_logprobs=False)
     assert dims(decode) == (8, 0, 1, 16)
     assert decode.num_tokens == 8
+
+
+def test_full_width_page_tables_for_kernels():
+    """Kernels read only each row's pages: one page-table width serves every step."""
+    from dendrite_jax.engine.buckets import all_shapes
+
+    wide = bucket_shape(5, [], 9, max_pages_per_seq=40, prompt_logprobs=False,
+                        bucket_pages=False)
+    assert wide.pages_per_seq == 64
+    kwargs = dict(max_num_seqs=8, max_num_batched_tokens=512, max_pages_per_seq=40)
+    fixed = all_shapes(**kwargs, bucket_pages=False)
+    assert {s.pages_per_seq for s in fixed} == {64}
+    assert len(all_shapes(**kwargs)) == 5 * len(fixed)  # page buckets 4, 8, 16, 32, 64
+    # A context limit under MIN_PAGES pages still lands on a warmed-up bucket.
+    tiny = bucket_shape(1, [], 1, max_pages_per_seq=2, prompt_logprobs=False)
+    assert tiny in all_shapes(max_num_seqs=1, max_num_batched_tokens=16, max_pages_per_seq=2)
