@@ -31,8 +31,8 @@ flags.DEFINE_float("min_p", 0.0, "Min-p sampling in [0, 1]; 0 disables.")
 flags.DEFINE_float("repetition_penalty", 1.0, "Repetition penalty; 1 disables.")
 flags.DEFINE_integer("seed", None, "Per-request sampling seed.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_enum("attention_backend", "auto", ["auto", "reference", "pallas_gpu"],
-                  "Paged attention backend (auto: pallas_gpu on GPUs, else reference).")
+flags.DEFINE_enum("attention_backend", "auto", ["auto", "reference", "pallas_gpu", "pallas_tpu"],
+                  "Paged attention backend (auto: the platform's Pallas kernel, else reference).")
 flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unrolled"],
                   "How the forward pass iterates layers (auto: unrolled; scan compiles faster).")
 flags.DEFINE_integer("max_model_len", None, "Context limit; defaults to the model's.")

@@ -5,19 +5,21 @@
 - "reference": pure JAX, every platform; the correctness oracle and the CPU path.
 - "pallas_gpu": Pallas kernels lowered through Triton (`gpu.py`); on a platform other than a
   GPU it runs in Pallas interpret mode (for debugging, slow).
-- "auto": "pallas_gpu" on GPUs, "reference" elsewhere.
+- "pallas_tpu": a Pallas Mosaic TPU kernel (`tpu.py`); off a TPU it runs in TPU interpret mode.
+- "auto": "pallas_gpu" on GPUs, "pallas_tpu" on TPUs, "reference" elsewhere.
 """
 
 from __future__ import annotations
 
 import jax
 
-from kernels_pallas.paged_attention import gpu
+from kernels_pallas.paged_attention import gpu, tpu
 from kernels_pallas.paged_attention.reference import (
     ragged_paged_attention as reference_ragged_paged_attention,
 )
 
-BACKENDS = ("auto", "reference", "pallas_gpu")
+BACKENDS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
+_AUTO = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
 
 
 def resolve_backend(backend: str, platform: str | None = None) -> str:
@@ -26,7 +28,7 @@ def resolve_backend(backend: str, platform: str | None = None) -> str:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
     if backend == "auto":
         platform = platform or jax.default_backend()
-        return "pallas_gpu" if platform == "gpu" else "reference"
+        return _AUTO.get(platform, "reference")
     return backend
 
 
@@ -44,6 +46,9 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     args = (q, k_pages, v_pages, layer, q_lens, seq_lens, page_tables)
     if backend == "pallas_gpu":
         return gpu.ragged_paged_attention(*args, interpret=jax.default_backend() != "gpu",
+                                          **kwargs)
+    if backend == "pallas_tpu":
+        return tpu.ragged_paged_attention(*args, interpret=jax.default_backend() != "tpu",
                                           **kwargs)
     return reference_ragged_paged_attention(*args, **kwargs)
 

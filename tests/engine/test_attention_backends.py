@@ -1,7 +1,9 @@
-"""The engine on the GPU attention kernels (interpret mode on CPU) gives the reference
+"""The engine on the Pallas attention kernels (interpret mode on CPU) gives the reference
 backend's greedy tokens, through chunked prefill, decode and full-width page tables."""
 
 from __future__ import annotations
+
+import pytest
 
 from dendrite_jax import LLM, SamplingParams
 
@@ -9,11 +11,16 @@ CONFIG = dict(model="tiny-random", page_size=16, max_num_seqs=4, max_num_batched
               max_model_len=128, compilation_cache=False, warmup=False)
 
 
-def test_pallas_gpu_backend_matches_reference():
+@pytest.fixture(scope="module")
+def reference():
+    return LLM(**CONFIG, attention_backend="reference")
+
+
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
+def test_kernel_backend_matches_reference(reference, backend):
     prompts = [[(7 * i + j) % 500 + 1 for j in range(n)] for i, n in enumerate((5, 40, 17))]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    reference = LLM(**CONFIG, attention_backend="reference")
-    kernels = LLM(**CONFIG, attention_backend="pallas_gpu")
+    kernels = LLM(**CONFIG, attention_backend=backend)
     assert not kernels.engine.bucket_pages and reference.engine.bucket_pages
     expected = [o.token_ids for o in reference.generate(prompts, params)]
     assert [o.token_ids for o in kernels.generate(prompts, params)] == expected

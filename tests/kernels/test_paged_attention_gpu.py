@@ -86,8 +86,9 @@ def test_bfloat16():
 
 def test_dispatch():
     assert resolve_backend("auto", "gpu") == "pallas_gpu"
+    assert resolve_backend("auto", "tpu") == "pallas_tpu"
     assert resolve_backend("auto", "cpu") == "reference"
     assert resolve_backend("pallas_gpu", "cpu") == "pallas_gpu"  # interpret mode, not a fallback
-    assert set(BACKENDS) >= {"auto", "reference", "pallas_gpu"}
+    assert set(BACKENDS) == {"auto", "reference", "pallas_gpu", "pallas_tpu"}
     with pytest.raises(ValueError, match="unknown attention backend 'triton'"):
         resolve_backend("triton")
