@@ -191,9 +191,13 @@ def engine_decode(preset: str, batches: list[int], copy_gb_per_s: float | None) 
         ids = prompts(batch, llm.config.vocab_size)
         generate_seconds(llm, ids, LONG)  # compiles every shape the timed runs use
         long_runs, short_runs = [], []
+        engine = llm.engine
+        host0, wait0, steps0 = engine.host_seconds, engine.wait_seconds, engine.num_steps
+        launch0 = engine.launch_seconds
         for _ in range(2):
             long_runs.append(generate_seconds(llm, ids, LONG))
             short_runs.append(generate_seconds(llm, ids, SHORT))
+        steps = engine.num_steps - steps0
         step = min(a - b for a, b in zip(long_runs, short_runs, strict=True)) / (LONG - SHORT)
         floor_bytes = weight_bytes + kv_read_bytes(preset, batch)
         row = {"model": preset, "batch": batch, "ms_per_step": step * 1e3,
@@ -201,7 +205,12 @@ def engine_decode(preset: str, batches: list[int], copy_gb_per_s: float | None) 
                "generate_tokens_per_s": batch * LONG / min(long_runs),
                "weight_bytes": weight_bytes,
                "kv_read_bytes": kv_read_bytes(preset, batch),
-               "compilations": llm.compilations}
+               "compilations": llm.compilations,
+               # Host time per step outside waits for results (launch included: dispatch can
+               # block while the device is busy), and time blocked reading results.
+               "host_ms_per_step": 1e3 * (engine.host_seconds - host0) / steps,
+               "launch_ms_per_step": 1e3 * (engine.launch_seconds - launch0) / steps,
+               "wait_ms_per_step": 1e3 * (engine.wait_seconds - wait0) / steps}
         if copy_gb_per_s:
             floor = floor_bytes / (copy_gb_per_s * 1e9)
             row.update(floor_ms=floor * 1e3, fraction_of_floor=floor / step)
