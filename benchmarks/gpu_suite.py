@@ -307,7 +307,12 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"unknown section {section!r}")
         report.setdefault("section_seconds", {})[section] = time.perf_counter() - start
         save()
-        print(f"[{section}] {time.perf_counter() - start:.0f} s", flush=True)
+        # Free what the section left (its arrays, executables) before the next one allocates.
+        gc.collect()
+        jax.clear_caches()
+        live = sum(a.nbytes for a in jax.live_arrays()) / 2**30
+        print(f"[{section}] {time.perf_counter() - start:.0f} s; {live:.2f} GiB of JAX arrays "
+              "still live", flush=True)
     print_tables(report)
     print(f"wrote {out}")
 
