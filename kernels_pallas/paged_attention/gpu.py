@@ -12,10 +12,13 @@ Two kernels follow the step's two blocks (`dendrite_jax.engine.step_plan`):
 
 Both read K/V straight from the paged cache `[L, N, page_size, Hkv, hd]` through the page table
 (flattened to `[L * N, ...]`, the layer folded into the page ids), so nothing is gathered or
-copied outside the kernel. Why Triton and not Mosaic GPU: this lowering has an interpret mode,
-so the exact kernel body runs in the CPU tests and CI; Mosaic GPU kernels (TMA, wgmma,
-barriers) run only on a GPU. The interface is the dispatcher's, so a Mosaic GPU kernel can
-replace either function without touching the model.
+copied outside the kernel. Why Triton, which JAX has deprecated, and not Mosaic GPU: this
+lowering's kernels run under Pallas' public interpret mode (`interpret=True`), so the exact
+kernel bodies run in the CPU tests and CI; Mosaic GPU's interpreter (TMA copies, barriers,
+wgmma) lives only in JAX's private modules (`jax._src.pallas.mosaic_gpu.interpret`, not exported
+by 0.10.2), and a kernel tested only on a lent GPU would be unchecked in CI. The interface is
+the dispatcher's, so a Mosaic GPU kernel can replace either function without touching the
+model.
 """
 
 from __future__ import annotations
