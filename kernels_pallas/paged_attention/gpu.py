@@ -35,8 +35,6 @@ from jax.experimental.pallas import triton as pltriton
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 MIN_DOT_ROWS = 16  # the smallest M, N and K Triton's tensor-core dot accepts
-
-
 SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of K/V tiles in flight; Hopper has 227 KiB per SM
 
 
@@ -52,6 +50,8 @@ class DecodeTuning:
 
 @dataclasses.dataclass(frozen=True)
 class PrefillTuning:
+    """Defaults: a flash-attention tile not yet tuned (prefill is not in the sweep)."""
+
     block_q: int = 64
     block_k: int = 64  # key tokens per loop step (a multiple of the page size)
     num_warps: int = 4
