@@ -23,6 +23,7 @@ from dendrite_jax.config import ModelConfig
 from dendrite_jax.engine.step import SlotState, StepOutput, step
 from dendrite_jax.engine.step_plan import StepPlan, StepShape, field_sizes
 from dendrite_jax.model.params import Params
+from dendrite_jax.progress import Progress
 
 
 def enable_compilation_cache(directory: str | None = None) -> str:
@@ -132,7 +133,10 @@ class ModelRunner:
         jax.clear_caches()
 
     def warmup(self, shapes: list[StepShape]) -> None:
-        """Compile every shape, then refuse to compile anything else."""
+        """Compile every shape, then refuse to compile anything else. A progress line shows
+        on stderr when this takes more than a few seconds (hundreds of shapes can take many
+        minutes on a GPU)."""
+        progress = Progress("warm-up: compiling step shapes", len(shapes))
         for i, shape in enumerate(shapes):
             pressure = memory_map_pressure()
             if pressure is not None and pressure > MAP_PRESSURE_LIMIT:
@@ -141,6 +145,8 @@ class ModelRunner:
                     f"{pressure:.0%} of its memory-mapping limit (vm.max_map_count); lower "
                     "max_num_seqs, max_num_batched_tokens or max_model_len, or use warmup=False")
             self.compile(shape)
+            progress.update(i + 1)
+        progress.close()
         self.frozen = True
 
     def launch(self, plan: StepPlan) -> StepOutput:
