@@ -92,3 +92,15 @@ def test_dispatch():
     assert set(BACKENDS) == {"auto", "reference", "pallas_gpu", "pallas_tpu"}
     with pytest.raises(ValueError, match="unknown attention backend 'triton'"):
         resolve_backend("triton")
+
+
+def test_random_ragged_batches():
+    """Random mixes of decode rows and prefill chunks with odd lengths and padding rows."""
+    rng = np.random.default_rng(2026)
+    for _ in range(4):
+        n = int(rng.integers(1, 6))
+        q_lens = [int(x) for x in rng.choice([1, 1, 2, 7, 19, 33], n)]
+        ctx_lens = [q + int(rng.integers(0, 90)) for q in q_lens]
+        check(make_case(rng, q_lens, ctx_lens, head_dim=64, page_size=int(rng.choice([16, 32])),
+                        num_heads=6, num_kv_heads=2, pad_decode=int(rng.integers(0, 3)),
+                        pad_prefill=int(rng.integers(0, 3))))

@@ -54,3 +54,15 @@ def test_bfloat16():
     ref = np.asarray(reference_ragged_paged_attention(**inputs), np.float32)[valid]
     out = np.asarray(tpu.ragged_paged_attention(**inputs, interpret=True), np.float32)[valid]
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
+
+
+def test_random_ragged_batches():
+    """Random mixes of decode rows and prefill chunks with odd lengths and padding rows."""
+    rng = np.random.default_rng(2027)
+    for _ in range(4):
+        n = int(rng.integers(1, 6))
+        q_lens = [int(x) for x in rng.choice([1, 1, 2, 7, 19, 33], n)]
+        ctx_lens = [q + int(rng.integers(0, 90)) for q in q_lens]
+        check(make_case(rng, q_lens, ctx_lens, head_dim=64, page_size=int(rng.choice([16, 32])),
+                        num_heads=6, num_kv_heads=2, pad_decode=int(rng.integers(0, 3)),
+                        pad_prefill=int(rng.integers(0, 3))))
