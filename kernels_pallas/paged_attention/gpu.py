@@ -16,7 +16,7 @@ copied outside the kernel. Why Triton, which JAX has deprecated, and not Mosaic 
 lowering's kernels run under Pallas' public interpret mode (`interpret=True`), so the exact
 kernel bodies run in the CPU tests and CI; Mosaic GPU's interpreter (TMA copies, barriers,
 wgmma) lives only in JAX's private modules (`jax._src.pallas.mosaic_gpu.interpret`, not exported
-by 0.10.2), and a kernel tested only on a lent GPU would be unchecked in CI. The interface is
+by 0.10.2), and a kernel tested only on a GPU would be unchecked in CI. The interface is
 the dispatcher's, so a Mosaic GPU kernel can replace either function without touching the
 model.
 """
