@@ -33,6 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels_pallas.paged_attention.blocks import attend_by_block
+
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 MIN_DOT_ROWS = 16  # the smallest M, N and K Triton's tensor-core dot accepts
 SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of K/V tiles in flight; Hopper has 227 KiB per SM
@@ -92,11 +94,37 @@ def _load_pages(ref, page_ids: jax.Array, block_k: int) -> jax.Array:
     return ref[page_ids].reshape(block_k, ref.shape[-1])
 
 
+def _attend_pages(q: jax.Array, q_pos: jax.Array, seq_len: jax.Array, page_table_ref, k_ref,
+                  v_ref, *, first, end, key_start, block_k: int, sm_scale: float,
+                  soft_cap: float | None, sliding_window: int | None):
+    """Online softmax of queries q [M, hd] at positions q_pos [M] over key blocks
+    [first, cdiv(end, block_k)) of a page table whose first key sits at `key_start`; returns the
+    unnormalised (acc, max, denominator)."""
+    pages_per_block = block_k // k_ref.shape[-2]
+
+    def body(j, carry):
+        page_ids = page_table_ref[pl.ds(j * pages_per_block, pages_per_block)]
+        k = _load_pages(k_ref, page_ids, block_k)
+        v = _load_pages(v_ref, page_ids, block_k)
+        s = _scores(q, k, sm_scale, soft_cap)
+        k_pos = key_start + j * block_k + jnp.arange(block_k)
+        keep = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < seq_len)
+        if sliding_window is not None:
+            keep &= k_pos[None, :] > q_pos[:, None] - sliding_window
+        s = jnp.where(keep, s, MASK_VALUE)
+        return _online_softmax_step(carry, s, v)
+
+    rows, head_dim = q.shape
+    init = (jnp.zeros((rows, head_dim), jnp.float32),
+            jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    return lax.fori_loop(first, pl.cdiv(end, block_k), body, init)
+
+
 def _decode_kernel(seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *,
                    sm_scale: float, soft_cap: float | None, sliding_window: int | None,
                    pages_per_block: int):
     split = pl.program_id(2)
-    page_size, head_dim = k_ref.shape[-2:]
+    page_size = k_ref.shape[-2]
     pages_per_split = page_table_ref.shape[0]
     block_k = pages_per_block * page_size
     seq_len = seq_len_ref[0]
@@ -106,58 +134,29 @@ def _decode_kernel(seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, acc_ref, m_
     if sliding_window is not None:  # the query sits at seq_len - 1
         first = jnp.maximum(seq_len - sliding_window - split_start, 0) // block_k
     q = q_ref[...]
-
-    def body(j, carry):
-        page_ids = page_table_ref[pl.ds(j * pages_per_block, pages_per_block)]
-        k = _load_pages(k_ref, page_ids, block_k)
-        v = _load_pages(v_ref, page_ids, block_k)
-        s = _scores(q, k, sm_scale, soft_cap)
-        k_pos = split_start + j * block_k + jnp.arange(block_k)
-        keep = k_pos < seq_len
-        if sliding_window is not None:
-            keep &= k_pos > seq_len - 1 - sliding_window
-        s = jnp.where(keep[None, :], s, MASK_VALUE)
-        return _online_softmax_step(carry, s, v)
-
-    rows = q.shape[0]
-    init = (jnp.zeros((rows, head_dim), jnp.float32),
-            jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32))
-    acc, m, denom = lax.fori_loop(first, pl.cdiv(end, block_k), body, init)
-    acc_ref[...], m_ref[...], l_ref[...] = acc, m, denom
+    q_pos = seq_len - 1 + jnp.zeros((q.shape[0],), jnp.int32)
+    acc_ref[...], m_ref[...], l_ref[...] = _attend_pages(
+        q, q_pos, seq_len, page_table_ref, k_ref, v_ref, first=first, end=end,
+        key_start=split_start, block_k=block_k, sm_scale=sm_scale, soft_cap=soft_cap,
+        sliding_window=sliding_window)
 
 
 def _prefill_kernel(q_len_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, *,
                     sm_scale: float, soft_cap: float | None, sliding_window: int | None,
                     block_k: int):
     q_block = pl.program_id(2)
-    block_q, head_dim = q_ref.shape
-    page_size = k_ref.shape[-2]
-    pages_per_block = block_k // page_size
+    block_q = q_ref.shape[0]
     q_len, seq_len = q_len_ref[0], seq_len_ref[0]
     first_q = seq_len - q_len + q_block * block_q  # position of this block's first query
-    q_pos = first_q + jnp.arange(block_q)
     live = q_block * block_q < q_len
     end = jnp.where(live, jnp.minimum(seq_len, first_q + block_q), 0)
     first = 0
     if sliding_window is not None:
         first = jnp.maximum(first_q - sliding_window + 1, 0) // block_k
-    q = q_ref[...]
-
-    def body(j, carry):
-        page_ids = page_table_ref[pl.ds(j * pages_per_block, pages_per_block)]
-        k = _load_pages(k_ref, page_ids, block_k)
-        v = _load_pages(v_ref, page_ids, block_k)
-        s = _scores(q, k, sm_scale, soft_cap)
-        k_pos = j * block_k + jnp.arange(block_k)
-        keep = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < seq_len)
-        if sliding_window is not None:
-            keep &= k_pos[None, :] > q_pos[:, None] - sliding_window
-        s = jnp.where(keep, s, MASK_VALUE)
-        return _online_softmax_step(carry, s, v)
-
-    init = (jnp.zeros((block_q, head_dim), jnp.float32),
-            jnp.full((block_q,), MASK_VALUE, jnp.float32), jnp.zeros((block_q,), jnp.float32))
-    acc, _, denom = lax.fori_loop(first, pl.cdiv(end, block_k), body, init)
+    acc, _, denom = _attend_pages(
+        q_ref[...], first_q + jnp.arange(block_q), seq_len, page_table_ref, k_ref, v_ref,
+        first=first, end=end, key_start=0, block_k=block_k, sm_scale=sm_scale,
+        soft_cap=soft_cap, sliding_window=sliding_window)
     valid = q_block * block_q + jnp.arange(block_q) < q_len
     out = acc / jnp.where(denom > 0, denom, 1.0)[:, None]
     o_ref[...] = jnp.where(valid[:, None], out, 0.0).astype(o_ref.dtype)
@@ -298,19 +297,17 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            prefill_tuning: PrefillTuning = PrefillTuning(),
                            interpret: bool = False) -> jax.Array:
     """The step's attention [T, Hq, hd] (same contract as the reference)."""
-    num_tokens, num_heads, head_dim = q.shape
-    num_prefill = page_tables.shape[0] - num_decode
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   interpret=interpret)
-    parts = []
-    if num_decode:
-        parts.append(decode(q[:num_decode], k_pages, v_pages, layer, seq_lens[:num_decode],
-                            page_tables[:num_decode], tuning=decode_tuning, **kwargs))
-    if num_prefill:
-        out = prefill(q[num_decode:].reshape(num_prefill, max_q_len, num_heads, head_dim),
-                      k_pages, v_pages, layer, q_lens[num_decode:], seq_lens[num_decode:],
-                      page_tables[num_decode:], tuning=prefill_tuning, **kwargs)
-        parts.append(out.reshape(num_prefill * max_q_len, num_heads, head_dim))
-    out = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-    assert out.shape[0] == num_tokens, (out.shape, num_tokens)
-    return out
+
+    def attend_decode(rows, _, row_seq_lens, row_tables):
+        return decode(rows[:, 0], k_pages, v_pages, layer, row_seq_lens, row_tables,
+                      tuning=decode_tuning, **kwargs)[:, None]
+
+    def attend_prefill(rows, row_q_lens, row_seq_lens, row_tables):
+        return prefill(rows, k_pages, v_pages, layer, row_q_lens, row_seq_lens, row_tables,
+                       tuning=prefill_tuning, **kwargs)
+
+    return attend_by_block(q, q_lens, seq_lens, page_tables, num_decode=num_decode,
+                           max_q_len=max_q_len, attend_prefill=attend_prefill,
+                           attend_decode=attend_decode)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas.paged_attention.blocks import attend_by_block
+
 
 def _attend_block(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array,
                   q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *,
@@ -64,21 +66,11 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
 ) -> jax.Array:
     """Attention output [T, Hq, hd]; padding query slots get zeros."""
-    num_tokens, num_heads, head_dim = q.shape
-    num_prefill = page_tables.shape[0] - num_decode
-    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    parts = []
-    if num_decode:
-        decode = _attend_block(q[:num_decode, None], k_pages, v_pages, layer,
-                               q_lens[:num_decode], seq_lens[:num_decode],
-                               page_tables[:num_decode], **kwargs)
-        parts.append(decode.reshape(num_decode, num_heads, head_dim))
-    if num_prefill:
-        prefill = _attend_block(
-            q[num_decode:].reshape(num_prefill, max_q_len, num_heads, head_dim), k_pages,
-            v_pages, layer, q_lens[num_decode:], seq_lens[num_decode:],
-            page_tables[num_decode:], **kwargs)
-        parts.append(prefill.reshape(num_prefill * max_q_len, num_heads, head_dim))
-    out = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-    assert out.shape[0] == num_tokens, (out.shape, num_tokens)
+    def attend(rows, row_q_lens, row_seq_lens, row_tables):
+        return _attend_block(rows, k_pages, v_pages, layer, row_q_lens, row_seq_lens,
+                             row_tables, sm_scale=sm_scale, sliding_window=sliding_window,
+                             soft_cap=soft_cap)
+
+    out = attend_by_block(q, q_lens, seq_lens, page_tables, num_decode=num_decode,
+                          max_q_len=max_q_len, attend_prefill=attend)
     return out.astype(q.dtype)

@@ -24,6 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels_pallas.paged_attention.blocks import attend_by_block
+
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
@@ -139,20 +141,10 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            sm_scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None, interpret: bool = False) -> jax.Array:
     """The step's attention [T, Hq, hd] (same contract as the reference)."""
-    num_tokens, num_heads, head_dim = q.shape
-    num_prefill = page_tables.shape[0] - num_decode
-    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                  interpret=interpret)
-    parts = []
-    if num_decode:
-        out = attend_rows(q[:num_decode, None], k_pages, v_pages, layer, q_lens[:num_decode],
-                          seq_lens[:num_decode], page_tables[:num_decode], **kwargs)
-        parts.append(out.reshape(num_decode, num_heads, head_dim))
-    if num_prefill:
-        out = attend_rows(q[num_decode:].reshape(num_prefill, max_q_len, num_heads, head_dim),
-                          k_pages, v_pages, layer, q_lens[num_decode:], seq_lens[num_decode:],
-                          page_tables[num_decode:], **kwargs)
-        parts.append(out.reshape(num_prefill * max_q_len, num_heads, head_dim))
-    out = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-    assert out.shape[0] == num_tokens, (out.shape, num_tokens)
-    return out
+    def attend(rows, row_q_lens, row_seq_lens, row_tables):
+        return attend_rows(rows, k_pages, v_pages, layer, row_q_lens, row_seq_lens, row_tables,
+                           sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                           interpret=interpret)
+
+    return attend_by_block(q, q_lens, seq_lens, page_tables, num_decode=num_decode,
+                           max_q_len=max_q_len, attend_prefill=attend)

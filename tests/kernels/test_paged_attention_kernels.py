@@ -1,0 +1,126 @@
+"""The Pallas paged-attention kernels against the pure-JAX reference on random ragged batches:
+the GPU kernels (Triton lowering) compiled on a GPU and in interpret mode elsewhere, the TPU
+kernel in TPU interpret mode (which fills uninitialised memory with NaNs, so an unwritten
+output or a read of an unfetched page fails the comparison)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas.paged_attention import (
+    BACKENDS,
+    gpu,
+    reference_ragged_paged_attention,
+    resolve_backend,
+    tpu,
+)
+from tests.kernels.paged_attention_cases import make_case
+
+KERNELS = {
+    "pallas_gpu": functools.partial(gpu.ragged_paged_attention,
+                                    interpret=jax.default_backend() != "gpu"),
+    "pallas_tpu": functools.partial(tpu.ragged_paged_attention, interpret=True),
+}
+# float32 end to end (interpret mode, or the GPU's float32 dot without TF32): the kernels'
+# online softmax and split merging differ from the reference's one-pass softmax by rounding.
+RTOL, ATOL = 2e-5, 2e-5
+
+kernel_names = pytest.mark.parametrize("kernel", sorted(KERNELS))
+
+
+def check(kernel: str, case, **tuning) -> None:
+    inputs, expected, valid = case
+    ref = np.asarray(reference_ragged_paged_attention(**inputs))
+    out = np.asarray(KERNELS[kernel](**inputs, **tuning))
+    np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(out[valid], expected[valid], rtol=1e-4, atol=1e-4)
+    assert np.all(out[~valid] == 0)  # padding query slots and empty rows give zeros
+
+
+@kernel_names
+@pytest.mark.parametrize("q_lens,ctx_lens", [
+    ([1, 1, 1], [15, 16, 17]),  # decodes straddling a page boundary (page 16)
+    ([13, 1, 5, 1], [13, 70, 21, 33]),  # ragged mix: full prefill, decode, chunk, decode
+    ([16, 32], [16, 100]),  # prompt exactly filling a page; chunk deep into a context
+])
+def test_matches_reference(kernel, q_lens, ctx_lens):
+    rng = np.random.default_rng(sum(ctx_lens))
+    check(kernel, make_case(rng, q_lens, ctx_lens, head_dim=64, page_size=16, num_heads=8,
+                            num_kv_heads=2, pad_decode=2, pad_prefill=1))
+
+
+@kernel_names
+@pytest.mark.parametrize("page_size,head_dim,num_heads,num_kv_heads", [
+    (32, 128, 4, 1), (128, 64, 4, 1), (64, 128, 9, 3)])
+def test_page_sizes_head_dims_and_groups(kernel, page_size, head_dim, num_heads, num_kv_heads):
+    rng = np.random.default_rng(page_size + num_heads)
+    check(kernel, make_case(rng, [1, 20, 1], [200, 60, 129], head_dim=head_dim,
+                            page_size=page_size, num_heads=num_heads,
+                            num_kv_heads=num_kv_heads))
+
+
+@kernel_names
+def test_sliding_window_and_soft_cap(kernel):
+    rng = np.random.default_rng(7)
+    check(kernel, make_case(rng, [24, 1, 1], [60, 75, 9], head_dim=64, page_size=16,
+                            num_heads=4, num_kv_heads=2, sliding_window=21, soft_cap=5.0))
+
+
+@kernel_names
+def test_random_ragged_batches(kernel):
+    """Random mixes of decode rows and prefill chunks with odd lengths and padding rows."""
+    rng = np.random.default_rng(2026)
+    for _ in range(4):
+        n = int(rng.integers(1, 6))
+        q_lens = [int(x) for x in rng.choice([1, 1, 2, 7, 19, 33], n)]
+        ctx_lens = [q + int(rng.integers(0, 90)) for q in q_lens]
+        check(kernel, make_case(rng, q_lens, ctx_lens, head_dim=64,
+                                page_size=int(rng.choice([16, 32])), num_heads=6,
+                                num_kv_heads=2, pad_decode=int(rng.integers(0, 3)),
+                                pad_prefill=int(rng.integers(0, 3))))
+
+
+@kernel_names
+def test_bfloat16(kernel):
+    """bf16 cache and queries: relative error of the whole output within bf16's range."""
+    rng = np.random.default_rng(11)
+    inputs, _, valid = make_case(rng, [1, 17, 1], [50, 40, 120], head_dim=64, page_size=16,
+                                 num_heads=8, num_kv_heads=2)
+    for name in ("q", "k_pages", "v_pages"):
+        inputs[name] = jnp.asarray(inputs[name], jnp.bfloat16)
+    ref = np.asarray(reference_ragged_paged_attention(**inputs), np.float32)[valid]
+    out = np.asarray(KERNELS[kernel](**inputs), np.float32)[valid]
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-2
+
+
+def test_gpu_context_splits_and_small_blocks():
+    """Several splits per row, some empty (short rows), blocks of one page."""
+    rng = np.random.default_rng(3)
+    case = make_case(rng, [1, 1, 1, 40], [3, 90, 130, 70], head_dim=64, page_size=16,
+                     num_heads=9, num_kv_heads=3)
+    check("pallas_gpu", case,
+          decode_tuning=gpu.DecodeTuning(pages_per_block=1, num_splits=4),
+          prefill_tuning=gpu.PrefillTuning(block_q=16, block_k=16))
+
+
+def test_gpu_window_across_splits_and_blocks():
+    rng = np.random.default_rng(7)
+    check("pallas_gpu", make_case(rng, [24, 1, 1], [60, 75, 9], head_dim=64, page_size=16,
+                                  num_heads=4, num_kv_heads=2, sliding_window=21, soft_cap=5.0),
+          decode_tuning=gpu.DecodeTuning(pages_per_block=2, num_splits=2),
+          prefill_tuning=gpu.PrefillTuning(block_q=16, block_k=32))
+
+
+def test_dispatch():
+    assert resolve_backend("auto", "gpu") == "pallas_gpu"
+    assert resolve_backend("auto", "tpu") == "pallas_tpu"
+    assert resolve_backend("auto", "cpu") == "reference"
+    assert resolve_backend("pallas_gpu", "cpu") == "pallas_gpu"  # interpret mode, not a fallback
+    assert set(BACKENDS) == {"auto", "reference", "pallas_gpu", "pallas_tpu"}
+    with pytest.raises(ValueError, match="unknown attention backend 'triton'"):
+        resolve_backend("triton")
