@@ -63,6 +63,17 @@ def main(argv: list[str]) -> None:
     ids = rng.integers(3, vocab, (FLAGS.batch, FLAGS.prompt_len)).tolist()
     params = SamplingParams(max_tokens=FLAGS.max_tokens, temperature=0, ignore_eos=True)
     llm.generate(ids, params)  # compile
+    engine = llm.engine
+    steps0, host0, launch0, wait0 = (engine.num_steps, engine.host_seconds,
+                                     engine.launch_seconds, engine.wait_seconds)
+    start = time.perf_counter()
+    llm.generate(ids, params)
+    seconds = time.perf_counter() - start
+    steps = engine.num_steps - steps0
+    print(f"untraced: {seconds * 1e3 / steps:.2f} ms/step; per step, host "
+          f"{(engine.host_seconds - host0) * 1e3 / steps:.2f} ms (launch "
+          f"{(engine.launch_seconds - launch0) * 1e3 / steps:.2f}), waiting for results "
+          f"{(engine.wait_seconds - wait0) * 1e3 / steps:.2f}")
     steps0 = llm.engine.num_steps
     start = time.perf_counter()
     with jax.profiler.trace(FLAGS.trace_dir, create_perfetto_trace=True):

@@ -12,11 +12,13 @@ from dendrite_jax.cache.kv import KVCache
 from dendrite_jax.cache.pool import PagePool, PoolStats
 from dendrite_jax.cache.prefix_cache import PrefixCache, PrefixCacheStats
 from dendrite_jax.config import EngineConfig
-from dendrite_jax.engine.buckets import all_shapes, bucket_shape
+from dendrite_jax.engine.buckets import MIN_PAGES, all_shapes, bucket_shape, next_power_of_two
+from dendrite_jax.engine.page_table import HostPageTable
 from dendrite_jax.engine.request import PENDING, Request, RequestStatus
-from dendrite_jax.engine.runner import ModelRunner, StepResult, to_host
+from dendrite_jax.engine.runner import ModelRunner, to_host
 from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.engine.scheduler import ScheduledBatch, Scheduler
+from dendrite_jax.engine.step_output import StepResult
 from dendrite_jax.engine.step_plan import StepPlan
 from dendrite_jax.model.loader import LoadedModel
 
@@ -69,6 +71,8 @@ class Engine:
         # The reference attention gathers the whole page table, so its width is bucketed;
         # the kernels read only each row's pages, so one full width serves every step.
         self.bucket_pages = attention_backend == "reference"
+        self.page_table = HostPageTable(
+            cfg.max_num_seqs, next_power_of_two(self.max_pages_per_seq, MIN_PAGES))
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(cfg.seed)
         self._next_id = 0
@@ -154,7 +158,7 @@ class Engine:
             return []
         batch, plan, out = previous
         waited = time.perf_counter()
-        result = to_host(out)
+        result = to_host(plan.shape, out)
         wait = time.perf_counter() - waited
         touched = self._apply(batch, plan, result)
         self.wait_seconds += wait
@@ -167,7 +171,7 @@ class Engine:
         if previous is None:
             return []
         batch, plan, out = previous
-        return self._apply(batch, plan, to_host(out))
+        return self._apply(batch, plan, to_host(plan.shape, out))
 
     def _advance(self, batch: ScheduledBatch, plan: StepPlan) -> None:
         """Host bookkeeping at launch: tokens are computed, samples are pending."""
@@ -191,62 +195,80 @@ class Engine:
         return len(shapes)
 
     def build_plan(self, batch: ScheduledBatch) -> StepPlan:
+        """The step's host arrays, filled column by column (one numpy write per field, not
+        per row: at 64 rows the per-row version cost as much host time as a GPU step)."""
         num_decode = batch.num_decode
-        prefill_lens = [n for _, n in batch.rows[num_decode:]]
+        reqs = [r for r, _ in batch.rows]
+        q_lens = [n for _, n in batch.rows]
         wants_prompt_lp = any(r.prompt_logprobs is not None and r.num_computed < len(r.prompt_ids)
-                              for r, _ in batch.rows)
+                              for r in reqs)
+        seq_lens = [r.num_computed + n for r, n in batch.rows]
         shape = bucket_shape(
-            num_decode, prefill_lens,
-            max(self.scheduler.pages_for(r.num_computed + n) for r, n in batch.rows),
+            num_decode, q_lens[num_decode:], self.scheduler.pages_for(max(seq_lens)),
             max_pages_per_seq=self.max_pages_per_seq, prompt_logprobs=wants_prompt_lp,
-            needs_sort=any(_needs_sort(r.params) for r, _ in batch.rows),
+            needs_sort=any(_needs_sort(r.params) for r in reqs),
             bucket_pages=self.bucket_pages)
         plan = StepPlan.empty(shape)
-        for i, (r, n) in enumerate(batch.rows):
-            row = self._row(plan, batch, i)
-            start, prompt_len, offset = r.num_computed, len(r.prompt_ids), shape.row_start(row)
-            positions = range(start, start + n)
-            # A pending token (launched, not read back) is PENDING == FROM_LAST_TOKEN: the
-            # device reads it from the slot's last-token buffer.
-            plan.input_ids[offset:offset + n] = [r.token_at(p) for p in positions]
+        rows = np.arange(len(reqs))
+        rows[num_decode:] += shape.num_decode - num_decode
+        # Decode rows own tokens 0..num_decode-1; a pending token (launched, not read back) is
+        # PENDING == FROM_LAST_TOKEN: the device reads it from the slot's last-token buffer.
+        plan.input_ids[:num_decode] = [r.token_at(r.num_computed) for r in reqs[:num_decode]]
+        for i in range(num_decode, len(reqs)):
+            r, n = reqs[i], q_lens[i]
+            offset, start = shape.row_start(int(rows[i])), r.num_computed
+            plan.input_ids[offset:offset + n] = r.tokens[start:start + n]
             if wants_prompt_lp:
                 plan.targets[offset:offset + n] = [
-                    r.prompt_ids[p + 1] if p + 1 < prompt_len else 0 for p in positions]
-            plan.q_lens[row] = n
-            plan.seq_lens[row] = start + n
-            pages = r.pages[:shape.pages_per_seq]
-            plan.page_tables[row, :len(pages)] = pages
-            plan.slot_ids[row] = r.slot
-            plan.prompt_lens[row] = prompt_len
-            plan.sample[row] = start + n == r.num_tokens
-            plan.reset[row] = r.new_in_slot
+                    r.prompt_ids[p + 1] if p + 1 < len(r.prompt_ids) else 0
+                    for p in range(start, start + n)]
+        if wants_prompt_lp and num_decode:
+            plan.targets[:num_decode] = [
+                r.prompt_ids[r.num_computed + 1] if r.num_computed + 1 < len(r.prompt_ids) else 0
+                for r in reqs[:num_decode]]
+        slots = [r.slot for r in reqs]
+        for r in reqs:
+            self.page_table.sync(r)
+        plan.page_tables[rows] = self.page_table.rows(slots, shape.pages_per_seq)
+        plan.q_lens[rows] = q_lens
+        plan.seq_lens[rows] = seq_lens
+        plan.slot_ids[rows] = slots
+        plan.prompt_lens[rows] = [len(r.prompt_ids) for r in reqs]
+        plan.sample[rows] = [s == r.num_tokens for s, r in zip(seq_lens, reqs, strict=True)]
+        plan.reset[rows] = [r.new_in_slot for r in reqs]
+        for r in reqs:
             r.new_in_slot = False
-        rows = [self._row(plan, batch, i) for i in range(len(batch.rows))]
-        params = [r.params for r, _ in batch.rows]
-        plan.seed[rows] = np.array([r.seed for r, _ in batch.rows], np.uint32).view(np.int32)
-        for name in ("top_k", "temperature", "top_p", "min_p", "repetition_penalty",
-                     "presence_penalty", "frequency_penalty"):
-            getattr(plan, name)[rows] = [getattr(p, name) for p in params]
+        ints = np.array([r.plan_ints for r in reqs], np.int32)
+        floats = np.array([r.plan_floats for r in reqs], np.float32)
+        plan.top_k[rows], plan.seed[rows] = ints.T
+        for j, name in enumerate(("temperature", "top_p", "min_p", "repetition_penalty",
+                                  "presence_penalty", "frequency_penalty")):
+            getattr(plan, name)[rows] = floats[:, j]
         return plan
 
     def _apply(self, batch: ScheduledBatch, plan: StepPlan, result: StepResult) -> list[Request]:
         """Route a finished step's results to its requests (already advanced at launch)."""
         touched = []
+        tokens = result.tokens.tolist()
+        sample = plan.sample.tolist()
         for i, (r, n) in enumerate(batch.rows):
             if r.finished:  # ended (stop, abort) after this step was launched
                 continue
             row = self._row(plan, batch, i)
-            start, offset = int(plan.seq_lens[row]) - n, plan.shape.row_start(row)
-            if r.prompt_logprobs is not None and start < len(r.prompt_ids):
-                for j in range(n):
+            if r.prompt_logprobs is not None:
+                start, offset = int(plan.seq_lens[row]) - n, plan.shape.row_start(row)
+                for j in range(n if start < len(r.prompt_ids) else 0):
                     t = offset + j
                     r.add_prompt_logprobs(start + j + 1, float(result.prompt_logprob[t]),
                                           int(result.prompt_rank[t]),
                                           result.prompt_top_logprobs[t], result.prompt_top_ids[t])
-            if plan.sample[row]:
-                r.append_token(int(result.tokens[row]), float(result.logprob[row]),
-                               int(result.rank[row]), result.top_logprobs[row],
-                               result.top_ids[row], self.max_model_len)
+            if sample[row]:
+                if r.logprobs is None:
+                    r.append_token(tokens[row], self.max_model_len)
+                else:
+                    r.append_token(tokens[row], self.max_model_len, float(result.logprob[row]),
+                                   int(result.rank[row]), result.top_logprobs[row],
+                                   result.top_ids[row])
             if r.status is RequestStatus.RUNNING:
                 self._commit_full_pages(r)
             if r.finish_reason is not None:

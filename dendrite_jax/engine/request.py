@@ -67,6 +67,11 @@ class Request:
             [None] if params.prompt_logprobs is not None else None)
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
+        # This request's sampling columns of every StepPlan (fixed for its life).
+        self.plan_ints = (params.top_k, int(np.uint32(seed).view(np.int32)))
+        self.plan_floats = (params.temperature, params.top_p, params.min_p,
+                            params.repetition_penalty, params.presence_penalty,
+                            params.frequency_penalty)
 
     # ----------------------------------------------------------------------------- state
 
@@ -133,35 +138,37 @@ class Request:
             self.prompt_ids[position], logprob, rank, top_lp, top_ids,
             self.params.prompt_logprobs))
 
-    def append_token(self, token: int, logprob: float, rank: int, top_lp: np.ndarray,
-                     top_ids: np.ndarray, max_model_len: int) -> None:
+    def append_token(self, token: int, max_model_len: int, logprob: float = 0.0, rank: int = 0,
+                     top_lp: np.ndarray | None = None, top_ids: np.ndarray | None = None) -> None:
         """Add a sampled token (filling the oldest pending placeholder if there is one), then
-        decide whether the request is finished."""
+        decide whether the request is finished. The logprob arguments matter only when the
+        request asked for logprobs."""
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
         # Placeholders only ever sit in the last two entries (at most two steps in flight).
-        tail = len(self.output_ids) - 2
-        if PENDING in self.output_ids[tail:]:
-            index = self.output_ids.index(PENDING, max(tail, 0))
-            later = self.output_ids[index + 1:]
-            self.output_ids = self.output_ids[:index] + [token]
+        ids = self.output_ids
+        index = len(ids)
+        if index and ids[-1] == PENDING:
+            index -= 2 if index > 1 and ids[-2] == PENDING else 1
+            ids[index] = token
         else:
-            later = []
-            self.output_ids.append(token)
+            ids.append(token)
         if self.logprobs is not None:
             self.logprobs.append(self._position_logprobs(token, logprob, rank, top_lp, top_ids,
                                                          self.params.logprobs))
         previous_len = len(self.text)
         if self.detokenizer is not None:
             self.text += self.detokenizer.push(token)
+        num_outputs = index + 1
         if token in self.stop_token_ids:
             self._finish("stop", token)
         elif self._check_stop_strings(previous_len):
             pass
-        elif len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= max_model_len:
+        elif (num_outputs >= self.params.max_tokens
+              or len(self.prompt_ids) + num_outputs >= max_model_len):
             self._finish("length", None)
-        if not self.finished:
-            self.output_ids.extend(later)  # placeholders of steps still in flight
+        if self.finished:
+            del ids[num_outputs:]  # placeholders of steps still in flight are dropped
 
     def _check_stop_strings(self, previous_len: int) -> bool:
         for stop in self.params.stop:

@@ -8,7 +8,6 @@ state are donated to every step and replaced by the step's outputs.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import os
 import time
 from pathlib import Path
@@ -20,7 +19,9 @@ import numpy as np
 
 from dendrite_jax.cache.kv import KVCache, copy_pages
 from dendrite_jax.config import ModelConfig
-from dendrite_jax.engine.step import SlotState, StepOutput, step
+from dendrite_jax.engine import step_output
+from dendrite_jax.engine.step import SlotState, step
+from dendrite_jax.engine.step_output import StepResult
 from dendrite_jax.engine.step_plan import StepPlan, StepShape, field_sizes
 from dendrite_jax.model.params import Params
 from dendrite_jax.progress import Progress
@@ -63,21 +64,6 @@ def memory_map_pressure() -> float | None:
 
 
 MAP_PRESSURE_LIMIT = 0.7
-
-
-@dataclasses.dataclass(frozen=True)
-class StepResult:
-    """A step's outputs, on the host."""
-
-    tokens: np.ndarray
-    logprob: np.ndarray
-    rank: np.ndarray
-    top_logprobs: np.ndarray
-    top_ids: np.ndarray
-    prompt_logprob: np.ndarray | None
-    prompt_rank: np.ndarray | None
-    prompt_top_logprobs: np.ndarray | None
-    prompt_top_ids: np.ndarray | None
 
 
 class ModelRunner:
@@ -149,13 +135,12 @@ class ModelRunner:
         progress.close()
         self.frozen = True
 
-    def launch(self, plan: StepPlan) -> StepOutput:
-        """Start a step and return its outputs as device arrays, without waiting for them."""
+    def launch(self, plan: StepPlan) -> jax.Array:
+        """Start a step and return its packed outputs on device, without waiting for them."""
         compiled = self.compile(plan.shape)
         buffer = jax.device_put(plan.pack())
         out, self.kv, self.slots = compiled(self.params, self.kv, self.slots, buffer)
-        for leaf in jax.tree_util.tree_leaves(out):
-            leaf.copy_to_host_async()
+        out.copy_to_host_async()
         return out
 
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
@@ -164,9 +149,6 @@ class ModelRunner:
             self.kv = copy_pages(self.kv, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
 
 
-def to_host(out: StepOutput) -> StepResult:
+def to_host(shape: StepShape, out: jax.Array) -> StepResult:
     """Wait for a launched step and bring its outputs to the host."""
-    host = jax.device_get(out)
-    return StepResult(**{f.name: getattr(host, f.name) for f in dataclasses.fields(StepOutput)})
-
-
+    return step_output.unpack(shape, np.asarray(out))

@@ -1,4 +1,4 @@
-"""The compiled step: `step(params, kv, slots, plan) -> (StepOutput, kv, slots)`.
+"""The compiled step: `step(params, kv, slots, plan) -> (packed outputs, kv, slots)`.
 
 Pure: writes this step's K/V into pages, runs the decoder over a mix of decode tokens and
 prefill chunks, samples one token per row and computes logprobs. The KV cache and the
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from dendrite_jax.cache.kv import AttentionMetadata, KVCache
 from dendrite_jax.config import ModelConfig
+from dendrite_jax.engine import step_output
 from dendrite_jax.engine.sampling import apply_penalties, sample, top_logprobs
 from dendrite_jax.engine.step_plan import DevicePlan, StepShape, unpack
 from dendrite_jax.model.llama import compute_logits, forward
@@ -40,23 +41,10 @@ class SlotState:
                    last_token=jnp.zeros((num_slots,), jnp.int32))
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class StepOutput:
-    tokens: jax.Array  # [S] sampled next token per row
-    logprob: jax.Array  # [S] raw-model logprob of that token
-    rank: jax.Array  # [S]
-    top_logprobs: jax.Array  # [S, MAX_LOGPROBS]
-    top_ids: jax.Array  # [S, MAX_LOGPROBS]
-    prompt_logprob: jax.Array | None = None  # [T] logprob of targets[t] after token t
-    prompt_rank: jax.Array | None = None  # [T]
-    prompt_top_logprobs: jax.Array | None = None  # [T, MAX_LOGPROBS]
-    prompt_top_ids: jax.Array | None = None  # [T, MAX_LOGPROBS]
-
-
 def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array, *,
          cfg: ModelConfig, shape: StepShape,
-         attention_backend: str) -> tuple[StepOutput, KVCache, SlotState]:
+         attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
+    """One step; returns its outputs packed as `step_output.output_layout(shape)`."""
     plan = unpack(plan_buffer, shape)
     meta = AttentionMetadata.build(plan.q_lens, plan.seq_lens, plan.page_tables,
                                    num_decode=shape.num_decode, max_q_len=shape.max_q_len,
@@ -86,16 +74,15 @@ def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array, 
             slots, last_token=slots.last_token.at[sampled_rows].set(tokens, mode="drop"))
         logprob, rank, top_lp, top_ids = top_logprobs(raw_logprobs, tokens,
                                                       ranked=shape.needs_sort)
-    out = StepOutput(tokens=tokens, logprob=logprob, rank=rank, top_logprobs=top_lp,
-                     top_ids=top_ids)
+    out = dict(tokens=tokens, logprob=logprob, rank=rank, top_logprobs=top_lp, top_ids=top_ids)
 
     if shape.prompt_logprobs:
         with jax.named_scope("prompt_logprobs"):
             all_logprobs = jax.nn.log_softmax(compute_logits(params, hidden), axis=-1)
-            p_lp, p_rank, p_top_lp, p_top_ids = top_logprobs(all_logprobs, plan.targets)
-        out = dataclasses.replace(out, prompt_logprob=p_lp, prompt_rank=p_rank,
-                                  prompt_top_logprobs=p_top_lp, prompt_top_ids=p_top_ids)
-    return out, kv, slots
+            out.update(zip(("prompt_logprob", "prompt_rank", "prompt_top_logprobs",
+                            "prompt_top_ids"), top_logprobs(all_logprobs, plan.targets),
+                           strict=True))
+    return step_output.pack(shape, out), kv, slots
 
 
 def _record_inputs(slots: SlotState, plan: DevicePlan, meta: AttentionMetadata,
@@ -119,4 +106,4 @@ def _record_inputs(slots: SlotState, plan: DevicePlan, meta: AttentionMetadata,
     return dataclasses.replace(slots, prompt_mask=prompt_mask, output_counts=output_counts)
 
 
-__all__ = ["FROM_LAST_TOKEN", "SlotState", "StepOutput", "step"]
+__all__ = ["FROM_LAST_TOKEN", "SlotState", "step"]

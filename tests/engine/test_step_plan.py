@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 
+from dendrite_jax.engine import step_output
 from dendrite_jax.engine.step_plan import StepPlan, StepShape, unpack
 
 
@@ -27,3 +30,20 @@ def test_pack_unpack_round_trip():
     np.testing.assert_array_equal(device.sampling.top_p, plan.top_p)
     np.testing.assert_array_equal(np.asarray(device.sampling.seed),
                                   [0, 1, 2**31 + 5, 2**32 - 1])
+
+
+def test_step_outputs_unpack_as_packed():
+    shape = StepShape(num_decode=2, num_prefill=1, max_q_len=16, pages_per_seq=4,
+                      prompt_logprobs=True, needs_sort=True)
+    rng = np.random.default_rng(1)
+    fields = {}
+    for name, field_shape, dtype in step_output.output_layout(shape):
+        value = rng.normal(size=field_shape) if dtype == np.float32 else \
+            rng.integers(-2**31, 2**31 - 1, field_shape)
+        fields[name] = value.astype(dtype)
+    packed = jax.jit(step_output.pack, static_argnums=0)(shape, fields)
+    result = step_output.unpack(shape, np.asarray(packed))
+    for name, value in fields.items():
+        np.testing.assert_array_equal(getattr(result, name), value)
+    plain = dataclasses.replace(shape, prompt_logprobs=False, needs_sort=False)
+    assert [n for n, _, _ in step_output.output_layout(plain)] == ["tokens", "logprob"]
