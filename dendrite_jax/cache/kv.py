@@ -81,14 +81,6 @@ class AttentionMetadata:
                    slot_offsets=positions % page_size)
 
 
-def write_kv(kv: KVCache, layer: jax.Array, k: jax.Array, v: jax.Array,
-             meta: AttentionMetadata) -> KVCache:
-    """Scatter this step's keys/values [T, Hkv, hd] into their pages; padding is dropped."""
-    idx = (layer, meta.slot_pages, meta.slot_offsets)
-    return KVCache(k=kv.k.at[idx].set(k.astype(kv.k.dtype), mode="drop"),
-                   v=kv.v.at[idx].set(v.astype(kv.v.dtype), mode="drop"))
-
-
 @functools.partial(jax.jit, donate_argnums=0)
 def copy_pages(kv: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
     """Copy whole pages src[i] -> dst[i] in every layer (the device half of copy-on-write)."""

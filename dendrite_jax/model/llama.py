@@ -10,10 +10,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dendrite_jax.cache.kv import AttentionMetadata, KVCache, write_kv
+from dendrite_jax.cache.kv import AttentionMetadata, KVCache
 from dendrite_jax.config import ModelConfig
 from dendrite_jax.model.params import LayerParams, Params
-from kernels_pallas.paged_attention import ragged_paged_attention
+from kernels_pallas.paged_attention import write_and_attend
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -22,17 +22,24 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (normed * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate x [T, H, hd] by angle position * inv_freq (rotate-half layout)."""
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
-    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+def rotary_angles(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [T, 1, hd/2] of angle position * inv_freq: computed once per step, shared by
+    every layer."""
+    inv_freq = jnp.asarray(cfg.inv_freq(), jnp.float32)
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+
+
+def rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x [T, H, hd] by the step's angles (rotate-half layout)."""
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def attention_block(lp: LayerParams, x: jax.Array, kv: KVCache, layer: jax.Array,
-                    meta: AttentionMetadata, cfg: ModelConfig, *, num_decode: int,
+                    meta: AttentionMetadata, angles: tuple[jax.Array, jax.Array],
+                    cfg: ModelConfig, *, num_decode: int,
                     max_q_len: int, attention_backend: str) -> tuple[jax.Array, KVCache]:
     num_tokens = x.shape[0]
     with jax.named_scope("qkv_proj"):
@@ -48,16 +55,15 @@ def attention_block(lp: LayerParams, x: jax.Array, kv: KVCache, layer: jax.Array
             q = rms_norm(q, lp.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, lp.k_norm, cfg.rms_norm_eps)
     with jax.named_scope("rotary"):
-        inv_freq = jnp.asarray(cfg.inv_freq(), jnp.float32)
-        q = rotary(q, meta.positions, inv_freq)
-        k = rotary(k, meta.positions, inv_freq)
-    with jax.named_scope("kv_write"):
-        kv = write_kv(kv, layer, k, v, meta)
+        q = rotary(q, *angles)
+        k = rotary(k, *angles)
     with jax.named_scope("paged_attention"):
-        out = ragged_paged_attention(
-            q, kv.k, kv.v, layer, meta.q_lens, meta.seq_lens, meta.page_tables,
-            num_decode=num_decode, max_q_len=max_q_len, sm_scale=cfg.head_dim ** -0.5,
-            sliding_window=cfg.sliding_window, backend=attention_backend)
+        out, k_pages, v_pages = write_and_attend(
+            q, k, v, kv.k, kv.v, layer, meta.q_lens, meta.seq_lens, meta.page_tables,
+            meta.slot_pages, meta.slot_offsets, num_decode=num_decode, max_q_len=max_q_len,
+            sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window,
+            backend=attention_backend)
+        kv = KVCache(k=k_pages, v=v_pages)
     with jax.named_scope("o_proj"):
         out = jnp.einsum("tq,qd->td", out.reshape(num_tokens, cfg.q_size), lp.w_o)
     return out, kv
@@ -76,13 +82,16 @@ def forward(params: Params, kv: KVCache, input_ids: jax.Array, meta: AttentionMe
     states [T, D] and the cache with this step's keys/values written."""
     with jax.named_scope("embed"):
         x = params.embed[input_ids]
+    with jax.named_scope("rotary"):
+        angles = rotary_angles(meta.positions, cfg)
 
     def layer_step(carry, layer_inputs):
         x, kv = carry
         lp, layer = layer_inputs
         with jax.named_scope("attention"):
             h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-            attn, kv = attention_block(lp, h, kv, layer, meta, cfg, num_decode=num_decode,
+            attn, kv = attention_block(lp, h, kv, layer, meta, angles, cfg,
+                                       num_decode=num_decode,
                                        max_q_len=max_q_len,
                                        attention_backend=attention_backend)
             x = x + attn

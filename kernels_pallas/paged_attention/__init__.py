@@ -1,6 +1,8 @@
 """Ragged paged attention, dispatched by backend.
 
-`ragged_paged_attention(..., backend=...)` is the one call the model makes. Backends:
+`write_and_attend(..., backend=...)` is the one call the model makes: it writes the step's new
+keys/values into their pages and returns the step's attention with the updated caches.
+`ragged_paged_attention` is the read-only half (for tests and benchmarks). Backends:
 
 - "reference": pure JAX, every platform; the correctness oracle and the CPU path.
 - "pallas_gpu": Pallas kernels lowered through Triton (`gpu.py`); on a platform other than a
@@ -17,6 +19,7 @@ from kernels_pallas.paged_attention import gpu, tpu
 from kernels_pallas.paged_attention.reference import (
     ragged_paged_attention as reference_ragged_paged_attention,
 )
+from kernels_pallas.paged_attention.write import write_pages
 
 BACKENDS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
 _AUTO = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
@@ -53,5 +56,29 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     return reference_ragged_paged_attention(*args, **kwargs)
 
 
+def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array,
+                     v_pages: jax.Array, layer: jax.Array, q_lens: jax.Array,
+                     seq_lens: jax.Array, page_tables: jax.Array, slot_pages: jax.Array,
+                     slot_offsets: jax.Array, *, num_decode: int, max_q_len: int,
+                     sm_scale: float, sliding_window: int | None = None,
+                     soft_cap: float | None = None,
+                     backend: str = "reference") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Write this step's keys/values k, v [T, Hkv, hd] of layer `layer` into their slots
+    (slot_pages, slot_offsets [T]; a page outside the cache writes nowhere), then attend as
+    `ragged_paged_attention`. Returns (out [T, Hq, hd], k_pages, v_pages). The GPU backend
+    writes decode tokens inside its decode kernel; the others scatter first."""
+    backend = resolve_backend(backend)
+    kwargs = dict(num_decode=num_decode, max_q_len=max_q_len, sm_scale=sm_scale,
+                  sliding_window=sliding_window, soft_cap=soft_cap)
+    if backend == "pallas_gpu":
+        return gpu.write_and_attend(q, k, v, k_pages, v_pages, layer, q_lens, seq_lens,
+                                    page_tables, slot_pages, slot_offsets,
+                                    interpret=jax.default_backend() != "gpu", **kwargs)
+    k_pages, v_pages = write_pages(k_pages, v_pages, layer, k, v, slot_pages, slot_offsets)
+    out = ragged_paged_attention(q, k_pages, v_pages, layer, q_lens, seq_lens, page_tables,
+                                 backend=backend, **kwargs)
+    return out, k_pages, v_pages
+
+
 __all__ = ["BACKENDS", "ragged_paged_attention", "reference_ragged_paged_attention",
-           "resolve_backend"]
+           "resolve_backend", "write_and_attend", "write_pages"]

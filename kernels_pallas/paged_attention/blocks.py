@@ -16,24 +16,38 @@ import jax.numpy as jnp
 AttendRows = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+def prefill_rows(x: jax.Array, num_decode: int, max_q_len: int) -> jax.Array:
+    """The prefill block of per-token x [T, ...] as rows [R, max_q_len, ...]."""
+    rest = x[num_decode:]
+    return rest.reshape(-1, max_q_len, *x.shape[1:])
+
+
+def join_blocks(decode_out: jax.Array | None, prefill_out: jax.Array | None) -> jax.Array:
+    """Per-row outputs of the two blocks ([R, ...] and [R, Q, ...]) back as tokens [T, ...]."""
+    parts = []
+    if decode_out is not None:
+        parts.append(decode_out)
+    if prefill_out is not None:
+        parts.append(prefill_out.reshape(-1, *prefill_out.shape[2:]))
+    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
 def attend_by_block(q: jax.Array, q_lens: jax.Array, seq_lens: jax.Array,
                     page_tables: jax.Array, *, num_decode: int, max_q_len: int,
                     attend_prefill: AttendRows,
                     attend_decode: AttendRows | None = None) -> jax.Array:
     """Step queries [T, Hq, hd] -> outputs [T, Hq, hd]: `attend_decode` (default:
     `attend_prefill`) on the decode rows (Q = 1), `attend_prefill` on the prefill rows."""
-    num_tokens, num_heads, head_dim = q.shape
     num_prefill = page_tables.shape[0] - num_decode
     attend_decode = attend_decode or attend_prefill
-    parts = []
+    decode_out = prefill_out = None
     if num_decode:
-        out = attend_decode(q[:num_decode, None], q_lens[:num_decode], seq_lens[:num_decode],
-                            page_tables[:num_decode])
-        parts.append(out.reshape(num_decode, num_heads, head_dim))
+        decode_out = attend_decode(q[:num_decode, None], q_lens[:num_decode],
+                                   seq_lens[:num_decode], page_tables[:num_decode])[:, 0]
     if num_prefill:
-        out = attend_prefill(q[num_decode:].reshape(num_prefill, max_q_len, num_heads, head_dim),
-                             q_lens[num_decode:], seq_lens[num_decode:], page_tables[num_decode:])
-        parts.append(out.reshape(num_prefill * max_q_len, num_heads, head_dim))
-    out = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-    assert out.shape[0] == num_tokens, (out.shape, num_tokens)
+        prefill_out = attend_prefill(prefill_rows(q, num_decode, max_q_len),
+                                     q_lens[num_decode:], seq_lens[num_decode:],
+                                     page_tables[num_decode:])
+    out = join_blocks(decode_out, prefill_out)
+    assert out.shape[0] == q.shape[0], (out.shape, q.shape)
     return out

@@ -33,7 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels_pallas.paged_attention.blocks import attend_by_block
+from kernels_pallas.paged_attention.blocks import attend_by_block, join_blocks, prefill_rows
+from kernels_pallas.paged_attention.write import write_pages
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 MIN_DOT_ROWS = 16  # the smallest M, N and K Triton's tensor-core dot accepts
@@ -120,25 +121,57 @@ def _attend_pages(q: jax.Array, q_pos: jax.Array, seq_len: jax.Array, page_table
     return lax.fori_loop(first, pl.cdiv(end, block_k), body, init)
 
 
-def _decode_kernel(seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *,
-                   sm_scale: float, soft_cap: float | None, sliding_window: int | None,
-                   pages_per_block: int):
+def _decode_kernel(seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float,
+                   soft_cap: float | None, sliding_window: int | None, pages_per_block: int,
+                   write: bool, normalize: bool):
+    """One (row, KV head, split). With `write`, the row's new key/value (refs after the
+    cache) are not read from the pages: split 0 folds them into its softmax from registers and
+    stores them into their page slot. With `normalize` (one split) the output is final."""
+    if write:
+        slot_ref, k_new_ref, v_new_ref, *refs = refs
     split = pl.program_id(2)
     page_size = k_ref.shape[-2]
     pages_per_split = page_table_ref.shape[0]
     block_k = pages_per_block * page_size
     seq_len = seq_len_ref[0]
+    context = seq_len - 1 if write else seq_len  # keys read from the pages
     split_start = split * pages_per_split * page_size
-    end = jnp.clip(seq_len - split_start, 0, pages_per_split * page_size)
+    end = jnp.clip(context - split_start, 0, pages_per_split * page_size)
     first = 0
     if sliding_window is not None:  # the query sits at seq_len - 1
         first = jnp.maximum(seq_len - sliding_window - split_start, 0) // block_k
     q = q_ref[...]
     q_pos = seq_len - 1 + jnp.zeros((q.shape[0],), jnp.int32)
-    acc_ref[...], m_ref[...], l_ref[...] = _attend_pages(
-        q, q_pos, seq_len, page_table_ref, k_ref, v_ref, first=first, end=end,
+    acc, m, denom = _attend_pages(
+        q, q_pos, context, page_table_ref, k_ref, v_ref, first=first, end=end,
         key_start=split_start, block_k=block_k, sm_scale=sm_scale, soft_cap=soft_cap,
         sliding_window=sliding_window)
+    if write:
+        k_new, v_new = k_new_ref[...], v_new_ref[...]
+        s_new = (q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :]).sum(-1) * sm_scale
+        if soft_cap is not None:
+            s_new = soft_cap * jnp.tanh(s_new / soft_cap)
+        m_new = jnp.maximum(m, s_new)
+        correction, p = jnp.exp(m - m_new), jnp.exp(s_new - m_new)
+        fold = (split == 0) & (seq_len > 0)
+        acc = jnp.where(fold, acc * correction[:, None] + p[:, None] * v_new.astype(jnp.float32),
+                        acc)
+        denom = jnp.where(fold, denom * correction + p, denom)
+        m = jnp.where(fold, m_new, m)
+        *refs, k_out_ref, v_out_ref = refs
+
+        @pl.when(fold)
+        def _store():
+            page, offset = slot_ref[0], slot_ref[1]
+            k_out_ref[page, offset] = k_new.astype(k_out_ref.dtype)
+            v_out_ref[page, offset] = v_new.astype(v_out_ref.dtype)
+
+    if normalize:
+        (o_ref,) = refs
+        o_ref[...] = (acc / jnp.where(denom > 0, denom, 1.0)[:, None]).astype(o_ref.dtype)
+    else:
+        acc_ref, m_ref, l_ref = refs
+        acc_ref[...], m_ref[...], l_ref[...] = acc, m, denom
 
 
 def _prefill_kernel(q_len_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, *,
@@ -188,11 +221,10 @@ def _combine_splits(acc: jax.Array, m: jax.Array, denom: jax.Array) -> jax.Array
     return out / jnp.where(l_all > 0, l_all, 1.0)[..., None]
 
 
-def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array,
-           seq_lens: jax.Array, page_tables: jax.Array, *, sm_scale: float,
-           sliding_window: int | None = None, soft_cap: float | None = None,
-           tuning: DecodeTuning = DecodeTuning(), interpret: bool = False) -> jax.Array:
-    """One query token per row: q [R, Hq, hd] -> [R, Hq, hd]."""
+def _decode_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array,
+                 seq_lens: jax.Array, page_tables: jax.Array, new_kv: tuple | None, *,
+                 sm_scale: float, sliding_window: int | None, soft_cap: float | None,
+                 tuning: DecodeTuning, interpret: bool):
     rows, num_heads, head_dim = q.shape
     num_layers, num_pages, page_size, num_kv_heads, _ = k_pages.shape
     group = num_heads // num_kv_heads
@@ -211,35 +243,87 @@ def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Arra
     q = jnp.pad(q, ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
     cache_spec = pl.BlockSpec((num_layers * num_pages, page_size, None, head_dim),
                               lambda r, h, s: (0, 0, h, 0))
-    kernel = functools.partial(_decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap,
-                               sliding_window=sliding_window, pages_per_block=pages_per_block)
-    acc, m, denom = pl.pallas_call(
-        kernel,
-        grid=(rows, num_kv_heads, splits),
-        in_specs=[
-            pl.BlockSpec((1,), lambda r, h, s: (r,)),
-            pl.BlockSpec((None, pages_per_split), lambda r, h, s: (r, s)),
-            pl.BlockSpec((None, None, group_pad, head_dim), lambda r, h, s: (r, h, 0, 0)),
-            cache_spec, cache_spec,
-        ],
-        out_specs=[
+    in_specs = [
+        pl.BlockSpec((1,), lambda r, h, s: (r,)),
+        pl.BlockSpec((None, pages_per_split), lambda r, h, s: (r, s)),
+        pl.BlockSpec((None, None, group_pad, head_dim), lambda r, h, s: (r, h, 0, 0)),
+        cache_spec, cache_spec,
+    ]
+    args = [seq_lens, page_tables, q, _flat_pages(k_pages), _flat_pages(v_pages)]
+    normalize = splits == 1
+    if normalize:
+        out_specs = [pl.BlockSpec((None, None, group_pad, head_dim), lambda r, h, s: (r, h, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct((rows, num_kv_heads, group_pad, head_dim), q.dtype)]
+    else:
+        out_specs = [
             pl.BlockSpec((None, None, None, group_pad, head_dim),
                          lambda r, h, s: (s, r, h, 0, 0)),
             pl.BlockSpec((None, None, None, group_pad), lambda r, h, s: (s, r, h, 0)),
             pl.BlockSpec((None, None, None, group_pad), lambda r, h, s: (s, r, h, 0)),
-        ],
-        out_shape=[
+        ]
+        out_shape = [
             jax.ShapeDtypeStruct((splits, rows, num_kv_heads, group_pad, head_dim), jnp.float32),
             jax.ShapeDtypeStruct((splits, rows, num_kv_heads, group_pad), jnp.float32),
             jax.ShapeDtypeStruct((splits, rows, num_kv_heads, group_pad), jnp.float32),
-        ],
+        ]
+    aliases = {}
+    if new_kv is not None:
+        k_new, v_new, slot_pages, slot_offsets = new_kv
+        # (page with the layer folded in, offset) per row; padding rows never store.
+        slots = jnp.stack([slot_pages + layer * num_pages, slot_offsets], axis=1)
+        new_spec = pl.BlockSpec((None, None, head_dim), lambda r, h, s: (r, h, 0))
+        in_specs += [pl.BlockSpec((None, 2), lambda r, h, s: (r, 0)), new_spec, new_spec]
+        args += [slots, k_new, v_new]
+        out_specs += [cache_spec, cache_spec]
+        out_shape += [jax.ShapeDtypeStruct(args[3].shape, k_pages.dtype),
+                      jax.ShapeDtypeStruct(args[4].shape, v_pages.dtype)]
+        aliases = {3: len(out_shape) - 2, 4: len(out_shape) - 1}
+    kernel = functools.partial(_decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap,
+                               sliding_window=sliding_window, pages_per_block=pages_per_block,
+                               write=new_kv is not None, normalize=normalize)
+    outs = pl.pallas_call(
+        kernel,
+        grid=(rows, num_kv_heads, splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps,
                                                 num_stages=stages),
         interpret=interpret,
         name="paged_attention_decode",
-    )(seq_lens, page_tables, q, _flat_pages(k_pages), _flat_pages(v_pages))
-    out = _combine_splits(acc, m, denom)[:, :, :group]
-    return out.reshape(rows, num_heads, head_dim).astype(q.dtype)
+    )(*args)
+    out = outs[0] if normalize else _combine_splits(*outs[:3])
+    out = out[:, :, :group].reshape(rows, num_heads, head_dim).astype(q.dtype)
+    if new_kv is None:
+        return out
+    return out, outs[-2].reshape(k_pages.shape), outs[-1].reshape(v_pages.shape)
+
+
+def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array,
+           seq_lens: jax.Array, page_tables: jax.Array, *, sm_scale: float,
+           sliding_window: int | None = None, soft_cap: float | None = None,
+           tuning: DecodeTuning = DecodeTuning(), interpret: bool = False) -> jax.Array:
+    """One query token per row, its key already in the pages: q [R, Hq, hd] -> [R, Hq, hd]."""
+    return _decode_call(q, k_pages, v_pages, layer, seq_lens, page_tables, None,
+                        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                        tuning=tuning, interpret=interpret)
+
+
+def decode_and_write(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array,
+                     v_pages: jax.Array, layer: jax.Array, seq_lens: jax.Array,
+                     page_tables: jax.Array, slot_pages: jax.Array, slot_offsets: jax.Array, *,
+                     sm_scale: float, sliding_window: int | None = None,
+                     soft_cap: float | None = None, tuning: DecodeTuning = DecodeTuning(),
+                     interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`decode` for rows whose new key/value k_new, v_new [R, Hkv, hd] (position
+    seq_len - 1) are not yet in the pages: the kernel attends to them from registers and
+    stores them at (slot_pages, slot_offsets), in place (the caches are aliased to the
+    outputs). Returns (out [R, Hq, hd], k_pages, v_pages)."""
+    return _decode_call(q, k_pages, v_pages, layer, seq_lens, page_tables,
+                        (k_new, v_new, slot_pages, slot_offsets), sm_scale=sm_scale,
+                        sliding_window=sliding_window, soft_cap=soft_cap, tuning=tuning,
+                        interpret=interpret)
 
 
 def prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array,
@@ -311,3 +395,34 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     return attend_by_block(q, q_lens, seq_lens, page_tables, num_decode=num_decode,
                            max_q_len=max_q_len, attend_prefill=attend_prefill,
                            attend_decode=attend_decode)
+
+
+def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array,
+                     v_pages: jax.Array, layer: jax.Array, q_lens: jax.Array,
+                     seq_lens: jax.Array, page_tables: jax.Array, slot_pages: jax.Array,
+                     slot_offsets: jax.Array, *, num_decode: int, max_q_len: int,
+                     sm_scale: float, sliding_window: int | None = None,
+                     soft_cap: float | None = None,
+                     decode_tuning: DecodeTuning = DecodeTuning(),
+                     prefill_tuning: PrefillTuning = PrefillTuning(),
+                     interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The step's attention with its K/V writes (contract: the dispatcher's
+    `write_and_attend`). Prefill tokens are scattered into their pages before the prefill
+    kernel reads them; decode tokens are written by the decode kernel itself, so a decode-only
+    step has no separate write at all."""
+    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                  interpret=interpret)
+    decode_out = prefill_out = None
+    if page_tables.shape[0] > num_decode:
+        d = num_decode
+        k_pages, v_pages = write_pages(k_pages, v_pages, layer, k[d:], v[d:], slot_pages[d:],
+                                       slot_offsets[d:])
+        prefill_out = prefill(prefill_rows(q, d, max_q_len), k_pages, v_pages, layer,
+                              q_lens[d:], seq_lens[d:], page_tables[d:],
+                              tuning=prefill_tuning, **kwargs)
+    if num_decode:
+        d = num_decode
+        decode_out, k_pages, v_pages = decode_and_write(
+            q[:d], k[:d], v[:d], k_pages, v_pages, layer, seq_lens[:d], page_tables[:d],
+            slot_pages[:d], slot_offsets[:d], tuning=decode_tuning, **kwargs)
+    return join_blocks(decode_out, prefill_out), k_pages, v_pages

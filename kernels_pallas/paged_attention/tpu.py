@@ -67,8 +67,11 @@ def _kernel(layer_ref, q_lens_ref, seq_lens_ref, tables_ref, q_ref, k_ref, v_ref
         if sliding_window is not None:
             keep &= k_pos > q_pos - sliding_window
         k, v = k_ref[...], v_ref[...]
+        # float32 stays float32 (interpreted on a GPU, a default-precision dot is TF32).
+        precision = lax.Precision.HIGHEST if k.dtype == jnp.float32 else None
         for h in range(num_kv_heads):
             s = lax.dot_general(q_ref[h], k[:, h, :], (((1,), (1,)), ((), ())),
+                                precision=precision,
                                 preferred_element_type=jnp.float32) * sm_scale
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
@@ -79,7 +82,8 @@ def _kernel(layer_ref, q_lens_ref, seq_lens_ref, tables_ref, q_ref, k_ref, v_ref
             p = jnp.exp(s - m_next)
             l_scratch[h] = l_scratch[h] * correction + p.sum(axis=-1, keepdims=True)
             acc_scratch[h] = acc_scratch[h] * correction + jnp.dot(
-                p.astype(v.dtype), v[:, h, :], preferred_element_type=jnp.float32)
+                p.astype(v.dtype), v[:, h, :], precision=precision,
+                preferred_element_type=jnp.float32)
             m_scratch[h] = m_next
 
     @pl.when(page == pl.num_programs(1) - 1)

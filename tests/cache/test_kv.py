@@ -1,18 +1,20 @@
-"""KV writes land in the right page/offset; copy_pages duplicates whole pages."""
+"""KV writes land in the right page/offset (metadata + `write_pages`); copy_pages duplicates
+whole pages."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
 
-from dendrite_jax.cache.kv import AttentionMetadata, KVCache, copy_pages, write_kv
+from dendrite_jax.cache.kv import AttentionMetadata, KVCache, copy_pages
 from dendrite_jax.config import ModelConfig
+from kernels_pallas.paged_attention import write_pages
 
 CFG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
                   num_kv_heads=1, head_dim=8, max_position_embeddings=64)
 
 
-def test_write_kv_scatters_by_page_table_and_drops_padding():
+def test_writes_scatter_by_page_table_and_drop_padding():
     kv = KVCache.create(CFG, num_pages=6, page_size=4, dtype="float32")
     # Decode row 0: one token at position 2 (context 3). Prefill row 1 (padded to 4 tokens):
     # 3 new tokens at positions 4..6 (context 7). Token layout: [d0, p0, p1, p2, pad].
@@ -24,7 +26,8 @@ def test_write_kv_scatters_by_page_table_and_drops_padding():
     np.testing.assert_array_equal(meta.positions[:4], [2, 4, 5, 6])
     np.testing.assert_array_equal(meta.valid, [True, True, True, True, False])
     k = jnp.arange(5, dtype=jnp.float32)[:, None, None] + 1 + jnp.zeros((5, 1, 8))
-    kv = write_kv(kv, jnp.int32(1), k, -k, meta)
+    kv = KVCache(*write_pages(kv.k, kv.v, jnp.int32(1), k, -k, meta.slot_pages,
+                              meta.slot_offsets))
     written = np.asarray(kv.k[1, :, :, 0, 0])
     assert written[2, 0] == 2 and written[2, 1] == 3 and written[2, 2] == 4  # 2nd page = page 2
     assert written[0, 2] == 1  # decode row, position 2 -> page 0 offset 2

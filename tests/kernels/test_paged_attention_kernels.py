@@ -18,6 +18,7 @@ from kernels_pallas.paged_attention import (
     reference_ragged_paged_attention,
     resolve_backend,
     tpu,
+    write_and_attend,
 )
 from tests.kernels.paged_attention_cases import make_case
 
@@ -124,3 +125,48 @@ def test_dispatch():
     assert set(BACKENDS) == {"auto", "reference", "pallas_gpu", "pallas_tpu"}
     with pytest.raises(ValueError, match="unknown attention backend 'triton'"):
         resolve_backend("triton")
+
+
+def split_new_tokens(inputs: dict, valid: np.ndarray) -> dict:
+    """The case as a step that still has to write its tokens: each query token's K/V is taken
+    out of its slot (which is overwritten with NaN-free junk) and passed as the new k, v."""
+    page_size = inputs["k_pages"].shape[2]
+    num_pages = inputs["k_pages"].shape[1]
+    rows = np.concatenate([np.arange(inputs["num_decode"]), inputs["num_decode"] + np.repeat(
+        np.arange(len(inputs["q_lens"]) - inputs["num_decode"]), inputs["max_q_len"])])
+    index = np.concatenate([np.zeros(inputs["num_decode"], int), np.tile(
+        np.arange(inputs["max_q_len"]), len(inputs["q_lens"]) - inputs["num_decode"])])
+    positions = (inputs["seq_lens"] - inputs["q_lens"])[rows] + index
+    pages = np.where(valid, inputs["page_tables"][rows, np.where(valid, positions, 0)
+                                                  // page_size], num_pages)
+    offsets = np.where(valid, positions % page_size, 0)
+    layer = int(inputs["layer"])
+    out = dict(inputs, slot_pages=pages.astype(np.int32), slot_offsets=offsets.astype(np.int32))
+    new = {}
+    for name in ("k_pages", "v_pages"):
+        cache = inputs[name].copy()
+        new[name] = np.zeros((len(valid),) + cache.shape[3:], np.float32)
+        new[name][valid] = cache[layer, pages[valid], offsets[valid]]
+        cache[layer, pages[valid], offsets[valid]] = 7.0  # the step must overwrite these
+        out[name] = cache
+    out.update(k=new["k_pages"], v=new["v_pages"])
+    return {n: jnp.asarray(x) if isinstance(x, np.ndarray) else x for n, x in out.items()}
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("q_lens,ctx_lens", [
+    ([1, 1, 1], [15, 16, 1]),  # decodes at a page's end and start, a one-token prompt
+    ([13, 1, 5, 1], [13, 70, 21, 33]),  # decode rows and prefill chunks in one step
+])
+def test_write_and_attend(backend, q_lens, ctx_lens):
+    """The step's K/V land in their slots (and nowhere else) and attention sees them: the
+    GPU decode kernel stores them itself and attends to them from registers."""
+    rng = np.random.default_rng(len(q_lens))
+    inputs, expected, valid = make_case(rng, q_lens, ctx_lens, head_dim=64, page_size=16,
+                                        num_heads=8, num_kv_heads=2, pad_decode=1)
+    step = split_new_tokens(inputs, valid)
+    out, k_pages, v_pages = write_and_attend(**step, backend=backend)
+    np.testing.assert_allclose(np.asarray(out)[valid], expected[valid], rtol=1e-4, atol=1e-4)
+    assert np.all(np.asarray(out)[~valid] == 0)
+    np.testing.assert_array_equal(np.asarray(k_pages), inputs["k_pages"])
+    np.testing.assert_array_equal(np.asarray(v_pages), inputs["v_pages"])
