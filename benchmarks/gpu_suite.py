@@ -215,7 +215,7 @@ def engine_decode(preset: str, batches: list[int], copy_gb_per_s: float | None) 
             floor = floor_bytes / (copy_gb_per_s * 1e9)
             row.update(floor_ms=floor * 1e3, fraction_of_floor=floor / step)
         rows.append(row)
-        del llm
+        del llm, engine  # the engine holds the weights and the cache
         gc.collect()
     return rows
 

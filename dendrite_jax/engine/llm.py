@@ -61,7 +61,8 @@ class LLM:
         if compilation_cache:
             enable_compilation_cache()
         loaded = load_model(model, dtype)
-        self.model = dataclasses.replace(loaded, params=with_layer_loop(loaded.params, loop))
+        self.model = dataclasses.replace(
+            loaded, params=with_layer_loop(loaded.params, loop, consume=True))
         del loaded
         self.engine = Engine(self.model, engine_cfg, backend,
                              enable_prefix_caching=enable_prefix_caching)

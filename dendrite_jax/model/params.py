@@ -59,12 +59,22 @@ def resolve_layer_loop(layer_loop: str) -> str:
     return "unrolled" if layer_loop == "auto" else layer_loop
 
 
-def with_layer_loop(params: Params, layer_loop: str) -> Params:
-    """Params whose `layers` suit `layer_loop` ("scan" or "unrolled")."""
+def with_layer_loop(params: Params, layer_loop: str, *, consume: bool = False) -> Params:
+    """Params whose `layers` suit `layer_loop` ("scan" or "unrolled").
+
+    With `consume`, each stacked weight is deleted as soon as it is split, so the device holds
+    one copy of the weights plus one weight in flight, not two copies (an 8B model is 16 GB).
+    """
     stacked = isinstance(params.layers, LayerParams)
     if layer_loop == "unrolled" and stacked:
         count = params.layers.attn_norm.shape[0]
-        layers = tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], params.layers)
+        per_layer: dict[str, list] = {}
+        for field in dataclasses.fields(LayerParams):
+            a = getattr(params.layers, field.name)
+            per_layer[field.name] = [None if a is None else a[i] for i in range(count)]
+            if consume and a is not None:
+                a.delete()
+        layers = tuple(LayerParams(**{name: per_layer[name][i] for name in per_layer})
                        for i in range(count))
     elif layer_loop == "scan" and not stacked:
         layers = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *params.layers)

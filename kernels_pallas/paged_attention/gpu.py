@@ -11,7 +11,7 @@ Two kernels follow the step's two blocks (`dendrite_jax.engine.step_plan`):
   flash-attention loop over the pages up to the block's causal limit.
 
 Both read K/V straight from the paged cache `[L, N, page_size, Hkv, hd]` through the page table
-(flattened to `[L * N, ...]`, the layer folded into the page ids), so nothing is gathered or
+(flattened to `[L * N, ...]`; the kernels add layer * N to the page ids), so nothing is gathered or
 copied outside the kernel. Why Triton, which JAX has deprecated, and not Mosaic GPU: this
 lowering's kernels run under Pallas' public interpret mode (`interpret=True`), so the exact
 kernel bodies run in the CPU tests and CI; Mosaic GPU's interpreter (TMA copies, barriers,
@@ -95,7 +95,8 @@ def _load_pages(ref, page_ids: jax.Array, block_k: int) -> jax.Array:
     return ref[page_ids].reshape(block_k, ref.shape[-1])
 
 
-def _attend_pages(q: jax.Array, q_pos: jax.Array, seq_len: jax.Array, page_table_ref, k_ref,
+def _attend_pages(q: jax.Array, q_pos: jax.Array, seq_len: jax.Array, page_table_ref,
+                  page_base: jax.Array, k_ref,
                   v_ref, *, first, end, key_start, block_k: int, sm_scale: float,
                   soft_cap: float | None, sliding_window: int | None):
     """Online softmax of queries q [M, hd] at positions q_pos [M] over key blocks
@@ -104,7 +105,7 @@ def _attend_pages(q: jax.Array, q_pos: jax.Array, seq_len: jax.Array, page_table
     pages_per_block = block_k // k_ref.shape[-2]
 
     def body(j, carry):
-        page_ids = page_table_ref[pl.ds(j * pages_per_block, pages_per_block)]
+        page_ids = page_base + page_table_ref[pl.ds(j * pages_per_block, pages_per_block)]
         k = _load_pages(k_ref, page_ids, block_k)
         v = _load_pages(v_ref, page_ids, block_k)
         s = _scores(q, k, sm_scale, soft_cap)
@@ -121,15 +122,16 @@ def _attend_pages(q: jax.Array, q_pos: jax.Array, seq_len: jax.Array, page_table
     return lax.fori_loop(first, pl.cdiv(end, block_k), body, init)
 
 
-def _decode_kernel(seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float,
-                   soft_cap: float | None, sliding_window: int | None, pages_per_block: int,
-                   write: bool, normalize: bool):
+def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, *refs,
+                   sm_scale: float, soft_cap: float | None, sliding_window: int | None,
+                   pages_per_block: int, num_pages: int, write: bool, normalize: bool):
     """One (row, KV head, split). With `write`, the row's new key/value (refs after the
     cache) are not read from the pages: split 0 folds them into its softmax from registers and
     stores them into their page slot. With `normalize` (one split) the output is final."""
     if write:
-        slot_ref, k_new_ref, v_new_ref, *refs = refs
+        slot_page_ref, slot_offset_ref, k_new_ref, v_new_ref, *refs = refs
     split = pl.program_id(2)
+    page_base = layer_ref[0] * num_pages  # the cache is [L * N, ...]: layer l's pages follow
     page_size = k_ref.shape[-2]
     pages_per_split = page_table_ref.shape[0]
     block_k = pages_per_block * page_size
@@ -143,7 +145,7 @@ def _decode_kernel(seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, *refs, sm_s
     q = q_ref[...]
     q_pos = seq_len - 1 + jnp.zeros((q.shape[0],), jnp.int32)
     acc, m, denom = _attend_pages(
-        q, q_pos, context, page_table_ref, k_ref, v_ref, first=first, end=end,
+        q, q_pos, context, page_table_ref, page_base, k_ref, v_ref, first=first, end=end,
         key_start=split_start, block_k=block_k, sm_scale=sm_scale, soft_cap=soft_cap,
         sliding_window=sliding_window)
     if write:
@@ -162,7 +164,7 @@ def _decode_kernel(seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, *refs, sm_s
 
         @pl.when(fold)
         def _store():
-            page, offset = slot_ref[0], slot_ref[1]
+            page, offset = page_base + slot_page_ref[0], slot_offset_ref[0]
             k_out_ref[page, offset] = k_new.astype(k_out_ref.dtype)
             v_out_ref[page, offset] = v_new.astype(v_out_ref.dtype)
 
@@ -174,9 +176,9 @@ def _decode_kernel(seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, *refs, sm_s
         acc_ref[...], m_ref[...], l_ref[...] = acc, m, denom
 
 
-def _prefill_kernel(q_len_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, *,
-                    sm_scale: float, soft_cap: float | None, sliding_window: int | None,
-                    block_k: int):
+def _prefill_kernel(layer_ref, q_len_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref,
+                    o_ref, *, sm_scale: float, soft_cap: float | None,
+                    sliding_window: int | None, block_k: int, num_pages: int):
     q_block = pl.program_id(2)
     block_q = q_ref.shape[0]
     q_len, seq_len = q_len_ref[0], seq_len_ref[0]
@@ -187,7 +189,8 @@ def _prefill_kernel(q_len_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref,
     if sliding_window is not None:
         first = jnp.maximum(first_q - sliding_window + 1, 0) // block_k
     acc, _, denom = _attend_pages(
-        q_ref[...], first_q + jnp.arange(block_q), seq_len, page_table_ref, k_ref, v_ref,
+        q_ref[...], first_q + jnp.arange(block_q), seq_len, page_table_ref,
+        layer_ref[0] * num_pages, k_ref, v_ref,
         first=first, end=end, key_start=0, block_k=block_k, sm_scale=sm_scale,
         soft_cap=soft_cap, sliding_window=sliding_window)
     valid = q_block * block_q + jnp.arange(block_q) < q_len
@@ -198,6 +201,11 @@ def _prefill_kernel(q_len_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref,
 def _flat_pages(pages: jax.Array) -> jax.Array:
     """[L, N, page_size, Hkv, hd] -> [L * N, page_size, Hkv, hd] (a free reshape)."""
     return pages.reshape(-1, *pages.shape[2:])
+
+
+def _layer_array(layer: jax.Array) -> jax.Array:
+    """The layer index as a [1] int32 kernel input (the kernels add layer * N to page ids)."""
+    return jnp.asarray(layer, jnp.int32).reshape(1)
 
 
 def _pad_columns(page_tables: jax.Array, multiple: int) -> jax.Array:
@@ -237,19 +245,21 @@ def _decode_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: ja
     num_blocks = pl.cdiv(page_tables.shape[1], pages_per_block)
     splits = tuning.num_splits or default_num_splits(rows, num_kv_heads, num_blocks)
     splits = min(splits, num_blocks)
-    page_tables = _pad_columns(page_tables, splits * pages_per_block) + layer * num_pages
+    page_tables = _pad_columns(page_tables, splits * pages_per_block)
     pages_per_split = page_tables.shape[1] // splits
     q = q.reshape(rows, num_kv_heads, group, head_dim)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
     cache_spec = pl.BlockSpec((num_layers * num_pages, page_size, None, head_dim),
                               lambda r, h, s: (0, 0, h, 0))
+    row_spec = pl.BlockSpec((1,), lambda r, h, s: (r,))
     in_specs = [
-        pl.BlockSpec((1,), lambda r, h, s: (r,)),
+        pl.BlockSpec((1,), lambda r, h, s: (0,)), row_spec,
         pl.BlockSpec((None, pages_per_split), lambda r, h, s: (r, s)),
         pl.BlockSpec((None, None, group_pad, head_dim), lambda r, h, s: (r, h, 0, 0)),
         cache_spec, cache_spec,
     ]
-    args = [seq_lens, page_tables, q, _flat_pages(k_pages), _flat_pages(v_pages)]
+    args = [_layer_array(layer), seq_lens, page_tables, q, _flat_pages(k_pages),
+            _flat_pages(v_pages)]
     normalize = splits == 1
     if normalize:
         out_specs = [pl.BlockSpec((None, None, group_pad, head_dim), lambda r, h, s: (r, h, 0, 0))]
@@ -269,18 +279,17 @@ def _decode_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: ja
     aliases = {}
     if new_kv is not None:
         k_new, v_new, slot_pages, slot_offsets = new_kv
-        # (page with the layer folded in, offset) per row; padding rows never store.
-        slots = jnp.stack([slot_pages + layer * num_pages, slot_offsets], axis=1)
         new_spec = pl.BlockSpec((None, None, head_dim), lambda r, h, s: (r, h, 0))
-        in_specs += [pl.BlockSpec((None, 2), lambda r, h, s: (r, 0)), new_spec, new_spec]
-        args += [slots, k_new, v_new]
+        in_specs += [row_spec, row_spec, new_spec, new_spec]  # padding rows never store
+        args += [slot_pages, slot_offsets, k_new, v_new]
         out_specs += [cache_spec, cache_spec]
-        out_shape += [jax.ShapeDtypeStruct(args[3].shape, k_pages.dtype),
-                      jax.ShapeDtypeStruct(args[4].shape, v_pages.dtype)]
-        aliases = {3: len(out_shape) - 2, 4: len(out_shape) - 1}
+        out_shape += [jax.ShapeDtypeStruct(args[4].shape, k_pages.dtype),
+                      jax.ShapeDtypeStruct(args[5].shape, v_pages.dtype)]
+        aliases = {4: len(out_shape) - 2, 5: len(out_shape) - 1}
     kernel = functools.partial(_decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap,
                                sliding_window=sliding_window, pages_per_block=pages_per_block,
-                               write=new_kv is not None, normalize=normalize)
+                               num_pages=num_pages, write=new_kv is not None,
+                               normalize=normalize)
     outs = pl.pallas_call(
         kernel,
         grid=(rows, num_kv_heads, splits),
@@ -346,18 +355,20 @@ def prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Arr
     block_k = max(tuning.block_k, page_size)
     if block_k % page_size:
         raise ValueError(f"block_k {block_k} is not a multiple of the page size {page_size}")
-    page_tables = _pad_columns(page_tables, block_k // page_size) + layer * num_pages
+    page_tables = _pad_columns(page_tables, block_k // page_size)
     stages = _fit_stages(tuning.num_stages, 2 * block_k * head_dim * k_pages.dtype.itemsize
                          + block_q * head_dim * q.dtype.itemsize)
     cache_spec = pl.BlockSpec((num_layers * num_pages, page_size, None, head_dim),
                               lambda r, h, b: (0, 0, h // group, 0))
     token_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda r, h, b: (r, b, h, 0))
     kernel = functools.partial(_prefill_kernel, sm_scale=sm_scale, soft_cap=soft_cap,
-                               sliding_window=sliding_window, block_k=block_k)
+                               sliding_window=sliding_window, block_k=block_k,
+                               num_pages=num_pages)
     return pl.pallas_call(
         kernel,
         grid=(rows, num_heads, max_q_len // block_q),
         in_specs=[
+            pl.BlockSpec((1,), lambda r, h, b: (0,)),
             pl.BlockSpec((1,), lambda r, h, b: (r,)),
             pl.BlockSpec((1,), lambda r, h, b: (r,)),
             pl.BlockSpec((None, page_tables.shape[1]), lambda r, h, b: (r, 0)),
@@ -369,7 +380,8 @@ def prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Arr
                                                 num_stages=stages),
         interpret=interpret,
         name="paged_attention_prefill",
-    )(q_lens, seq_lens, page_tables, q, _flat_pages(k_pages), _flat_pages(v_pages))
+    )(_layer_array(layer), q_lens, seq_lens, page_tables, q, _flat_pages(k_pages),
+      _flat_pages(v_pages))
 
 
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
