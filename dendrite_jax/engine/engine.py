@@ -20,6 +20,8 @@ from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.engine.scheduler import ScheduledBatch, Scheduler
 from dendrite_jax.engine.step_output import StepResult
 from dendrite_jax.engine.step_plan import StepPlan
+from dendrite_jax.grammar import GrammarCompiler, GrammarError
+from dendrite_jax.grammar.mask import allow_all
 from dendrite_jax.model.loader import LoadedModel
 
 
@@ -74,6 +76,7 @@ class Engine:
         self.page_table = HostPageTable(
             cfg.max_num_seqs, next_power_of_two(self.max_pages_per_seq, MIN_PAGES))
         self.requests: dict[str, Request] = {}
+        self.grammar: GrammarCompiler | None = None
         self._rng = np.random.default_rng(cfg.seed)
         self._next_id = 0
         self.num_steps = 0
@@ -110,9 +113,25 @@ class Engine:
                              f"{params.max_tokens} tokens) but the cache has {capacity}; raise "
                              "num_pages or lower max_tokens")
         self._next_id += 1
+        if params.constrained:
+            self._compile_constraint(request)
         return request
 
+    def _compile_constraint(self, request: Request) -> None:
+        """Give a constrained request its matcher; a constraint llguidance rejects fails that
+        request alone (finish_reason "error", llguidance's message in `error`)."""
+        if self.model.tokenizer is None:
+            raise ValueError("structured output needs the model's tokenizer; this model has none")
+        if self.grammar is None:  # built on first use (~0.3 s)
+            self.grammar = GrammarCompiler(self.model.tokenizer, self.model.config.vocab_size)
+        try:
+            request.matcher = self.grammar.matcher(request.params)
+        except GrammarError as e:
+            request.fail(str(e))
+
     def add(self, request: Request) -> None:
+        if request.finished:  # failed at admission: nothing to run
+            return
         self.requests[request.request_id] = request
         self.scheduler.add(request)
 
@@ -140,22 +159,31 @@ class Engine:
         Returns the requests whose output changed.
         """
         start = time.perf_counter()
-        launched = None
+        touched, launched = [], None
+        if self._in_flight is not None and any(r.matcher is not None and r.num_pending
+                                               for r in self.scheduler.running):
+            # A constrained row's next mask depends on the token in flight: apply that step
+            # before planning this one (no overlap while constrained requests run).
+            waited = time.perf_counter()
+            touched = self.drain()
+            self.wait_seconds += time.perf_counter() - waited
+            start += time.perf_counter() - waited
         batch = self.scheduler.schedule()
         if batch.rows:
             plan = self.build_plan(batch)
+            mask = self.token_mask(batch, plan)
             self.runner.copy_pages([s for s, _ in batch.copies], [d for _, d in batch.copies])
             launch_start = time.perf_counter()
-            launched = (batch, plan, self.runner.launch(plan))
+            launched = (batch, plan, self.runner.launch(plan, mask))
             self.launch_seconds += time.perf_counter() - launch_start
             self._advance(batch, plan)
             self.num_steps += 1
-        elif self._in_flight is None:
+        elif self._in_flight is None and not touched:
             raise RuntimeError("the scheduler found nothing to run although requests are waiting")
         previous, self._in_flight = self._in_flight, launched
         if previous is None:
             self.host_seconds += time.perf_counter() - start
-            return []
+            return touched
         batch, plan, out = previous
         waited = time.perf_counter()
         result = to_host(plan.shape, out)
@@ -245,6 +273,18 @@ class Engine:
                                   "presence_penalty", "frequency_penalty")):
             getattr(plan, name)[rows] = floats[:, j]
         return plan
+
+    def token_mask(self, batch: ScheduledBatch, plan: StepPlan) -> np.ndarray | None:
+        """The step's token mask [S, words] if a constrained row samples, else None (all
+        allowed). Rows follow the plan's rows, so mixed batches cannot misalign."""
+        rows = [(r.matcher, self._row(plan, batch, i)) for i, (r, _) in enumerate(batch.rows)
+                if r.matcher is not None]
+        rows = [(m, row) for m, row in rows if plan.sample[row]]
+        if not rows:
+            return None
+        mask = allow_all(plan.shape.num_seqs, self.model.config.vocab_size)
+        self.grammar.fill(mask, rows)
+        return mask
 
     def _apply(self, batch: ScheduledBatch, plan: StepPlan, result: StepResult) -> list[Request]:
         """Route a finished step's results to its requests (already advanced at launch)."""

@@ -121,6 +121,10 @@ class LLM:
         prompts = _as_prompt_list(prompts)
         requests = self._make_requests(prompts, _params_list(sampling_params, len(prompts)))
         emitted = {r.request_id: (0, 0) for r in requests}
+        for r in requests:
+            if r.finished:  # failed at admission (a constraint that does not compile)
+                del emitted[r.request_id]
+                yield CompletionDelta(r.request_id, "", [], r.finish_reason, r.output())
         with self._aborting_on_error(requests):
             while emitted:
                 for r in self.engine.step():

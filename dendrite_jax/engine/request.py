@@ -65,6 +65,8 @@ class Request:
         self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[PositionLogprobs | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
+        self.matcher = None  # llguidance matcher of a constrained request (grammar package)
+        self.error: str | None = None
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
         # This request's sampling columns of every StepPlan (fixed for its life).
@@ -162,6 +164,10 @@ class Request:
         num_outputs = index + 1
         if token in self.stop_token_ids:
             self._finish("stop", token)
+        elif self.matcher is not None and not self.matcher.consume_token(token):
+            self.fail(f"sampled token {token} broke the constraint: {self.matcher.get_error()}")
+        elif self.matcher is not None and self.matcher.is_stopped():
+            self._finish("stop", None)  # the constraint is complete: nothing more can follow
         elif self._check_stop_strings(previous_len):
             pass
         elif (num_outputs >= self.params.max_tokens
@@ -181,6 +187,12 @@ class Request:
                 return True
         return False
 
+    def fail(self, message: str) -> None:
+        """End the request with an error (a constraint that does not compile, or breaks)."""
+        self.error = message
+        self.finish_reason = "error"
+        self.status = RequestStatus.DONE
+
     def abort(self) -> None:
         self.finish_reason = "abort"
         self.status = RequestStatus.ABORTED
@@ -199,4 +211,4 @@ class Request:
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_ids,
             text=self.text, token_ids=self.resolved_output_ids, finish_reason=self.finish_reason,
             stop_reason=self.stop_reason, logprobs=self.logprobs,
-            prompt_logprobs=self.prompt_logprobs, time_to_first_token=ttft)
+            prompt_logprobs=self.prompt_logprobs, time_to_first_token=ttft, error=self.error)

@@ -23,6 +23,7 @@ from dendrite_jax.engine import step_output
 from dendrite_jax.engine.step import SlotState, step
 from dendrite_jax.engine.step_output import StepResult
 from dendrite_jax.engine.step_plan import StepPlan, StepShape, field_sizes
+from dendrite_jax.grammar.mask import allow_all, mask_words
 from dendrite_jax.model.params import Params
 from dendrite_jax.progress import Progress
 
@@ -82,6 +83,7 @@ class ModelRunner:
         # (shape, seconds) per compilation, loads from the persistent cache included.
         self.compile_log: list[tuple[StepShape, float]] = []
         self.frozen = False  # after warm-up: compiling a new shape raises RecompileError
+        self._allow_all: dict[int, jax.Array] = {}  # rows -> all-ones token mask on device
 
     @property
     def compilations(self) -> int:
@@ -101,7 +103,9 @@ class ModelRunner:
             self._relieve_map_pressure()
             start = time.perf_counter()
             buffer = jax.ShapeDtypeStruct((sum(field_sizes(shape).values()),), jnp.int32)
-            lowered = self._jitted.lower(self.params, self.kv, self.slots, buffer,
+            mask = jax.ShapeDtypeStruct((shape.num_seqs, mask_words(self.cfg.vocab_size)),
+                                        jnp.int32)
+            lowered = self._jitted.lower(self.params, self.kv, self.slots, buffer, mask,
                                          cfg=self.cfg, shape=shape,
                                          attention_backend=self.attention_backend)
             self._compiled[shape] = lowered.compile()
@@ -135,11 +139,20 @@ class ModelRunner:
         progress.close()
         self.frozen = True
 
-    def launch(self, plan: StepPlan) -> jax.Array:
-        """Start a step and return its packed outputs on device, without waiting for them."""
+    def launch(self, plan: StepPlan, token_mask: np.ndarray | None = None) -> jax.Array:
+        """Start a step and return its packed outputs on device, without waiting for them.
+        Without a token mask (no constrained row) every token is allowed, and nothing is
+        uploaded for the mask: an all-ones device array per row count is kept."""
         compiled = self.compile(plan.shape)
         buffer = jax.device_put(plan.pack())
-        out, self.kv, self.slots = compiled(self.params, self.kv, self.slots, buffer)
+        if token_mask is None:
+            rows = plan.shape.num_seqs
+            if rows not in self._allow_all:
+                self._allow_all[rows] = jax.device_put(allow_all(rows, self.cfg.vocab_size))
+            mask = self._allow_all[rows]
+        else:
+            mask = jax.device_put(token_mask)
+        out, self.kv, self.slots = compiled(self.params, self.kv, self.slots, buffer, mask)
         out.copy_to_host_async()
         return out
 

@@ -18,6 +18,11 @@ class SamplingParams:
     ends it unless `ignore_eos`. `logprobs=n` returns the top-n logprobs of each generated
     token plus the chosen one; `prompt_logprobs=n` does the same for each prompt token.
     Logprobs are those of the raw model distribution (before penalties and temperature).
+
+    Structured output (at most one of): `json_schema` (a dict or JSON text; output is compact
+    JSON valid under it), `regex`, `grammar` (Lark syntax, llguidance dialect) or `choice`
+    (one of these strings). Only tokens the constraint allows are sampled, EOS only where it
+    is complete, and generation stops when nothing more can follow.
     """
 
     max_tokens: int = 16
@@ -36,6 +41,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,6 +75,25 @@ class SamplingParams:
                f"stop must be non-empty strings, got {self.stop!r}")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        given = [n for n in ("json_schema", "regex", "grammar", "choice")
+                 if getattr(self, n) is not None]
+        _check(len(given) <= 1, f"give at most one of json_schema, regex, grammar, choice; got "
+               f"{', '.join(given)}")
+        _check(self.json_schema is None or isinstance(self.json_schema, dict | str),
+               f"json_schema must be a dict or a JSON string, got {type(self.json_schema).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, str) and value),
+                   f"{name} must be a non-empty string, got {value!r}")
+        if self.choice is not None:
+            self.choice = list(self.choice)
+            _check(bool(self.choice) and all(isinstance(c, str) and c for c in self.choice),
+                   f"choice must be a non-empty list of non-empty strings, got {self.choice!r}")
+
+    @property
+    def constrained(self) -> bool:
+        return any(getattr(self, n) is not None
+                   for n in ("json_schema", "regex", "grammar", "choice"))
 
 
 def _check(ok: bool, message: str) -> None:

@@ -17,6 +17,7 @@ from dendrite_jax.config import ModelConfig
 from dendrite_jax.engine import step_output
 from dendrite_jax.engine.sampling import apply_penalties, sample, top_logprobs
 from dendrite_jax.engine.step_plan import DevicePlan, StepShape, unpack
+from dendrite_jax.grammar.mask import apply_token_mask
 from dendrite_jax.model.llama import compute_logits, forward
 from dendrite_jax.model.params import Params
 
@@ -41,10 +42,11 @@ class SlotState:
                    last_token=jnp.zeros((num_slots,), jnp.int32))
 
 
-def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array, *,
-         cfg: ModelConfig, shape: StepShape,
+def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array,
+         token_mask: jax.Array, *, cfg: ModelConfig, shape: StepShape,
          attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
-    """One step; returns its outputs packed as `step_output.output_layout(shape)`."""
+    """One step; returns its outputs packed as `step_output.output_layout(shape)`.
+    `token_mask` [S, ceil(V/32)] holds each row's allowed next tokens (`grammar.mask`)."""
     plan = unpack(plan_buffer, shape)
     meta = AttentionMetadata.build(plan.q_lens, plan.seq_lens, plan.page_tables,
                                    num_decode=shape.num_decode, max_q_len=shape.max_q_len,
@@ -67,6 +69,7 @@ def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array, 
         # Branch-free (see `sample`): neutral penalties leave the logits bit-identical.
         logits = apply_penalties(logits, slots.prompt_mask[plan.slot_ids],
                                  slots.output_counts[plan.slot_ids], b)
+        logits = apply_token_mask(logits, token_mask)
         # The sampled token will sit at position seq_len: noise depends on (seed, position).
         tokens = sample(logits, b, plan.seq_lens, truncate=shape.needs_sort)
         sampled_rows = jnp.where(plan.sample > 0, plan.slot_ids, slots.last_token.shape[0])

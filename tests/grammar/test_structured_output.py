@@ -1,0 +1,114 @@
+"""Structured output on the real SmolLM2: JSON schemas, regexes, Lark grammars and choices, in
+one continuously batched run mixed with unconstrained requests, greedy and sampled."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from dendrite_jax import SamplingParams
+from tests.grammar.schemas import SCHEMAS
+
+MAX_TOKENS = 120
+
+
+def chat(llm, text: str) -> str:
+    return llm.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+
+
+@pytest.fixture(scope="module")
+def mixed_run(smollm):
+    """Every schema greedy and sampled, plus unconstrained requests, in one generate call."""
+    prompts, params = [], []
+    for i, schema in enumerate(SCHEMAS):
+        prompt = chat(smollm, f"Answer in JSON. Give an example of: {json.dumps(schema)[:200]}")
+        prompts += [prompt, prompt]
+        params += [SamplingParams(max_tokens=MAX_TOKENS, temperature=0, json_schema=schema),
+                   SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.95,
+                                  seed=i, json_schema=json.dumps(schema))]
+    free = ["The capital of France is", "Once upon a time", "def add(a, b):"]
+    prompts += free
+    params += [SamplingParams(max_tokens=12, temperature=0)] * len(free)
+    return smollm.generate(prompts, params), len(SCHEMAS) * 2
+
+
+def test_every_schema_gives_valid_json_greedy_and_sampled(mixed_run):
+    outputs, constrained = mixed_run
+    assert len(SCHEMAS) >= 30
+    for k, out in enumerate(outputs[:constrained]):
+        schema = SCHEMAS[k // 2]
+        assert out.finish_reason == "stop", (schema, out.text, out.finish_reason)
+        jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_unconstrained_requests_in_the_same_batch_are_unaffected(smollm, mixed_run):
+    outputs, constrained = mixed_run
+    free = outputs[constrained:]
+    alone = smollm.generate([o.prompt for o in free], SamplingParams(max_tokens=12, temperature=0))
+    assert [o.token_ids for o in free] == [o.token_ids for o in alone]
+
+
+def test_regex_lark_and_choice(smollm):
+    prompt = chat(smollm, "Give me a phone number, a color and a yes/no answer.")
+    lark = '''
+start: "color: " COLOR ", size: " SIZE
+COLOR: "red" | "green" | "blue"
+SIZE: /[1-9][0-9]?/
+'''
+    params = [
+        SamplingParams(max_tokens=30, temperature=0, regex=r"\(\d{3}\) \d{3}-\d{4}"),
+        SamplingParams(max_tokens=30, temperature=1.0, seed=3, regex=r"[a-z]{2,6}( [a-z]{2,6}){2}"),
+        SamplingParams(max_tokens=30, temperature=0, grammar=lark),
+        SamplingParams(max_tokens=30, temperature=1.0, seed=4, grammar=lark),
+        SamplingParams(max_tokens=30, temperature=0, choice=["yes", "no", "it depends"]),
+        SamplingParams(max_tokens=30, temperature=1.0, seed=5, choice=["alpha", "beta"]),
+    ]
+    out = smollm.generate([prompt] * len(params), params)
+    assert all(o.finish_reason == "stop" for o in out), [(o.text, o.finish_reason) for o in out]
+    assert re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", out[0].text)
+    assert re.fullmatch(r"[a-z]{2,6}( [a-z]{2,6}){2}", out[1].text)
+    for o in out[2:4]:
+        assert re.fullmatch(r"color: (red|green|blue), size: [1-9][0-9]?", o.text), o.text
+    assert out[4].text in ("yes", "no", "it depends")
+    assert out[5].text in ("alpha", "beta")
+
+
+@pytest.mark.parametrize("bad", [
+    dict(json_schema={"type": "object", "properties": {"a": {"type": "wat"}}}),
+    dict(json_schema="{not json"),
+    dict(regex="(unclosed"),
+    dict(grammar="start: undefined_rule"),
+])
+def test_invalid_constraint_fails_only_that_request(smollm, bad):
+    prompts = ["The capital of France is"] * 3
+    params = [SamplingParams(max_tokens=6, temperature=0),
+              SamplingParams(max_tokens=6, temperature=0, **bad),
+              SamplingParams(max_tokens=6, temperature=0, regex="[0-9]{4}")]
+    pool_before = smollm.stats().pool.used
+    out = smollm.generate(prompts, params)
+    assert out[1].finish_reason == "error" and out[1].token_ids == []
+    name = next(iter(bad))
+    assert out[1].error.startswith(f"invalid {name}") or "json_schema" in out[1].error
+    assert out[0].finish_reason == "length" and len(out[0].token_ids) == 6
+    assert out[2].finish_reason == "stop" and re.fullmatch("[0-9]{4}", out[2].text)
+    assert smollm.stats().pool.used == pool_before  # nothing leaked
+
+
+def test_constraint_arguments_are_validated():
+    with pytest.raises(ValueError, match="at most one of json_schema, regex, grammar, choice"):
+        SamplingParams(regex="a", choice=["a"])
+    with pytest.raises(ValueError, match="choice must be a non-empty list"):
+        SamplingParams(choice=[])
+    with pytest.raises(ValueError, match="json_schema must be a dict or a JSON string"):
+        SamplingParams(json_schema=3)
+
+
+def test_constraint_needs_a_tokenizer():
+    from dendrite_jax import LLM
+
+    llm = LLM(model="tiny-random", max_num_seqs=2, max_num_batched_tokens=32, max_model_len=64)
+    with pytest.raises(ValueError, match="structured output needs the model's tokenizer"):
+        llm.generate([[1, 2, 3]], SamplingParams(regex="[0-9]"))
