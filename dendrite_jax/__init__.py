@@ -3,5 +3,7 @@
 from dendrite_jax.engine.llm import LLM
 from dendrite_jax.engine.outputs import Logprob, RequestOutput
 from dendrite_jax.engine.sampling_params import SamplingParams
+from dendrite_jax.search.beam import BeamSearchOutput, BeamSearchParams
 
-__all__ = ["LLM", "Logprob", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "BeamSearchOutput", "BeamSearchParams", "Logprob", "RequestOutput",
+           "SamplingParams"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
@@ -77,6 +78,8 @@ class Engine:
             cfg.max_num_seqs, next_power_of_two(self.max_pages_per_seq, MIN_PAGES))
         self.requests: dict[str, Request] = {}
         self.grammar: GrammarCompiler | None = None
+        self.mask_fills: collections.deque[tuple[float, int]] = collections.deque(maxlen=10_000)
+        # ^ (seconds, constrained rows) of each recent token-mask fill
         self._rng = np.random.default_rng(cfg.seed)
         self._next_id = 0
         self.num_steps = 0
@@ -282,8 +285,10 @@ class Engine:
         rows = [(m, row) for m, row in rows if plan.sample[row]]
         if not rows:
             return None
+        start = time.perf_counter()
         mask = allow_all(plan.shape.num_seqs, self.model.config.vocab_size)
         self.grammar.fill(mask, rows)
+        self.mask_fills.append((time.perf_counter() - start, len(rows)))
         return mask
 
     def _apply(self, batch: ScheduledBatch, plan: StepPlan, result: StepResult) -> list[Request]:

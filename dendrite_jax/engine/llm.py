@@ -17,6 +17,7 @@ from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.model.loader import load_model
 from dendrite_jax.model.params import resolve_layer_loop, with_layer_loop
 from dendrite_jax.model.tokenizer import Tokenizer
+from dendrite_jax.search.beam import BeamSearchOutput, BeamSearchParams, beam_search
 from kernels_pallas.paged_attention import resolve_backend
 
 Prompt = str | list[int]
@@ -112,6 +113,18 @@ class LLM:
                 self.engine.step()
             self.engine.drain()
         return [r.output() for r in requests]
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt],
+                    params: BeamSearchParams | None = None) -> list[BeamSearchOutput]:
+        """Beam search for each prompt, scored as transformers' `generate(num_beams=...)`
+        (`dendrite_jax.search.beam`). Beams share pages copy-on-write. Runs on an idle engine:
+        requests queued with `add_request` must finish first."""
+        params = params or BeamSearchParams()
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+               for p in _as_prompt_list(prompts)]
+        for p in ids:
+            self.engine.make_request(None, p, SamplingParams(max_tokens=params.max_tokens))
+        return beam_search(self.engine, ids, params)
 
     def stream(self, prompts: Prompt | Sequence[Prompt],
                sampling_params: SamplingParams | Sequence[SamplingParams] | None = None

@@ -1,0 +1,259 @@
+"""Beam search on the engine's paged cache, scored as Hugging Face transformers does.
+
+Each running beam holds its own page list; a child beam shares its parent's pages by
+reference count (`PagePool.fork`) and a page is copied only when a beam writes into a page it
+shares (the prompt's last page, on the beams' first step). Per step the device returns each
+beam's top `MAX_LOGPROBS` log-probabilities, which contain every candidate that can enter the
+global top 2 x width (so width <= MAX_LOGPROBS / 2).
+
+Scoring follows transformers' `generate(num_beams=w, do_sample=False)`: the 2w best
+continuations of all beams by summed log-probability; a continuation that ends (an EOS token,
+or the length limit) joins the finished hypotheses if it is among the first w, with score
+sum_logprobs / generated_length ** length_penalty; the w best unfinished ones continue.
+`early_stopping=True` stops when w hypotheses are finished; False stops when the best running
+beam, scored at its current length, cannot beat the worst finished hypothesis; "never" scores
+it at the maximum length when length_penalty > 0. Outputs are the finished hypotheses, best
+first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from dendrite_jax.engine.buckets import bucket_shape
+from dendrite_jax.engine.runner import to_host
+from dendrite_jax.engine.sampling import MAX_LOGPROBS
+from dendrite_jax.engine.step_output import StepResult
+from dendrite_jax.engine.step_plan import StepPlan
+
+DEAD = -1.0e9  # transformers' score for "not a candidate"
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamSearchParams:
+    beam_width: int = 4
+    max_tokens: int = 16
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.beam_width, int) and 1 <= self.beam_width <= MAX_LOGPROBS // 2):
+            raise ValueError(f"beam_width must be an integer in [1, {MAX_LOGPROBS // 2}], got "
+                             f"{self.beam_width!r}")
+        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got "
+                             f"{self.early_stopping!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamSequence:
+    token_ids: list[int]  # generated tokens (an ending EOS included, as transformers returns)
+    text: str | None
+    score: float  # sum of log-probabilities / generated length ** length_penalty
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamSearchOutput:
+    prompt_token_ids: list[int]
+    sequences: list[BeamSequence]  # best first
+    max_pages_in_use: int  # the most KV pages this prompt's beams held at once
+
+
+@dataclasses.dataclass
+class _Beam:
+    prompt_len: int
+    tokens: list[int]  # generated so far; the last one is this step's input
+    pages: list[int]
+    score: float
+
+
+class _Search:
+    """The state of one prompt's search (transformers' per-batch-item bookkeeping)."""
+
+    def __init__(self, prompt: list[int], params: BeamSearchParams, eos: set[int]) -> None:
+        self.prompt, self.params, self.eos = prompt, params, eos
+        self.width = params.beam_width
+        self.max_length = len(prompt) + params.max_tokens
+        self.cur_len = len(prompt)
+        self.running: list[_Beam] = []
+        self.finished: list[tuple[float, list[int]]] = []  # best first, at most width
+        self.improvable = True
+        self.done = False
+        self.max_pages = 0
+
+    def step(self, candidates: list[tuple[float, int, int]]) -> list[tuple[int, int, float]]:
+        """Take (summed logprob, parent index, token) candidates, best first; return the next
+        running beams as (parent index, token, score)."""
+        w, k = self.width, 2 * self.width
+        top = candidates[:k]
+        generated = self.cur_len + 1 - len(self.prompt)
+        hits = [tok in self.eos or self.cur_len + 1 >= self.max_length for _, _, tok in top]
+        # Finished hypotheses: only among the first w candidates.
+        full = len(self.finished) == w and self.params.early_stopping is True
+        new = []
+        if self.improvable and not full:
+            for i, ((acc, parent, tok), hit) in enumerate(zip(top, hits, strict=True)):
+                if i < w and hit:
+                    tokens = self.running[parent].tokens + [tok] if self.running else [tok]
+                    new.append((acc / generated ** self.params.length_penalty, tokens))
+        self.finished = sorted(self.finished + new, key=lambda h: -h[0])[:w]
+        # Running beams: the w best candidates that did not end.
+        alive = [(acc + (DEAD if hit else 0.0), parent, tok)
+                 for (acc, parent, tok), hit in zip(top, hits, strict=True)]
+        alive.sort(key=lambda c: -c[0])
+        nxt = [(parent, tok, acc) for acc, parent, tok in alive[:w]]
+        self.cur_len += 1
+        self._update_improvable([acc for _, _, acc in nxt])
+        all_finished = len(self.finished) == w
+        self.done = (not self.improvable or (all_finished and self.params.early_stopping is True)
+                     or all(hits))
+        return nxt
+
+    def _update_improvable(self, running_scores: list[float]) -> None:
+        lp = self.params.length_penalty
+        if self.params.early_stopping == "never" and lp > 0:
+            length = self.max_length - len(self.prompt)
+        else:
+            length = self.cur_len - len(self.prompt)
+        best = running_scores[0] / length ** lp
+        if len(self.finished) == self.width:
+            self.improvable = self.improvable and best > min(s for s, _ in self.finished)
+
+
+def _candidates(beams: list[_Beam], result: StepResult, rows: list[int]) -> list[tuple]:
+    """(summed logprob, beam index, token) of every beam's top tokens, best first."""
+    out = []
+    for b, (beam, row) in enumerate(zip(beams, rows, strict=True)):
+        if beam.score <= DEAD / 2:
+            continue  # an ended beam kept as filler: its candidates never reach the top
+        for lp, tok in zip(result.top_logprobs[row], result.top_ids[row], strict=True):
+            out.append((beam.score + float(lp), b, int(tok)))
+    out.sort(key=lambda c: -c[0])  # stable: ties keep beam-major order, as a flat top-k does
+    return out
+
+
+def beam_search(engine, prompts: list[list[int]], params: BeamSearchParams
+                ) -> list[BeamSearchOutput]:
+    """Beam search for each prompt (token ids) on an idle engine; prompts run together while
+    their beams fit `max_num_seqs` rows."""
+    if engine.has_unfinished():
+        raise RuntimeError("beam_search needs an idle engine: other requests are in flight")
+    width = params.beam_width
+    if width > engine.cfg.max_num_seqs:
+        raise ValueError(f"beam_width {width} exceeds max_num_seqs {engine.cfg.max_num_seqs}")
+    eos = set(engine.model.tokenizer.stop_token_ids) if engine.model.tokenizer else set()
+    for p in prompts:
+        if len(p) + params.max_tokens > engine.max_model_len:
+            raise ValueError(f"prompt of {len(p)} tokens + max_tokens {params.max_tokens} exceeds "
+                             f"max_model_len {engine.max_model_len}")
+    group = max(1, engine.cfg.max_num_seqs // width)
+    outputs = []
+    for start in range(0, len(prompts), group):
+        outputs += _run_group(engine, prompts[start:start + group], params, eos)
+    return outputs
+
+
+def _run_group(engine, prompts: list[list[int]], params: BeamSearchParams,
+               eos: set[int]) -> list[BeamSearchOutput]:
+    pool, page_size = engine.pool, engine.cfg.page_size
+    searches = [_Search(p, params, eos) for p in prompts]
+    try:
+        # Prefill each prompt once; its last position's logprobs seed the beams.
+        for s in searches:
+            root = _Beam(len(s.prompt), [], pool.allocate(math.ceil(len(s.prompt) / page_size)),
+                         0.0)
+            s.running = [root]
+            s.max_pages = len(root.pages)
+            result = _prefill(engine, s.prompt, root.pages)
+            _advance(s, pool, _candidates([root], result, [0]))
+            pool.free(root.pages)
+        while not all(s.done for s in searches):
+            live = [s for s in searches if not s.done]
+            beams = [b for s in live for b in s.running]
+            _grow_pages(engine, beams)
+            for s in live:
+                s.max_pages = max(s.max_pages, len({p for b in s.running for p in b.pages}))
+            result = _run(engine, [(b.tokens[-1:], b.prompt_len + len(b.tokens) - 1, b.pages,
+                                    b.prompt_len) for b in beams])
+            row = 0
+            for s in live:
+                n = len(s.running)
+                old = s.running
+                _advance(s, pool, _candidates(old, result, list(range(row, row + n))))
+                for b in old:
+                    pool.free(b.pages)
+                row += n
+    finally:
+        for s in searches:
+            for b in s.running:
+                pool.free(b.pages)
+            s.running = []
+    tokenizer = engine.model.tokenizer
+    return [BeamSearchOutput(
+        prompt_token_ids=s.prompt, max_pages_in_use=s.max_pages,
+        sequences=[BeamSequence(t, tokenizer.decode(t) if tokenizer else None, score)
+                   for score, t in s.finished]) for s in searches]
+
+
+def _advance(s: _Search, pool, candidates: list[tuple]) -> None:
+    """One search step: the next running beams fork their parents' pages."""
+    parents = s.running
+    nxt = s.step(candidates)
+    s.running = [_Beam(len(s.prompt), parents[p].tokens + [tok], pool.fork(parents[p].pages),
+                       score) for p, tok, score in nxt]
+
+
+def _grow_pages(engine, beams: list[_Beam]) -> None:
+    """Each beam writes its input token at position prompt + generated - 1: give it a page for
+    it, copying a page it shares with another beam before writing into it."""
+    pool, page_size = engine.pool, engine.cfg.page_size
+    src, dst = [], []
+    for b in beams:
+        position = b.prompt_len + len(b.tokens) - 1
+        index = position // page_size
+        if index == len(b.pages):
+            b.pages.extend(pool.allocate(1))
+        elif pool.ref_count(b.pages[index]) > 1:
+            page, copied = pool.copy_on_write(b.pages[index])
+            if copied:
+                src.append(b.pages[index])
+                dst.append(page)
+            b.pages[index] = page
+    engine.runner.copy_pages(src, dst)
+
+
+def _prefill(engine, prompt: list[int], pages: list[int]) -> StepResult:
+    """Compute the prompt's K/V in chunks of the token budget; the last chunk's result (row 0)
+    holds the logprobs after the prompt."""
+    budget = engine.cfg.max_num_batched_tokens
+    for start in range(0, len(prompt), budget):
+        result = _run(engine, [(prompt[start:start + budget], start, pages, len(prompt))])
+    return result
+
+
+def _run(engine, rows: list[tuple[list[int], int, list[int], int]]) -> StepResult:
+    """One synchronous step over rows of (input tokens, position of the first, pages, prompt
+    length), decode rows (one token) first, each reading back its top logprobs."""
+    num_decode = sum(1 for tokens, *_ in rows if len(tokens) == 1)
+    assert all(len(r[0]) == 1 for r in rows[:num_decode]), "decode rows come first"
+    pages_for = engine.scheduler.pages_for
+    shape = bucket_shape(num_decode, [len(r[0]) for r in rows[num_decode:]],
+                         max(pages_for(start + len(tokens)) for tokens, start, *_ in rows),
+                         max_pages_per_seq=engine.max_pages_per_seq, prompt_logprobs=False,
+                         needs_sort=True, bucket_pages=engine.bucket_pages)
+    plan = StepPlan.empty(shape)
+    for i, (tokens, start, pages, prompt_len) in enumerate(rows):
+        row = i if i < num_decode else shape.num_decode + i - num_decode
+        offset, n = shape.row_start(row), len(tokens)
+        plan.input_ids[offset:offset + n] = tokens
+        plan.q_lens[row], plan.seq_lens[row] = n, start + n
+        width = pages_for(start + n)
+        plan.page_tables[row, :width] = pages[:width]
+        plan.slot_ids[row] = row  # the engine is idle: every slot is free
+        plan.prompt_lens[row] = prompt_len
+        plan.sample[row] = plan.reset[row] = 1
+    out = engine.runner.launch(plan)
+    return to_host(shape, out)
