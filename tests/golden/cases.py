@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dendrite_jax import SamplingParams
+from dendrite_jax import BeamSearchParams, SamplingParams
 
 GOLDEN_DIR = Path(__file__).parent
 PROMPTS = ["The history of printing begins", "def fibonacci(n):", "My favourite season is",
@@ -49,15 +49,35 @@ def _constrained() -> list[tuple[str, SamplingParams]]:
     ]
 
 
-CASES = {"sampling": _sampling, "constrained": _constrained}
+def _generate(requests) -> callable:
+    def run(llm) -> list[dict]:
+        """The requests in one continuously batched run: each output's tokens and text."""
+        prompts, params = zip(*requests(), strict=True)
+        outputs = llm.generate(list(prompts), list(params))
+        return [{"prompt": p, "token_ids": o.token_ids, "text": o.text,
+                 "finish_reason": o.finish_reason} for p, o in zip(prompts, outputs, strict=True)]
+    return run
+
+
+def _beams(llm) -> list[dict]:
+    """Beam search on two prompts at once; scores rounded to 1e-3."""
+    prompts = [PROMPTS[0], PROMPTS[4]]
+    outputs = llm.beam_search(prompts, BeamSearchParams(beam_width=3, max_tokens=12))
+    return [{"prompt": p, "token_ids": s.token_ids, "text": s.text, "score": round(s.score, 3)}
+            for p, o in zip(prompts, outputs, strict=True) for s in o.sequences]
+
+
+CASES = {"sampling": _generate(_sampling), "constrained": _generate(_constrained),
+         "beams": _beams}
 
 
 def run_case(llm, name: str) -> list[dict]:
-    """The case's requests in one continuously batched run: each output's tokens and text."""
-    prompts, params = zip(*CASES[name](), strict=True)
-    outputs = llm.generate(list(prompts), list(params))
-    return [{"prompt": p, "token_ids": o.token_ids, "text": o.text,
-             "finish_reason": o.finish_reason} for p, o in zip(prompts, outputs, strict=True)]
+    return CASES[name](llm)
+
+
+def dumps(records: list[dict]) -> str:
+    """One record per line, so a changed output shows as a changed line."""
+    return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n"
 
 
 def golden_path(name: str) -> Path:

@@ -5,18 +5,16 @@ Run it only when a change of outputs is intended, and review the JSON diff befor
 
 from __future__ import annotations
 
-import json
 import sys
 
 from dendrite_jax import LLM
-from tests.golden.cases import CASES, golden_path, run_case
+from tests.golden.cases import CASES, dumps, golden_path, run_case
 
 
 def main(names: list[str]) -> None:
     llm = LLM(model="smollm2-135m", dtype="float32")
     for name in names or sorted(CASES):
-        golden_path(name).write_text(json.dumps(run_case(llm, name), indent=1,
-                                                ensure_ascii=False) + "\n")
+        golden_path(name).write_text(dumps(run_case(llm, name)))
         print(f"wrote {golden_path(name)}")
 
 

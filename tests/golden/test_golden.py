@@ -27,3 +27,5 @@ def test_goldens_are_not_degenerate():
     constrained = load("constrained")
     assert all(r["finish_reason"] == "stop" for r in constrained)
     assert len({r["text"] for r in constrained[:3]}) > 1  # seeds give different JSON
+    beams = load("beams")
+    assert len(beams) == 6 and len({tuple(r["token_ids"]) for r in beams[:3]}) == 3
