@@ -295,6 +295,7 @@ class Engine:
         """Route a finished step's results to its requests (already advanced at launch)."""
         touched = []
         tokens = result.tokens.tolist()
+        logprob = result.logprob.tolist()
         sample = plan.sample.tolist()
         for i, (r, n) in enumerate(batch.rows):
             if r.finished:  # ended (stop, abort) after this step was launched
@@ -309,9 +310,9 @@ class Engine:
                                           result.prompt_top_logprobs[t], result.prompt_top_ids[t])
             if sample[row]:
                 if r.logprobs is None:
-                    r.append_token(tokens[row], self.max_model_len)
+                    r.append_token(tokens[row], self.max_model_len, logprob[row])
                 else:
-                    r.append_token(tokens[row], self.max_model_len, float(result.logprob[row]),
+                    r.append_token(tokens[row], self.max_model_len, logprob[row],
                                    int(result.rank[row]), result.top_logprobs[row],
                                    result.top_ids[row])
             if r.status is RequestStatus.RUNNING:

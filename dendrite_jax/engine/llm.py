@@ -94,7 +94,11 @@ class LLM:
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> str:
         """Queue one request without running it; returns its request id."""
-        return self._make_requests([prompt], [params or SamplingParams()])[0].request_id
+        params = params or SamplingParams()
+        if params.num_sequences > 1:
+            raise ValueError("add_request takes one sequence per request; for n or best_of use "
+                             "generate or stream")
+        return self._make_requests([prompt], [params])[0][0].request_id
 
     def abort(self, request_id: str) -> bool:
         """Stop a queued or running request and free its pages."""
@@ -107,12 +111,14 @@ class LLM:
         before any runs; outputs come back in prompt order. Requests are served by continuous
         batching together with any others already queued."""
         prompts = _as_prompt_list(prompts)
-        requests = self._make_requests(prompts, _params_list(sampling_params, len(prompts)))
+        params_list = _params_list(sampling_params, len(prompts))
+        requests, groups = self._make_requests(prompts, params_list)
         with self._aborting_on_error(requests):
             while not all(r.finished for r in requests):
                 self.engine.step()
             self.engine.drain()
-        return [r.output() for r in requests]
+        return [_group_output(group, params)
+                for group, params in zip(groups, params_list, strict=True)]
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt],
                     params: BeamSearchParams | None = None) -> list[BeamSearchOutput]:
@@ -132,7 +138,10 @@ class LLM:
         """Yield each request's new text and tokens as they are generated. Closing the
         generator early aborts the requests it started."""
         prompts = _as_prompt_list(prompts)
-        requests = self._make_requests(prompts, _params_list(sampling_params, len(prompts)))
+        params_list = _params_list(sampling_params, len(prompts))
+        if any(p.best_of and p.best_of > p.n for p in params_list):
+            raise ValueError("stream cannot rank best_of sequences before they end; use generate")
+        requests, _ = self._make_requests(prompts, params_list)
         emitted = {r.request_id: (0, 0) for r in requests}
         for r in requests:
             if r.finished:  # failed at admission (a constraint that does not compile)
@@ -157,19 +166,28 @@ class LLM:
             self.engine.drain()
 
     def _make_requests(self, prompts: list[Prompt], params_list: list[SamplingParams]
-                       ) -> list[Request]:
-        requests = []
+                       ) -> tuple[list[Request], list[list[Request]]]:
+        """All requests (validated before any is queued) and, per prompt, its group: one
+        request, or `n`/`best_of` siblings that share the first one's prompt pages."""
+        groups = []
         for prompt, params in zip(prompts, params_list, strict=True):
             if not isinstance(params, SamplingParams):
                 raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
-            if isinstance(prompt, str):
-                ids = self.tokenizer.encode(prompt)
-                requests.append(self.engine.make_request(prompt, ids, params))
-            else:
-                requests.append(self.engine.make_request(None, list(prompt), params))
+            text = prompt if isinstance(prompt, str) else None
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            group = []
+            for i in range(params.num_sequences):
+                child = params if params.num_sequences == 1 else dataclasses.replace(
+                    params, n=1, best_of=None,
+                    seed=None if params.seed is None else params.seed + i)
+                group.append(self.engine.make_request(text, ids, child))
+            for r in group[1:]:
+                r.donor = group[0]
+            groups.append(group)
+        requests = [r for group in groups for r in group]
         for r in requests:
             self.engine.add(r)
-        return requests
+        return requests, groups
 
     @contextlib.contextmanager
     def _aborting_on_error(self, requests: list[Request]) -> Iterator[None]:
@@ -186,6 +204,18 @@ class LLM:
             for r in requests:
                 if not r.finished:
                     self.engine.abort(r.request_id)
+
+
+def _group_output(group: list[Request], params: SamplingParams) -> RequestOutput:
+    """One prompt's output: its request's, or for n/best_of the first of its completions (the
+    best by cumulative logprob with best_of) with all of them in `samples`."""
+    if len(group) == 1:
+        return group[0].output()
+    outputs = [r.output() for r in group]
+    if params.best_of:
+        outputs.sort(key=lambda o: -o.cumulative_logprob)
+    outputs = outputs[:params.n]
+    return dataclasses.replace(outputs[0], samples=outputs)
 
 
 def _params_list(sampling_params: SamplingParams | Sequence[SamplingParams] | None,

@@ -66,6 +66,8 @@ class Request:
         self.prompt_logprobs: list[PositionLogprobs | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
         self.matcher = None  # llguidance matcher of a constrained request (grammar package)
+        self.donor: Request | None = None  # parallel sampling: the sibling computing the prompt
+        self.cumulative_logprob = 0.0  # raw-model logprobs of the generated tokens, summed
         self.error: str | None = None
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
@@ -143,8 +145,8 @@ class Request:
     def append_token(self, token: int, max_model_len: int, logprob: float = 0.0, rank: int = 0,
                      top_lp: np.ndarray | None = None, top_ids: np.ndarray | None = None) -> None:
         """Add a sampled token (filling the oldest pending placeholder if there is one), then
-        decide whether the request is finished. The logprob arguments matter only when the
-        request asked for logprobs."""
+        decide whether the request is finished. `logprob` (the token's raw-model logprob) adds
+        to the cumulative logprob; the rest matter only when the request asked for logprobs."""
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
         # Placeholders only ever sit in the last two entries (at most two steps in flight).
@@ -155,6 +157,7 @@ class Request:
             ids[index] = token
         else:
             ids.append(token)
+        self.cumulative_logprob += logprob
         if self.logprobs is not None:
             self.logprobs.append(self._position_logprobs(token, logprob, rank, top_lp, top_ids,
                                                          self.params.logprobs))
@@ -211,4 +214,5 @@ class Request:
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_ids,
             text=self.text, token_ids=self.resolved_output_ids, finish_reason=self.finish_reason,
             stop_reason=self.stop_reason, logprobs=self.logprobs,
-            prompt_logprobs=self.prompt_logprobs, time_to_first_token=ttft, error=self.error)
+            prompt_logprobs=self.prompt_logprobs, time_to_first_token=ttft, error=self.error,
+            cumulative_logprob=self.cumulative_logprob)

@@ -19,6 +19,10 @@ class SamplingParams:
     token plus the chosen one; `prompt_logprobs=n` does the same for each prompt token.
     Logprobs are those of the raw model distribution (before penalties and temperature).
 
+    `n` completions per prompt share the prompt's KV pages (each samples with seed + i when a
+    seed is given); with `best_of`, that many are generated and the n with the highest
+    cumulative (raw-model) logprob returned.
+
     Structured output (at most one of): `json_schema` (a dict or JSON text; output is compact
     JSON valid under it), `regex`, `grammar` (Lark syntax, llguidance dialect) or `choice`
     (one of these strings). Only tokens the constraint allows are sampled, EOS only where it
@@ -45,6 +49,8 @@ class SamplingParams:
     regex: str | None = None
     grammar: str | None = None
     choice: list[str] | None = None
+    n: int = 1
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,6 +81,9 @@ class SamplingParams:
                f"stop must be non-empty strings, got {self.stop!r}")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        _check(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
+        _check(self.best_of is None or (isinstance(self.best_of, int) and self.best_of >= self.n),
+               f"best_of must be an integer >= n ({self.n}), got {self.best_of!r}")
         given = [n for n in ("json_schema", "regex", "grammar", "choice")
                  if getattr(self, n) is not None]
         _check(len(given) <= 1, f"give at most one of json_schema, regex, grammar, choice; got "
@@ -89,6 +98,11 @@ class SamplingParams:
             self.choice = list(self.choice)
             _check(bool(self.choice) and all(isinstance(c, str) and c for c in self.choice),
                    f"choice must be a non-empty list of non-empty strings, got {self.choice!r}")
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences generated per prompt."""
+        return self.best_of or self.n
 
     @property
     def constrained(self) -> bool:

@@ -97,8 +97,11 @@ class Scheduler:
                 break
             if r.num_pending:  # preempted while a step was in flight: wait for its token
                 continue
-            hit = self._usable_hit(r)
-            if self._deferred(r, hit, computing):
+            sibling = self._sibling_hit(r)
+            if sibling is None:  # its first sibling is still computing the shared prompt
+                continue
+            hit = sibling or self._usable_hit(r)
+            if not sibling and self._deferred(r, hit, computing):
                 continue
             candidates.append((r, r.num_tokens - hit))
             computing.append((r, hit))
@@ -129,6 +132,23 @@ class Scheduler:
             return 0
         hit = len(self.prefix_cache.tree.find_prefix(r.tokens, touch=False)) * self.page_size
         return min(hit, r.num_tokens - 1)
+
+    def _sibling_hit(self, r: Request) -> int | None:
+        """Parallel sampling: tokens r takes from its first sibling's pages (the prompt but its
+        last token, which r recomputes to sample its own first token), once that sibling has
+        computed the prompt; None while r should wait for it; 0 to compute the prompt itself
+        (no sibling, one that is gone, or settings that need every prompt token fed)."""
+        donor = r.donor
+        if donor is None or r.params.prompt_logprobs is not None or \
+                r.params.repetition_penalty != 1:
+            return 0
+        if donor.status is RequestStatus.RUNNING and donor.num_computed >= len(r.prompt_ids):
+            return len(r.prompt_ids) - 1
+        if donor.status is RequestStatus.RUNNING or (
+                donor.status is RequestStatus.WAITING and donor.num_preemptions == 0):
+            return None
+        r.donor = None  # finished, aborted or preempted: r computes its own prompt
+        return 0
 
     def _may_share(self, r: Request) -> bool:
         """Whether r may skip cached prefix tokens. Prompt logprobs need every prompt token's
@@ -172,7 +192,11 @@ class Scheduler:
         """Move waiting request r to running with pages for its first n tokens; shares cached
         prefix pages. Never preempts. False (nothing changed) if the pages are not there."""
         hit_tokens, shared = 0, []
-        if self._may_share(r):
+        sibling = self._sibling_hit(r)
+        if sibling:
+            hit_tokens = sibling
+            shared = r.donor.pages[:self.pages_for(hit_tokens)]
+        elif self._may_share(r):
             pages = self.prefix_cache.lookup(r.tokens).pages
             hit_tokens = min(len(pages) * self.page_size, r.num_tokens - 1)
             shared = pages[:self.pages_for(hit_tokens)]
@@ -184,11 +208,11 @@ class Scheduler:
         if need > self.pool.num_allocatable:
             self.pool.free(shared)
             return False
-        if self._may_share(r):
+        if not sibling and self._may_share(r):
             self.prefix_cache.record_hit(r.num_tokens, hit_tokens)
         r.pages = shared + self.pool.allocate(need)
         if hit_tokens % self.page_size:
-            # The cache held every token: the last one is recomputed into a shared page.
+            # The last shared page is partial: r writes its next tokens into its own copy.
             last = self.pages_for(hit_tokens) - 1
             page, copied = self.pool.copy_on_write(r.pages[last])
             if copied:

@@ -191,11 +191,11 @@ def test_a_failing_step_releases_every_page(monkeypatch):
     calls = {"n": 0}
     launch = llm.engine.runner.launch
 
-    def flaky(plan):
+    def flaky(plan, mask=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("device lost")
-        return launch(plan)
+        return launch(plan, mask)
 
     monkeypatch.setattr(llm.engine.runner, "launch", flaky)
     with pytest.raises(RuntimeError, match="device lost"):
