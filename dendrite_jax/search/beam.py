@@ -26,6 +26,7 @@ from dendrite_jax.engine.runner import to_host
 from dendrite_jax.engine.sampling import MAX_LOGPROBS
 from dendrite_jax.engine.step_output import StepResult
 from dendrite_jax.engine.step_plan import StepPlan
+from dendrite_jax.search.tree import TreeState
 
 DEAD = -1.0e9  # transformers' score for "not a candidate"
 
@@ -65,9 +66,12 @@ class BeamSearchOutput:
 @dataclasses.dataclass
 class _Beam:
     prompt_len: int
-    tokens: list[int]  # generated so far; the last one is this step's input
+    node: int  # generated tokens so far, a `TreeState` handle (-1: none yet); the last
+    # one is this step's input
+    length: int  # generated tokens
     pages: list[int]
     score: float
+    last: int = -1  # the last generated token (this step's input)
 
 
 class _Search:
@@ -79,7 +83,8 @@ class _Search:
         self.max_length = len(prompt) + params.max_tokens
         self.cur_len = len(prompt)
         self.running: list[_Beam] = []
-        self.finished: list[tuple[float, list[int]]] = []  # best first, at most width
+        self.tree = TreeState()  # beams' and hypotheses' tokens share their prefixes
+        self.finished: list[tuple[float, int]] = []  # (score, tree handle), best first, <= width
         self.improvable = True
         self.done = False
         self.max_pages = 0
@@ -97,9 +102,12 @@ class _Search:
         if self.improvable and not full:
             for i, ((acc, parent, tok), hit) in enumerate(zip(top, hits, strict=True)):
                 if i < w and hit:
-                    tokens = self.running[parent].tokens + [tok] if self.running else [tok]
-                    new.append((acc / generated ** self.params.length_penalty, tokens))
-        self.finished = sorted(self.finished + new, key=lambda h: -h[0])[:w]
+                    new.append((acc / generated ** self.params.length_penalty,
+                                self.child(self.running[parent].node, tok)))
+        ranked = sorted(self.finished + new, key=lambda h: -h[0])
+        for _, handle in ranked[w:]:
+            self.tree.release(handle)
+        self.finished = ranked[:w]
         # Running beams: the w best candidates that did not end.
         alive = [(acc + (DEAD if hit else 0.0), parent, tok)
                  for (acc, parent, tok), hit in zip(top, hits, strict=True)]
@@ -111,6 +119,10 @@ class _Search:
         self.done = (not self.improvable or (all_finished and self.params.early_stopping is True)
                      or all(hits))
         return nxt
+
+    def child(self, node: int, token: int) -> int:
+        """A handle on the tokens of `node` (-1: none) followed by `token`."""
+        return self.tree.sequence([token]) if node < 0 else self.tree.append(node, token)
 
     def _update_improvable(self, running_scores: list[float]) -> None:
         lp = self.params.length_penalty
@@ -163,8 +175,8 @@ def _run_group(engine, prompts: list[list[int]], params: BeamSearchParams,
     try:
         # Prefill each prompt once; its last position's logprobs seed the beams.
         for s in searches:
-            root = _Beam(len(s.prompt), [], pool.allocate(math.ceil(len(s.prompt) / page_size)),
-                         0.0)
+            root = _Beam(len(s.prompt), -1, 0,
+                         pool.allocate(math.ceil(len(s.prompt) / page_size)), 0.0)
             s.running = [root]
             s.max_pages = len(root.pages)
             result = _prefill(engine, s.prompt, root.pages)
@@ -176,8 +188,8 @@ def _run_group(engine, prompts: list[list[int]], params: BeamSearchParams,
             _grow_pages(engine, beams)
             for s in live:
                 s.max_pages = max(s.max_pages, len({p for b in s.running for p in b.pages}))
-            result = _run(engine, [(b.tokens[-1:], b.prompt_len + len(b.tokens) - 1, b.pages,
-                                    b.prompt_len) for b in beams])
+            result = _run(engine, [([b.last], b.prompt_len + b.length - 1, b.pages, b.prompt_len)
+                                   for b in beams])
             row = 0
             for s in live:
                 n = len(s.running)
@@ -195,15 +207,19 @@ def _run_group(engine, prompts: list[list[int]], params: BeamSearchParams,
     return [BeamSearchOutput(
         prompt_token_ids=s.prompt, max_pages_in_use=s.max_pages,
         sequences=[BeamSequence(t, tokenizer.decode(t) if tokenizer else None, score)
-                   for score, t in s.finished]) for s in searches]
+                   for score, t in ((score, s.tree.tokens(h)) for score, h in s.finished)])
+        for s in searches]
 
 
 def _advance(s: _Search, pool, candidates: list[tuple]) -> None:
     """One search step: the next running beams fork their parents' pages."""
     parents = s.running
     nxt = s.step(candidates)
-    s.running = [_Beam(len(s.prompt), parents[p].tokens + [tok], pool.fork(parents[p].pages),
-                       score) for p, tok, score in nxt]
+    s.running = [_Beam(len(s.prompt), s.child(parents[p].node, tok), parents[p].length + 1,
+                       pool.fork(parents[p].pages), score, tok) for p, tok, score in nxt]
+    for b in parents:
+        if b.node >= 0:
+            s.tree.release(b.node)
 
 
 def _grow_pages(engine, beams: list[_Beam]) -> None:
@@ -212,7 +228,7 @@ def _grow_pages(engine, beams: list[_Beam]) -> None:
     pool, page_size = engine.pool, engine.cfg.page_size
     src, dst = [], []
     for b in beams:
-        position = b.prompt_len + len(b.tokens) - 1
+        position = b.prompt_len + b.length - 1
         index = position // page_size
         if index == len(b.pages):
             b.pages.extend(pool.allocate(1))
