@@ -1,8 +1,9 @@
 """The paged KV cache pytree and the per-step attention metadata pytree.
 
 Layout: keys and values are each `[num_layers, num_pages, page_size, num_kv_heads, head_dim]`.
-All layers live in one array so the layer scan carries the cache and updates it in place
-(a scatter into a donated loop carry); attention gathers only the pages a sequence owns.
+All layers live in one array, donated to each step and updated in place by the step's K/V
+writes (`kernels_pallas.paged_attention.write_and_attend`); attention reads only the pages a
+sequence owns.
 One page holds `page_size` consecutive positions of one sequence for every layer.
 """
 
