@@ -78,6 +78,7 @@ class Engine:
             cfg.max_num_seqs, next_power_of_two(self.max_pages_per_seq, MIN_PAGES))
         self.requests: dict[str, Request] = {}
         self.grammar: GrammarCompiler | None = None
+        self._failed: list[Request] = []  # failed at admission, not yet returned by step()
         self.mask_fills: collections.deque[tuple[float, int]] = collections.deque(maxlen=10_000)
         # ^ (seconds, constrained rows) of each recent token-mask fill
         self._rng = np.random.default_rng(cfg.seed)
@@ -133,7 +134,8 @@ class Engine:
             request.fail(str(e))
 
     def add(self, request: Request) -> None:
-        if request.finished:  # failed at admission: nothing to run
+        if request.finished:  # failed at admission: nothing to run; the next step reports it
+            self._failed.append(request)
             return
         self.requests[request.request_id] = request
         self.scheduler.add(request)
@@ -162,7 +164,8 @@ class Engine:
         Returns the requests whose output changed.
         """
         start = time.perf_counter()
-        touched, launched = [], None
+        touched, launched = self._failed, None
+        self._failed = []
         if self._in_flight is not None and any(r.matcher is not None and r.num_pending
                                                for r in self.scheduler.running):
             # A constrained row's next mask depends on the token in flight: apply that step

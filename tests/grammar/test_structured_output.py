@@ -112,3 +112,18 @@ def test_constraint_needs_a_tokenizer():
     llm = LLM(model="tiny-random", max_num_seqs=2, max_num_batched_tokens=32, max_model_len=64)
     with pytest.raises(ValueError, match="structured output needs the model's tokenizer"):
         llm.generate([[1, 2, 3]], SamplingParams(regex="[0-9]"))
+
+
+def test_online_request_with_a_bad_constraint_is_reported_by_the_next_step(smollm):
+    engine = smollm.engine
+    good = smollm.add_request("The capital of France is", SamplingParams(max_tokens=4,
+                                                                         temperature=0))
+    bad = smollm.add_request("Hello", SamplingParams(max_tokens=4, regex="(unclosed"))
+    first = engine.step()
+    failed = [r for r in first if r.request_id == bad]
+    assert failed and failed[0].output().finish_reason == "error"
+    assert "invalid regex" in failed[0].output().error
+    done = set()
+    while engine.has_unfinished():
+        done |= {r.request_id for r in engine.step() if r.finished}
+    assert good in done and smollm.stats().pool.used == 0
