@@ -127,3 +127,38 @@ def test_online_request_with_a_bad_constraint_is_reported_by_the_next_step(smoll
     while engine.has_unfinished():
         done |= {r.request_id for r in engine.step() if r.finished}
     assert good in done and smollm.stats().pool.used == 0
+
+
+def test_preemption_and_aborts_keep_constraints_aligned():
+    """A pool too small for the batch forces preemption (constrained requests are recomputed
+    with their matchers intact) and one constrained request is aborted mid-run: every other
+    output still satisfies its own constraint, and no page leaks."""
+    from dendrite_jax import LLM
+
+    llm = LLM(model="smollm2-135m", dtype="float32", max_num_seqs=6, num_pages=14,
+              page_size=16, compilation_cache=False)
+    prompt = chat(llm, "Give an example of a small JSON object.")
+    schemas = [SCHEMAS[1], SCHEMAS[7], SCHEMAS[15], SCHEMAS[23]]
+    ids = [llm.add_request(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, seed=i,
+                                                  json_schema=s))
+           for i, s in enumerate(schemas)]
+    victim = llm.add_request(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8,
+                                                    seed=9, json_schema=SCHEMAS[15]))
+    free = [llm.add_request(f"Story number {i}:", SamplingParams(max_tokens=40, temperature=0,
+                                                                 ignore_eos=True))
+            for i in range(2)]
+    engine, outputs = llm.engine, {}
+    for step in range(10_000):
+        if not engine.has_unfinished():
+            break
+        if step == 6:
+            assert llm.abort(victim)
+        for r in engine.step():
+            if r.finished:
+                outputs[r.request_id] = r.output()
+    assert llm.stats().preemptions > 0
+    for rid, schema in zip(ids, schemas, strict=True):
+        assert outputs[rid].finish_reason == "stop", outputs[rid].text
+        jsonschema.validate(json.loads(outputs[rid].text), schema)
+    assert all(len(outputs[rid].token_ids) == 40 for rid in free)
+    assert llm.stats().pool.used == 0
