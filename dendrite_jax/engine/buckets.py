@@ -33,12 +33,17 @@ def bucket_shape(num_decode: int, prefill_lens: list[int], context_pages: int, *
     width: kernels that stop at each row's length pay nothing for it, and it divides the
     number of shapes by the number of page buckets."""
     max_q_len = next_power_of_two(max(prefill_lens), MIN_Q_LEN) if prefill_lens else 1
-    widest = next_power_of_two(max_pages_per_seq, MIN_PAGES)
+    widest = widest_pages(max_pages_per_seq)
     pages = min(next_power_of_two(context_pages, MIN_PAGES), widest) if bucket_pages else widest
     return StepShape(num_decode=_count_bucket(num_decode),
                      num_prefill=_count_bucket(len(prefill_lens)), max_q_len=max_q_len,
                      pages_per_seq=max(pages, context_pages), prompt_logprobs=prompt_logprobs,
                      needs_sort=needs_sort)
+
+
+def widest_pages(max_pages_per_seq: int) -> int:
+    """The widest page-table bucket (the full width the kernel backends always use)."""
+    return next_power_of_two(max_pages_per_seq, MIN_PAGES)
 
 
 def token_cap(max_num_batched_tokens: int) -> int:
@@ -52,7 +57,7 @@ def all_shapes(*, max_num_seqs: int, max_num_batched_tokens: int, max_pages_per_
     cap = token_cap(max_num_batched_tokens)
     counts = [0] + [1 << i for i in range(next_power_of_two(max_num_seqs).bit_length())]
     q_lens = [q for q in (1 << i for i in range(cap.bit_length())) if MIN_Q_LEN <= q <= cap]
-    widest = next_power_of_two(max_pages_per_seq, MIN_PAGES)
+    widest = widest_pages(max_pages_per_seq)
     pages = [p for p in (1 << i for i in range(widest.bit_length()))
              if MIN_PAGES <= p <= widest] if bucket_pages else [widest]
     shapes = set()

@@ -13,7 +13,7 @@ from dendrite_jax.cache.kv import KVCache
 from dendrite_jax.cache.pool import PagePool, PoolStats
 from dendrite_jax.cache.prefix_cache import PrefixCache, PrefixCacheStats
 from dendrite_jax.config import EngineConfig
-from dendrite_jax.engine.buckets import MIN_PAGES, all_shapes, bucket_shape, next_power_of_two
+from dendrite_jax.engine.buckets import all_shapes, bucket_shape, widest_pages
 from dendrite_jax.engine.page_table import HostPageTable
 from dendrite_jax.engine.request import PENDING, Request, RequestStatus
 from dendrite_jax.engine.runner import ModelRunner, to_host
@@ -74,8 +74,7 @@ class Engine:
         # The reference attention gathers the whole page table, so its width is bucketed;
         # the kernels read only each row's pages, so one full width serves every step.
         self.bucket_pages = attention_backend == "reference"
-        self.page_table = HostPageTable(
-            cfg.max_num_seqs, next_power_of_two(self.max_pages_per_seq, MIN_PAGES))
+        self.page_table = HostPageTable(cfg.max_num_seqs, widest_pages(self.max_pages_per_seq))
         self.requests: dict[str, Request] = {}
         self.grammar: GrammarCompiler | None = None
         self._failed: list[Request] = []  # failed at admission, not yet returned by step()
@@ -93,9 +92,8 @@ class Engine:
 
     # ----------------------------------------------------------------------------- requests
 
-    def make_request(self, prompt: str | None, prompt_ids: list[int],
-                     params: SamplingParams) -> Request:
-        """Validate a request at the boundary; raises ValueError naming the problem."""
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        """Raise ValueError naming what is wrong with a prompt (empty, bad ids, too long)."""
         n, vocab = len(prompt_ids), self.model.config.vocab_size
         if n == 0:
             raise ValueError("prompt is empty: give at least one token")
@@ -106,6 +104,12 @@ class Engine:
             raise ValueError(f"prompt has {n:,} tokens; the model's context is "
                              f"{self.max_model_len:,} (max_model_len), which leaves no room to "
                              "generate")
+
+    def make_request(self, prompt: str | None, prompt_ids: list[int],
+                     params: SamplingParams) -> Request:
+        """Validate a request at the boundary; raises ValueError naming the problem."""
+        self.check_prompt(prompt_ids)
+        n = len(prompt_ids)
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
         request = Request(str(self._next_id), prompt, [int(t) for t in prompt_ids], params,
                           seed % 2**32, self.max_model_len, self.model.tokenizer,
@@ -171,7 +175,7 @@ class Engine:
             # A constrained row's next mask depends on the token in flight: apply that step
             # before planning this one (no overlap while constrained requests run).
             waited = time.perf_counter()
-            touched = self.drain()
+            touched += self.drain()
             self.wait_seconds += time.perf_counter() - waited
             start += time.perf_counter() - waited
         batch = self.scheduler.schedule()
@@ -283,9 +287,8 @@ class Engine:
     def token_mask(self, batch: ScheduledBatch, plan: StepPlan) -> np.ndarray | None:
         """The step's token mask [S, words] if a constrained row samples, else None (all
         allowed). Rows follow the plan's rows, so mixed batches cannot misalign."""
-        rows = [(r.matcher, self._row(plan, batch, i)) for i, (r, _) in enumerate(batch.rows)
-                if r.matcher is not None]
-        rows = [(m, row) for m, row in rows if plan.sample[row]]
+        rows = [(r.matcher, row) for i, (r, _) in enumerate(batch.rows)
+                if r.matcher is not None and plan.sample[row := self._row(plan, batch, i)]]
         if not rows:
             return None
         start = time.perf_counter()

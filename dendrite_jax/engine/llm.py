@@ -129,7 +129,7 @@ class LLM:
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p)
                for p in _as_prompt_list(prompts)]
         for p in ids:
-            self.engine.make_request(None, p, SamplingParams(max_tokens=params.max_tokens))
+            self.engine.check_prompt(p)
         return beam_search(self.engine, ids, params)
 
     def stream(self, prompts: Prompt | Sequence[Prompt],

@@ -139,8 +139,7 @@ class Scheduler:
         computed the prompt; None while r should wait for it; 0 to compute the prompt itself
         (no sibling, one that is gone, or settings that need every prompt token fed)."""
         donor = r.donor
-        if donor is None or r.params.prompt_logprobs is not None or \
-                r.params.repetition_penalty != 1:
+        if donor is None or _feeds_whole_prompt(r):
             return 0
         if donor.status is RequestStatus.RUNNING and donor.num_computed >= len(r.prompt_ids):
             return len(r.prompt_ids) - 1
@@ -151,10 +150,8 @@ class Scheduler:
         return 0
 
     def _may_share(self, r: Request) -> bool:
-        """Whether r may skip cached prefix tokens. Prompt logprobs need every prompt token's
-        logits, and a repetition penalty needs every prompt token fed to mark it seen."""
-        return (self.prefix_cache is not None and r.params.prompt_logprobs is None
-                and r.params.repetition_penalty == 1)
+        """Whether r may skip prompt tokens the prefix cache holds."""
+        return self.prefix_cache is not None and not _feeds_whole_prompt(r)
 
     def _deferred(self, r: Request, hit: int, computing: list[tuple[Request, int]]) -> bool:
         """True if another request (running, or admitted earlier in this step; given with the
@@ -263,3 +260,9 @@ class Scheduler:
         r.pages = []
         self._free_slots.append(r.slot)
         r.slot = -1
+
+
+def _feeds_whole_prompt(r: Request) -> bool:
+    """Prompt logprobs need every prompt token's logits, and a repetition penalty needs every
+    prompt token fed to mark it seen: such a request cannot skip shared prompt tokens."""
+    return r.params.prompt_logprobs is not None or r.params.repetition_penalty != 1

@@ -123,10 +123,18 @@ def test_online_request_with_a_bad_constraint_is_reported_by_the_next_step(smoll
     failed = [r for r in first if r.request_id == bad]
     assert failed and failed[0].output().finish_reason == "error"
     assert "invalid regex" in failed[0].output().error
+    # While a constrained request runs, each step first applies the one in flight: a failure
+    # queued meanwhile is still reported.
+    digits = smollm.add_request("Count:", SamplingParams(max_tokens=12, regex="[0-9]{8}"))
+    engine.step()
+    engine.step()
+    late = smollm.add_request("Hello", SamplingParams(max_tokens=4, grammar="start: nowhere"))
+    reported = [r for r in engine.step() if r.request_id == late]
+    assert reported and reported[0].output().finish_reason == "error"
     done = set()
     while engine.has_unfinished():
         done |= {r.request_id for r in engine.step() if r.finished}
-    assert good in done and smollm.stats().pool.used == 0
+    assert {good, digits} <= done and smollm.stats().pool.used == 0
 
 
 def test_preemption_and_aborts_keep_constraints_aligned():
