@@ -9,8 +9,10 @@ Prints one table per device/host track group: op name, calls, total ms, share of
 from __future__ import annotations
 
 import collections
+import contextlib
 import gzip
 import json
+import re
 import time
 from pathlib import Path
 
@@ -29,9 +31,42 @@ flags.DEFINE_integer("max_tokens", 32, "Tokens generated in the traced run.")
 flags.DEFINE_string("attention_backend", "auto", "Paged attention backend.")
 flags.DEFINE_string("trace_dir", "/tmp/decode_trace", "Where the trace goes.")
 flags.DEFINE_integer("top", 25, "Ops listed per group.")
+flags.DEFINE_bool("explain", False, "Also print what each listed device op computes: its HLO "
+                  "instruction and the ops of its fused computation.")
 
 
-def summarize(trace_file: Path, top: int) -> None:
+def hlo_ops(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> one line saying what it computes (for a fusion: its kind, output
+    shape and the op counts of the computation it calls)."""
+    computations: dict[str, list[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.-]+) .*\{$", line)
+        if header:
+            current = header.group(1)
+            computations[current] = []
+        elif current is not None and "=" in line:
+            computations[current].append(line.strip())
+    described = {}
+    for lines in computations.values():
+        for line in lines:
+            m = re.match(r"^(?:ROOT )?%?([\w.-]+) = (\S+) ", line)
+            if not m:
+                continue
+            name, shape = m.groups()
+            called = re.search(r"calls=%?([\w.-]+)", line)
+            kind = re.search(r"kind=(\w+)", line)
+            ops = collections.Counter()
+            for inner in computations.get(called.group(1), []) if called else []:
+                op = re.match(r"^(?:ROOT )?%?[\w.-]+ = \S+ ([\w-]+)\(", inner)
+                if op and op.group(1) not in ("parameter", "constant", "bitcast"):
+                    ops[op.group(1)] += 1
+            inner_ops = " ".join(f"{op}x{n}" if n > 1 else op for op, n in ops.most_common(8))
+            described[name] = f"{kind.group(1) if kind else ''} {shape[:60]} {inner_ops}"
+    return described
+
+
+def summarize(trace_file: Path, top: int, explain: dict[str, str] | None = None) -> None:
     with gzip.open(trace_file) as f:
         events = json.loads(f.read())
     events = events["traceEvents"] if isinstance(events, dict) else events
@@ -50,6 +85,33 @@ def summarize(trace_file: Path, top: int) -> None:
         print(f"\n== {group}: {whole:.1f} ms in {sum(calls[group].values())} events")
         for name, ms in totals.most_common(top):
             print(f"{ms:9.2f} ms {100 * ms / whole:5.1f}% {calls[group][name]:6d}x  {name[:110]}")
+            if explain and name in explain and "GPU" in group:
+                print(f"{'':28}{explain[name][:150]}")
+
+
+@contextlib.contextmanager
+def timed_launch_parts(engine):
+    """Seconds spent in each part of `runner.launch`: the upload, the executable call (which
+    launches the step's CUDA graph) and the asynchronous copy back."""
+    parts = collections.Counter()
+    runner = engine.runner
+    original_put, original_compiled = jax.device_put, dict(runner._compiled)
+
+    def timed(name, fn):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            parts[name] += time.perf_counter() - start
+            return result
+        return call
+
+    jax.device_put = timed("device_put", original_put)
+    runner._compiled.update({s: timed("execute", c) for s, c in original_compiled.items()})
+    try:
+        yield parts
+    finally:
+        jax.device_put = original_put
+        runner._compiled.update(original_compiled)
 
 
 def main(argv: list[str]) -> None:
@@ -67,9 +129,12 @@ def main(argv: list[str]) -> None:
     steps0, host0, launch0, wait0 = (engine.num_steps, engine.host_seconds,
                                      engine.launch_seconds, engine.wait_seconds)
     start = time.perf_counter()
-    llm.generate(ids, params)
+    with timed_launch_parts(engine) as parts:
+        llm.generate(ids, params)
     seconds = time.perf_counter() - start
     steps = engine.num_steps - steps0
+    print("launch parts, ms per step: " + ", ".join(
+        f"{name} {total * 1e3 / steps:.3f}" for name, total in parts.items()))
     print(f"untraced: {seconds * 1e3 / steps:.2f} ms/step; per step, host "
           f"{(engine.host_seconds - host0) * 1e3 / steps:.2f} ms (launch "
           f"{(engine.launch_seconds - launch0) * 1e3 / steps:.2f}), waiting for results "
@@ -84,7 +149,13 @@ def main(argv: list[str]) -> None:
           f"({seconds * 1e3 / steps:.2f} ms/step with tracing on)")
     trace = max(Path(FLAGS.trace_dir).rglob("perfetto_trace.json.gz"),
                 key=lambda p: p.stat().st_mtime)
-    summarize(trace, FLAGS.top)
+    explain = None
+    if FLAGS.explain:
+        explain = {}
+        for shape, compiled in llm.engine.runner._compiled.items():
+            if shape.num_prefill == 0:  # names repeat across executables: decode steps only
+                explain.update(hlo_ops(compiled.as_text()))
+    summarize(trace, FLAGS.top, explain)
 
 
 if __name__ == "__main__":

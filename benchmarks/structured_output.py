@@ -2,6 +2,11 @@
 a token mask.
 
     python benchmarks/structured_output.py                  # SmolLM2 on CPU
+    python benchmarks/structured_output.py --model=llama-3.2-1b --dtype=bfloat16 \
+        --tokenizer=DIR --output=...                        # 1B shape, SmolLM2's tokenizer
+
+A random-weight preset has no tokenizer: `--tokenizer` lends it one (a directory written by
+`Tokenizer.save_hf_dir`, or a .gguf file).
 
 For each batch size: unconstrained greedy decoding; the same prompts under a regex that allows
 any text (mask work without changing the length); and under a JSON schema (an array of 40 short
@@ -27,6 +32,7 @@ flags.DEFINE_string("model", "smollm2-135m", "Model preset or path.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_list("batches", ["1", "32"], "Batch sizes.")
 flags.DEFINE_integer("max_tokens", 64, "New tokens per request.")
+flags.DEFINE_string("tokenizer", None, "Tokenizer for a model without one (HF directory or .gguf).")
 flags.DEFINE_string("output", "benchmarks/results/structured_output_cpu.json", "JSON output.")
 
 SCHEMA = {"type": "array", "items": {"type": "string", "minLength": 3, "maxLength": 12},
@@ -52,10 +58,12 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     report = {"benchmark": "structured_output", "model": FLAGS.model, "dtype": FLAGS.dtype,
+              "tokenizer": FLAGS.tokenizer and Path(FLAGS.tokenizer).name,
               "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
               "date": time.strftime("%Y-%m-%d"), "max_tokens": FLAGS.max_tokens, "rows": []}
     for batch in (int(b) for b in FLAGS.batches):
-        llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_num_seqs=batch, warmup=False)
+        llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_num_seqs=batch, warmup=False,
+                  tokenizer=FLAGS.tokenizer)
         prompt = llm.tokenizer.apply_chat_template(
             [{"role": "user", "content": "List some fruit names as a JSON array."}])
         prompts = [prompt] * batch

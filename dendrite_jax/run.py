@@ -21,6 +21,8 @@ from absl import app, flags, logging  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m",
                     "Preset name, preset .toml, .gguf file or Hugging Face checkpoint directory.")
+flags.DEFINE_string("tokenizer", None, "Tokenizer to use instead of the model's own: a Hugging "
+                    "Face tokenizer directory or a .gguf file.")
 flags.DEFINE_string("prompt", "The capital of France is", "Prompt text.")
 flags.DEFINE_boolean("chat", False, "Wrap the prompt as a user message in the chat template.")
 flags.DEFINE_integer("max_tokens", 64, "Maximum number of tokens to generate.")
@@ -51,6 +53,7 @@ def main(argv: list[str]) -> int:
                                 repetition_penalty=FLAGS.repetition_penalty, seed=FLAGS.seed)
         load_start = time.perf_counter()
         llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_model_len=FLAGS.max_model_len,
+                  tokenizer=FLAGS.tokenizer,
                   attention_backend=FLAGS.attention_backend, layer_loop=FLAGS.layer_loop)
         load_seconds = time.perf_counter() - load_start
         prompt = FLAGS.prompt

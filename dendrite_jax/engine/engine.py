@@ -7,16 +7,17 @@ import dataclasses
 import math
 import time
 
+import jax
 import numpy as np
 
 from dendrite_jax.cache.kv import KVCache
 from dendrite_jax.cache.pool import PagePool, PoolStats
 from dendrite_jax.cache.prefix_cache import PrefixCache, PrefixCacheStats
 from dendrite_jax.config import EngineConfig
-from dendrite_jax.engine.buckets import all_shapes, bucket_shape, widest_pages
+from dendrite_jax.engine.buckets import all_shapes, bucket_shape, decode_rows_floor, widest_pages
 from dendrite_jax.engine.page_table import HostPageTable
 from dendrite_jax.engine.request import PENDING, Request, RequestStatus
-from dendrite_jax.engine.runner import ModelRunner, to_host
+from dendrite_jax.engine.runner import ModelRunner, splittable, to_host
 from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.engine.scheduler import ScheduledBatch, Scheduler
 from dendrite_jax.engine.step_output import StepResult
@@ -74,6 +75,7 @@ class Engine:
         # The reference attention gathers the whole page table, so its width is bucketed;
         # the kernels read only each row's pages, so one full width serves every step.
         self.bucket_pages = attention_backend == "reference"
+        self.min_decode_rows = decode_rows_floor(jax.devices()[0].platform)
         self.page_table = HostPageTable(cfg.max_num_seqs, widest_pages(self.max_pages_per_seq))
         self.requests: dict[str, Request] = {}
         self.grammar: GrammarCompiler | None = None
@@ -125,15 +127,20 @@ class Engine:
             self._compile_constraint(request)
         return request
 
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The model's grammar compiler, built on first use (~0.3 s)."""
+        if self.model.tokenizer is None:
+            raise ValueError("structured output needs the model's tokenizer; this model has none")
+        if self.grammar is None:
+            self.grammar = GrammarCompiler(self.model.tokenizer, self.model.config.vocab_size)
+        return self.grammar
+
     def _compile_constraint(self, request: Request) -> None:
         """Give a constrained request its matcher; a constraint llguidance rejects fails that
         request alone (finish_reason "error", llguidance's message in `error`)."""
-        if self.model.tokenizer is None:
-            raise ValueError("structured output needs the model's tokenizer; this model has none")
-        if self.grammar is None:  # built on first use (~0.3 s)
-            self.grammar = GrammarCompiler(self.model.tokenizer, self.model.config.vocab_size)
+        compiler = self.grammar_compiler()
         try:
-            request.matcher = self.grammar.matcher(request.params)
+            request.matcher = compiler.matcher(request.params)
         except GrammarError as e:
             request.fail(str(e))
 
@@ -172,12 +179,9 @@ class Engine:
         self._failed = []
         if self._in_flight is not None and any(r.matcher is not None and r.num_pending
                                                for r in self.scheduler.running):
-            # A constrained row's next mask depends on the token in flight: apply that step
-            # before planning this one (no overlap while constrained requests run).
-            waited = time.perf_counter()
-            touched += self.drain()
-            self.wait_seconds += time.perf_counter() - waited
-            start += time.perf_counter() - waited
+            touched += self._constrained_step()
+            self.host_seconds += time.perf_counter() - start
+            return touched
         batch = self.scheduler.schedule()
         if batch.rows:
             plan = self.build_plan(batch)
@@ -203,6 +207,38 @@ class Engine:
         self.host_seconds += time.perf_counter() - start - wait
         return touched
 
+    def _constrained_step(self) -> list[Request]:
+        """A step while a constrained row's next mask depends on the token in flight.
+
+        The step is planned as usual, but its mask can be filled only once the step in flight
+        is applied. A decode-only step is launched in two halves: the forward first, so the
+        device runs the model while the host reads back the previous step, advances the
+        matchers and fills the mask, then the sampling with that mask. Other steps (prefill
+        chunks) wait for the previous step before launching whole.
+        """
+        batch = self.scheduler.schedule()
+        forward = None
+        if batch.rows:
+            plan = self.build_plan(batch)
+            self.runner.copy_pages([s for s, _ in batch.copies], [d for _, d in batch.copies])
+            if splittable(plan.shape):
+                launch_start = time.perf_counter()
+                forward = self.runner.launch_forward(plan)
+                self.launch_seconds += time.perf_counter() - launch_start
+            self._advance(batch, plan)
+            self.num_steps += 1
+        waited = time.perf_counter()
+        touched = self.drain()  # the matchers take the tokens in flight
+        self.wait_seconds += time.perf_counter() - waited
+        if batch.rows:
+            mask = self.token_mask(batch, plan)
+            launch_start = time.perf_counter()
+            out = (self.runner.launch_sample(plan, forward, mask) if forward is not None
+                   else self.runner.launch(plan, mask))
+            self.launch_seconds += time.perf_counter() - launch_start
+            self._in_flight = (batch, plan, out)
+        return touched
+
     def drain(self) -> list[Request]:
         """Apply the step in flight, if any, launching nothing new."""
         previous, self._in_flight = self._in_flight, None
@@ -224,12 +260,13 @@ class Engine:
         return i if i < num_decode else plan.shape.num_decode + (i - num_decode)
 
     def warmup(self) -> int:
-        """Compile every bucket the scheduler can produce; afterwards a new shape raises."""
+        """Compile every bucket the scheduler can produce (and the split steps constrained
+        decoding uses, if the model has a tokenizer); afterwards a new shape raises."""
         shapes = all_shapes(max_num_seqs=self.cfg.max_num_seqs,
                             max_num_batched_tokens=self.cfg.max_num_batched_tokens,
                             max_pages_per_seq=self.max_pages_per_seq,
-                            bucket_pages=self.bucket_pages)
-        self.runner.warmup(shapes)
+                            bucket_pages=self.bucket_pages, min_decode_rows=self.min_decode_rows)
+        self.runner.warmup(shapes, split=self.model.tokenizer is not None)
         return len(shapes)
 
     def build_plan(self, batch: ScheduledBatch) -> StepPlan:
@@ -245,7 +282,7 @@ class Engine:
             num_decode, q_lens[num_decode:], self.scheduler.pages_for(max(seq_lens)),
             max_pages_per_seq=self.max_pages_per_seq, prompt_logprobs=wants_prompt_lp,
             needs_sort=any(_needs_sort(r.params) for r in reqs),
-            bucket_pages=self.bucket_pages)
+            bucket_pages=self.bucket_pages, min_decode_rows=self.min_decode_rows)
         plan = StepPlan.empty(shape)
         rows = np.arange(len(reqs))
         rows[num_decode:] += shape.num_decode - num_decode
@@ -288,7 +325,8 @@ class Engine:
         """The step's token mask [S, words] if a constrained row samples, else None (all
         allowed). Rows follow the plan's rows, so mixed batches cannot misalign."""
         rows = [(r.matcher, row) for i, (r, _) in enumerate(batch.rows)
-                if r.matcher is not None and plan.sample[row := self._row(plan, batch, i)]]
+                if r.matcher is not None and not r.finished
+                and plan.sample[row := self._row(plan, batch, i)]]
         if not rows:
             return None
         start = time.perf_counter()

@@ -41,6 +41,9 @@ class LLM:
     >>> out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))
     >>> out[0].text
 
+    `tokenizer` (a Hugging Face tokenizer directory or a .gguf file) replaces the model's own,
+    or gives a random-weight preset one (for structured output at benchmark sizes).
+
     `warmup` compiles every step bucket up front and then makes compiling a new one an error
     (default: on for accelerators, off on CPU where compiling on demand is cheaper).
     """
@@ -51,7 +54,7 @@ class LLM:
                  kv_cache_bytes: int = EngineConfig.kv_cache_bytes, seed: int = 0,
                  enable_prefix_caching: bool = False, warmup: bool | None = None,
                  attention_backend: str = "auto", layer_loop: str = "auto",
-                 compilation_cache: bool = True) -> None:
+                 compilation_cache: bool = True, tokenizer: str | None = None) -> None:
         engine_cfg = EngineConfig(dtype=dtype, page_size=page_size, num_pages=num_pages,
                                   max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens,
@@ -61,7 +64,7 @@ class LLM:
         loop = resolve_layer_loop(layer_loop)
         if compilation_cache:
             enable_compilation_cache()
-        loaded = load_model(model, dtype)
+        loaded = load_model(model, dtype, tokenizer)
         self.model = dataclasses.replace(
             loaded, params=with_layer_loop(loaded.params, loop, consume=True))
         del loaded

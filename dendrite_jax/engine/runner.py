@@ -2,7 +2,9 @@
 
 Steps are compiled ahead of time (`jit(...).lower(...).compile()`) per `StepShape`, so the
 runner knows exactly how many compilations serving has caused. The KV cache and the per-slot
-state are donated to every step and replaced by the step's outputs.
+state are donated to every step and replaced by the step's outputs. Decode-only buckets also
+compile as a split step (a forward executable, then a sampling one), which constrained
+decoding uses to fill its token mask while the forward runs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from dendrite_jax.cache.kv import KVCache, copy_pages
 from dendrite_jax.config import ModelConfig
 from dendrite_jax.engine import step_output
-from dendrite_jax.engine.step import SlotState, step
+from dendrite_jax.engine.step import SlotState, forward_step, sample_step, step
 from dendrite_jax.engine.step_output import StepResult
 from dendrite_jax.engine.step_plan import StepPlan, StepShape, field_sizes
 from dendrite_jax.grammar.mask import allow_all, mask_words
@@ -66,6 +68,14 @@ def memory_map_pressure() -> float | None:
 
 MAP_PRESSURE_LIMIT = 0.7
 
+# Executables per bucket: the whole step, or its two halves (`splittable` shapes only).
+STEP, FORWARD, SAMPLE = "step", "forward", "sample"
+
+
+def splittable(shape: StepShape) -> bool:
+    """Buckets that also compile as a split step: decode-only, no prompt logprobs."""
+    return shape.num_prefill == 0 and not shape.prompt_logprobs
+
 
 class ModelRunner:
     """Runs StepPlans on the device. Not thread-safe: one step at a time."""
@@ -77,9 +87,15 @@ class ModelRunner:
         self.attention_backend = attention_backend
         self.kv = KVCache.create(cfg, num_pages, page_size, dtype)
         self.slots = SlotState.create(num_slots, cfg.vocab_size)
-        self._jitted = jax.jit(step, static_argnames=("cfg", "shape", "attention_backend"),
-                               donate_argnames=("kv", "slots"))
-        self._compiled: collections.OrderedDict[StepShape, Any] = collections.OrderedDict()
+        static = ("cfg", "shape", "attention_backend")
+        self._jitted = {
+            STEP: jax.jit(step, static_argnames=static, donate_argnames=("kv", "slots")),
+            FORWARD: jax.jit(forward_step, static_argnames=static,
+                             donate_argnames=("kv", "slots")),
+            SAMPLE: jax.jit(sample_step, static_argnames=("shape",), donate_argnames=("slots",)),
+        }
+        self._compiled: collections.OrderedDict[tuple[StepShape, str], Any] = (
+            collections.OrderedDict())
         # (shape, seconds) per compilation, loads from the persistent cache included.
         self.compile_log: list[tuple[StepShape, float]] = []
         self.frozen = False  # after warm-up: compiling a new shape raises RecompileError
@@ -91,26 +107,37 @@ class ModelRunner:
 
     @property
     def compiled_shapes(self) -> list[StepShape]:
-        return sorted(self._compiled)
+        return sorted({shape for shape, _ in self._compiled})
 
-    def compile(self, shape: StepShape) -> Any:
-        """Compile the step for `shape` (idempotent)."""
-        if shape in self._compiled:
-            self._compiled.move_to_end(shape)
+    def compile(self, shape: StepShape, kind: str = STEP) -> Any:
+        """Compile the step (or one half of the split step) for `shape` (idempotent)."""
+        key = (shape, kind)
+        if key in self._compiled:
+            self._compiled.move_to_end(key)
         else:
             if self.frozen:
-                raise RecompileError(f"step shape {shape} was not compiled at warm-up")
+                raise RecompileError(f"step shape {shape} ({kind}) was not compiled at warm-up")
+            if kind != STEP and not splittable(shape):
+                raise ValueError(f"step shape {shape} has no split step")
             self._relieve_map_pressure()
             start = time.perf_counter()
             buffer = jax.ShapeDtypeStruct((sum(field_sizes(shape).values()),), jnp.int32)
             mask = jax.ShapeDtypeStruct((shape.num_seqs, mask_words(self.cfg.vocab_size)),
                                         jnp.int32)
-            lowered = self._jitted.lower(self.params, self.kv, self.slots, buffer, mask,
-                                         cfg=self.cfg, shape=shape,
-                                         attention_backend=self.attention_backend)
-            self._compiled[shape] = lowered.compile()
+            models = dict(cfg=self.cfg, shape=shape, attention_backend=self.attention_backend)
+            if kind == STEP:
+                lowered = self._jitted[STEP].lower(self.params, self.kv, self.slots, buffer, mask,
+                                                   **models)
+            elif kind == FORWARD:
+                lowered = self._jitted[FORWARD].lower(self.params, self.kv, self.slots, buffer,
+                                                      **models)
+            else:
+                logits = jax.ShapeDtypeStruct((shape.num_seqs, self.cfg.vocab_size), jnp.float32)
+                lowered = self._jitted[SAMPLE].lower(logits, self.slots, buffer, mask,
+                                                     shape=shape)
+            self._compiled[key] = lowered.compile()
             self.compile_log.append((shape, time.perf_counter() - start))
-        return self._compiled[shape]
+        return self._compiled[key]
 
     def _relieve_map_pressure(self) -> None:
         """Before compiling: if the process nears its memory-mapping limit, drop the least
@@ -122,19 +149,23 @@ class ModelRunner:
             self._compiled.popitem(last=False)
         jax.clear_caches()
 
-    def warmup(self, shapes: list[StepShape]) -> None:
-        """Compile every shape, then refuse to compile anything else. A progress line shows
-        on stderr when this takes more than a few seconds (hundreds of shapes can take many
-        minutes on a GPU)."""
-        progress = Progress("warm-up: compiling step shapes", len(shapes))
-        for i, shape in enumerate(shapes):
+    def warmup(self, shapes: list[StepShape], *, split: bool = False) -> None:
+        """Compile every shape (and, with `split`, the split step of each splittable one),
+        then refuse to compile anything else. A progress line shows on stderr when this takes
+        more than a few seconds (hundreds of shapes can take many minutes on a GPU)."""
+        work = [(shape, STEP) for shape in shapes]
+        if split:
+            work += [(shape, kind) for shape in shapes if splittable(shape)
+                     for kind in (FORWARD, SAMPLE)]
+        progress = Progress("warm-up: compiling step shapes", len(work))
+        for i, (shape, kind) in enumerate(work):
             pressure = memory_map_pressure()
             if pressure is not None and pressure > MAP_PRESSURE_LIMIT:
                 raise RuntimeError(
                     f"warm-up compiled {i} of {len(shapes)} step shapes and this process is at "
                     f"{pressure:.0%} of its memory-mapping limit (vm.max_map_count); lower "
                     "max_num_seqs, max_num_batched_tokens or max_model_len, or use warmup=False")
-            self.compile(shape)
+            self.compile(shape, kind)
             progress.update(i + 1)
         progress.close()
         self.frozen = True
@@ -145,16 +176,34 @@ class ModelRunner:
         uploaded for the mask: an all-ones device array per row count is kept."""
         compiled = self.compile(plan.shape)
         buffer = jax.device_put(plan.pack())
-        if token_mask is None:
-            rows = plan.shape.num_seqs
-            if rows not in self._allow_all:
-                self._allow_all[rows] = jax.device_put(allow_all(rows, self.cfg.vocab_size))
-            mask = self._allow_all[rows]
-        else:
-            mask = jax.device_put(token_mask)
+        mask = self._device_mask(plan.shape.num_seqs, token_mask)
         out, self.kv, self.slots = compiled(self.params, self.kv, self.slots, buffer, mask)
         out.copy_to_host_async()
         return out
+
+    def launch_forward(self, plan: StepPlan) -> tuple[jax.Array, jax.Array]:
+        """Start the model half of a split step; returns what `launch_sample` takes."""
+        compiled = self.compile(plan.shape, FORWARD)
+        buffer = jax.device_put(plan.pack())
+        logits, self.kv, self.slots = compiled(self.params, self.kv, self.slots, buffer)
+        return logits, buffer
+
+    def launch_sample(self, plan: StepPlan, forward: tuple[jax.Array, jax.Array],
+                      token_mask: np.ndarray | None = None) -> jax.Array:
+        """Finish a split step started by `launch_forward`: the same outputs as `launch`."""
+        compiled = self.compile(plan.shape, SAMPLE)
+        logits, buffer = forward
+        out, self.slots = compiled(logits, self.slots, buffer,
+                                   self._device_mask(plan.shape.num_seqs, token_mask))
+        out.copy_to_host_async()
+        return out
+
+    def _device_mask(self, rows: int, token_mask: np.ndarray | None) -> jax.Array:
+        if token_mask is not None:
+            return jax.device_put(token_mask)
+        if rows not in self._allow_all:
+            self._allow_all[rows] = jax.device_put(allow_all(rows, self.cfg.vocab_size))
+        return self._allow_all[rows]
 
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         """Device half of copy-on-write: duplicate pages src[i] into dst[i]."""

@@ -94,17 +94,21 @@ def sample(logits: jax.Array, batch: SamplingBatch, positions: jax.Array, *,
     return jnp.where(batch.temperature > 0, sampled_tokens, greedy_tokens)
 
 
-def top_logprobs(logprobs: jax.Array, chosen: jax.Array, *,
-                 ranked: bool = True) -> tuple[jax.Array, ...]:
+def top_logprobs(logprobs: jax.Array, chosen: jax.Array, *, ranked: bool = True,
+                 allowed: jax.Array | None = None) -> tuple[jax.Array, ...]:
     """For rows of log-probabilities [N, V] and chosen tokens [N]: the chosen token's logprob
     and rank (1 = most likely), and the top MAX_LOGPROBS (logprobs, ids). With `ranked`
-    False (static) only the chosen logprob is computed, the rest are zeros: top-k is a sort."""
+    False (static) only the chosen logprob is computed, the rest are zeros: top-k is a sort.
+    With `allowed` [N, V], ranks and the top list count only allowed tokens (values stay the
+    unmasked log-probabilities; fewer allowed tokens than MAX_LOGPROBS pad with -inf)."""
     chosen_lp = jnp.take_along_axis(logprobs, chosen[:, None], axis=-1)[:, 0]
     if not ranked:
         rows = logprobs.shape[0]
         return (chosen_lp, jnp.zeros((rows,), jnp.int32),
                 jnp.zeros((rows, MAX_LOGPROBS), logprobs.dtype),
                 jnp.zeros((rows, MAX_LOGPROBS), jnp.int32))
+    if allowed is not None:
+        logprobs = jnp.where(allowed, logprobs, -jnp.inf)
     rank = jnp.sum(logprobs > chosen_lp[:, None], axis=-1).astype(jnp.int32) + 1
     top_lp, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
     return chosen_lp, rank, top_lp, top_ids.astype(jnp.int32)

@@ -17,7 +17,8 @@ class SamplingParams:
     `include_stop_str_in_output`); `stop_token_ids` end it after emitting that token; EOS
     ends it unless `ignore_eos`. `logprobs=n` returns the top-n logprobs of each generated
     token plus the chosen one; `prompt_logprobs=n` does the same for each prompt token.
-    Logprobs are those of the raw model distribution (before penalties and temperature).
+    Logprobs are those of the raw model distribution (before penalties and temperature); under
+    a constraint, ranks and the top alternatives count only the tokens it allows.
 
     `n` completions per prompt share the prompt's KV pages (each samples with seed + i when a
     seed is given); with `best_of`, that many are generated and the n with the highest
@@ -84,20 +85,7 @@ class SamplingParams:
         _check(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
         _check(self.best_of is None or (isinstance(self.best_of, int) and self.best_of >= self.n),
                f"best_of must be an integer >= n ({self.n}), got {self.best_of!r}")
-        given = [n for n in ("json_schema", "regex", "grammar", "choice")
-                 if getattr(self, n) is not None]
-        _check(len(given) <= 1, f"give at most one of json_schema, regex, grammar, choice; got "
-               f"{', '.join(given)}")
-        _check(self.json_schema is None or isinstance(self.json_schema, dict | str),
-               f"json_schema must be a dict or a JSON string, got {type(self.json_schema).__name__}")
-        for name in ("regex", "grammar"):
-            value = getattr(self, name)
-            _check(value is None or (isinstance(value, str) and value),
-                   f"{name} must be a non-empty string, got {value!r}")
-        if self.choice is not None:
-            self.choice = list(self.choice)
-            _check(bool(self.choice) and all(isinstance(c, str) and c for c in self.choice),
-                   f"choice must be a non-empty list of non-empty strings, got {self.choice!r}")
+        check_constraint(self)
 
     @property
     def num_sequences(self) -> int:
@@ -106,8 +94,30 @@ class SamplingParams:
 
     @property
     def constrained(self) -> bool:
-        return any(getattr(self, n) is not None
-                   for n in ("json_schema", "regex", "grammar", "choice"))
+        return any(getattr(self, n) is not None for n in CONSTRAINTS)
+
+
+CONSTRAINTS = ("json_schema", "regex", "grammar", "choice")
+
+
+def check_constraint(params) -> None:
+    """Validate the structured-output fields (`CONSTRAINTS`) of sampling or beam-search
+    parameters: at most one, each of its type. Normalises `choice` to a list."""
+    given = [n for n in CONSTRAINTS if getattr(params, n) is not None]
+    _check(len(given) <= 1, f"give at most one of json_schema, regex, grammar, choice; got "
+           f"{', '.join(given)}")
+    _check(params.json_schema is None or isinstance(params.json_schema, dict | str),
+           f"json_schema must be a dict or a JSON string, got "
+           f"{type(params.json_schema).__name__}")
+    for name in ("regex", "grammar"):
+        value = getattr(params, name)
+        _check(value is None or (isinstance(value, str) and value),
+               f"{name} must be a non-empty string, got {value!r}")
+    if params.choice is not None:
+        choice = list(params.choice) if isinstance(params.choice, list | tuple) else None
+        _check(bool(choice) and all(isinstance(c, str) and c for c in choice),
+               f"choice must be a non-empty list of non-empty strings, got {params.choice!r}")
+        object.__setattr__(params, "choice", choice)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -2,7 +2,8 @@
 
 Pure: writes this step's K/V into pages, runs the decoder over a mix of decode tokens and
 prefill chunks, samples one token per row and computes logprobs. The KV cache and the
-per-slot state are donated by the caller so XLA updates them in place.
+per-slot state are donated by the caller so XLA updates them in place. `forward_step` and
+`sample_step` are the same step in two halves (see there).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dendrite_jax.config import ModelConfig
 from dendrite_jax.engine import step_output
 from dendrite_jax.engine.sampling import apply_penalties, sample, top_logprobs
 from dendrite_jax.engine.step_plan import DevicePlan, StepShape, unpack
-from dendrite_jax.grammar.mask import apply_token_mask
+from dendrite_jax.grammar.mask import allowed_tokens
 from dendrite_jax.model.llama import compute_logits, forward
 from dendrite_jax.model.params import Params
 
@@ -48,6 +49,45 @@ def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array,
     """One step; returns its outputs packed as `step_output.output_layout(shape)`.
     `token_mask` [S, ceil(V/32)] holds each row's allowed next tokens (`grammar.mask`)."""
     plan = unpack(plan_buffer, shape)
+    hidden, kv, slots = _run_model(params, kv, slots, plan, cfg=cfg, shape=shape,
+                                   attention_backend=attention_backend)
+    logits = _last_token_logits(params, hidden, plan, shape)
+    out, slots = _sample(logits, slots, plan, token_mask, shape)
+    if shape.prompt_logprobs:
+        with jax.named_scope("prompt_logprobs"):
+            all_logprobs = jax.nn.log_softmax(compute_logits(params, hidden), axis=-1)
+            out.update(zip(("prompt_logprob", "prompt_rank", "prompt_top_logprobs",
+                            "prompt_top_ids"), top_logprobs(all_logprobs, plan.targets),
+                           strict=True))
+    return step_output.pack(shape, out), kv, slots
+
+
+# A split step is `step` in two executables, `forward_step` then `sample_step`, so the host can
+# fill the token mask while the device runs the model (constrained decoding keeps the overlap).
+# Only for shapes without prompt logprobs.
+
+def forward_step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array, *,
+                 cfg: ModelConfig, shape: StepShape,
+                 attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
+    """The model half of a split step: float32 logits [S, V] of each row's last token."""
+    plan = unpack(plan_buffer, shape)
+    hidden, kv, slots = _run_model(params, kv, slots, plan, cfg=cfg, shape=shape,
+                                   attention_backend=attention_backend)
+    return _last_token_logits(params, hidden, plan, shape), kv, slots
+
+
+def sample_step(logits: jax.Array, slots: SlotState, plan_buffer: jax.Array,
+                token_mask: jax.Array, *, shape: StepShape) -> tuple[jax.Array, SlotState]:
+    """The sampling half of a split step: the same packed outputs as `step`."""
+    assert not shape.prompt_logprobs, "a split step has no prompt logprobs"
+    out, slots = _sample(logits, slots, unpack(plan_buffer, shape), token_mask, shape)
+    return step_output.pack(shape, out), slots
+
+
+def _run_model(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan, *,
+               cfg: ModelConfig, shape: StepShape,
+               attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
+    """The decoder over the step's tokens (K/V written), and the inputs' penalty statistics."""
     meta = AttentionMetadata.build(plan.q_lens, plan.seq_lens, plan.page_tables,
                                    num_decode=shape.num_decode, max_q_len=shape.max_q_len,
                                    page_size=kv.page_size, num_pages=kv.num_pages)
@@ -56,36 +96,42 @@ def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array,
                           plan.input_ids)
     hidden, kv = forward(params, kv, input_ids, meta, cfg, num_decode=shape.num_decode,
                          max_q_len=shape.max_q_len, attention_backend=attention_backend)
-
     with jax.named_scope("slot_state"):
         slots = _record_inputs(slots, plan, meta, input_ids, token_slots)
+    return hidden, kv, slots
 
+
+def _last_token_logits(params: Params, hidden: jax.Array, plan: DevicePlan,
+                       shape: StepShape) -> jax.Array:
     with jax.named_scope("sampling"):
         row_starts = jnp.asarray([shape.row_start(r) for r in range(shape.num_seqs)], jnp.int32)
         last_token = row_starts + jnp.maximum(plan.q_lens - 1, 0)
-        logits = compute_logits(params, hidden[last_token])  # [S, V] float32
+        return compute_logits(params, hidden[last_token])  # [S, V] float32
+
+
+def _sample(logits: jax.Array, slots: SlotState, plan: DevicePlan, token_mask: jax.Array,
+            shape: StepShape) -> tuple[dict[str, jax.Array], SlotState]:
+    """Penalties, the token mask, sampling and logprobs; the sampled tokens go to the slots'
+    last-token buffer."""
+    with jax.named_scope("sampling"):
         raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
         b = plan.sampling
         # Branch-free (see `sample`): neutral penalties leave the logits bit-identical.
         logits = apply_penalties(logits, slots.prompt_mask[plan.slot_ids],
                                  slots.output_counts[plan.slot_ids], b)
-        logits = apply_token_mask(logits, token_mask)
+        allowed = allowed_tokens(token_mask, logits.shape[-1])
+        logits = jnp.where(allowed, logits, -jnp.inf)
         # The sampled token will sit at position seq_len: noise depends on (seed, position).
         tokens = sample(logits, b, plan.seq_lens, truncate=shape.needs_sort)
         sampled_rows = jnp.where(plan.sample > 0, plan.slot_ids, slots.last_token.shape[0])
         slots = dataclasses.replace(
             slots, last_token=slots.last_token.at[sampled_rows].set(tokens, mode="drop"))
+        # Ranks and top alternatives are among the tokens the row's constraint allows (all,
+        # unconstrained): beam search takes its candidates from them.
         logprob, rank, top_lp, top_ids = top_logprobs(raw_logprobs, tokens,
-                                                      ranked=shape.needs_sort)
-    out = dict(tokens=tokens, logprob=logprob, rank=rank, top_logprobs=top_lp, top_ids=top_ids)
-
-    if shape.prompt_logprobs:
-        with jax.named_scope("prompt_logprobs"):
-            all_logprobs = jax.nn.log_softmax(compute_logits(params, hidden), axis=-1)
-            out.update(zip(("prompt_logprob", "prompt_rank", "prompt_top_logprobs",
-                            "prompt_top_ids"), top_logprobs(all_logprobs, plan.targets),
-                           strict=True))
-    return step_output.pack(shape, out), kv, slots
+                                                      ranked=shape.needs_sort, allowed=allowed)
+    return dict(tokens=tokens, logprob=logprob, rank=rank, top_logprobs=top_lp,
+                top_ids=top_ids), slots
 
 
 def _record_inputs(slots: SlotState, plan: DevicePlan, meta: AttentionMetadata,
@@ -109,4 +155,4 @@ def _record_inputs(slots: SlotState, plan: DevicePlan, meta: AttentionMetadata,
     return dataclasses.replace(slots, prompt_mask=prompt_mask, output_counts=output_counts)
 
 
-__all__ = ["FROM_LAST_TOKEN", "SlotState", "step"]
+__all__ = ["FROM_LAST_TOKEN", "SlotState", "forward_step", "sample_step", "step"]

@@ -1,7 +1,8 @@
 """Resolve a model argument to config, params and tokenizer.
 
 `model` may be a preset name (`smollm2-135m`, `llama-3.2-1b`), a preset `.toml` path, a
-`.gguf` file, or a Hugging Face checkpoint directory.
+`.gguf` file, or a Hugging Face checkpoint directory. `tokenizer` replaces the model's own (or
+gives a random-weight preset one): a Hugging Face tokenizer directory or a `.gguf` file.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib.util
 from pathlib import Path
 
 from dendrite_jax.config import ModelConfig, Preset, load_preset
+from dendrite_jax.model.gguf_file import GgufFile
 from dendrite_jax.model.params import Params
 from dendrite_jax.model.tokenizer import Tokenizer
 from dendrite_jax.model.weights import load_gguf, load_hf, load_random
@@ -39,11 +41,30 @@ def preset_gguf_path(preset: Preset) -> Path:
     return path
 
 
-def load_model(model: str, dtype: str) -> LoadedModel:
+def load_tokenizer(source: str) -> Tokenizer:
+    """A tokenizer from a Hugging Face directory (tokenizer.json, tokenizer_config.json) or the
+    metadata of a .gguf file."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return Tokenizer.from_hf_dir(path)
+    if path.suffix == ".gguf" and path.is_file():
+        return Tokenizer.from_gguf(GgufFile(path))
+    raise ValueError(f"tokenizer {source!r}: not a Hugging Face tokenizer directory or a .gguf "
+                     "file")
+
+
+def load_model(model: str, dtype: str, tokenizer: str | None = None) -> LoadedModel:
+    loaded = _load(model, dtype)
+    if tokenizer is not None:
+        loaded = dataclasses.replace(loaded, tokenizer=load_tokenizer(tokenizer))
+    return _checked(loaded)
+
+
+def _load(model: str, dtype: str) -> LoadedModel:
     path = Path(model).expanduser()
     if path.is_dir():
         cfg, params = load_hf(path, dtype)
-        return _checked(LoadedModel(cfg, params, Tokenizer.from_hf_dir(path), str(path)))
+        return LoadedModel(cfg, params, Tokenizer.from_hf_dir(path), str(path))
     if path.suffix == ".gguf":
         return _load_gguf_file(path, dtype)
     preset = load_preset(model)
@@ -58,7 +79,7 @@ def _load_gguf_file(path: Path, dtype: str, name: str | None = None) -> LoadedMo
     cfg, params, gguf = load_gguf(path, dtype)
     if name:
         cfg = dataclasses.replace(cfg, name=name)
-    return _checked(LoadedModel(cfg, params, Tokenizer.from_gguf(gguf), str(path)))
+    return LoadedModel(cfg, params, Tokenizer.from_gguf(gguf), str(path))
 
 
 def _checked(model: LoadedModel) -> LoadedModel:

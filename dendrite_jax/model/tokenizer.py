@@ -116,6 +116,22 @@ class Tokenizer:
                    add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
                    stop_token_ids=() if eot is None else (int(eot),))
 
+    def save_hf_dir(self, directory: Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and generation_config.json, which
+        `from_hf_dir` (and Hugging Face tokenizers) read back to the same tokenizer. Only for
+        tokenizers that add no BOS themselves (`add_bos_token` False), as SmolLM2's."""
+        if self.add_bos_token:
+            raise ValueError("save_hf_dir does not write add_bos_token; this tokenizer adds BOS")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        token = lambda i: None if i is None else self.backend.id_to_token(i)  # noqa: E731
+        config = {"bos_token": token(self.bos_token_id), "eos_token": token(self.eos_token_id),
+                  "chat_template": self.chat_template}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+        (directory / "generation_config.json").write_text(
+            json.dumps({"eos_token_id": list(self.stop_token_ids)}))
+
     @classmethod
     def from_hf_dir(cls, directory: Path) -> Tokenizer:
         path = directory / "tokenizer.json"

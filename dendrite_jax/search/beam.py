@@ -14,18 +14,30 @@ sum_logprobs / generated_length ** length_penalty; the w best unfinished ones co
 beam, scored at its current length, cannot beat the worst finished hypothesis; "never" scores
 it at the maximum length when length_penalty > 0. Outputs are the finished hypotheses, best
 first.
+
+A constraint (json_schema, regex, grammar or choice, as in `SamplingParams`) applies per beam:
+each beam owns an llguidance matcher, a child beam takes its parent's (the last child) or a
+copy of it (the others) and advances it by its token, and each step's mask keeps every beam's
+candidates among the tokens its own matcher allows (EOS only where the constraint is
+complete). Scores stay the model's unmasked log-probabilities, as a transformers logits
+processor that sets disallowed tokens to -inf leaves them.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
+
+import numpy as np
 
 from dendrite_jax.engine.buckets import bucket_shape
 from dendrite_jax.engine.runner import to_host
 from dendrite_jax.engine.sampling import MAX_LOGPROBS
+from dendrite_jax.engine.sampling_params import CONSTRAINTS, check_constraint
 from dendrite_jax.engine.step_output import StepResult
 from dendrite_jax.engine.step_plan import StepPlan
+from dendrite_jax.grammar.mask import allow_all
 from dendrite_jax.search.tree import TreeState
 
 DEAD = -1.0e9  # transformers' score for "not a candidate"
@@ -37,6 +49,14 @@ class BeamSearchParams:
     max_tokens: int = 16
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    json_schema: dict | str | None = None  # at most one constraint, as in SamplingParams
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | None = None
+
+    @property
+    def constrained(self) -> bool:
+        return any(getattr(self, n) is not None for n in CONSTRAINTS)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.beam_width, int) and 1 <= self.beam_width <= MAX_LOGPROBS // 2):
@@ -47,6 +67,7 @@ class BeamSearchParams:
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got "
                              f"{self.early_stopping!r}")
+        check_constraint(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +93,7 @@ class _Beam:
     pages: list[int]
     score: float
     last: int = -1  # the last generated token (this step's input)
+    matcher: object | None = None  # llguidance matcher at this beam's tokens (constrained)
 
 
 class _Search:
@@ -142,7 +164,8 @@ def _candidates(beams: list[_Beam], result: StepResult, rows: list[int]) -> list
         if beam.score <= DEAD / 2:
             continue  # an ended beam kept as filler: its candidates never reach the top
         for lp, tok in zip(result.top_logprobs[row], result.top_ids[row], strict=True):
-            out.append((beam.score + float(lp), b, int(tok)))
+            if np.isfinite(lp):  # -inf: fewer tokens than the list's length are allowed
+                out.append((beam.score + float(lp), b, int(tok)))
     out.sort(key=lambda c: -c[0])  # stable: ties keep beam-major order, as a flat top-k does
     return out
 
@@ -161,6 +184,10 @@ def beam_search(engine, prompts: list[list[int]], params: BeamSearchParams
         if len(p) + params.max_tokens > engine.max_model_len:
             raise ValueError(f"prompt of {len(p)} tokens + max_tokens {params.max_tokens} exceeds "
                              f"max_model_len {engine.max_model_len}")
+    # A constraint llguidance rejects raises GrammarError (a ValueError) before anything runs.
+    compiler = engine.grammar_compiler() if params.constrained else None
+    if compiler is not None:
+        compiler.matcher(params)
     group = max(1, engine.cfg.max_num_seqs // width)
     outputs = []
     for start in range(0, len(prompts), group):
@@ -176,10 +203,11 @@ def _run_group(engine, prompts: list[list[int]], params: BeamSearchParams,
         # Prefill each prompt once; its last position's logprobs seed the beams.
         for s in searches:
             root = _Beam(len(s.prompt), -1, 0,
-                         pool.allocate(math.ceil(len(s.prompt) / page_size)), 0.0)
+                         pool.allocate(math.ceil(len(s.prompt) / page_size)), 0.0,
+                         matcher=engine.grammar.matcher(params) if params.constrained else None)
             s.running = [root]
             s.max_pages = len(root.pages)
-            result = _prefill(engine, s.prompt, root.pages)
+            result = _prefill(engine, s.prompt, root.pages, root.matcher)
             _advance(s, pool, _candidates([root], result, [0]))
             pool.free(root.pages)
         while not all(s.done for s in searches):
@@ -189,7 +217,7 @@ def _run_group(engine, prompts: list[list[int]], params: BeamSearchParams,
             for s in live:
                 s.max_pages = max(s.max_pages, len({p for b in s.running for p in b.pages}))
             result = _run(engine, [([b.last], b.prompt_len + b.length - 1, b.pages, b.prompt_len)
-                                   for b in beams])
+                                   for b in beams], [b.matcher for b in beams])
             row = 0
             for s in live:
                 n = len(s.running)
@@ -220,6 +248,23 @@ def _advance(s: _Search, pool, candidates: list[tuple]) -> None:
     for b in parents:
         if b.node >= 0:
             s.tree.release(b.node)
+    _fork_matchers(parents, s.running, nxt)
+
+
+def _fork_matchers(parents: list[_Beam], children: list[_Beam], nxt: list[tuple]) -> None:
+    """Each live child's matcher: its parent's advanced by the child's token (the parent's own
+    object for the last child, copies for the others). Filler beams (ended) get none."""
+    by_parent = collections.defaultdict(list)
+    for child, (p, _, score) in zip(children, nxt, strict=True):
+        if parents[p].matcher is not None and score > DEAD / 2:
+            by_parent[p].append(child)
+    for p, kids in by_parent.items():
+        for i, child in enumerate(kids):
+            matcher = parents[p].matcher if i == len(kids) - 1 else parents[p].matcher.deep_copy()
+            if not matcher.consume_token(child.last):
+                raise RuntimeError(f"constraint rejected token {child.last} that its mask "
+                                   f"allowed: {matcher.get_error()}")
+            child.matcher = matcher
 
 
 def _grow_pages(engine, beams: list[_Beam]) -> None:
@@ -241,25 +286,29 @@ def _grow_pages(engine, beams: list[_Beam]) -> None:
     engine.runner.copy_pages(src, dst)
 
 
-def _prefill(engine, prompt: list[int], pages: list[int]) -> StepResult:
+def _prefill(engine, prompt: list[int], pages: list[int], matcher) -> StepResult:
     """Compute the prompt's K/V in chunks of the token budget; the last chunk's result (row 0)
-    holds the logprobs after the prompt."""
+    holds the logprobs after the prompt (among the tokens `matcher` allows, if any)."""
     budget = engine.cfg.max_num_batched_tokens
     for start in range(0, len(prompt), budget):
-        result = _run(engine, [(prompt[start:start + budget], start, pages, len(prompt))])
+        result = _run(engine, [(prompt[start:start + budget], start, pages, len(prompt))],
+                      [matcher])
     return result
 
 
-def _run(engine, rows: list[tuple[list[int], int, list[int], int]]) -> StepResult:
+def _run(engine, rows: list[tuple[list[int], int, list[int], int]],
+         matchers: list) -> StepResult:
     """One synchronous step over rows of (input tokens, position of the first, pages, prompt
-    length), decode rows (one token) first, each reading back its top logprobs."""
+    length), decode rows (one token) first, each reading back its top logprobs among the
+    tokens its matcher (None: unconstrained) allows."""
     num_decode = sum(1 for tokens, *_ in rows if len(tokens) == 1)
     assert all(len(r[0]) == 1 for r in rows[:num_decode]), "decode rows come first"
     pages_for = engine.scheduler.pages_for
     shape = bucket_shape(num_decode, [len(r[0]) for r in rows[num_decode:]],
                          max(pages_for(start + len(tokens)) for tokens, start, *_ in rows),
                          max_pages_per_seq=engine.max_pages_per_seq, prompt_logprobs=False,
-                         needs_sort=True, bucket_pages=engine.bucket_pages)
+                         needs_sort=True, bucket_pages=engine.bucket_pages,
+                         min_decode_rows=engine.min_decode_rows)
     plan = StepPlan.empty(shape)
     for i, (tokens, start, pages, prompt_len) in enumerate(rows):
         row = i if i < num_decode else shape.num_decode + i - num_decode
@@ -271,5 +320,11 @@ def _run(engine, rows: list[tuple[list[int], int, list[int], int]]) -> StepResul
         plan.slot_ids[row] = row  # the engine is idle: every slot is free
         plan.prompt_lens[row] = prompt_len
         plan.sample[row] = plan.reset[row] = 1
-    out = engine.runner.launch(plan)
+    constrained = [(m, i if i < num_decode else shape.num_decode + i - num_decode)
+                   for i, m in enumerate(matchers) if m is not None]
+    mask = None
+    if constrained:
+        mask = allow_all(shape.num_seqs, engine.model.config.vocab_size)
+        engine.grammar.fill(mask, constrained)
+    out = engine.runner.launch(plan, mask)
     return to_host(shape, out)

@@ -29,12 +29,22 @@ def test_each_bucket_compiles_once():
 
 
 def test_bucket_shapes_are_powers_of_two():
+    from dendrite_jax.engine.buckets import all_shapes, decode_rows_floor
+
     shape = bucket_shape(3, [5, 13], 3, max_pages_per_seq=64, prompt_logprobs=False)
     dims = lambda s: (s.num_decode, s.num_prefill, s.max_q_len, s.pages_per_seq)  # noqa: E731
     assert dims(shape) == (4, 2, 16, 4)
     decode = bucket_shape(5, [], 9, max_pages_per_seq=64, prompt_logprobs=False)
     assert dims(decode) == (8, 0, 1, 16)
     assert decode.num_tokens == 8
+    # On a GPU one decode row still makes a two-row step: XLA's GPU compiler turns a one-row
+    # projection into multiply + reduce (buckets.decode_rows_floor).
+    single = bucket_shape(1, [], 1, max_pages_per_seq=64, prompt_logprobs=False,
+                          min_decode_rows=decode_rows_floor("gpu"))
+    assert dims(single) == (2, 0, 1, 4)
+    assert decode_rows_floor("cpu") == 1
+    assert single in all_shapes(max_num_seqs=1, max_num_batched_tokens=16, max_pages_per_seq=4,
+                                min_decode_rows=2)
 
 
 def test_full_width_page_tables_for_kernels():

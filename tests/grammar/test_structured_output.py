@@ -170,3 +170,21 @@ def test_preemption_and_aborts_keep_constraints_aligned():
         jsonschema.validate(json.loads(outputs[rid].text), schema)
     assert all(len(outputs[rid].token_ids) == 40 for rid in free)
     assert llm.stats().pool.used == 0
+
+
+def test_split_steps_equal_whole_steps(smollm, monkeypatch):
+    """While constrained requests decode, each step launches as two executables (forward, then
+    sampling once the mask is filled): same tokens as whole steps that wait for the mask."""
+    from dendrite_jax.engine import engine as engine_module
+    from dendrite_jax.engine.runner import FORWARD
+
+    prompt = chat(smollm, "Give an example of a small JSON object.")
+    requests = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0, json_schema=SCHEMAS[3]),
+                SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, seed=4, regex=r"[a-z ]{5,60}"),
+                SamplingParams(max_tokens=24, temperature=0.7, seed=2)]
+    split = smollm.generate([prompt] * 3, requests)
+    assert any(kind == FORWARD for _, kind in smollm.engine.runner._compiled)
+    monkeypatch.setattr(engine_module, "splittable", lambda shape: False)
+    whole = smollm.generate([prompt] * 3, requests)
+    assert [o.token_ids for o in split] == [o.token_ids for o in whole]
+    assert smollm.stats().pool.used == 0

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dendrite_jax import LLM, SamplingParams
+from dendrite_jax.model.loader import load_tokenizer
 from dendrite_jax.model.tokenizer import IncrementalDetokenizer
 
 
@@ -65,3 +69,32 @@ def test_truncated_utf8_is_flushed_at_the_end(tokenizer):
     deltas, tail = _stream(tokenizer, broken)
     assert "".join(deltas) == "ok" and "\ufffd" in tail
     assert "".join(deltas) + tail == tokenizer.decode(broken)
+
+
+def test_saved_hf_dir_loads_back_the_same_tokenizer(tokenizer, tmp_path):
+    tokenizer.save_hf_dir(tmp_path)
+    loaded = load_tokenizer(str(tmp_path))
+    text = "Héllo, wörld! 1234 <|im_start|>user\n  tabs\tand ünïcode 🙂"
+    assert loaded.encode(text) == tokenizer.encode(text)
+    assert loaded.decode(tokenizer.encode(text)) == tokenizer.decode(tokenizer.encode(text))
+    assert loaded.stop_token_ids == tokenizer.stop_token_ids
+    assert (loaded.bos_token_id, loaded.eos_token_id) == (tokenizer.bos_token_id,
+                                                          tokenizer.eos_token_id)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert loaded.apply_chat_template(messages) == tokenizer.apply_chat_template(messages)
+
+
+def test_tokenizer_for_a_random_weight_model(tokenizer, tmp_path):
+    """`LLM(tokenizer=...)` gives a random-weight preset a real tokenizer, so structured output
+    runs at benchmark shapes; a tokenizer larger than the embedding is refused."""
+    tokenizer.save_hf_dir(tmp_path / "tok")
+    preset = (Path(__file__).parents[2] / "configs" / "tiny-random.toml").read_text()
+    (tmp_path / "small.toml").write_text(preset)
+    with pytest.raises(ValueError, match="the tokenizer has 49152 tokens"):
+        LLM(model=str(tmp_path / "small.toml"), tokenizer=str(tmp_path / "tok"))
+    (tmp_path / "wide.toml").write_text(preset.replace("vocab_size = 512", "vocab_size = 49280"))
+    llm = LLM(model=str(tmp_path / "wide.toml"), tokenizer=str(tmp_path / "tok"))
+    out = llm.generate(["Pick one:"], SamplingParams(max_tokens=8, choice=["red", "green"]))[0]
+    assert out.text in ("red", "green")
+    with pytest.raises(ValueError, match="not a Hugging Face tokenizer directory"):
+        LLM(model=str(tmp_path / "wide.toml"), tokenizer=str(tmp_path / "missing"))
