@@ -67,8 +67,17 @@ def _beams(llm) -> list[dict]:
             for p, o in zip(prompts, outputs, strict=True) for s in o.sequences]
 
 
+def _constrained_beams(llm) -> list[dict]:
+    """Beam search under the JSON schema: every beam follows its own matcher."""
+    prompt = _constrained()[0][0]
+    out = llm.beam_search([prompt], BeamSearchParams(beam_width=3, max_tokens=40,
+                                                     json_schema=SCHEMA))[0]
+    return [{"prompt": prompt, "token_ids": s.token_ids, "text": s.text,
+             "score": round(s.score, 3)} for s in out.sequences]
+
+
 CASES = {"sampling": _generate(_sampling), "constrained": _generate(_constrained),
-         "beams": _beams}
+         "beams": _beams, "constrained_beams": _constrained_beams}
 
 
 def run_case(llm, name: str) -> list[dict]:

@@ -1,8 +1,10 @@
-"""Seeded runs (sampling, constrained) reproduce their recorded outputs exactly.
+"""Seeded runs (sampling, constrained, beams, constrained beams) reproduce their outputs exactly.
 
 `python -m tests.golden.regenerate` rewrites the records when a change is deliberate."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -29,3 +31,8 @@ def test_goldens_are_not_degenerate():
     assert len({r["text"] for r in constrained[:3]}) > 1  # seeds give different JSON
     beams = load("beams")
     assert len(beams) == 6 and len({tuple(r["token_ids"]) for r in beams[:3]}) == 3
+    constrained_beams = load("constrained_beams")
+    assert len({tuple(r["token_ids"]) for r in constrained_beams}) == 3
+    for r in constrained_beams:  # each hypothesis is complete, valid JSON
+        value = json.loads(r["text"])
+        assert set(value) == {"city", "rank"} and 1 <= value["rank"] <= 10
