@@ -3,10 +3,11 @@
 Two kernels follow the step's two blocks (`dendrite_jax.engine.step_plan`):
 
 - `decode`: one program per (decode row, KV head, context split). The row's query heads of one
-  KV head form the matrix rows (padded to 16 for the tensor cores); it streams the row's pages
-  in blocks of `pages_per_block` through an online softmax and writes an unnormalised partial
-  result per split, which `_combine_splits` merges. Splitting the context keeps every SM busy
-  at small batch and long context.
+  KV head form the matrix rows, read with masked loads as 16 rows for the tensor cores (no
+  padded copy of the queries); it streams the row's pages in blocks of `pages_per_block`
+  through an online softmax. One split stores the final output straight into its heads' rows;
+  several write unnormalised partial results, which `_combine_splits` merges. Splitting the
+  context keeps every SM busy at small batch and long context.
 - `prefill`: one program per (prefill row, query head, block of `block_q` query tokens), a
   flash-attention loop over the pages up to the block's causal limit.
 
@@ -122,15 +123,25 @@ def _attend_pages(q: jax.Array, q_pos: jax.Array, seq_len: jax.Array, page_table
     return lax.fori_loop(first, pl.cdiv(end, block_k), body, init)
 
 
+def _group_rows(ref, kv_head: jax.Array, group: int, rows: int):
+    """The KV head's `group` query heads of a [Hq, hd] ref as a view of `rows` rows (the
+    matrix rows the tensor cores need); rows past the group are masked (they may run past Hq)."""
+    mask = jnp.broadcast_to(jnp.arange(rows)[:, None] < group, (rows, ref.shape[-1]))
+    return ref.at[pl.ds(kv_head * group, rows), :], mask
+
+
 def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, *refs,
                    sm_scale: float, soft_cap: float | None, sliding_window: int | None,
-                   pages_per_block: int, num_pages: int, write: bool, normalize: bool):
-    """One (row, KV head, split). With `write`, the row's new key/value (refs after the
-    cache) are not read from the pages: split 0 folds them into its softmax from registers and
-    stores them into their page slot. With `normalize` (one split) the output is final."""
+                   pages_per_block: int, num_pages: int, group: int, group_pad: int,
+                   write: bool, normalize: bool):
+    """One (row, KV head, split). The query block holds all the row's heads [Hq, hd]; the
+    program reads its group's rows (masked loads, no padded copy in HBM). With `write`, the
+    row's new key/value (refs after the cache) are not read from the pages: split 0 folds them
+    into its softmax from registers and stores them into their page slot. With `normalize`
+    (one split) the output is final and stored straight into the group's rows of [Hq, hd]."""
     if write:
         slot_page_ref, slot_offset_ref, k_new_ref, v_new_ref, *refs = refs
-    split = pl.program_id(2)
+    kv_head, split = pl.program_id(1), pl.program_id(2)
     page_base = layer_ref[0] * num_pages  # the cache is [L * N, ...]: layer l's pages follow
     page_size = k_ref.shape[-2]
     pages_per_split = page_table_ref.shape[0]
@@ -142,7 +153,8 @@ def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, 
     first = 0
     if sliding_window is not None:  # the query sits at seq_len - 1
         first = jnp.maximum(seq_len - sliding_window - split_start, 0) // block_k
-    q = q_ref[...]
+    q_rows, q_mask = _group_rows(q_ref, kv_head, group, group_pad)
+    q = pltriton.load(q_rows, mask=q_mask, other=0)
     q_pos = seq_len - 1 + jnp.zeros((q.shape[0],), jnp.int32)
     acc, m, denom = _attend_pages(
         q, q_pos, context, page_table_ref, page_base, k_ref, v_ref, first=first, end=end,
@@ -170,7 +182,9 @@ def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, 
 
     if normalize:
         (o_ref,) = refs
-        o_ref[...] = (acc / jnp.where(denom > 0, denom, 1.0)[:, None]).astype(o_ref.dtype)
+        o_rows, o_mask = _group_rows(o_ref, kv_head, group, group_pad)
+        out = acc / jnp.where(denom > 0, denom, 1.0)[:, None]
+        pltriton.store(o_rows, out.astype(o_ref.dtype), mask=o_mask)
     else:
         acc_ref, m_ref, l_ref = refs
         acc_ref[...], m_ref[...], l_ref[...] = acc, m, denom
@@ -247,23 +261,21 @@ def _decode_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: ja
     splits = min(splits, num_blocks)
     page_tables = _pad_columns(page_tables, splits * pages_per_block)
     pages_per_split = page_tables.shape[1] // splits
-    q = q.reshape(rows, num_kv_heads, group, head_dim)
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
     cache_spec = pl.BlockSpec((num_layers * num_pages, page_size, None, head_dim),
                               lambda r, h, s: (0, 0, h, 0))
     row_spec = pl.BlockSpec((1,), lambda r, h, s: (r,))
     in_specs = [
         pl.BlockSpec((1,), lambda r, h, s: (0,)), row_spec,
         pl.BlockSpec((None, pages_per_split), lambda r, h, s: (r, s)),
-        pl.BlockSpec((None, None, group_pad, head_dim), lambda r, h, s: (r, h, 0, 0)),
+        pl.BlockSpec((None, num_heads, head_dim), lambda r, h, s: (r, 0, 0)),
         cache_spec, cache_spec,
     ]
     args = [_layer_array(layer), seq_lens, page_tables, q, _flat_pages(k_pages),
             _flat_pages(v_pages)]
     normalize = splits == 1
     if normalize:
-        out_specs = [pl.BlockSpec((None, None, group_pad, head_dim), lambda r, h, s: (r, h, 0, 0))]
-        out_shape = [jax.ShapeDtypeStruct((rows, num_kv_heads, group_pad, head_dim), q.dtype)]
+        out_specs = [pl.BlockSpec((None, num_heads, head_dim), lambda r, h, s: (r, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct((rows, num_heads, head_dim), q.dtype)]
     else:
         out_specs = [
             pl.BlockSpec((None, None, None, group_pad, head_dim),
@@ -288,8 +300,8 @@ def _decode_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: ja
         aliases = {4: len(out_shape) - 2, 5: len(out_shape) - 1}
     kernel = functools.partial(_decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap,
                                sliding_window=sliding_window, pages_per_block=pages_per_block,
-                               num_pages=num_pages, write=new_kv is not None,
-                               normalize=normalize)
+                               num_pages=num_pages, group=group, group_pad=group_pad,
+                               write=new_kv is not None, normalize=normalize)
     outs = pl.pallas_call(
         kernel,
         grid=(rows, num_kv_heads, splits),
@@ -302,8 +314,11 @@ def _decode_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: ja
         interpret=interpret,
         name="paged_attention_decode",
     )(*args)
-    out = outs[0] if normalize else _combine_splits(*outs[:3])
-    out = out[:, :, :group].reshape(rows, num_heads, head_dim).astype(q.dtype)
+    if normalize:
+        out = outs[0]
+    else:
+        out = _combine_splits(*outs[:3])[:, :, :group].reshape(rows, num_heads, head_dim)
+        out = out.astype(q.dtype)
     if new_kv is None:
         return out
     return out, outs[-2].reshape(k_pages.shape), outs[-1].reshape(v_pages.shape)
