@@ -179,8 +179,9 @@ class Engine:
         self._failed = []
         if self._in_flight is not None and any(r.matcher is not None and r.num_pending
                                                for r in self.scheduler.running):
+            waited = self.wait_seconds
             touched += self._constrained_step()
-            self.host_seconds += time.perf_counter() - start
+            self.host_seconds += time.perf_counter() - start - (self.wait_seconds - waited)
             return touched
         batch = self.scheduler.schedule()
         if batch.rows:
