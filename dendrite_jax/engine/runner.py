@@ -10,6 +10,7 @@ decoding uses to fill its token mask while the forward runs.
 from __future__ import annotations
 
 import collections
+import gc
 import os
 import time
 from pathlib import Path
@@ -161,8 +162,13 @@ class ModelRunner:
         for i, (shape, kind) in enumerate(work):
             pressure = memory_map_pressure()
             if pressure is not None and pressure > MAP_PRESSURE_LIMIT:
+                # Programs of engines no longer in use may live on in JAX's caches only.
+                gc.collect()
+                jax.clear_caches()
+                pressure = memory_map_pressure()
+            if pressure is not None and pressure > MAP_PRESSURE_LIMIT:
                 raise RuntimeError(
-                    f"warm-up compiled {i} of {len(shapes)} step shapes and this process is at "
+                    f"warm-up compiled {i} of {len(work)} step programs and this process is at "
                     f"{pressure:.0%} of its memory-mapping limit (vm.max_map_count); lower "
                     "max_num_seqs, max_num_batched_tokens or max_model_len, or use warmup=False")
             self.compile(shape, kind)
