@@ -10,13 +10,11 @@ x steps) and the most KV pages held at once by each.
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
-import jax
 import numpy as np
 from absl import app, flags, logging
+from report import header, write
 
 from dendrite_jax import LLM, BeamSearchParams, SamplingParams
 
@@ -39,10 +37,9 @@ def main(argv: list[str]) -> None:
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(100, 20000, FLAGS.prompt_len)]
                for _ in range(FLAGS.prompts)]
-    report = {"benchmark": "beam_search", "model": FLAGS.model, "dtype": FLAGS.dtype,
-              "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-              "date": time.strftime("%Y-%m-%d"), "prompt_len": FLAGS.prompt_len,
-              "max_tokens": FLAGS.max_tokens, "prompts": FLAGS.prompts, "rows": []}
+    report = header("beam_search", model=FLAGS.model, dtype=FLAGS.dtype,
+                    prompt_len=FLAGS.prompt_len, max_tokens=FLAGS.max_tokens,
+                    prompts=FLAGS.prompts, rows=[])
     for w in widths:
         params = BeamSearchParams(beam_width=w, max_tokens=FLAGS.max_tokens,
                                   early_stopping="never", length_penalty=0.0)
@@ -65,9 +62,7 @@ def main(argv: list[str]) -> None:
             "beam_tokens_per_s": sequence_tokens / beam_s,
             "independent_tokens_per_s": sequence_tokens / indep_s,
             "beam_max_pages": pages, "independent_pages": indep_pages})
-    out = Path(FLAGS.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write(report, FLAGS.output)
     print(f"\nbeam search, {FLAGS.model} on {report['device']}: {FLAGS.prompts} prompts x "
           f"{FLAGS.prompt_len} tokens, {FLAGS.max_tokens} new")
     print("width | beam tok/s  independent tok/s  ratio | pages: beams  independent")

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from jax import lax
+from report import header, write
 
 from dendrite_jax import LLM, SamplingParams
 from dendrite_jax.config import load_preset
@@ -274,12 +275,10 @@ def main(argv: list[str]) -> None:
     if report.get("device") not in (None, device):
         raise ValueError(f"{out} holds results from {report['device']}, this is {device}; "
                          "pass another --output")
-    report.update(benchmark="gpu_suite", device=device, jax=jax.__version__,
-                  date=time.strftime("%Y-%m-%d"))
+    report.update(header("gpu_suite"))
 
     def save() -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        write(report, out)
 
     copy = report.get("ceilings", {}).get("copy_gb_per_s")
     for section in FLAGS.sections:

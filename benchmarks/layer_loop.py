@@ -8,12 +8,11 @@ so no tokenizer is needed. Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import jax
 from absl import app, flags, logging
+from report import header, write
 
 from dendrite_jax import LLM, SamplingParams
 
@@ -68,12 +67,8 @@ def main(argv: list[str]) -> None:
         rows.append({"batch": b, "scan": scan[b], "unrolled": unrolled[b], "unrolled_speedup": ratio})
         print(f"{b:>5} | {scan[b]['ms_per_step']:>12.2f} | {unrolled[b]['ms_per_step']:>16.2f} "
               f"| {ratio:>19.2f}")
-    out = Path(FLAGS.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "layer_loop", "model": FLAGS.model, "dtype": FLAGS.dtype,
-                               "device": device, "platform": jax.default_backend(),
-                               "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-                               "rows": rows}, indent=2) + "\n")
+    out = write(header("layer_loop", model=FLAGS.model, dtype=FLAGS.dtype,
+                       platform=jax.default_backend(), rows=rows), FLAGS.output)
     print(f"wrote {out}")
 
 

@@ -152,7 +152,7 @@ def main(argv: list[str]) -> None:
     explain = None
     if FLAGS.explain:
         explain = {}
-        for shape, compiled in llm.engine.runner._compiled.items():
+        for (shape, _), compiled in llm.engine.runner._compiled.items():
             if shape.num_prefill == 0:  # names repeat across executables: decode steps only
                 explain.update(hlo_ops(compiled.as_text()))
     summarize(trace, FLAGS.top, explain)

@@ -15,14 +15,12 @@ shared-prefix workloads in the same process for a ratio.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from pathlib import Path
 
-import jax
 import numpy as np
 from absl import app, flags, logging
+from report import header, write
 
 from dendrite_jax import LLM, SamplingParams
 
@@ -154,9 +152,7 @@ def main(argv: list[str]) -> None:
                    *(int(n) + 8 for n in FLAGS.prefill_lens)])
     max_model_len = 1 << (longest - 1).bit_length()
     llm = make_llm(False, FLAGS.batch, max_model_len)
-    report = {"benchmark": "serving", "model": FLAGS.model, "dtype": FLAGS.dtype,
-              "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-              "date": time.strftime("%Y-%m-%d")}
+    report = header("serving", model=FLAGS.model, dtype=FLAGS.dtype)
     report["decode_throughput"] = decode_throughput(llm)
     report["prefill_latency"] = prefill_latency(llm)
     report["add_request"] = add_request_cost(llm)
@@ -203,9 +199,7 @@ def main(argv: list[str]) -> None:
             print(f"transformers shared_prefix: {ts['prefill_tokens_computed']} prefill tokens, "
                   f"{ts['seconds']:.2f} s, TTFT {ts['ttft_s']:.3f} s (one batch; ours with "
                   f"cache: mean TTFT {with_cache['ttft_mean_s']:.3f} s)")
-    out = Path(FLAGS.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write(report, FLAGS.output)
     print(f"wrote {out}")
 
 

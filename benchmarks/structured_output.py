@@ -17,13 +17,12 @@ mask fill time per constrained row (p50/p99) comes from the engine's log of fill
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 from absl import app, flags, logging
+from report import header, write
 
 from dendrite_jax import LLM, SamplingParams
 
@@ -57,10 +56,9 @@ def run(llm: LLM, prompts: list[str], params: SamplingParams) -> dict:
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    report = {"benchmark": "structured_output", "model": FLAGS.model, "dtype": FLAGS.dtype,
-              "tokenizer": FLAGS.tokenizer and Path(FLAGS.tokenizer).name,
-              "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-              "date": time.strftime("%Y-%m-%d"), "max_tokens": FLAGS.max_tokens, "rows": []}
+    report = header("structured_output", model=FLAGS.model, dtype=FLAGS.dtype,
+                    tokenizer=FLAGS.tokenizer and Path(FLAGS.tokenizer).name,
+                    max_tokens=FLAGS.max_tokens, rows=[])
     for batch in (int(b) for b in FLAGS.batches):
         llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_num_seqs=batch, warmup=False,
                   tokenizer=FLAGS.tokenizer)
@@ -78,9 +76,7 @@ def main(argv: list[str]) -> None:
             row[name]["vs_unconstrained"] = row[name]["tokens_per_s"] / base
         report["rows"].append(row)
         del llm
-    out = Path(FLAGS.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write(report, FLAGS.output)
     print(f"\nstructured output, {report['model']} on {report['device']}, "
           f"{FLAGS.max_tokens} tokens per request")
     print("batch run             tok/s  vs free  mask us/row p50   p99")

@@ -23,7 +23,6 @@ from dendrite_jax.engine.scheduler import ScheduledBatch, Scheduler
 from dendrite_jax.engine.step_output import StepResult
 from dendrite_jax.engine.step_plan import StepPlan
 from dendrite_jax.grammar import GrammarCompiler, GrammarError
-from dendrite_jax.grammar.mask import allow_all
 from dendrite_jax.model.loader import LoadedModel
 
 
@@ -331,8 +330,7 @@ class Engine:
         if not rows:
             return None
         start = time.perf_counter()
-        mask = allow_all(plan.shape.num_seqs, self.model.config.vocab_size)
-        self.grammar.fill(mask, rows)
+        mask = self.grammar.mask(plan.shape.num_seqs, rows)
         self.mask_fills.append((time.perf_counter() - start, len(rows)))
         return mask
 

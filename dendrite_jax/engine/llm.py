@@ -129,8 +129,7 @@ class LLM:
         (`dendrite_jax.search.beam`). Beams share pages copy-on-write. Runs on an idle engine:
         requests queued with `add_request` must finish first."""
         params = params or BeamSearchParams()
-        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p)
-               for p in _as_prompt_list(prompts)]
+        ids = [self._prompt_ids(p) for p in _as_prompt_list(prompts)]
         for p in ids:
             self.engine.check_prompt(p)
         return beam_search(self.engine, ids, params)
@@ -177,7 +176,7 @@ class LLM:
             if not isinstance(params, SamplingParams):
                 raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
             text = prompt if isinstance(prompt, str) else None
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            ids = self._prompt_ids(prompt)
             group = []
             for i in range(params.num_sequences):
                 child = params if params.num_sequences == 1 else dataclasses.replace(
@@ -191,6 +190,9 @@ class LLM:
         for r in requests:
             self.engine.add(r)
         return requests, groups
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     @contextlib.contextmanager
     def _aborting_on_error(self, requests: list[Request]) -> Iterator[None]:

@@ -125,18 +125,13 @@ class ModelRunner:
             buffer = jax.ShapeDtypeStruct((sum(field_sizes(shape).values()),), jnp.int32)
             mask = jax.ShapeDtypeStruct((shape.num_seqs, mask_words(self.cfg.vocab_size)),
                                         jnp.int32)
-            models = dict(cfg=self.cfg, shape=shape, attention_backend=self.attention_backend)
-            if kind == STEP:
-                lowered = self._jitted[STEP].lower(self.params, self.kv, self.slots, buffer, mask,
-                                                   **models)
-            elif kind == FORWARD:
-                lowered = self._jitted[FORWARD].lower(self.params, self.kv, self.slots, buffer,
-                                                      **models)
-            else:
-                logits = jax.ShapeDtypeStruct((shape.num_seqs, self.cfg.vocab_size), jnp.float32)
-                lowered = self._jitted[SAMPLE].lower(logits, self.slots, buffer, mask,
-                                                     shape=shape)
-            self._compiled[key] = lowered.compile()
+            logits = jax.ShapeDtypeStruct((shape.num_seqs, self.cfg.vocab_size), jnp.float32)
+            model = (self.params, self.kv, self.slots, buffer)
+            args = {STEP: (*model, mask), FORWARD: model,
+                    SAMPLE: (logits, self.slots, buffer, mask)}[kind]
+            statics = dict(shape=shape) if kind == SAMPLE else dict(
+                cfg=self.cfg, shape=shape, attention_backend=self.attention_backend)
+            self._compiled[key] = self._jitted[kind].lower(*args, **statics).compile()
             self.compile_log.append((shape, time.perf_counter() - start))
         return self._compiled[key]
 

@@ -26,8 +26,3 @@ def allowed_tokens(mask: jax.Array, vocab_size: int) -> jax.Array:
     """Boolean [S, V]: the bits of mask [S, ceil(V/32)]."""
     bits = jnp.right_shift(mask[:, :, None], jnp.arange(32, dtype=jnp.int32)) & 1
     return bits.reshape(mask.shape[0], -1)[:, :vocab_size].astype(bool)
-
-
-def apply_token_mask(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Logits [S, V] with tokens whose bit is 0 in mask [S, ceil(V/32)] set to -inf."""
-    return jnp.where(allowed_tokens(mask, logits.shape[-1]), logits, -jnp.inf)

@@ -15,7 +15,8 @@ import llguidance
 import llguidance.numpy
 import numpy as np
 
-from dendrite_jax.engine.sampling_params import SamplingParams
+from dendrite_jax.engine.sampling_params import CONSTRAINTS, SamplingParams
+from dendrite_jax.grammar.mask import allow_all
 from dendrite_jax.model.tokenizer import Tokenizer
 
 JSON_DEFAULTS = {"whitespace_flexible": False}
@@ -63,14 +64,14 @@ class GrammarCompiler:
             raise GrammarError(f"invalid {constraint_name(params)}: {matcher.get_error()}")
         return matcher
 
-    def fill(self, mask: np.ndarray, rows: list[tuple[llguidance.LLMatcher, int]]) -> None:
-        """Write each matcher's allowed next tokens into its row of `mask` (in parallel)."""
+    def mask(self, num_rows: int, rows: list[tuple[llguidance.LLMatcher, int]]) -> np.ndarray:
+        """A step's token mask [num_rows, words]: each (matcher, row)'s allowed next tokens,
+        filled in parallel; other rows allow every token."""
+        mask = allow_all(num_rows, self.vocab_size)
         if rows:
             llguidance.numpy.fill_next_token_bitmask_par(self._executor, rows, mask)
+        return mask
 
 
 def constraint_name(params: SamplingParams) -> str:
-    for name in ("json_schema", "regex", "grammar", "choice"):
-        if getattr(params, name) is not None:
-            return name
-    return "constraint"
+    return next((n for n in CONSTRAINTS if getattr(params, n) is not None), "constraint")

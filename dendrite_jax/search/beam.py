@@ -37,7 +37,6 @@ from dendrite_jax.engine.sampling import MAX_LOGPROBS
 from dendrite_jax.engine.sampling_params import CONSTRAINTS, check_constraint
 from dendrite_jax.engine.step_output import StepResult
 from dendrite_jax.engine.step_plan import StepPlan
-from dendrite_jax.grammar.mask import allow_all
 from dendrite_jax.search.tree import TreeState
 
 DEAD = -1.0e9  # transformers' score for "not a candidate"
@@ -184,19 +183,18 @@ def beam_search(engine, prompts: list[list[int]], params: BeamSearchParams
         if len(p) + params.max_tokens > engine.max_model_len:
             raise ValueError(f"prompt of {len(p)} tokens + max_tokens {params.max_tokens} exceeds "
                              f"max_model_len {engine.max_model_len}")
-    # A constraint llguidance rejects raises GrammarError (a ValueError) before anything runs.
-    compiler = engine.grammar_compiler() if params.constrained else None
-    if compiler is not None:
-        compiler.matcher(params)
+    # The constraint compiles once (one that llguidance rejects raises GrammarError, a
+    # ValueError, before anything runs); each prompt's first beam starts from a copy.
+    matcher = engine.grammar_compiler().matcher(params) if params.constrained else None
     group = max(1, engine.cfg.max_num_seqs // width)
     outputs = []
     for start in range(0, len(prompts), group):
-        outputs += _run_group(engine, prompts[start:start + group], params, eos)
+        outputs += _run_group(engine, prompts[start:start + group], params, eos, matcher)
     return outputs
 
 
-def _run_group(engine, prompts: list[list[int]], params: BeamSearchParams,
-               eos: set[int]) -> list[BeamSearchOutput]:
+def _run_group(engine, prompts: list[list[int]], params: BeamSearchParams, eos: set[int],
+               matcher) -> list[BeamSearchOutput]:
     pool, page_size = engine.pool, engine.cfg.page_size
     searches = [_Search(p, params, eos) for p in prompts]
     try:
@@ -204,7 +202,7 @@ def _run_group(engine, prompts: list[list[int]], params: BeamSearchParams,
         for s in searches:
             root = _Beam(len(s.prompt), -1, 0,
                          pool.allocate(math.ceil(len(s.prompt) / page_size)), 0.0,
-                         matcher=engine.grammar.matcher(params) if params.constrained else None)
+                         matcher=None if matcher is None else matcher.deep_copy())
             s.running = [root]
             s.max_pages = len(root.pages)
             result = _prefill(engine, s.prompt, root.pages, root.matcher)
@@ -310,7 +308,9 @@ def _run(engine, rows: list[tuple[list[int], int, list[int], int]],
                          needs_sort=True, bucket_pages=engine.bucket_pages,
                          min_decode_rows=engine.min_decode_rows)
     plan = StepPlan.empty(shape)
-    for i, (tokens, start, pages, prompt_len) in enumerate(rows):
+    constrained = []
+    for i, ((tokens, start, pages, prompt_len), matcher) in enumerate(zip(rows, matchers,
+                                                                          strict=True)):
         row = i if i < num_decode else shape.num_decode + i - num_decode
         offset, n = shape.row_start(row), len(tokens)
         plan.input_ids[offset:offset + n] = tokens
@@ -320,11 +320,8 @@ def _run(engine, rows: list[tuple[list[int], int, list[int], int]],
         plan.slot_ids[row] = row  # the engine is idle: every slot is free
         plan.prompt_lens[row] = prompt_len
         plan.sample[row] = plan.reset[row] = 1
-    constrained = [(m, i if i < num_decode else shape.num_decode + i - num_decode)
-                   for i, m in enumerate(matchers) if m is not None]
-    mask = None
-    if constrained:
-        mask = allow_all(shape.num_seqs, engine.model.config.vocab_size)
-        engine.grammar.fill(mask, constrained)
+        if matcher is not None:
+            constrained.append((matcher, row))
+    mask = engine.grammar.mask(shape.num_seqs, constrained) if constrained else None
     out = engine.runner.launch(plan, mask)
     return to_host(shape, out)
