@@ -49,8 +49,6 @@ flags.DEFINE_list("attention_shapes", ["32x1024", "32x2048", "32x4096", "32x8192
                   "Decode attention shapes, batch x context.")
 flags.DEFINE_list("decode_models", ["llama-3.2-1b:1/16/64", "llama-3.1-8b:1/32"],
                   "preset:batch/batch/... for the decode and transformers sections.")
-flags.DEFINE_enum("matmul_backend", "auto", ["auto", "xla", "pallas_gpu"],
-                  "Projection matmuls of the decode runs (LLM(matmul_backend=...)).")
 flags.DEFINE_integer("prompt_len", 128, "Prompt tokens for decode timing.")
 flags.DEFINE_string("output", "benchmarks/results/gpu_suite.json", "JSON output path.")
 
@@ -189,8 +187,7 @@ def engine_decode(preset: str, batches: list[int], copy_gb_per_s: float | None) 
     for batch in batches:
         llm = LLM(model=preset, dtype="bfloat16", max_num_seqs=batch,
                   max_num_batched_tokens=2048, max_model_len=512,
-                  kv_cache_bytes=2 * 2**30, warmup=False,
-                  matmul_backend=FLAGS.matmul_backend)
+                  kv_cache_bytes=2 * 2**30, warmup=False)
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm.model.params))
         ids = prompts(batch, llm.config.vocab_size)
         generate_seconds(llm, ids, LONG)  # compiles every shape the timed runs use

@@ -35,9 +35,6 @@ flags.DEFINE_integer("seed", None, "Per-request sampling seed.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_enum("attention_backend", "auto", ["auto", "reference", "pallas_gpu", "pallas_tpu"],
                   "Paged attention backend (auto: the platform's Pallas kernel, else reference).")
-flags.DEFINE_enum("matmul_backend", "auto", ["auto", "xla", "pallas_gpu"],
-                  "Projection matmuls (auto: on GPUs, Pallas kernels with the norm, SwiGLU and "
-                  "residual add fused for decode steps; else XLA).")
 flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unrolled"],
                   "How the forward pass iterates layers (auto: unrolled; scan compiles faster).")
 flags.DEFINE_integer("max_model_len", None, "Context limit; defaults to the model's.")
@@ -57,8 +54,7 @@ def main(argv: list[str]) -> int:
         load_start = time.perf_counter()
         llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_model_len=FLAGS.max_model_len,
                   tokenizer=FLAGS.tokenizer,
-                  attention_backend=FLAGS.attention_backend,
-                  matmul_backend=FLAGS.matmul_backend, layer_loop=FLAGS.layer_loop)
+                  attention_backend=FLAGS.attention_backend, layer_loop=FLAGS.layer_loop)
         load_seconds = time.perf_counter() - load_start
         prompt = FLAGS.prompt
         if FLAGS.chat:

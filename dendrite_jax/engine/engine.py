@@ -52,7 +52,7 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: LoadedModel, cfg: EngineConfig, attention_backend: str, *,
-                 matmul_backend: str = "xla", enable_prefix_caching: bool = False) -> None:
+                 enable_prefix_caching: bool = False) -> None:
         self.model = model
         self.cfg = cfg
         context = model.config.max_position_embeddings
@@ -69,8 +69,7 @@ class Engine:
                                    prefix_cache=self.prefix_cache)
         self.runner = ModelRunner(model.config, model.params, num_pages=num_pages,
                                   page_size=cfg.page_size, num_slots=cfg.max_num_seqs,
-                                  dtype=cfg.dtype, attention_backend=attention_backend,
-                                  matmul_backend=matmul_backend)
+                                  dtype=cfg.dtype, attention_backend=attention_backend)
         self.max_pages_per_seq = math.ceil(self.max_model_len / cfg.page_size)
         # The reference attention gathers the whole page table, so its width is bucketed;
         # the kernels read only each row's pages, so one full width serves every step.

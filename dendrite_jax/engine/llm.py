@@ -18,7 +18,6 @@ from dendrite_jax.model.loader import load_model
 from dendrite_jax.model.params import resolve_layer_loop, with_layer_loop
 from dendrite_jax.model.tokenizer import Tokenizer
 from dendrite_jax.search.beam import BeamSearchOutput, BeamSearchParams, beam_search
-from kernels_pallas import decode_matmul
 from kernels_pallas.paged_attention import resolve_backend
 
 Prompt = str | list[int]
@@ -54,16 +53,14 @@ class LLM:
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  kv_cache_bytes: int = EngineConfig.kv_cache_bytes, seed: int = 0,
                  enable_prefix_caching: bool = False, warmup: bool | None = None,
-                 attention_backend: str = "auto", matmul_backend: str = "auto",
-                 layer_loop: str = "auto", compilation_cache: bool = True,
-                 tokenizer: str | None = None) -> None:
+                 attention_backend: str = "auto", layer_loop: str = "auto",
+                 compilation_cache: bool = True, tokenizer: str | None = None) -> None:
         engine_cfg = EngineConfig(dtype=dtype, page_size=page_size, num_pages=num_pages,
                                   max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
                                   seed=seed)
         backend = resolve_backend(attention_backend)
-        matmuls = decode_matmul.resolve_backend(matmul_backend)
         loop = resolve_layer_loop(layer_loop)
         if compilation_cache:
             enable_compilation_cache()
@@ -71,7 +68,7 @@ class LLM:
         self.model = dataclasses.replace(
             loaded, params=with_layer_loop(loaded.params, loop, consume=True))
         del loaded
-        self.engine = Engine(self.model, engine_cfg, backend, matmul_backend=matmuls,
+        self.engine = Engine(self.model, engine_cfg, backend,
                              enable_prefix_caching=enable_prefix_caching)
         if warmup is None:
             warmup = jax.default_backend() != "cpu"

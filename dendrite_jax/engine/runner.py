@@ -82,15 +82,13 @@ class ModelRunner:
     """Runs StepPlans on the device. Not thread-safe: one step at a time."""
 
     def __init__(self, cfg: ModelConfig, params: Params, *, num_pages: int, page_size: int,
-                 num_slots: int, dtype: str, attention_backend: str = "reference",
-                 matmul_backend: str = "xla") -> None:
+                 num_slots: int, dtype: str, attention_backend: str = "reference") -> None:
         self.cfg = cfg
         self.params = params
         self.attention_backend = attention_backend
-        self.matmul_backend = matmul_backend
         self.kv = KVCache.create(cfg, num_pages, page_size, dtype)
         self.slots = SlotState.create(num_slots, cfg.vocab_size)
-        static = ("cfg", "shape", "attention_backend", "matmul_backend")
+        static = ("cfg", "shape", "attention_backend")
         self._jitted = {
             STEP: jax.jit(step, static_argnames=static, donate_argnames=("kv", "slots")),
             FORWARD: jax.jit(forward_step, static_argnames=static,
@@ -132,8 +130,7 @@ class ModelRunner:
             args = {STEP: (*model, mask), FORWARD: model,
                     SAMPLE: (logits, self.slots, buffer, mask)}[kind]
             statics = dict(shape=shape) if kind == SAMPLE else dict(
-                cfg=self.cfg, shape=shape, attention_backend=self.attention_backend,
-                matmul_backend=self.matmul_backend)
+                cfg=self.cfg, shape=shape, attention_backend=self.attention_backend)
             self._compiled[key] = self._jitted[kind].lower(*args, **statics).compile()
             self.compile_log.append((shape, time.perf_counter() - start))
         return self._compiled[key]

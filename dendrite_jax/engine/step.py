@@ -45,14 +45,12 @@ class SlotState:
 
 def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array,
          token_mask: jax.Array, *, cfg: ModelConfig, shape: StepShape,
-         attention_backend: str, matmul_backend: str = "xla"
-         ) -> tuple[jax.Array, KVCache, SlotState]:
+         attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
     """One step; returns its outputs packed as `step_output.output_layout(shape)`.
     `token_mask` [S, ceil(V/32)] holds each row's allowed next tokens (`grammar.mask`)."""
     plan = unpack(plan_buffer, shape)
     hidden, kv, slots = _run_model(params, kv, slots, plan, cfg=cfg, shape=shape,
-                                   attention_backend=attention_backend,
-                                   matmul_backend=matmul_backend)
+                                   attention_backend=attention_backend)
     logits = _last_token_logits(params, hidden, plan, shape)
     out, slots = _sample(logits, slots, plan, token_mask, shape)
     if shape.prompt_logprobs:
@@ -69,13 +67,12 @@ def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array,
 # Only for shapes without prompt logprobs.
 
 def forward_step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array, *,
-                 cfg: ModelConfig, shape: StepShape, attention_backend: str,
-                 matmul_backend: str = "xla") -> tuple[jax.Array, KVCache, SlotState]:
+                 cfg: ModelConfig, shape: StepShape,
+                 attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
     """The model half of a split step: float32 logits [S, V] of each row's last token."""
     plan = unpack(plan_buffer, shape)
     hidden, kv, slots = _run_model(params, kv, slots, plan, cfg=cfg, shape=shape,
-                                   attention_backend=attention_backend,
-                                   matmul_backend=matmul_backend)
+                                   attention_backend=attention_backend)
     return _last_token_logits(params, hidden, plan, shape), kv, slots
 
 
@@ -88,8 +85,8 @@ def sample_step(logits: jax.Array, slots: SlotState, plan_buffer: jax.Array,
 
 
 def _run_model(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan, *,
-               cfg: ModelConfig, shape: StepShape, attention_backend: str,
-               matmul_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
+               cfg: ModelConfig, shape: StepShape,
+               attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
     """The decoder over the step's tokens (K/V written), and the inputs' penalty statistics."""
     meta = AttentionMetadata.build(plan.q_lens, plan.seq_lens, plan.page_tables,
                                    num_decode=shape.num_decode, max_q_len=shape.max_q_len,
@@ -98,8 +95,7 @@ def _run_model(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan, 
     input_ids = jnp.where(plan.input_ids == FROM_LAST_TOKEN, slots.last_token[token_slots],
                           plan.input_ids)
     hidden, kv = forward(params, kv, input_ids, meta, cfg, num_decode=shape.num_decode,
-                         max_q_len=shape.max_q_len, attention_backend=attention_backend,
-                         matmul_backend=matmul_backend)
+                         max_q_len=shape.max_q_len, attention_backend=attention_backend)
     with jax.named_scope("slot_state"):
         slots = _record_inputs(slots, plan, meta, input_ids, token_slots)
     return hidden, kv, slots

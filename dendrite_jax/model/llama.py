@@ -13,9 +13,13 @@ import jax.numpy as jnp
 from dendrite_jax.cache.kv import AttentionMetadata, KVCache
 from dendrite_jax.config import ModelConfig
 from dendrite_jax.model.params import LayerParams, Params
-from kernels_pallas.decode_matmul import decode_matmul
-from kernels_pallas.decode_matmul.reference import rms_norm
 from kernels_pallas.paged_attention import write_and_attend
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * weight.astype(jnp.float32)).astype(x.dtype)
 
 
 def rotary_angles(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -33,14 +37,13 @@ def rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention(lp: LayerParams, qkv: jax.Array, kv: KVCache, layer: jax.Array,
-              meta: AttentionMetadata, angles: tuple[jax.Array, jax.Array], cfg: ModelConfig, *,
-              num_decode: int, max_q_len: int,
-              attention_backend: str) -> tuple[jax.Array, KVCache]:
-    """From the projected q/k/v [T, (Hq + 2 Hkv) * hd] to the attention output [T, Hq * hd],
-    with this step's keys/values written into the cache."""
-    num_tokens = qkv.shape[0]
-    with jax.named_scope("qkv_split"):
+def attention_block(lp: LayerParams, x: jax.Array, kv: KVCache, layer: jax.Array,
+                    meta: AttentionMetadata, angles: tuple[jax.Array, jax.Array],
+                    cfg: ModelConfig, *, num_decode: int,
+                    max_q_len: int, attention_backend: str) -> tuple[jax.Array, KVCache]:
+    num_tokens = x.shape[0]
+    with jax.named_scope("qkv_proj"):
+        qkv = jnp.einsum("td,dq->tq", x, lp.w_qkv)
         if lp.b_qkv is not None:
             qkv = qkv + lp.b_qkv
         q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
@@ -61,19 +64,22 @@ def attention(lp: LayerParams, qkv: jax.Array, kv: KVCache, layer: jax.Array,
             sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window,
             backend=attention_backend)
         kv = KVCache(k=k_pages, v=v_pages)
-    return out.reshape(num_tokens, cfg.q_size), kv
+    with jax.named_scope("o_proj"):
+        out = jnp.einsum("tq,qd->td", out.reshape(num_tokens, cfg.q_size), lp.w_o)
+    return out, kv
+
+
+def swiglu_mlp(lp: LayerParams, x: jax.Array) -> jax.Array:
+    gate_up = jnp.einsum("td,df->tf", x, lp.w_gate_up)
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, lp.w_down)
 
 
 def forward(params: Params, kv: KVCache, input_ids: jax.Array, meta: AttentionMetadata,
             cfg: ModelConfig, *, num_decode: int, max_q_len: int,
-            attention_backend: str = "reference",
-            matmul_backend: str = "xla") -> tuple[jax.Array, KVCache]:
+            attention_backend: str = "reference") -> tuple[jax.Array, KVCache]:
     """Run the decoder over a step's tokens (layout: `engine.step_plan`). Returns final hidden
-    states [T, D] and the cache with this step's keys/values written.
-
-    Each projection is one `decode_matmul` call with its neighbours fused: the RMSNorm before
-    q/k/v and gate/up, SwiGLU's product after gate/up, the residual add after o and down."""
-    eps = cfg.rms_norm_eps
+    states [T, D] and the cache with this step's keys/values written."""
     with jax.named_scope("embed"):
         x = params.embed[input_ids]
     with jax.named_scope("rotary"):
@@ -83,17 +89,14 @@ def forward(params: Params, kv: KVCache, input_ids: jax.Array, meta: AttentionMe
         x, kv = carry
         lp, layer = layer_inputs
         with jax.named_scope("attention"):
-            with jax.named_scope("qkv_proj"):
-                qkv = decode_matmul(x, lp.w_qkv, norm_weight=lp.attn_norm, eps=eps,
-                                    backend=matmul_backend)
-            out, kv = attention(lp, qkv, kv, layer, meta, angles, cfg, num_decode=num_decode,
-                                max_q_len=max_q_len, attention_backend=attention_backend)
-            with jax.named_scope("o_proj"):
-                x = decode_matmul(out, lp.w_o, residual=x, backend=matmul_backend)
+            h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+            attn, kv = attention_block(lp, h, kv, layer, meta, angles, cfg,
+                                       num_decode=num_decode,
+                                       max_q_len=max_q_len,
+                                       attention_backend=attention_backend)
+            x = x + attn
         with jax.named_scope("mlp"):
-            h = decode_matmul(x, lp.w_gate_up, norm_weight=lp.mlp_norm, eps=eps, gate_up=True,
-                              backend=matmul_backend)
-            x = decode_matmul(h, lp.w_down, residual=x, backend=matmul_backend)
+            x = x + swiglu_mlp(lp, rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps))
         return (x, kv), None
 
     with jax.named_scope("layers"):

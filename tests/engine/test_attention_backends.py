@@ -1,6 +1,5 @@
-"""The engine on the Pallas attention kernels, and on the fused decode matmul kernels (interpret
-mode on CPU), gives the reference backends' greedy tokens, through chunked prefill, decode and
-full-width page tables."""
+"""The engine on the Pallas attention kernels (interpret mode on CPU) gives the reference
+backend's greedy tokens, through chunked prefill, decode and full-width page tables."""
 
 from __future__ import annotations
 
@@ -14,15 +13,14 @@ CONFIG = dict(model="tiny-random", page_size=16, max_num_seqs=4, max_num_batched
 
 @pytest.fixture(scope="module")
 def reference():
-    return LLM(**CONFIG, attention_backend="reference", matmul_backend="xla")
+    return LLM(**CONFIG, attention_backend="reference")
 
 
-@pytest.mark.parametrize("backend,matmuls", [("pallas_gpu", "xla"), ("pallas_tpu", "xla"),
-                                             ("pallas_gpu", "pallas_gpu")])
-def test_kernel_backend_matches_reference(reference, backend, matmuls):
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
+def test_kernel_backend_matches_reference(reference, backend):
     prompts = [[(7 * i + j) % 500 + 1 for j in range(n)] for i, n in enumerate((5, 40, 17))]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    kernels = LLM(**CONFIG, attention_backend=backend, matmul_backend=matmuls)
+    kernels = LLM(**CONFIG, attention_backend=backend)
     assert not kernels.engine.bucket_pages and reference.engine.bucket_pages
     expected = [o.token_ids for o in reference.generate(prompts, params)]
     assert [o.token_ids for o in kernels.generate(prompts, params)] == expected
