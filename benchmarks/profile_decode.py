@@ -152,9 +152,12 @@ def main(argv: list[str]) -> None:
     explain = None
     if FLAGS.explain:
         explain = {}
-        for (shape, _), compiled in llm.engine.runner._compiled.items():
-            if shape.num_prefill == 0:  # names repeat across executables: decode steps only
-                explain.update(hlo_ops(compiled.as_text()))
+        # Op names repeat across executables: explain the widest decode-only step's.
+        decode = [(shape.num_decode, kind, compiled)
+                  for (shape, kind), compiled in llm.engine.runner._compiled.items()
+                  if shape.num_prefill == 0]
+        for _, _, compiled in sorted(decode, key=lambda d: d[0]):
+            explain.update(hlo_ops(compiled.as_text()))
     summarize(trace, FLAGS.top, explain)
 
 

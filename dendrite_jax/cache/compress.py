@@ -1,0 +1,105 @@
+"""KV compression: one interface for encoding blocks of key or value vectors into codes.
+
+A `KvCompressor` turns vectors `[..., head_dim]` into a codes pytree (arrays sharing the
+leading axes, so pages of codes are laid out like pages of vectors) and back. Its storage cost
+is measured, not declared: `bits_per_element` is the bytes of every code array (norms and
+scales included, packing waste included) per vector, over head_dim.
+
+Compressors (each seeded: the same seed gives the same codes on every platform):
+
+- `IdentityCompressor`: the vectors as they are (the baseline).
+- `PolarQuantCompressor(bits, seed)` (`polarquant.py`): random rotation, recursive polar
+  form, angles on fixed grids, one norm per vector (arXiv 2502.02617).
+- `QjlCompressor(dim, seed)` (`qjl.py`): sign bits of a Gaussian projection plus the norm;
+  unbiased inner products with a full-precision query (arXiv 2406.03482).
+- `TurboQuantCompressor(bits, qjl_dim, seed)` (`turboquant.py`): a (bits - 1)-bit
+  rotated Lloyd-Max stage plus a QJL sketch of its residual: unbiased inner products
+  (arXiv 2504.19874).
+
+`make_compressor("turboquant-4", head_dim)` builds one by name (the names `KV_COMPRESSIONS`
+lists).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+from dendrite_jax.cache.polarquant import PolarQuantCompressor
+from dendrite_jax.cache.qjl import QjlCompressor
+from dendrite_jax.cache.turboquant import TurboQuantCompressor
+
+Codes = dict[str, jax.Array]
+
+
+class KvCompressor(Protocol):
+    name: str
+    head_dim: int
+
+    def encode(self, x: jax.Array) -> Codes:
+        """Vectors [..., head_dim] -> codes with the same leading axes."""
+
+    def decode(self, codes: Codes) -> jax.Array:
+        """Codes -> float32 vectors [..., head_dim] (the estimate inner products use)."""
+
+    def scores(self, q: jax.Array, codes: Codes) -> jax.Array:
+        """Inner products [Q, N] of full-precision queries q [Q, head_dim] with the N encoded
+        keys (codes with leading axis [N]); equal to q @ decode(codes).T."""
+
+
+def storage_bits(compressor: KvCompressor) -> float:
+    """Stored bits per vector element: every code array of one vector, over head_dim."""
+    shapes = jax.eval_shape(compressor.encode,
+                            jax.ShapeDtypeStruct((1, compressor.head_dim), jnp.float32))
+    bits = sum(leaf.size * leaf.dtype.itemsize * 8 for leaf in jax.tree.leaves(shapes))
+    return bits / compressor.head_dim
+
+
+def compression_ratio(compressor: KvCompressor, baseline_bits: int = 16) -> float:
+    """How many times smaller than `baseline_bits` (bfloat16) per element."""
+    return baseline_bits / storage_bits(compressor)
+
+
+class IdentityCompressor:
+    """No compression: the vectors in `dtype` (bfloat16 by default)."""
+
+    def __init__(self, head_dim: int, dtype: str = "bfloat16") -> None:
+        self.head_dim = head_dim
+        self.dtype = jnp.dtype(dtype)
+        self.name = "none"
+
+    def encode(self, x: jax.Array) -> Codes:
+        return {"x": x.astype(self.dtype)}
+
+    def decode(self, codes: Codes) -> jax.Array:
+        return codes["x"].astype(jnp.float32)
+
+    def scores(self, q: jax.Array, codes: Codes) -> jax.Array:
+        return q.astype(jnp.float32) @ self.decode(codes).T
+
+
+KV_COMPRESSIONS = ("none", "polarquant-<2|4|8>", "qjl-<dim>", "turboquant-<bits>")
+
+
+def make_compressor(name: str, head_dim: int, seed: int = 0) -> KvCompressor:
+    """A compressor by name: "none", "polarquant-4", "qjl-256", "turboquant-4" (its QJL sketch
+    has head_dim / 2 rows)."""
+    if name == "none":
+        return IdentityCompressor(head_dim)
+    m = re.fullmatch(r"(polarquant|qjl|turboquant)-(\d+)", name)
+    if m is None:
+        raise ValueError(f"unknown KV compression {name!r}; choose from {KV_COMPRESSIONS}")
+    kind, n = m.group(1), int(m.group(2))
+    if kind == "polarquant":
+        return PolarQuantCompressor(head_dim, bits=n, seed=seed)
+    if kind == "qjl":
+        return QjlCompressor(head_dim, dim=n, seed=seed)
+    return TurboQuantCompressor(head_dim, bits=n, qjl_dim=head_dim // 2, seed=seed)
+
+
+__all__ = ["KV_COMPRESSIONS", "Codes", "IdentityCompressor", "KvCompressor",
+           "PolarQuantCompressor", "QjlCompressor", "TurboQuantCompressor",
+           "compression_ratio", "make_compressor", "storage_bits"]
