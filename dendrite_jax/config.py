@@ -179,6 +179,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context
     kv_cache_bytes: int = 1 << 30
     seed: int = 0
+    kv_compression: str = "none"  # `cache.compress.make_kv_compression`
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -35,6 +35,9 @@ flags.DEFINE_integer("seed", None, "Per-request sampling seed.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_enum("attention_backend", "auto", ["auto", "reference", "pallas_gpu", "pallas_tpu"],
                   "Paged attention backend (auto: the platform's Pallas kernel, else reference).")
+flags.DEFINE_string("kv_compression", "none",
+                    "KV cache compression: none, turboquant-<bits>, polarquant-<2|4|8>, "
+                    "qjl-<sketch dim> (reference attention backend only).")
 flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unrolled"],
                   "How the forward pass iterates layers (auto: unrolled; scan compiles faster).")
 flags.DEFINE_integer("max_model_len", None, "Context limit; defaults to the model's.")
@@ -54,7 +57,8 @@ def main(argv: list[str]) -> int:
         load_start = time.perf_counter()
         llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_model_len=FLAGS.max_model_len,
                   tokenizer=FLAGS.tokenizer,
-                  attention_backend=FLAGS.attention_backend, layer_loop=FLAGS.layer_loop)
+                  attention_backend=FLAGS.attention_backend, layer_loop=FLAGS.layer_loop,
+                  kv_compression=FLAGS.kv_compression)
         load_seconds = time.perf_counter() - load_start
         prompt = FLAGS.prompt
         if FLAGS.chat:

@@ -26,7 +26,10 @@ def lloyd_max(density: Callable[[np.ndarray], np.ndarray], lo: float, hi: float,
     x = lo + (np.arange(grid) + 0.5) * (hi - lo) / grid
     w = density(x)
     w = w / w.sum()
-    centroids = np.interp((np.arange(levels) + 0.5) / levels, np.cumsum(w), x)
+    # Start at the high-resolution optimum (centroid density ~ density^(1/3), Panter-Dite):
+    # fine grids then need few iterations.
+    companded = np.cumsum(np.cbrt(w))
+    centroids = np.interp((np.arange(levels) + 0.5) / levels, companded / companded[-1], x)
 
     def mirrored(c):
         return (c + (lo + hi - c[::-1])) / 2
@@ -38,7 +41,7 @@ def lloyd_max(density: Callable[[np.ndarray], np.ndarray], lo: float, hi: float,
         new = np.where(mass > 0, np.bincount(cell, w * x, levels) / np.maximum(mass, 1e-300),
                        centroids)
         new = mirrored(new)
-        done = np.max(np.abs(new - centroids)) < 1e-12 * (hi - lo)
+        done = np.max(np.abs(new - centroids)) < 1e-10 * (hi - lo)
         centroids = new
         if done:
             break

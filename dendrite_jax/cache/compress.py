@@ -17,7 +17,7 @@ Compressors (each seeded: the same seed gives the same codes on every platform):
   (arXiv 2504.19874).
 
 `make_compressor("turboquant-4", head_dim)` builds one by name (the names `KV_COMPRESSIONS`
-lists).
+lists); `make_kv_compression` the pair a compressed cache uses for keys and values.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ class IdentityCompressor:
         return q.astype(jnp.float32) @ self.decode(codes).T
 
 
-KV_COMPRESSIONS = ("none", "polarquant-<2|4|8>", "qjl-<dim>", "turboquant-<bits>")
+KV_COMPRESSIONS = ("none", "polarquant-<2|4|8>", "qjl-<dim>", "turboquant-<bits>",
+                   "turboquant-mse-<bits> (caches only)")
 
 
 def make_compressor(name: str, head_dim: int, seed: int = 0) -> KvCompressor:
@@ -100,6 +101,34 @@ def make_compressor(name: str, head_dim: int, seed: int = 0) -> KvCompressor:
     return TurboQuantCompressor(head_dim, bits=n, qjl_dim=head_dim // 2, seed=seed)
 
 
+
+
+def make_kv_compression(name: str, head_dim: int, seed: int = 0
+                        ) -> tuple[KvCompressor, KvCompressor]:
+    """(key compressor, value compressor) for a cache compression name.
+
+    Keys need inner products with queries, values a low squared error (they are averaged by
+    the attention weights), so: "turboquant-<b>" stores keys as TurboQuant at b bits (a
+    (b-1)-bit MSE stage + a head_dim/2-bit QJL sketch: unbiased scores) and values as its
+    b-bit MSE stage; "turboquant-mse-<b>" both as the b-bit MSE stage (lower variance,
+    slightly shrunk scores); "polarquant-<b>" both as PolarQuant; "qjl-<m>" keys as an m-bit QJL
+    sketch and values in bfloat16, as in the QJL paper; "none" both in bfloat16.
+    """
+    if name == "none":
+        return IdentityCompressor(head_dim), IdentityCompressor(head_dim)
+    mse = re.fullmatch(r"turboquant-mse-(\d+)", name)
+    if mse:
+        bits = int(mse.group(1))
+        return (TurboQuantCompressor(head_dim, bits=bits, qjl_dim=0, seed=seed),
+                TurboQuantCompressor(head_dim, bits=bits, qjl_dim=0, seed=seed + 1))
+    key = make_compressor(name, head_dim, seed)
+    if isinstance(key, TurboQuantCompressor):
+        return key, TurboQuantCompressor(head_dim, bits=key.bits, qjl_dim=0, seed=seed + 1)
+    if isinstance(key, QjlCompressor):
+        return key, IdentityCompressor(head_dim)
+    return key, make_compressor(name, head_dim, seed + 1)
+
+
 __all__ = ["KV_COMPRESSIONS", "Codes", "IdentityCompressor", "KvCompressor",
            "PolarQuantCompressor", "QjlCompressor", "TurboQuantCompressor",
-           "compression_ratio", "make_compressor", "storage_bits"]
+           "compression_ratio", "make_compressor", "make_kv_compression", "storage_bits"]

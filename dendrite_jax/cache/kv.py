@@ -83,6 +83,7 @@ class AttentionMetadata:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def copy_pages(kv: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
-    """Copy whole pages src[i] -> dst[i] in every layer (the device half of copy-on-write)."""
-    return KVCache(k=kv.k.at[:, dst].set(kv.k[:, src]), v=kv.v.at[:, dst].set(kv.v[:, src]))
+def copy_pages(kv, src: jax.Array, dst: jax.Array):
+    """Copy whole pages src[i] -> dst[i] in every layer (the device half of copy-on-write),
+    of a plain or compressed cache (every array of either is [L, N, ...])."""
+    return jax.tree.map(lambda a: a.at[:, dst].set(a[:, src]), kv)

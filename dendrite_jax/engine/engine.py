@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 
+from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.kv import KVCache
 from dendrite_jax.cache.pool import PagePool, PoolStats
 from dendrite_jax.cache.prefix_cache import PrefixCache, PrefixCacheStats
@@ -34,7 +35,9 @@ def _needs_sort(params: SamplingParams) -> bool:
 
 def default_num_pages(model: LoadedModel, cfg: EngineConfig, max_model_len: int) -> int:
     """Enough pages for every slot at full length, capped by the kv_cache_bytes budget."""
-    per_page = KVCache.bytes_per_page(model.config, cfg.page_size, cfg.dtype)
+    per_page = (KVCache.bytes_per_page(model.config, cfg.page_size, cfg.dtype)
+                if cfg.kv_compression == "none" else
+                CompressedKVCache.bytes_per_page(model.config, cfg.page_size, cfg.kv_compression))
     full = cfg.max_num_seqs * math.ceil(max_model_len / cfg.page_size)
     return max(2, min(full, cfg.kv_cache_bytes // per_page))
 
@@ -69,7 +72,8 @@ class Engine:
                                    prefix_cache=self.prefix_cache)
         self.runner = ModelRunner(model.config, model.params, num_pages=num_pages,
                                   page_size=cfg.page_size, num_slots=cfg.max_num_seqs,
-                                  dtype=cfg.dtype, attention_backend=attention_backend)
+                                  dtype=cfg.dtype, attention_backend=attention_backend,
+                                  kv_compression=cfg.kv_compression)
         self.max_pages_per_seq = math.ceil(self.max_model_len / cfg.page_size)
         # The reference attention gathers the whole page table, so its width is bucketed;
         # the kernels read only each row's pages, so one full width serves every step.

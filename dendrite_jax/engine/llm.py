@@ -44,6 +44,10 @@ class LLM:
     `tokenizer` (a Hugging Face tokenizer directory or a .gguf file) replaces the model's own,
     or gives a random-weight preset one (for structured output at benchmark sizes).
 
+    `kv_compression` ("none", "turboquant-4", "polarquant-4", "qjl-256", ...; see
+    `cache.compress.make_kv_compression`) keeps the KV cache as codes: more pages fit in
+    `kv_cache_bytes`. It runs on the reference attention backend (no kernel reads codes yet).
+
     `warmup` compiles every step bucket up front and then makes compiling a new one an error
     (default: on for accelerators, off on CPU where compiling on demand is cheaper).
     """
@@ -54,12 +58,13 @@ class LLM:
                  kv_cache_bytes: int = EngineConfig.kv_cache_bytes, seed: int = 0,
                  enable_prefix_caching: bool = False, warmup: bool | None = None,
                  attention_backend: str = "auto", layer_loop: str = "auto",
-                 compilation_cache: bool = True, tokenizer: str | None = None) -> None:
+                 compilation_cache: bool = True, tokenizer: str | None = None,
+                 kv_compression: str = "none") -> None:
         engine_cfg = EngineConfig(dtype=dtype, page_size=page_size, num_pages=num_pages,
                                   max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
-                                  seed=seed)
+                                  seed=seed, kv_compression=kv_compression)
         backend = resolve_backend(attention_backend)
         loop = resolve_layer_loop(layer_loop)
         if compilation_cache:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.kv import KVCache, copy_pages
 from dendrite_jax.config import ModelConfig
 from dendrite_jax.engine import step_output
@@ -29,6 +30,7 @@ from dendrite_jax.engine.step_plan import StepPlan, StepShape, field_sizes
 from dendrite_jax.grammar.mask import allow_all, mask_words
 from dendrite_jax.model.params import Params
 from dendrite_jax.progress import Progress
+from kernels_pallas import kv_compress
 
 
 def enable_compilation_cache(directory: str | None = None) -> str:
@@ -82,11 +84,16 @@ class ModelRunner:
     """Runs StepPlans on the device. Not thread-safe: one step at a time."""
 
     def __init__(self, cfg: ModelConfig, params: Params, *, num_pages: int, page_size: int,
-                 num_slots: int, dtype: str, attention_backend: str = "reference") -> None:
+                 num_slots: int, dtype: str, attention_backend: str = "reference",
+                 kv_compression: str = "none") -> None:
         self.cfg = cfg
         self.params = params
         self.attention_backend = attention_backend
-        self.kv = KVCache.create(cfg, num_pages, page_size, dtype)
+        if kv_compression == "none":
+            self.kv = KVCache.create(cfg, num_pages, page_size, dtype)
+        else:
+            kv_compress.check_backend(attention_backend)
+            self.kv = CompressedKVCache.create(cfg, num_pages, page_size, kv_compression)
         self.slots = SlotState.create(num_slots, cfg.vocab_size)
         static = ("cfg", "shape", "attention_backend")
         self._jitted = {

@@ -10,9 +10,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dendrite_jax.cache.compressed_kv import CompressedKVCache, PagedCache
 from dendrite_jax.cache.kv import AttentionMetadata, KVCache
 from dendrite_jax.config import ModelConfig
 from dendrite_jax.model.params import LayerParams, Params
+from kernels_pallas import kv_compress
 from kernels_pallas.paged_attention import write_and_attend
 
 
@@ -37,10 +39,10 @@ def rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_block(lp: LayerParams, x: jax.Array, kv: KVCache, layer: jax.Array,
+def attention_block(lp: LayerParams, x: jax.Array, kv: PagedCache, layer: jax.Array,
                     meta: AttentionMetadata, angles: tuple[jax.Array, jax.Array],
                     cfg: ModelConfig, *, num_decode: int,
-                    max_q_len: int, attention_backend: str) -> tuple[jax.Array, KVCache]:
+                    max_q_len: int, attention_backend: str) -> tuple[jax.Array, PagedCache]:
     num_tokens = x.shape[0]
     with jax.named_scope("qkv_proj"):
         qkv = jnp.einsum("td,dq->tq", x, lp.w_qkv)
@@ -58,12 +60,15 @@ def attention_block(lp: LayerParams, x: jax.Array, kv: KVCache, layer: jax.Array
         q = rotary(q, *angles)
         k = rotary(k, *angles)
     with jax.named_scope("paged_attention"):
-        out, k_pages, v_pages = write_and_attend(
-            q, k, v, kv.k, kv.v, layer, meta.q_lens, meta.seq_lens, meta.page_tables,
-            meta.slot_pages, meta.slot_offsets, num_decode=num_decode, max_q_len=max_q_len,
-            sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window,
-            backend=attention_backend)
-        kv = KVCache(k=k_pages, v=v_pages)
+        kwargs = dict(num_decode=num_decode, max_q_len=max_q_len, sm_scale=cfg.head_dim ** -0.5,
+                      sliding_window=cfg.sliding_window, backend=attention_backend)
+        where = (layer, meta.q_lens, meta.seq_lens, meta.page_tables, meta.slot_pages,
+                 meta.slot_offsets)
+        if isinstance(kv, CompressedKVCache):
+            out, kv = kv_compress.write_and_attend(q, k, v, kv, *where, **kwargs)
+        else:
+            out, k_pages, v_pages = write_and_attend(q, k, v, kv.k, kv.v, *where, **kwargs)
+            kv = KVCache(k=k_pages, v=v_pages)
     with jax.named_scope("o_proj"):
         out = jnp.einsum("tq,qd->td", out.reshape(num_tokens, cfg.q_size), lp.w_o)
     return out, kv
@@ -75,9 +80,9 @@ def swiglu_mlp(lp: LayerParams, x: jax.Array) -> jax.Array:
     return jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, lp.w_down)
 
 
-def forward(params: Params, kv: KVCache, input_ids: jax.Array, meta: AttentionMetadata,
+def forward(params: Params, kv: PagedCache, input_ids: jax.Array, meta: AttentionMetadata,
             cfg: ModelConfig, *, num_decode: int, max_q_len: int,
-            attention_backend: str = "reference") -> tuple[jax.Array, KVCache]:
+            attention_backend: str = "reference") -> tuple[jax.Array, PagedCache]:
     """Run the decoder over a step's tokens (layout: `engine.step_plan`). Returns final hidden
     states [T, D] and the cache with this step's keys/values written."""
     with jax.named_scope("embed"):

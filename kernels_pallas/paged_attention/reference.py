@@ -14,18 +14,15 @@ import jax.numpy as jnp
 from kernels_pallas.paged_attention.blocks import attend_by_block
 
 
-def _attend_block(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array,
-                  q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *,
-                  sm_scale: float, sliding_window: int | None,
-                  soft_cap: float | None) -> jax.Array:
-    """q [R, Q, Hq, hd] for R rows -> [R, Q, Hq, hd]; query slots past q_len give zeros."""
+def attend_context(q: jax.Array, k: jax.Array, v: jax.Array, q_lens: jax.Array,
+                   seq_lens: jax.Array, *, sm_scale: float, sliding_window: int | None,
+                   soft_cap: float | None) -> jax.Array:
+    """q [R, Q, Hq, hd] for R rows attending to their contexts k, v [R, C, Hkv, hd] (position
+    order, valid up to seq_len) -> [R, Q, Hq, hd]; query slots past q_len give zeros."""
     rows, max_q_len, num_heads, head_dim = q.shape
-    _, _, page_size, num_kv_heads, _ = k_pages.shape
+    _, context, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
-    context = page_tables.shape[1] * page_size
     q = q.reshape(rows, max_q_len, num_kv_heads, group, head_dim)
-    k = k_pages[layer, page_tables].reshape(rows, context, num_kv_heads, head_dim)
-    v = v_pages[layer, page_tables].reshape(rows, context, num_kv_heads, head_dim)
     # HIGHEST: float32 inputs stay float32 on GPUs too (XLA would use TF32 by default); this
     # function is the oracle the kernels are checked against.
     scores = jnp.einsum("rqhgd,rkhd->rhgqk", q, k, precision=jax.lax.Precision.HIGHEST,
@@ -48,6 +45,17 @@ def _attend_block(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: j
                      precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
     out = out.reshape(rows, max_q_len, num_heads, head_dim)
     return jnp.where((q_index < q_lens[:, None])[:, :, None, None], out, 0.0)
+
+
+def _attend_block(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array,
+                  q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array,
+                  **kwargs) -> jax.Array:
+    """`attend_context` over the rows' pages of layer `layer`."""
+    rows, (_, _, page_size, num_kv_heads, head_dim) = q.shape[0], k_pages.shape
+    context = page_tables.shape[1] * page_size
+    k = k_pages[layer, page_tables].reshape(rows, context, num_kv_heads, head_dim)
+    v = v_pages[layer, page_tables].reshape(rows, context, num_kv_heads, head_dim)
+    return attend_context(q, k, v, q_lens, seq_lens, **kwargs)
 
 
 def ragged_paged_attention(
