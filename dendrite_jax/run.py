@@ -81,11 +81,11 @@ def main(argv: list[str]) -> int:
     print(output.text)
     n = len(output.token_ids)
     ttft_from_start = (start - _PROCESS_START) + (output.time_to_first_token or 0.0)
-    # Decode speed net of compiling (or loading from the persistent cache) decode step shapes;
-    # the prefill's compilation is part of the time to first token.
+    # Decode speed from the first generated token to the last: the first decode step is
+    # launched (and compiled) before the first token is read back, so it is in the time to
+    # first token with the prefill's compilation.
     compiling = sum(seconds for _, seconds in new_compiles)
-    decode_compiling = sum(seconds for shape, seconds in new_compiles if shape.max_q_len == 1)
-    decode = elapsed - decode_compiling - (output.time_to_first_token or 0.0)
+    decode = output.decode_time or 0.0
     decode_rate = (n - 1) / decode if n > 1 and decode > 0 else float("nan")
     print(f"[{n} tokens in {elapsed:.2f}s | decode {decode_rate:.1f} tok/s | time to first "
           f"token {ttft_from_start:.2f}s from process start (load {load_seconds:.2f}s, first "

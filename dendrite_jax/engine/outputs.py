@@ -28,6 +28,7 @@ class RequestOutput:
     logprobs: list[PositionLogprobs] | None = None
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # first entry None
     time_to_first_token: float | None = None  # seconds from submission
+    decode_time: float | None = None  # seconds from the first generated token to the last
     error: str | None = None  # why the request failed (finish_reason "error")
     cumulative_logprob: float = 0.0  # summed raw-model logprobs of the generated tokens
     # SamplingParams(n > 1): every returned completion (this output is the first of them)

@@ -71,6 +71,7 @@ class Request:
         self.error: str | None = None
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
         # This request's sampling columns of every StepPlan (fixed for its life).
         self.plan_ints = (params.top_k, int(np.uint32(seed).view(np.int32)))
         self.plan_floats = (params.temperature, params.top_p, params.min_p,
@@ -147,8 +148,9 @@ class Request:
         """Add a sampled token (filling the oldest pending placeholder if there is one), then
         decide whether the request is finished. `logprob` (the token's raw-model logprob) adds
         to the cumulative logprob; the rest matter only when the request asked for logprobs."""
+        self.last_token_time = time.perf_counter()
         if self.first_token_time is None:
-            self.first_token_time = time.perf_counter()
+            self.first_token_time = self.last_token_time
         # Placeholders only ever sit in the last two entries (at most two steps in flight).
         ids = self.output_ids
         index = len(ids)
@@ -210,9 +212,12 @@ class Request:
 
     def output(self) -> RequestOutput:
         ttft = None if self.first_token_time is None else self.first_token_time - self.arrival
+        decode_time = (None if self.first_token_time is None
+                       else self.last_token_time - self.first_token_time)
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_ids,
             text=self.text, token_ids=self.resolved_output_ids, finish_reason=self.finish_reason,
             stop_reason=self.stop_reason, logprobs=self.logprobs,
-            prompt_logprobs=self.prompt_logprobs, time_to_first_token=ttft, error=self.error,
+            prompt_logprobs=self.prompt_logprobs, time_to_first_token=ttft,
+            decode_time=decode_time, error=self.error,
             cumulative_logprob=self.cumulative_logprob)
