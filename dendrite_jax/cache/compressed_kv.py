@@ -22,10 +22,18 @@ from dendrite_jax.config import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class CompressedKVCache:
-    k: Codes  # each [L, N, page_size, Hkv, ...]
-    v: Codes
+    k: Codes  # each [L, N, page_size, Hkv, ...]: codes of key - k_mean[layer]
+    v: Codes  # codes of value - v_mean[layer]
+    k_mean: jax.Array  # [L, Hkv, hd] float32 (`cache.calibration`; zeros: no centering)
+    v_mean: jax.Array
     key_compressor: KvCompressor  # static: part of the compiled step's identity
     value_compressor: KvCompressor
+
+    def copied(self, src: jax.Array, dst: jax.Array) -> CompressedKVCache:
+        """Pages src[i] copied to dst[i] in every layer (every code array)."""
+        def copy(codes: Codes) -> Codes:
+            return {name: a.at[:, dst].set(a[:, src]) for name, a in codes.items()}
+        return dataclasses.replace(self, k=copy(self.k), v=copy(self.v))
 
     @property
     def _leaf(self) -> jax.Array:
@@ -41,15 +49,22 @@ class CompressedKVCache:
 
     @classmethod
     def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, compression: str,
-               seed: int = 0) -> CompressedKVCache:
+               seed: int = 0, means: tuple[jax.Array, jax.Array] | None = None
+               ) -> CompressedKVCache:
+        """An empty cache; `means` (mean key, mean value [L, Hkv, hd]) centre what is encoded."""
         key, value = make_kv_compression(compression, cfg.head_dim, seed)
+        if means is None:  # two arrays: the step donates each
+            means = tuple(jnp.zeros((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim),
+                                    jnp.float32) for _ in range(2))
         shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
 
         def zeros(compressor: KvCompressor) -> Codes:
             specs = jax.eval_shape(compressor.encode, jax.ShapeDtypeStruct(shape, jnp.float32))
             return {name: jnp.zeros(s.shape, s.dtype) for name, s in specs.items()}
 
-        return cls(k=zeros(key), v=zeros(value), key_compressor=key, value_compressor=value)
+        return cls(k=zeros(key), v=zeros(value), k_mean=jnp.asarray(means[0], jnp.float32),
+                   v_mean=jnp.asarray(means[1], jnp.float32), key_compressor=key,
+                   value_compressor=value)
 
     @staticmethod
     def bytes_per_page(cfg: ModelConfig, page_size: int, compression: str) -> int:
@@ -63,7 +78,7 @@ class CompressedKVCache:
         return cfg.num_layers * page_size * total
 
 
-jax.tree_util.register_dataclass(CompressedKVCache, data_fields=["k", "v"],
+jax.tree_util.register_dataclass(CompressedKVCache, data_fields=["k", "v", "k_mean", "v_mean"],
                                  meta_fields=["key_compressor", "value_compressor"])
 
 PagedCache = KVCache | CompressedKVCache  # what a step reads and writes

@@ -38,6 +38,11 @@ class KVCache:
         shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
+    def copied(self, src: jax.Array, dst: jax.Array) -> KVCache:
+        """Pages src[i] copied to dst[i] in every layer."""
+        return KVCache(k=self.k.at[:, dst].set(self.k[:, src]),
+                       v=self.v.at[:, dst].set(self.v[:, src]))
+
     @staticmethod
     def bytes_per_page(cfg: ModelConfig, page_size: int, dtype: str) -> int:
         return 2 * cfg.num_layers * page_size * cfg.kv_size * jnp.dtype(dtype).itemsize
@@ -85,5 +90,5 @@ class AttentionMetadata:
 @functools.partial(jax.jit, donate_argnums=0)
 def copy_pages(kv, src: jax.Array, dst: jax.Array):
     """Copy whole pages src[i] -> dst[i] in every layer (the device half of copy-on-write),
-    of a plain or compressed cache (every array of either is [L, N, ...])."""
-    return jax.tree.map(lambda a: a.at[:, dst].set(a[:, src]), kv)
+    of a plain or a compressed cache."""
+    return kv.copied(src, dst)

@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 
+from dendrite_jax.cache.calibration import calibration_ids
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.kv import KVCache
 from dendrite_jax.cache.pool import PagePool, PoolStats
@@ -73,7 +74,9 @@ class Engine:
         self.runner = ModelRunner(model.config, model.params, num_pages=num_pages,
                                   page_size=cfg.page_size, num_slots=cfg.max_num_seqs,
                                   dtype=cfg.dtype, attention_backend=attention_backend,
-                                  kv_compression=cfg.kv_compression)
+                                  kv_compression=cfg.kv_compression,
+                                  calibration=None if cfg.kv_compression == "none" else
+                                  calibration_ids(model.tokenizer, model.config.vocab_size))
         self.max_pages_per_seq = math.ceil(self.max_model_len / cfg.page_size)
         # The reference attention gathers the whole page table, so its width is bucketed;
         # the kernels read only each row's pages, so one full width serves every step.

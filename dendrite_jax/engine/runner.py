@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dendrite_jax.cache.calibration import kv_means
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.kv import KVCache, copy_pages
 from dendrite_jax.config import ModelConfig
@@ -85,7 +86,7 @@ class ModelRunner:
 
     def __init__(self, cfg: ModelConfig, params: Params, *, num_pages: int, page_size: int,
                  num_slots: int, dtype: str, attention_backend: str = "reference",
-                 kv_compression: str = "none") -> None:
+                 kv_compression: str = "none", calibration: list[int] | None = None) -> None:
         self.cfg = cfg
         self.params = params
         self.attention_backend = attention_backend
@@ -93,7 +94,10 @@ class ModelRunner:
             self.kv = KVCache.create(cfg, num_pages, page_size, dtype)
         else:
             kv_compress.check_backend(attention_backend)
-            self.kv = CompressedKVCache.create(cfg, num_pages, page_size, kv_compression)
+            # Means over the calibration tokens centre what the cache encodes.
+            means = kv_means(params, cfg, calibration) if calibration else None
+            self.kv = CompressedKVCache.create(cfg, num_pages, page_size, kv_compression,
+                                               means=means)
         self.slots = SlotState.create(num_slots, cfg.vocab_size)
         static = ("cfg", "shape", "attention_backend")
         self._jitted = {

@@ -9,7 +9,10 @@ being served; the cache itself stays in codes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 
 from dendrite_jax.cache.compress import Codes, KvCompressor
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
@@ -19,26 +22,24 @@ from kernels_pallas.paged_attention.reference import attend_context
 
 def write_codes(kv: CompressedKVCache, layer: jax.Array, k: jax.Array, v: jax.Array,
                 slot_pages: jax.Array, slot_offsets: jax.Array) -> CompressedKVCache:
-    """Encode keys/values [T, Hkv, hd] of layer `layer` into their (page, offset) slots; a slot
-    page outside [0, N) (padding) writes nowhere."""
+    """Encode keys/values [T, Hkv, hd] of layer `layer` (minus the layer's means) into their
+    (page, offset) slots; a slot page outside [0, N) (padding) writes nowhere."""
     idx = (layer, slot_pages, slot_offsets)
 
-    def scatter(codes: Codes, compressor: KvCompressor, x: jax.Array) -> Codes:
-        new = compressor.encode(x)
+    def scatter(codes: Codes, compressor: KvCompressor, x: jax.Array, mean: jax.Array) -> Codes:
+        new = compressor.encode(x.astype(jnp.float32) - mean[layer])
         return {name: codes[name].at[idx].set(new[name], mode="drop") for name in codes}
 
-    return CompressedKVCache(k=scatter(kv.k, kv.key_compressor, k),
-                             v=scatter(kv.v, kv.value_compressor, v),
-                             key_compressor=kv.key_compressor,
-                             value_compressor=kv.value_compressor)
+    return dataclasses.replace(kv, k=scatter(kv.k, kv.key_compressor, k, kv.k_mean),
+                               v=scatter(kv.v, kv.value_compressor, v, kv.v_mean))
 
 
-def _read(codes: Codes, compressor: KvCompressor, layer: jax.Array,
+def _read(codes: Codes, compressor: KvCompressor, mean: jax.Array, layer: jax.Array,
           page_tables: jax.Array) -> jax.Array:
     """Rows' contexts [R, P * page_size, Hkv, hd] decoded from their pages of codes."""
     rows, pages = page_tables.shape
     x = compressor.decode({name: a[layer, page_tables] for name, a in codes.items()})
-    return x.reshape(rows, pages * x.shape[2], *x.shape[3:])
+    return x.reshape(rows, pages * x.shape[2], *x.shape[3:]) + mean[layer]
 
 
 def ragged_paged_attention(q: jax.Array, kv: CompressedKVCache, layer: jax.Array,
@@ -48,8 +49,8 @@ def ragged_paged_attention(q: jax.Array, kv: CompressedKVCache, layer: jax.Array
                            soft_cap: float | None = None) -> jax.Array:
     """Attention output [T, Hq, hd] of a step's queries (layout: `engine.step_plan`)."""
     def attend(rows, row_q_lens, row_seq_lens, row_tables):
-        k = _read(kv.k, kv.key_compressor, layer, row_tables)
-        v = _read(kv.v, kv.value_compressor, layer, row_tables)
+        k = _read(kv.k, kv.key_compressor, kv.k_mean, layer, row_tables)
+        v = _read(kv.v, kv.value_compressor, kv.v_mean, layer, row_tables)
         return attend_context(rows, k, v, row_q_lens, row_seq_lens, sm_scale=sm_scale,
                               sliding_window=sliding_window, soft_cap=soft_cap)
 

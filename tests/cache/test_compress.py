@@ -4,9 +4,6 @@ the real SmolLM2's keys and values."""
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dendrite_jax.cache import bitpack, codebooks
+from dendrite_jax.cache.calibration import prefill_kv
 from dendrite_jax.cache.compress import (
     IdentityCompressor,
     PolarQuantCompressor,
@@ -23,8 +21,6 @@ from dendrite_jax.cache.compress import (
     make_compressor,
     storage_bits,
 )
-from dendrite_jax.cache.kv import AttentionMetadata, KVCache
-from dendrite_jax.model.llama import forward
 from tests.cache import numpy_compressors as ref
 
 
@@ -220,20 +216,6 @@ def test_bad_configurations_name_the_problem():
 # --------------------------------------------------------------------------- real K/V
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_tokens"))
-def _prefill_kv(params, ids, cfg, num_tokens):
-    page_size = 16
-    pages = -(-num_tokens // page_size)
-    kv = KVCache.create(cfg, pages, page_size, params.embed.dtype)
-    table = jnp.arange(pages, dtype=jnp.int32)[None]
-    meta = AttentionMetadata.build(jnp.array([num_tokens], jnp.int32),
-                                   jnp.array([num_tokens], jnp.int32), table, num_decode=0,
-                                   max_q_len=num_tokens, page_size=page_size, num_pages=pages)
-    _, kv = forward(params, kv, ids, meta, cfg, num_decode=0, max_q_len=num_tokens)
-    shape = (cfg.num_layers, pages * page_size, cfg.num_kv_heads, cfg.head_dim)
-    return kv.k.reshape(shape)[:, :num_tokens], kv.v.reshape(shape)[:, :num_tokens]
-
-
 TEXT = ("The river rose through the night, and by morning the lower streets of the town were "
         "under water. Families carried what they could to the church on the hill, where the "
         "baker had already lit his ovens. Nobody remembered a flood like it; the oldest man in "
@@ -243,8 +225,7 @@ TEXT = ("The river rose through the night, and by morning the lower streets of t
 @pytest.fixture(scope="module")
 def smollm_kv(smollm):
     ids = smollm.tokenizer.encode(TEXT * 3)
-    k, v = _prefill_kv(smollm.model.params, jnp.asarray(ids, jnp.int32), smollm.config,
-                       len(ids))
+    k, v = prefill_kv(smollm.model.params, smollm.config, ids)
     return np.asarray(k, np.float64), np.asarray(v, np.float64)  # [L, T, Hkv, 64]
 
 

@@ -1,0 +1,66 @@
+"""Per-(layer, KV head) mean keys and values, measured once on a fixed text.
+
+A compressed cache encodes each key or value minus its layer and head's mean (and adds the
+mean back when decoding). Keys of real models share a large common direction (SmolLM2's keys
+average norm 17, 12 once the mean is removed), and a quantizer's error grows with the norm it
+is given; centering is exact in expectation and halves SmolLM2's 4-bit score error
+(`benchmarks/NOTES.md`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dendrite_jax.cache.kv import AttentionMetadata, KVCache
+from dendrite_jax.config import ModelConfig
+
+CALIBRATION_TEXT = (
+    "The library opened at nine, and by ten the long tables were full. A student copied "
+    "equations from a worn textbook while an old man read the morning paper aloud to nobody "
+    "in particular. Outside, rain had turned the square into a mirror; buses hissed past and "
+    "pigeons sheltered under the statue of the town's founder. In the reading room the clock "
+    "was five minutes fast, as it had been for years, and the librarian, who knew it, set her "
+    "watch by the church bell instead. She stamped returned books, answered questions about "
+    "train times and tax forms, and at noon ate an apple at her desk, looking at the maps.")
+CALIBRATION_TOKENS = 256
+
+
+def calibration_ids(tokenizer, vocab_size: int) -> list[int]:
+    """The calibration tokens: the fixed text through the model's tokenizer, or (a model
+    without one) fixed pseudo-random ids."""
+    if tokenizer is not None:
+        ids = tokenizer.encode(CALIBRATION_TEXT)
+        return (ids * (CALIBRATION_TOKENS // len(ids) + 1))[:CALIBRATION_TOKENS]
+    rng = np.random.Generator(np.random.PCG64(0))
+    return rng.integers(1, vocab_size, CALIBRATION_TOKENS).tolist()
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_tokens"))
+def _prefill_kv(params, ids, cfg: ModelConfig, num_tokens: int):
+    from dendrite_jax.model.llama import forward  # the model imports the cache package
+
+    page_size = 16
+    pages = -(-num_tokens // page_size)
+    kv = KVCache.create(cfg, pages, page_size, params.embed.dtype)
+    table = jnp.arange(pages, dtype=jnp.int32)[None]
+    meta = AttentionMetadata.build(jnp.array([num_tokens], jnp.int32),
+                                   jnp.array([num_tokens], jnp.int32), table, num_decode=0,
+                                   max_q_len=num_tokens, page_size=page_size, num_pages=pages)
+    _, kv = forward(params, kv, ids, meta, cfg, num_decode=0, max_q_len=num_tokens)
+    shape = (cfg.num_layers, pages * page_size, cfg.num_kv_heads, cfg.head_dim)
+    return kv.k.reshape(shape)[:, :num_tokens], kv.v.reshape(shape)[:, :num_tokens]
+
+
+def prefill_kv(params, cfg: ModelConfig, ids: list[int]) -> tuple[jax.Array, jax.Array]:
+    """Keys (after rotary) and values [L, T, Hkv, hd] of one sequence's prefill."""
+    return _prefill_kv(params, jnp.asarray(ids, jnp.int32), cfg, len(ids))
+
+
+def kv_means(params, cfg: ModelConfig, ids: list[int]) -> tuple[jax.Array, jax.Array]:
+    """float32 mean key and value [L, Hkv, hd] over the tokens `ids`."""
+    k, v = prefill_kv(params, cfg, ids)
+    return (k.astype(jnp.float32).mean(axis=1), v.astype(jnp.float32).mean(axis=1))
