@@ -1,10 +1,11 @@
 """Pure-JAX paged attention over a compressed cache: the oracle and the CPU path.
 
-The step's new keys/values are encoded as they are written (one scatter per code array);
-attention gathers each row's pages of codes and decodes only those (`KvCompressor.decode`:
-for TurboQuant and QJL keys the unbiased estimate, so scores are the papers' estimators), then
-attends as the plain reference does. The decoded context is a per-step temporary of the rows
-being served; the cache itself stays in codes.
+The step's new keys/values, minus their layer's calibrated means, are encoded as they are
+written (one scatter per code array). Attention gathers each row's pages of codes, decodes only
+those and adds the means back (`KvCompressor.decode`: for TurboQuant and QJL keys the unbiased
+estimate, so scores are the papers' estimators), then attends as the plain reference does.
+The decoded context is a per-step temporary of the rows being served; the cache itself stays
+in codes.
 """
 
 from __future__ import annotations
