@@ -39,3 +39,10 @@ def unpack(words: jax.Array, bits: int, n: int) -> jax.Array:
     planes = (w >> shifts) & 1  # [..., groups, 32, bits]
     codes = jnp.sum(planes << jnp.arange(bits, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
     return codes.reshape(*lead, groups * GROUP)[..., :n].astype(jnp.int32)
+
+
+def bits_per_element(encode, head_dim: int) -> float:
+    """Stored bits per vector element of an encoder: every code array it returns for one
+    vector (norms, scales and packing padding included), over head_dim."""
+    shapes = jax.eval_shape(encode, jax.ShapeDtypeStruct((1, head_dim), jnp.float32))
+    return sum(s.size * s.dtype.itemsize * 8 for s in jax.tree.leaves(shapes)) / head_dim

@@ -28,6 +28,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
+from dendrite_jax.cache import bitpack
 from dendrite_jax.cache.polarquant import PolarQuantCompressor
 from dendrite_jax.cache.qjl import QjlCompressor
 from dendrite_jax.cache.turboquant import TurboQuantCompressor
@@ -49,13 +50,14 @@ class KvCompressor(Protocol):
         """Inner products [Q, N] of full-precision queries q [Q, head_dim] with the N encoded
         keys (codes with leading axis [N]); equal to q @ decode(codes).T."""
 
+    def bits_per_element(self) -> float:
+        """Exact stored bits per element: every code array of one vector (norms, scales and
+        packing padding included), over head_dim (`bitpack.bits_per_element`)."""
+
 
 def storage_bits(compressor: KvCompressor) -> float:
-    """Stored bits per vector element: every code array of one vector, over head_dim."""
-    shapes = jax.eval_shape(compressor.encode,
-                            jax.ShapeDtypeStruct((1, compressor.head_dim), jnp.float32))
-    bits = sum(leaf.size * leaf.dtype.itemsize * 8 for leaf in jax.tree.leaves(shapes))
-    return bits / compressor.head_dim
+    """Stored bits per vector element (see `KvCompressor.bits_per_element`)."""
+    return compressor.bits_per_element()
 
 
 def compression_ratio(compressor: KvCompressor, baseline_bits: int = 16) -> float:
@@ -79,6 +81,9 @@ class IdentityCompressor:
 
     def scores(self, q: jax.Array, codes: Codes) -> jax.Array:
         return q.astype(jnp.float32) @ self.decode(codes).T
+
+    def bits_per_element(self) -> float:
+        return bitpack.bits_per_element(self.encode, self.head_dim)
 
 
 KV_COMPRESSIONS = ("none", "polarquant-<2|4|8>", "qjl-<dim>", "turboquant-<bits>",

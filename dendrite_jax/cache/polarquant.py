@@ -65,3 +65,6 @@ class PolarQuantCompressor:
 
     def scores(self, q: jax.Array, codes: dict[str, jax.Array]) -> jax.Array:
         return q.astype(jnp.float32) @ self.decode(codes).T
+
+    def bits_per_element(self) -> float:
+        return bitpack.bits_per_element(self.encode, self.head_dim)

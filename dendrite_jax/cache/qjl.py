@@ -45,3 +45,6 @@ class QjlCompressor:
     def scores(self, q: jax.Array, codes: dict[str, jax.Array]) -> jax.Array:
         projected = q.astype(jnp.float32) @ jnp.asarray(self.sketch.T, jnp.float32)  # [Q, dim]
         return (projected @ self._signs(codes).T) * self._scale(codes)[None, :]
+
+    def bits_per_element(self) -> float:
+        return bitpack.bits_per_element(self.encode, self.head_dim)

@@ -73,3 +73,6 @@ class TurboQuantCompressor:
         """Rotates the queries once instead of every key back."""
         rotated_q = q.astype(jnp.float32) @ jnp.asarray(self.rotation.T, jnp.float32)
         return (rotated_q @ self._rotated(codes).T) * codes["norm"].astype(jnp.float32)[None, :]
+
+    def bits_per_element(self) -> float:
+        return bitpack.bits_per_element(self.encode, self.head_dim)

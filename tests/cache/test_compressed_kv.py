@@ -145,7 +145,7 @@ def test_preemption_recomputes_identical_codes():
     so the outputs equal a run with room for everyone, and no page leaks."""
     roomy = LLM(**TINY, kv_compression="turboquant-4")
     tight = LLM(**{**TINY, "num_pages": 9}, kv_compression="turboquant-4")
-    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=28, temperature=0, ignore_eos=True)  # 11 pages needed
     assert tokens(tight, PROMPTS, params) == tokens(roomy, PROMPTS, params)
     assert tight.stats().preemptions > 0
     assert tight.engine.pool.num_free == tight.engine.pool.num_pages
