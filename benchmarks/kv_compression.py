@@ -26,12 +26,7 @@ from absl import app, flags, logging
 from report import header, write
 
 from dendrite_jax import LLM, SamplingParams
-from dendrite_jax.cache.compress import (
-    TurboQuantCompressor,
-    compression_ratio,
-    make_compressor,
-    storage_bits,
-)
+from dendrite_jax.cache.compress import compression_ratio, make_kv_compression
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("parts", ["compressors", "perplexity", "greedy", "needle"], "What to run.")
@@ -49,12 +44,6 @@ COMPRESSORS = ["polarquant-2", "polarquant-4", "polarquant-8", "qjl-128", "qjl-2
                "turboquant-mse-4"]
 
 
-def compressor(name: str, head_dim: int):
-    if name.startswith("turboquant-mse-"):
-        return TurboQuantCompressor(head_dim, bits=int(name.rsplit("-", 1)[1]), qjl_dim=0)
-    return make_compressor(name, head_dim)
-
-
 def compressor_rows() -> list[dict]:
     rows = []
     rng = np.random.default_rng(1234)
@@ -64,11 +53,11 @@ def compressor_rows() -> list[dict]:
         q = rng.standard_normal((4000, head_dim))
         q /= np.linalg.norm(q, axis=-1, keepdims=True)
         for name in COMPRESSORS:
-            c = compressor(name, head_dim)
+            c = make_kv_compression(name, head_dim)[0]  # the key compressor of that name
             x_hat = np.asarray(c.decode(c.encode(jnp.asarray(x, jnp.float32))), np.float64)
             ip_error = np.sum(q * (x_hat - x), axis=-1)
             rows.append({"compressor": name, "head_dim": head_dim,
-                         "bits_per_element": storage_bits(c),
+                         "bits_per_element": c.bits_per_element(),
                          "ratio_vs_bf16": compression_ratio(c),
                          "mse_unit": float(np.mean(np.sum((x - x_hat) ** 2, axis=-1))),
                          "ip_error_x_d": float(np.mean(ip_error ** 2) * head_dim),

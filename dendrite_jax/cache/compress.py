@@ -55,14 +55,9 @@ class KvCompressor(Protocol):
         packing padding included), over head_dim (`bitpack.bits_per_element`)."""
 
 
-def storage_bits(compressor: KvCompressor) -> float:
-    """Stored bits per vector element (see `KvCompressor.bits_per_element`)."""
-    return compressor.bits_per_element()
-
-
 def compression_ratio(compressor: KvCompressor, baseline_bits: int = 16) -> float:
     """How many times smaller than `baseline_bits` (bfloat16) per element."""
-    return baseline_bits / storage_bits(compressor)
+    return baseline_bits / compressor.bits_per_element()
 
 
 class IdentityCompressor:
@@ -106,8 +101,6 @@ def make_compressor(name: str, head_dim: int, seed: int = 0) -> KvCompressor:
     return TurboQuantCompressor(head_dim, bits=n, qjl_dim=head_dim // 2, seed=seed)
 
 
-
-
 def make_kv_compression(name: str, head_dim: int, seed: int = 0
                         ) -> tuple[KvCompressor, KvCompressor]:
     """(key compressor, value compressor) for a cache compression name.
@@ -136,4 +129,4 @@ def make_kv_compression(name: str, head_dim: int, seed: int = 0
 
 __all__ = ["KV_COMPRESSIONS", "Codes", "IdentityCompressor", "KvCompressor",
            "PolarQuantCompressor", "QjlCompressor", "TurboQuantCompressor",
-           "compression_ratio", "make_compressor", "make_kv_compression", "storage_bits"]
+           "compression_ratio", "make_compressor", "make_kv_compression"]

@@ -69,13 +69,8 @@ class CompressedKVCache:
     @staticmethod
     def bytes_per_page(cfg: ModelConfig, page_size: int, compression: str) -> int:
         """Bytes of one page in every layer, code arrays (norms included) of keys and values."""
-        total = 0
-        for compressor in make_kv_compression(compression, cfg.head_dim):
-            specs = jax.eval_shape(compressor.encode,
-                                   jax.ShapeDtypeStruct((cfg.num_kv_heads, cfg.head_dim),
-                                                        jnp.float32))
-            total += sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(specs))
-        return cfg.num_layers * page_size * total
+        bits = sum(c.bits_per_element() for c in make_kv_compression(compression, cfg.head_dim))
+        return round(cfg.num_layers * page_size * cfg.kv_size * bits) // 8
 
 
 jax.tree_util.register_dataclass(CompressedKVCache, data_fields=["k", "v", "k_mean", "v_mean"],

@@ -19,7 +19,6 @@ from dendrite_jax.cache.compress import (
     TurboQuantCompressor,
     compression_ratio,
     make_compressor,
-    storage_bits,
 )
 from tests.cache import numpy_compressors as ref
 
@@ -192,14 +191,14 @@ def test_codes_deterministic_given_the_seed(name):
 
 def test_storage_counts_every_bit():
     # head_dim 128: PolarQuant 127 angles padded to 128, + a float16 norm.
-    assert storage_bits(PolarQuantCompressor(128, bits=4)) == (128 * 4 + 16) / 128
+    assert PolarQuantCompressor(128, bits=4).bits_per_element() == (128 * 4 + 16) / 128
     # QJL: 256 sign bits + a float16 norm.
-    assert storage_bits(QjlCompressor(128, dim=256)) == (256 + 16) / 128
+    assert QjlCompressor(128, dim=256).bits_per_element() == (256 + 16) / 128
     # TurboQuant-4: 3-bit MSE codes, 64 sign bits, two float16 norms.
     tq = make_compressor("turboquant-4", 128)
-    assert storage_bits(tq) == (3 * 128 + 64 + 32) / 128 and compression_ratio(tq) > 4
-    assert storage_bits(make_compressor("turboquant-4", 64)) == (3 * 64 + 32 + 32) / 64
-    assert storage_bits(IdentityCompressor(128)) == 16
+    assert tq.bits_per_element() == (3 * 128 + 64 + 32) / 128 and compression_ratio(tq) > 4
+    assert make_compressor("turboquant-4", 64).bits_per_element() == (3 * 64 + 32 + 32) / 64
+    assert IdentityCompressor(128).bits_per_element() == 16
 
 
 def test_bad_configurations_name_the_problem():

@@ -56,10 +56,9 @@ def test_means_are_removed_on_write_and_restored_on_read():
     k_mean, v_mean = (jnp.asarray(rng.standard_normal(shape) * 5, jnp.float32)
                       for _ in range(2))
     identity = IdentityCompressor(cfg.head_dim, "float32")
-    kv = CompressedKVCache.create(cfg, 4, 16, "polarquant-8", means=(k_mean, v_mean))
-    kv = CompressedKVCache(k={"x": jnp.zeros((*shape[:1], 4, 16, *shape[1:]))},
-                           v={"x": jnp.zeros((*shape[:1], 4, 16, *shape[1:]))},
-                           k_mean=kv.k_mean, v_mean=kv.v_mean, key_compressor=identity,
+    pages = (cfg.num_layers, 4, 16, *shape[1:])
+    kv = CompressedKVCache(k={"x": jnp.zeros(pages)}, v={"x": jnp.zeros(pages)},
+                           k_mean=k_mean, v_mean=v_mean, key_compressor=identity,
                            value_compressor=identity)
     k = jnp.asarray(rng.standard_normal((3, *shape[1:])), jnp.float32)
     v = jnp.asarray(rng.standard_normal((3, *shape[1:])), jnp.float32)
@@ -106,6 +105,7 @@ def test_real_model_near_lossless(smollm):
 def test_compressed_pages_are_smaller(smollm):
     cfg = smollm.config
     bf16 = KVCache.bytes_per_page(cfg, 16, "bfloat16")
+    assert CompressedKVCache.bytes_per_page(cfg, 16, "none") == bf16  # identity codes: bf16
     for name, at_least in (("turboquant-4", 3.8), ("polarquant-4", 3.7), ("turboquant-3", 5.0),
                            ("qjl-64", 1.6)):
         assert bf16 / CompressedKVCache.bytes_per_page(cfg, 16, name) >= at_least, name
