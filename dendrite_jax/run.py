@@ -37,7 +37,8 @@ flags.DEFINE_enum("attention_backend", "auto", ["auto", "reference", "pallas_gpu
                   "Paged attention backend (auto: the platform's Pallas kernel, else reference).")
 flags.DEFINE_string("kv_compression", "none",
                     "KV cache compression: none, turboquant-<bits>, polarquant-<2|4|8>, "
-                    "qjl-<sketch dim> (reference attention backend only).")
+                    "turboquant-mse-<bits>, qjl-<sketch dim> (GPU kernels read turboquant "
+                    "codes; the others run on the reference attention backend).")
 flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unrolled"],
                   "How the forward pass iterates layers (auto: unrolled; scan compiles faster).")
 flags.DEFINE_integer("max_model_len", None, "Context limit; defaults to the model's.")

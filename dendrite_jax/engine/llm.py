@@ -18,6 +18,7 @@ from dendrite_jax.model.loader import load_model
 from dendrite_jax.model.params import resolve_layer_loop, with_layer_loop
 from dendrite_jax.model.tokenizer import Tokenizer
 from dendrite_jax.search.beam import BeamSearchOutput, BeamSearchParams, beam_search
+from kernels_pallas import kv_compress
 from kernels_pallas.paged_attention import resolve_backend
 
 Prompt = str | list[int]
@@ -46,7 +47,8 @@ class LLM:
 
     `kv_compression` ("none", "turboquant-4", "polarquant-4", "qjl-256", ...; see
     `cache.compress.make_kv_compression`) keeps the KV cache as codes: more pages fit in
-    `kv_cache_bytes`. It runs on the reference attention backend (no kernel reads codes yet).
+    `kv_cache_bytes`. On a GPU, "auto" attention reads TurboQuant codes with Pallas kernels
+    (`kernels_pallas.kv_compress`); other compressions, and CPUs, use the reference.
 
     `warmup` compiles every step bucket up front and then makes compiling a new one an error
     (default: on for accelerators, off on CPU where compiling on demand is cheaper).
@@ -65,11 +67,13 @@ class LLM:
                                   max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
                                   seed=seed, kv_compression=kv_compression)
-        backend = resolve_backend(attention_backend)
         loop = resolve_layer_loop(layer_loop)
         if compilation_cache:
             enable_compilation_cache()
         loaded = load_model(model, dtype, tokenizer)
+        backend = (resolve_backend(attention_backend) if kv_compression == "none" else
+                   kv_compress.resolve_backend(attention_backend, kv_compression,
+                                               loaded.config.head_dim))
         self.model = dataclasses.replace(
             loaded, params=with_layer_loop(loaded.params, loop, consume=True))
         del loaded

@@ -93,7 +93,7 @@ class ModelRunner:
         if kv_compression == "none":
             self.kv = KVCache.create(cfg, num_pages, page_size, dtype)
         else:
-            kv_compress.check_backend(attention_backend)
+            kv_compress.resolve_backend(attention_backend, kv_compression, cfg.head_dim)
             # Means over the calibration tokens centre what the cache encodes.
             means = kv_means(params, cfg, calibration) if calibration else None
             self.kv = CompressedKVCache.create(cfg, num_pages, page_size, kv_compression,

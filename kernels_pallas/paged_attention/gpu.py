@@ -6,7 +6,7 @@ Two kernels follow the step's two blocks (`dendrite_jax.engine.step_plan`):
   KV head form the matrix rows, read with masked loads as 16 rows for the tensor cores (no
   padded copy of the queries); it streams the row's pages in blocks of `pages_per_block`
   through an online softmax. One split stores the final output straight into its heads' rows;
-  several write unnormalised partial results, which `_combine_splits` merges. Splitting the
+  several write unnormalised partial results, which `combine_splits` merges. Splitting the
   context keeps every SM busy at small batch and long context.
 - `prefill`: one program per (prefill row, query head, block of `block_q` query tokens), a
   flash-attention loop over the pages up to the block's causal limit.
@@ -62,32 +62,32 @@ class PrefillTuning:
     num_stages: int = 2
 
 
-def _fit_stages(requested: int, bytes_per_stage: int) -> int:
+def fit_stages(requested: int, bytes_per_stage: int) -> int:
     """The deepest pipelining, up to `requested`, whose tiles fit the shared-memory budget."""
     return max(1, min(requested, SHARED_MEMORY_BUDGET // bytes_per_stage))
 
 
-def _dot(a: jax.Array, b: jax.Array, trans_b: bool = False) -> jax.Array:
+def dot(a: jax.Array, b: jax.Array, trans_b: bool = False) -> jax.Array:
     """a @ b (or a @ b.T) accumulated in float32; float32 inputs stay float32 (no TF32)."""
     precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     return pltriton.dot(a, b, trans_b=trans_b, precision=precision)
 
 
 def _scores(q: jax.Array, k: jax.Array, sm_scale: float, soft_cap: float | None) -> jax.Array:
-    s = _dot(q, k, trans_b=True) * sm_scale
+    s = dot(q, k, trans_b=True) * sm_scale
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
     return s
 
 
-def _online_softmax_step(carry, s: jax.Array, v: jax.Array):
+def online_softmax_step(carry, s: jax.Array, v: jax.Array):
     """Fold one block of masked scores s [M, K] and values v [K, hd] into (acc, m, l)."""
     acc, m_prev, l_prev = carry
     m_next = jnp.maximum(m_prev, s.max(axis=-1))
     correction = jnp.exp(m_prev - m_next)
     p = jnp.exp(s - m_next[:, None])
     l_next = l_prev * correction + p.sum(axis=-1)
-    acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+    acc = acc * correction[:, None] + dot(p.astype(v.dtype), v)
     return acc, m_next, l_next
 
 
@@ -115,7 +115,7 @@ def _attend_pages(q: jax.Array, q_pos: jax.Array, seq_len: jax.Array, page_table
         if sliding_window is not None:
             keep &= k_pos[None, :] > q_pos[:, None] - sliding_window
         s = jnp.where(keep, s, MASK_VALUE)
-        return _online_softmax_step(carry, s, v)
+        return online_softmax_step(carry, s, v)
 
     rows, head_dim = q.shape
     init = (jnp.zeros((rows, head_dim), jnp.float32),
@@ -123,7 +123,7 @@ def _attend_pages(q: jax.Array, q_pos: jax.Array, seq_len: jax.Array, page_table
     return lax.fori_loop(first, pl.cdiv(end, block_k), body, init)
 
 
-def _group_rows(ref, kv_head: jax.Array, group: int, rows: int):
+def group_rows(ref, kv_head: jax.Array, group: int, rows: int):
     """The KV head's `group` query heads of a [Hq, hd] ref as a view of `rows` rows (the
     matrix rows the tensor cores need); rows past the group are masked (they may run past Hq)."""
     mask = jnp.broadcast_to(jnp.arange(rows)[:, None] < group, (rows, ref.shape[-1]))
@@ -153,7 +153,7 @@ def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, 
     first = 0
     if sliding_window is not None:  # the query sits at seq_len - 1
         first = jnp.maximum(seq_len - sliding_window - split_start, 0) // block_k
-    q_rows, q_mask = _group_rows(q_ref, kv_head, group, group_pad)
+    q_rows, q_mask = group_rows(q_ref, kv_head, group, group_pad)
     q = pltriton.load(q_rows, mask=q_mask, other=0)
     q_pos = seq_len - 1 + jnp.zeros((q.shape[0],), jnp.int32)
     acc, m, denom = _attend_pages(
@@ -182,7 +182,7 @@ def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, 
 
     if normalize:
         (o_ref,) = refs
-        o_rows, o_mask = _group_rows(o_ref, kv_head, group, group_pad)
+        o_rows, o_mask = group_rows(o_ref, kv_head, group, group_pad)
         out = acc / jnp.where(denom > 0, denom, 1.0)[:, None]
         pltriton.store(o_rows, out.astype(o_ref.dtype), mask=o_mask)
     else:
@@ -212,17 +212,17 @@ def _prefill_kernel(layer_ref, q_len_ref, seq_len_ref, page_table_ref, q_ref, k_
     o_ref[...] = jnp.where(valid[:, None], out, 0.0).astype(o_ref.dtype)
 
 
-def _flat_pages(pages: jax.Array) -> jax.Array:
+def flat_pages(pages: jax.Array) -> jax.Array:
     """[L, N, page_size, Hkv, hd] -> [L * N, page_size, Hkv, hd] (a free reshape)."""
     return pages.reshape(-1, *pages.shape[2:])
 
 
-def _layer_array(layer: jax.Array) -> jax.Array:
+def layer_array(layer: jax.Array) -> jax.Array:
     """The layer index as a [1] int32 kernel input (the kernels add layer * N to page ids)."""
     return jnp.asarray(layer, jnp.int32).reshape(1)
 
 
-def _pad_columns(page_tables: jax.Array, multiple: int) -> jax.Array:
+def pad_columns(page_tables: jax.Array, multiple: int) -> jax.Array:
     pad = -page_tables.shape[1] % multiple
     return jnp.pad(page_tables, ((0, 0), (0, pad))) if pad else page_tables
 
@@ -234,7 +234,7 @@ def default_num_splits(num_rows: int, num_kv_heads: int, num_blocks: int) -> int
     return int(min(1 << (splits - 1).bit_length(), num_blocks))
 
 
-def _combine_splits(acc: jax.Array, m: jax.Array, denom: jax.Array) -> jax.Array:
+def combine_splits(acc: jax.Array, m: jax.Array, denom: jax.Array) -> jax.Array:
     """Merge per-split partial softmaxes [splits, ...] into normalised outputs."""
     m_all = m.max(axis=0)
     scale = jnp.exp(m - m_all[None])
@@ -254,12 +254,12 @@ def _decode_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: ja
     pages_per_block = min(tuning.pages_per_block, 1 << (page_tables.shape[1] - 1).bit_length())
     # Pages of 64+ tokens: one page per step is block enough.
     pages_per_block = max(1, min(pages_per_block, 128 // page_size))
-    stages = _fit_stages(tuning.num_stages,
+    stages = fit_stages(tuning.num_stages,
                          2 * pages_per_block * page_size * head_dim * k_pages.dtype.itemsize)
     num_blocks = pl.cdiv(page_tables.shape[1], pages_per_block)
     splits = tuning.num_splits or default_num_splits(rows, num_kv_heads, num_blocks)
     splits = min(splits, num_blocks)
-    page_tables = _pad_columns(page_tables, splits * pages_per_block)
+    page_tables = pad_columns(page_tables, splits * pages_per_block)
     pages_per_split = page_tables.shape[1] // splits
     cache_spec = pl.BlockSpec((num_layers * num_pages, page_size, None, head_dim),
                               lambda r, h, s: (0, 0, h, 0))
@@ -270,8 +270,8 @@ def _decode_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: ja
         pl.BlockSpec((None, num_heads, head_dim), lambda r, h, s: (r, 0, 0)),
         cache_spec, cache_spec,
     ]
-    args = [_layer_array(layer), seq_lens, page_tables, q, _flat_pages(k_pages),
-            _flat_pages(v_pages)]
+    args = [layer_array(layer), seq_lens, page_tables, q, flat_pages(k_pages),
+            flat_pages(v_pages)]
     normalize = splits == 1
     if normalize:
         out_specs = [pl.BlockSpec((None, num_heads, head_dim), lambda r, h, s: (r, 0, 0))]
@@ -317,7 +317,7 @@ def _decode_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: ja
     if normalize:
         out = outs[0]
     else:
-        out = _combine_splits(*outs[:3])[:, :, :group].reshape(rows, num_heads, head_dim)
+        out = combine_splits(*outs[:3])[:, :, :group].reshape(rows, num_heads, head_dim)
         out = out.astype(q.dtype)
     if new_kv is None:
         return out
@@ -370,8 +370,8 @@ def prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Arr
     block_k = max(tuning.block_k, page_size)
     if block_k % page_size:
         raise ValueError(f"block_k {block_k} is not a multiple of the page size {page_size}")
-    page_tables = _pad_columns(page_tables, block_k // page_size)
-    stages = _fit_stages(tuning.num_stages, 2 * block_k * head_dim * k_pages.dtype.itemsize
+    page_tables = pad_columns(page_tables, block_k // page_size)
+    stages = fit_stages(tuning.num_stages, 2 * block_k * head_dim * k_pages.dtype.itemsize
                          + block_q * head_dim * q.dtype.itemsize)
     cache_spec = pl.BlockSpec((num_layers * num_pages, page_size, None, head_dim),
                               lambda r, h, b: (0, 0, h // group, 0))
@@ -395,8 +395,8 @@ def prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Arr
                                                 num_stages=stages),
         interpret=interpret,
         name="paged_attention_prefill",
-    )(_layer_array(layer), q_lens, seq_lens, page_tables, q, _flat_pages(k_pages),
-      _flat_pages(v_pages))
+    )(layer_array(layer), q_lens, seq_lens, page_tables, q, flat_pages(k_pages),
+      flat_pages(v_pages))
 
 
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,

@@ -34,11 +34,27 @@ def unit_vectors(rng, n, d):
 @settings(max_examples=25, deadline=None)
 @given(bits=st.integers(1, 8), n=st.integers(1, 100), rows=st.integers(1, 3),
        seed=st.integers(0, 2**32 - 1))
-def test_bit_planes_round_trip(bits, n, rows, seed):
+def test_packing_round_trip(bits, n, rows, seed):
     codes = np.random.default_rng(seed).integers(0, 2 ** bits, (rows, n))
     words = bitpack.pack(jnp.asarray(codes), bits)
     assert words.dtype == jnp.uint32 and words.shape == (rows, bitpack.packed_words(n, bits))
     np.testing.assert_array_equal(np.asarray(bitpack.unpack(words, bits, n)), codes)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_packing_layout(bits):
+    """The word layout the kernels unpack (fields for b dividing 32, else bit planes), checked
+    bit by bit in numpy; whole groups of codes cost exactly b bits each."""
+    codes = np.random.default_rng(bits).integers(0, 2 ** bits, 64)
+    words = np.asarray(bitpack.pack(jnp.asarray(codes), bits)).astype(np.uint64)
+    assert words.size * 32 == 64 * bits
+    for i, code in enumerate(codes):
+        if 32 % bits == 0:
+            per_word = 32 // bits
+            got = (words[i // per_word] >> (bits * (i % per_word))) & (2 ** bits - 1)
+        else:
+            got = sum(((words[(i // 32) * bits + j] >> (i % 32)) & 1) << j for j in range(bits))
+        assert got == code
 
 
 # ----------------------------------------------------------------------------------- grids

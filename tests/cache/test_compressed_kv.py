@@ -164,5 +164,5 @@ def test_beam_search_forks_compressed_pages():
 def test_bad_compression_settings_are_refused():
     with pytest.raises(ValueError, match="unknown KV compression"):
         LLM(**TINY, kv_compression="zip-4")
-    with pytest.raises(ValueError, match="no kernel for compressed pages"):
-        LLM(**{**TINY, "attention_backend": "pallas_gpu"}, kv_compression="turboquant-4")
+    with pytest.raises(ValueError, match="no kernel for a 'polarquant-4' cache"):
+        LLM(**{**TINY, "attention_backend": "pallas_gpu"}, kv_compression="polarquant-4")

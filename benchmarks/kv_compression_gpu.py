@@ -1,0 +1,278 @@
+"""Compressed KV cache on a GPU: the attention kernels and the Llama-3.1-8B decode step, each
+against bfloat16 pages in the same run.
+
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 python benchmarks/kv_compression_gpu.py \\
+        --output=benchmarks/results/kv_compression_h100.json
+
+Sections (`--sections`):
+- `attention`: the decode kernel reading codes (`kernels_pallas.kv_compress.gpu`, best of a
+  small sweep) vs the bfloat16 paged-attention kernel at each (batch, context) of
+  `--attention_shapes`, Llama-3.1-8B heads (32 query, 8 KV, head_dim 128), page 16, pages
+  scattered through the pool. Reports microseconds and the ratio.
+- `decode`: the engine's compiled decode step (random bf16 weights, random cache contents at
+  the given context: no prefill is run) for each compression at each `--decode_shapes`
+  (batch x context), timed over back-to-back steps; tokens/s and the ratio to "none" at the
+  same batch. Then, at `--max_context`, the largest batch whose cache fits beside the weights
+  for each compression, run at that batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from jax import lax
+from report import header, write
+
+from dendrite_jax.cache.compressed_kv import CompressedKVCache
+from dendrite_jax.cache.kv import KVCache
+from dendrite_jax.engine.runner import ModelRunner
+from dendrite_jax.engine.step_plan import StepPlan, StepShape
+from dendrite_jax.model.loader import load_model
+from dendrite_jax.model.params import with_layer_loop
+from kernels_pallas.kv_compress import gpu as code_kernels
+from kernels_pallas.paged_attention import gpu as plain_kernels
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("sections", ["attention", "decode"], "Sections to run.")
+flags.DEFINE_list("compressions", ["none", "turboquant-4", "turboquant-mse-4"],
+                  "Caches compared ('none' is the bfloat16 baseline).")
+flags.DEFINE_list("decode_compressions", ["none", "turboquant-4"],
+                  "Caches compared in the decode section (each shape compiles the 8B step).")
+flags.DEFINE_list("attention_shapes", ["32x4096", "32x8192", "8x32768"], "batch x context.")
+flags.DEFINE_list("decode_shapes", ["32x4096", "16x16384", "8x32768"], "batch x context.")
+flags.DEFINE_integer("max_context", 32768, "Context of the largest-batch runs (0: skip).")
+flags.DEFINE_string("model", "llama-3.1-8b", "Model preset (random weights).")
+flags.DEFINE_integer("steps", 20, "Timed decode steps per shape.")
+flags.DEFINE_integer("reserve_gib", 6, "GPU memory left beside weights and cache for the "
+                     "step's activations when sizing the largest batch.")
+flags.DEFINE_string("output", "benchmarks/results/kv_compression_gpu.json", "JSON output.")
+
+PAGE_SIZE = 16
+INTERPRET = jax.default_backend() != "gpu"  # off a GPU the script runs, slowly, as a check
+SWEEP = [(2, 4), (4, 4), (8, 4), (4, 8)]  # (pages_per_block, num_warps) of the code kernel
+
+
+def shapes(entries: list[str]) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in e.split("x")) for e in entries]
+
+
+def seconds_per_call(fn, *args, n: int = 10, repeats: int = 5) -> float:
+    """Median seconds of fn(*args) chained n times inside one jit (launch gaps excluded)."""
+    @jax.jit
+    def chained(x, *rest):
+        return lax.fori_loop(0, n, lambda _, y: lax.optimization_barrier(fn(y, *rest)), x)
+
+    jax.block_until_ready(chained(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(chained(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / n
+
+
+class _Heads:  # the part of a ModelConfig a cache's shape reads: Llama-3.1-8B attention
+    num_layers, num_kv_heads, head_dim, num_heads = 1, 8, 128, 32
+
+
+def random_cache(cfg, num_pages: int, compression: str, seed: int = 0):
+    """A cache of given contents, made without a zero copy first so the largest caches fit.
+    Codes are random bits (any pattern is a valid code; random codes scatter the kernel's grid
+    lookups as real data does)."""
+    key = jax.random.key(seed)
+    if compression == "none":  # constant: the kernel's time does not depend on values
+        shape = (cfg.num_layers, num_pages, PAGE_SIZE, cfg.num_kv_heads, cfg.head_dim)
+        return KVCache(k=jnp.full(shape, 0.01, jnp.bfloat16), v=jnp.full(shape, 0.02,
+                                                                          jnp.bfloat16))
+    spec = jax.eval_shape(lambda: CompressedKVCache.create(cfg, num_pages, PAGE_SIZE,
+                                                           compression))
+    leaves, treedef = jax.tree.flatten(spec)
+    keys = jax.random.split(key, len(leaves))
+    arrays = []
+    for k, s in zip(keys, leaves, strict=True):
+        if s.dtype == jnp.uint32:
+            arrays.append(jax.random.bits(k, s.shape, jnp.uint32))
+        else:  # norms and means
+            arrays.append(jax.random.uniform(k, s.shape, s.dtype, 0.5, 1.5))
+    return jax.tree.unflatten(treedef, arrays)
+
+
+def attention_row(batch: int, context: int, compressions: list[str]) -> dict:
+    cfg = _Heads()
+    pages_per_seq = context // PAGE_SIZE
+    num_pages = batch * pages_per_seq
+    tables = jnp.asarray(np.random.default_rng(0).permutation(num_pages)
+                         .reshape(batch, pages_per_seq), jnp.int32)
+    lens = jnp.full((batch,), context, jnp.int32)
+    q = jax.random.normal(jax.random.key(1), (batch, 32, 128), jnp.bfloat16)
+    scale = 128 ** -0.5
+    row = {"batch": batch, "context": context}
+    for compression in compressions:
+        kv = random_cache(cfg, num_pages, compression)
+        cache_bytes = sum(x.nbytes for x in jax.tree.leaves(kv))
+        if compression == "none":
+            def plain(x, kv, tables, lens):
+                return plain_kernels.decode(x, kv.k, kv.v, 0, lens, tables, sm_scale=scale,
+                                           interpret=INTERPRET)
+            us = seconds_per_call(plain, q, kv, tables, lens) * 1e6
+            row[compression] = {"us": us, "cache_bytes": cache_bytes}
+        else:
+            rotated = code_kernels.rotated_queries(q, kv, 0)
+            sweep = []
+            for pages_per_block, warps in SWEEP:
+                tuning = code_kernels.CodeTuning(pages_per_block=pages_per_block,
+                                                 num_warps=warps)
+
+                def coded(x, qs, bias, kv, tables, lens, tuning=tuning):
+                    return code_kernels.decode(x, qs, bias, kv, 0, lens, tables,
+                                               sm_scale=scale, tuning=tuning,
+                                               interpret=INTERPRET).astype(x.dtype)
+                try:
+                    us = seconds_per_call(coded, *rotated, kv, tables, lens) * 1e6
+                    sweep.append({"pages_per_block": pages_per_block, "num_warps": warps,
+                                  "us": us})
+                except Exception as e:  # a tuning that does not compile is recorded
+                    sweep.append({"pages_per_block": pages_per_block, "num_warps": warps,
+                                  "error": f"{type(e).__name__}: {e}"[:300]})
+            timed = [s for s in sweep if "us" in s]
+            best = min(timed, key=lambda s: s["us"]) if timed else {}
+            row[compression] = {**best, "cache_bytes": cache_bytes, "sweep": sweep}
+        del kv
+        gc.collect()
+    base = row.get("none", {}).get("us")
+    for compression in compressions:
+        us = row[compression].get("us")
+        if base and us:
+            row[compression]["speed_vs_bf16"] = base / us
+    logging.info("attention %s", row)
+    return row
+
+
+def decode_plan(batch: int, context: int) -> StepPlan:
+    pages_per_seq = context // PAGE_SIZE + 1
+    plan = StepPlan.empty(StepShape(num_decode=batch, num_prefill=0, max_q_len=1,
+                                    pages_per_seq=pages_per_seq))
+    plan.input_ids[:] = np.random.default_rng(batch).integers(3, 30000, batch)
+    plan.q_lens[:] = 1
+    plan.seq_lens[:] = context
+    plan.page_tables[:] = np.arange(batch * pages_per_seq).reshape(batch, pages_per_seq)
+    plan.slot_ids[:] = np.arange(batch)
+    plan.prompt_lens[:] = context - 1
+    plan.sample[:] = 1
+    return plan
+
+
+def decode_row(model, batch: int, context: int, compression: str) -> dict:
+    cfg = model.config
+    plan = decode_plan(batch, context)
+    num_pages = batch * plan.shape.pages_per_seq
+    runner = ModelRunner(cfg, model.params, num_pages=2, page_size=PAGE_SIZE,
+                         num_slots=batch, dtype="bfloat16", attention_backend=(
+                             "pallas_gpu"), kv_compression=compression)
+    runner.kv = random_cache(cfg, num_pages, compression)
+    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.kv))
+    start = time.perf_counter()
+    jax.block_until_ready(runner.launch(plan))  # compiles
+    compile_s = time.perf_counter() - start
+    jax.block_until_ready(runner.launch(plan))
+    start = time.perf_counter()
+    for _ in range(FLAGS.steps):
+        out = runner.launch(plan)
+    jax.block_until_ready(out)
+    step = (time.perf_counter() - start) / FLAGS.steps
+    row = {"compression": compression, "batch": batch, "context": context,
+           "ms_per_step": step * 1e3, "tokens_per_s": batch / step,
+           "cache_gib": cache_bytes / 2**30, "compile_s": compile_s}
+    logging.info("decode %s", row)
+    del runner
+    gc.collect()
+    return row
+
+
+def seq_bytes(cfg, context: int, compression: str) -> int:
+    pages = context // PAGE_SIZE + 1
+    if compression == "none":
+        return pages * KVCache.bytes_per_page(cfg, PAGE_SIZE, "bfloat16")
+    return pages * CompressedKVCache.bytes_per_page(cfg, PAGE_SIZE, compression)
+
+
+def decode_section(report: dict) -> None:
+    model = load_model(FLAGS.model, "bfloat16")
+    model = dataclasses.replace(model, params=with_layer_loop(model.params, "unrolled",
+                                                              consume=True))  # as LLM runs
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
+    report["weight_gib"] = weight_bytes / 2**30
+    rows = report.setdefault("decode", [])
+    for batch, context in shapes(FLAGS.decode_shapes):
+        group = [decode_row(model, batch, context, c) for c in FLAGS.decode_compressions]
+        base = next((r for r in group if r["compression"] == "none"), None)
+        for r in group:
+            if base and r is not base:
+                r["speed_vs_bf16"] = r["tokens_per_s"] / base["tokens_per_s"]
+        rows.extend(group)
+        write(report, FLAGS.output)
+    if not FLAGS.max_context:
+        return
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit", 0)
+    if not limit:
+        logging.warning("no device memory limit reported: largest-batch runs skipped")
+        return
+    free = limit - weight_bytes - FLAGS.reserve_gib * 2**30
+    largest = report.setdefault("largest_batch", [])
+    for c in FLAGS.decode_compressions:
+        batch = int(free // seq_bytes(model.config, FLAGS.max_context, c))
+        entry = {"compression": c, "context": FLAGS.max_context, "batch": batch,
+                 "bytes_limit_gib": limit / 2**30}
+        try:
+            entry.update(decode_row(model, batch, FLAGS.max_context, c))
+        except Exception as e:  # out of memory: recorded, the next one still runs
+            entry["error"] = f"{type(e).__name__}: {e}"[:300]
+        largest.append(entry)
+        write(report, FLAGS.output)
+    base = next((e for e in largest if e["compression"] == "none" and e.get("batch")), None)
+    for e in largest:
+        if base:
+            e["batch_vs_bf16"] = e["batch"] / base["batch"]
+            if "tokens_per_s" in e and "tokens_per_s" in base:
+                e["throughput_vs_bf16"] = e["tokens_per_s"] / base["tokens_per_s"]
+
+
+def print_tables(report: dict) -> None:
+    for row in report.get("attention", []):
+        cells = [f"{c} {row[c].get('us', float('nan')):.0f} us "
+                 f"({row[c].get('speed_vs_bf16', 1):.2f}x)" for c in FLAGS.compressions]
+        print(f"attention b{row['batch']} ctx{row['context']}: " + ", ".join(cells))
+    for r in report.get("decode", []):
+        print(f"decode {r['compression']:>16} b{r['batch']:<3} ctx{r['context']:<6} "
+              f"{r['ms_per_step']:7.2f} ms/step {r['tokens_per_s']:8.0f} tok/s "
+              f"{r.get('speed_vs_bf16', 1):.2f}x")
+    for e in report.get("largest_batch", []):
+        print(f"largest {e['compression']:>16} ctx{e['context']} batch {e['batch']} "
+              f"({e.get('batch_vs_bf16', 1):.2f}x) "
+              f"{e.get('tokens_per_s', float('nan')):.0f} tok/s {e.get('error', '')}")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    report = header("kv_compression_gpu", page_size=PAGE_SIZE, model=FLAGS.model)
+    if "attention" in FLAGS.sections:
+        report["attention"] = []
+        for batch, context in shapes(FLAGS.attention_shapes):
+            report["attention"].append(attention_row(batch, context, FLAGS.compressions))
+            write(report, FLAGS.output)
+    if "decode" in FLAGS.sections:
+        decode_section(report)
+    write(report, FLAGS.output)
+    print_tables(report)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,387 @@
+"""Paged attention reading TurboQuant codes on NVIDIA GPUs: Pallas kernels lowered through Triton.
+
+The kernels never rebuild keys or values in memory. A TurboQuant key is
+k = mean + ||k~|| R^T (y + c ||r|| S^T s) (`cache.turboquant`: y the grid values of its MSE codes,
+s its QJL signs, c = sqrt(pi/2) / m), so with the query rotated once outside the kernel,
+q_rot = R q and q_sketch = S q_rot,
+
+    q.k = q.mean + ||k~|| (q_rot . y + c ||r|| q_sketch . s)
+
+and a key's score needs only its codes: bit planes unpacked in registers, grid values looked up
+from a table of 2**bits floats, two tensor-core dots. Values are averaged in the rotated domain,
+sum_j p_j ||v_j|| y_j, and rotated back (and their mean added) once per query after the kernel.
+So a block of keys costs its code bytes (about a quarter of bfloat16's at 4 bits) plus ALU work
+to unpack them; nothing of head_dim x context size is ever written.
+
+Layout and grid as `kernels_pallas.paged_attention.gpu`: `decode` is one program per (decode
+row, KV head, context split) with the KV head's query heads as matrix rows; `prefill` one per
+(prefill row, query head, block of queries). The step's new keys/values are encoded and
+scattered into their pages first (`reference.write_codes`, one XLA fusion per code array), then
+read like any other token. Why Triton and not Mosaic GPU: the same as the plain kernels (the
+kernel bodies run under Pallas' interpret mode in the CPU tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from dendrite_jax.cache import bitpack
+from dendrite_jax.cache.compress import KvCompressor
+from dendrite_jax.cache.compressed_kv import CompressedKVCache
+from dendrite_jax.cache.turboquant import TurboQuantCompressor
+from kernels_pallas.paged_attention.blocks import attend_by_block
+from kernels_pallas.paged_attention.gpu import (
+    MASK_VALUE,
+    MIN_DOT_ROWS,
+    combine_splits,
+    default_num_splits,
+    dot,
+    fit_stages,
+    group_rows,
+    layer_array,
+    pad_columns,
+)
+
+HIGHEST = lax.Precision.HIGHEST  # float32 rotations outside the kernels: no TF32 on GPUs
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeTuning:
+    """Defaults: the sweep in `benchmarks/kv_compression_gpu.py` on an H100 (NOTES.md)."""
+
+    pages_per_block: int = 4  # pages per loop step (block_k = pages_per_block * page_size)
+    num_splits: int | None = None  # decode context splits; None picks from batch and context
+    num_warps: int = 4
+    num_stages: int = 3
+    block_q: int = 64  # prefill queries per program
+
+
+def kernel_supports(key: KvCompressor, value: KvCompressor) -> str | None:
+    """None if the kernels read codes of these (key, value) compressors, else why not."""
+    if not (isinstance(key, TurboQuantCompressor) and isinstance(value, TurboQuantCompressor)):
+        return (f"the kernels read TurboQuant codes (turboquant-<b>, turboquant-mse-<b>), not "
+                f"{key.name} keys / {value.name} values")
+    if key.mse_bits == 0 or value.mse_bits == 0 or value.qjl_dim:
+        return "the kernels need an MSE stage on keys and values and no QJL stage on values"
+    for what, n in (("head_dim", key.head_dim), ("qjl_dim", key.qjl_dim)):
+        if n and (n < MIN_DOT_ROWS or (n % bitpack.GROUP and bitpack.GROUP % n)):
+            return f"the kernels need {what} to be 16 or a multiple of 32, not {n}"
+    return None
+
+
+def _unpack(ref, page_ids: jax.Array, bits: int, n: int, block_k: int) -> jax.Array:
+    """int32 codes [block_k, n] of pages `page_ids` of a packed ref [pages, page_size, words]
+    (`cache.bitpack`: fields for b dividing 32, one shift and mask per code; else bit planes,
+    word g * bits + j holding bit j of codes 32g..32g+31)."""
+    if bitpack.is_fields(bits):
+        per_word = min(n, bitpack.GROUP // bits)
+        words = ref[page_ids].reshape(block_k, n // per_word, 1)
+        shifts = bits * lax.broadcasted_iota(jnp.uint32, (1, 1, per_word), 2)
+        return ((words >> shifts) & ((1 << bits) - 1)).reshape(block_k, n).astype(jnp.int32)
+    groups, per_word = -(-n // bitpack.GROUP), min(n, bitpack.GROUP)
+    shifts = lax.broadcasted_iota(jnp.uint32, (1, 1, per_word), 2)
+    code = None
+    for j in range(bits):
+        words = ref[page_ids, :, pl.ds(j, groups, stride=bits)].reshape(block_k, groups, 1)
+        plane = ((words >> shifts) & 1).reshape(block_k, n)
+        code = plane if code is None else code | (plane << j)
+    return code.astype(jnp.int32)
+
+
+def _norms(ref, page_ids: jax.Array, block_k: int) -> jax.Array:
+    return ref[page_ids].reshape(block_k).astype(jnp.float32)
+
+
+def _attend_codes(q_rot, q_sketch, bias, q_pos, seq_len, page_table_ref, page_base, refs, *,
+                  first, end, key_start, block_k: int, sm_scale: float,
+                  soft_cap: float | None, sliding_window: int | None, key: TurboQuantCompressor,
+                  value: TurboQuantCompressor):
+    """Online softmax of rotated queries q_rot [M, hd] (sketches q_sketch [M, m], score offsets
+    bias [M]) at positions q_pos over key blocks [first, cdiv(end, block_k)); returns the
+    unnormalised (rotated-domain acc [M, hd], max, denominator)."""
+    k_norm, k_mse, k_signs, k_rnorm, v_norm, v_mse, k_grid, v_grid = refs
+    page_size = k_norm.shape[-1]
+    pages_per_block = block_k // page_size
+    head_dim, dtype = q_rot.shape[-1], q_rot.dtype
+    qjl_scale = float(np.sqrt(np.pi / 2) / key.qjl_dim) if key.qjl_dim else 0.0
+
+    def body(j, carry):
+        acc, m_prev, l_prev = carry
+        ids = page_base + page_table_ref[pl.ds(j * pages_per_block, pages_per_block)]
+        y = k_grid[_unpack(k_mse, ids, key.mse_bits, head_dim, block_k)]
+        s = dot(q_rot, y, trans_b=True)
+        if key.qjl_dim:
+            signs = 2 * _unpack(k_signs, ids, 1, key.qjl_dim, block_k) - 1
+            s += (qjl_scale * _norms(k_rnorm, ids, block_k))[None, :] * dot(
+                q_sketch, signs.astype(dtype), trans_b=True)
+        s = (bias[:, None] + _norms(k_norm, ids, block_k)[None, :] * s) * sm_scale
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        k_pos = key_start + j * block_k + jnp.arange(block_k)
+        keep = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < seq_len)
+        if sliding_window is not None:
+            keep &= k_pos[None, :] > q_pos[:, None] - sliding_window
+        s = jnp.where(keep, s, MASK_VALUE)
+        m_next = jnp.maximum(m_prev, s.max(axis=-1))
+        correction = jnp.exp(m_prev - m_next)
+        p = jnp.exp(s - m_next[:, None])
+        l_next = l_prev * correction + p.sum(axis=-1)
+        yv = v_grid[_unpack(v_mse, ids, value.mse_bits, head_dim, block_k)]
+        pv = (p * _norms(v_norm, ids, block_k)[None, :]).astype(dtype)
+        return acc * correction[:, None] + dot(pv, yv), m_next, l_next
+
+    rows = q_rot.shape[0]
+    init = (jnp.zeros((rows, head_dim), jnp.float32),
+            jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    return lax.fori_loop(first, pl.cdiv(end, block_k), body, init)
+
+
+def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_rot_ref, q_sketch_ref, bias_ref,
+                   *refs, num_pages: int, group: int, group_pad: int, normalize: bool,
+                   **kwargs):
+    """One (row, KV head, split); query heads of the KV head as `group_pad` masked rows."""
+    code_refs, out_refs = refs[:8], refs[8:]
+    kv_head, split = pl.program_id(1), pl.program_id(2)
+    page_size = code_refs[0].shape[-1]
+    pages_per_split = page_table_ref.shape[0]
+    block_k = kwargs["block_k"]
+    seq_len = seq_len_ref[0]
+    split_start = split * pages_per_split * page_size
+    end = jnp.clip(seq_len - split_start, 0, pages_per_split * page_size)
+    first = 0
+    if kwargs["sliding_window"] is not None:
+        first = jnp.maximum(seq_len - kwargs["sliding_window"] - split_start, 0) // block_k
+    q_rows, q_mask = group_rows(q_rot_ref, kv_head, group, group_pad)
+    s_rows, s_mask = group_rows(q_sketch_ref, kv_head, group, group_pad)
+    b_rows = bias_ref.at[pl.ds(kv_head * group, group_pad)]
+    q_rot = pltriton.load(q_rows, mask=q_mask, other=0)
+    q_sketch = pltriton.load(s_rows, mask=s_mask, other=0)
+    bias = pltriton.load(b_rows, mask=jnp.arange(group_pad) < group, other=0)
+    q_pos = seq_len - 1 + jnp.zeros((group_pad,), jnp.int32)
+    acc, m, denom = _attend_codes(
+        q_rot, q_sketch, bias, q_pos, seq_len, page_table_ref, layer_ref[0] * num_pages,
+        code_refs, first=first, end=end, key_start=split_start, **kwargs)
+    if normalize:
+        (o_ref,) = out_refs
+        o_rows, o_mask = group_rows(o_ref, kv_head, group, group_pad)
+        pltriton.store(o_rows, acc / jnp.where(denom > 0, denom, 1.0)[:, None], mask=o_mask)
+    else:
+        acc_ref, m_ref, l_ref = out_refs
+        acc_ref[...], m_ref[...], l_ref[...] = acc, m, denom
+
+
+def _prefill_kernel(layer_ref, q_len_ref, seq_len_ref, page_table_ref, q_rot_ref, q_sketch_ref,
+                    bias_ref, *refs, num_pages: int, **kwargs):
+    code_refs, (o_ref,) = refs[:8], refs[8:]
+    q_block = pl.program_id(2)
+    block_q, block_k = q_rot_ref.shape[0], kwargs["block_k"]
+    q_len, seq_len = q_len_ref[0], seq_len_ref[0]
+    first_q = seq_len - q_len + q_block * block_q
+    end = jnp.where(q_block * block_q < q_len, jnp.minimum(seq_len, first_q + block_q), 0)
+    first = 0
+    if kwargs["sliding_window"] is not None:
+        first = jnp.maximum(first_q - kwargs["sliding_window"] + 1, 0) // block_k
+    acc, _, denom = _attend_codes(
+        q_rot_ref[...], q_sketch_ref[...], bias_ref[...], first_q + jnp.arange(block_q),
+        seq_len, page_table_ref, layer_ref[0] * num_pages, code_refs, first=first, end=end,
+        key_start=0, **kwargs)
+    o_ref[...] = acc / jnp.where(denom > 0, denom, 1.0)[:, None]
+
+
+def _code_arrays(kv: CompressedKVCache, dtype) -> list[jax.Array]:
+    """The eight kernel inputs after the queries: code arrays as [L * N, page_size, Hkv, ...]
+    (QJL arrays stand in with the norms when the keys have none) and the two grids in the
+    queries' dtype (looked up straight into the tensor-core operands: no conversion)."""
+    flat = {name: a.reshape(-1, *a.shape[2:]) for name, a in kv.k.items()}
+    vflat = {name: a.reshape(-1, *a.shape[2:]) for name, a in kv.v.items()}
+    return [flat["norm"], flat["mse"], flat.get("signs", flat["mse"]),
+            flat.get("residual_norm", flat["norm"]), vflat["norm"], vflat["mse"],
+            jnp.asarray(kv.key_compressor.grid, dtype),
+            jnp.asarray(kv.value_compressor.grid, dtype)]
+
+
+def _code_specs(arrays: list[jax.Array], head) -> list[pl.BlockSpec]:
+    """Whole-cache blocks of one KV head (`head(*program_ids)`), whole grids."""
+    specs = []
+    for a in arrays[:6]:
+        block = (a.shape[0], a.shape[1], None, *a.shape[3:])
+        specs.append(pl.BlockSpec(block, lambda *ids, _n=a.ndim - 3: (0, 0, head(*ids),
+                                                                        *(0,) * _n)))
+    specs += [pl.BlockSpec(g.shape, lambda *ids: (0,)) for g in arrays[6:]]
+    return specs
+
+
+def _stages(tuning: CodeTuning, block_k: int, kv: CompressedKVCache) -> int:
+    page_bytes = sum(a.dtype.itemsize * int(np.prod(a.shape[3:]))
+                     for codes in (kv.k, kv.v) for a in codes.values())
+    return fit_stages(tuning.num_stages, block_k * page_bytes * 4)  # unpacked tiles too
+
+
+def _kernel_kwargs(kv, sm_scale, sliding_window, soft_cap, block_k):
+    return dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                block_k=block_k, key=kv.key_compressor, value=kv.value_compressor)
+
+
+def decode(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: CompressedKVCache,
+           layer: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *, sm_scale: float,
+           sliding_window: int | None = None, soft_cap: float | None = None,
+           tuning: CodeTuning = CodeTuning(), interpret: bool = False) -> jax.Array:
+    """One query per row (its key already in the pages): rotated queries q_rot [R, Hq, hd],
+    sketches [R, Hq, m], offsets bias [R, Hq] -> rotated-domain outputs [R, Hq, hd] float32."""
+    rows, num_heads, head_dim = q_rot.shape
+    num_pages, page_size, num_kv_heads = kv.num_pages, kv.page_size, kv.k["norm"].shape[3]
+    group = num_heads // num_kv_heads
+    group_pad = max(MIN_DOT_ROWS, 1 << (group - 1).bit_length())
+    pages_per_block = min(tuning.pages_per_block, 1 << (page_tables.shape[1] - 1).bit_length())
+    pages_per_block = max(1, min(pages_per_block, 128 // page_size))
+    block_k = pages_per_block * page_size
+    num_blocks = pl.cdiv(page_tables.shape[1], pages_per_block)
+    splits = min(tuning.num_splits or default_num_splits(rows, num_kv_heads, num_blocks),
+                 num_blocks)
+    page_tables = pad_columns(page_tables, splits * pages_per_block)
+    pages_per_split = page_tables.shape[1] // splits
+    arrays = _code_arrays(kv, q_rot.dtype)
+    in_specs = [
+        pl.BlockSpec((1,), lambda r, h, s: (0,)), pl.BlockSpec((1,), lambda r, h, s: (r,)),
+        pl.BlockSpec((None, pages_per_split), lambda r, h, s: (r, s)),
+        pl.BlockSpec((None, num_heads, head_dim), lambda r, h, s: (r, 0, 0)),
+        pl.BlockSpec((None, num_heads, q_sketch.shape[-1]), lambda r, h, s: (r, 0, 0)),
+        pl.BlockSpec((None, num_heads), lambda r, h, s: (r, 0)),
+        *_code_specs(arrays, lambda r, h, s: h),
+    ]
+    normalize = splits == 1
+    if normalize:
+        out_specs = [pl.BlockSpec((None, num_heads, head_dim), lambda r, h, s: (r, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct((rows, num_heads, head_dim), jnp.float32)]
+    else:
+        part = (splits, rows, num_kv_heads, group_pad)
+        out_specs = [
+            pl.BlockSpec((None, None, None, group_pad, head_dim),
+                         lambda r, h, s: (s, r, h, 0, 0)),
+            pl.BlockSpec((None, None, None, group_pad), lambda r, h, s: (s, r, h, 0)),
+            pl.BlockSpec((None, None, None, group_pad), lambda r, h, s: (s, r, h, 0)),
+        ]
+        out_shape = [jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
+                     jax.ShapeDtypeStruct(part, jnp.float32),
+                     jax.ShapeDtypeStruct(part, jnp.float32)]
+    kernel = functools.partial(
+        _decode_kernel, num_pages=num_pages, group=group, group_pad=group_pad,
+        normalize=normalize, **_kernel_kwargs(kv, sm_scale, sliding_window, soft_cap, block_k))
+    outs = pl.pallas_call(
+        kernel, grid=(rows, num_kv_heads, splits), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps,
+                                                num_stages=_stages(tuning, block_k, kv)),
+        interpret=interpret, name="compressed_attention_decode",
+    )(layer_array(layer), seq_lens, page_tables, q_rot, q_sketch, bias.astype(jnp.float32),
+      *arrays)
+    if normalize:
+        return outs[0]
+    return combine_splits(*outs)[:, :, :group].reshape(rows, num_heads, head_dim)
+
+
+def prefill(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: CompressedKVCache,
+            layer: jax.Array, q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array,
+            *, sm_scale: float, sliding_window: int | None = None,
+            soft_cap: float | None = None, tuning: CodeTuning = CodeTuning(),
+            interpret: bool = False) -> jax.Array:
+    """Rows of up to Q queries: q_rot [R, Q, Hq, hd], q_sketch [R, Q, Hq, m], bias [R, Q, Hq]
+    -> rotated-domain outputs [R, Q, Hq, hd] float32 (garbage past q_len: mask it)."""
+    rows, max_q_len, num_heads, head_dim = q_rot.shape
+    if max_q_len < MIN_DOT_ROWS:  # the engine's buckets never do this; small test cases do
+        pad = ((0, 0), (0, MIN_DOT_ROWS - max_q_len))
+        return prefill(*(jnp.pad(a, pad + ((0, 0),) * (a.ndim - 2))
+                         for a in (q_rot, q_sketch, bias)), kv, layer, q_lens, seq_lens,
+                       page_tables, sm_scale=sm_scale, sliding_window=sliding_window,
+                       soft_cap=soft_cap, tuning=tuning, interpret=interpret)[:, :max_q_len]
+    page_size, num_kv_heads = kv.page_size, kv.k["norm"].shape[3]
+    group = num_heads // num_kv_heads
+    block_q = min(tuning.block_q, max_q_len)
+    if max_q_len % block_q:
+        raise ValueError(f"max_q_len {max_q_len} is not a multiple of block_q {block_q}")
+    block_k = max(tuning.pages_per_block * page_size, page_size)
+    page_tables = pad_columns(page_tables, block_k // page_size)
+    arrays = _code_arrays(kv, q_rot.dtype)
+
+    def tokens(last):
+        return pl.BlockSpec((None, block_q, None, *last), lambda r, h, b: (r, b, h, *(0,) * len(last)))
+
+    kernel = functools.partial(_prefill_kernel, num_pages=kv.num_pages,
+                               **_kernel_kwargs(kv, sm_scale, sliding_window, soft_cap, block_k))
+    return pl.pallas_call(
+        kernel, grid=(rows, num_heads, max_q_len // block_q),
+        in_specs=[
+            pl.BlockSpec((1,), lambda r, h, b: (0,)), pl.BlockSpec((1,), lambda r, h, b: (r,)),
+            pl.BlockSpec((1,), lambda r, h, b: (r,)),
+            pl.BlockSpec((None, page_tables.shape[1]), lambda r, h, b: (r, 0)),
+            tokens((head_dim,)), tokens((q_sketch.shape[-1],)), tokens(()),
+            *_code_specs(arrays, lambda r, h, b: h // group),
+        ],
+        out_specs=tokens((head_dim,)),
+        out_shape=jax.ShapeDtypeStruct(q_rot.shape, jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps,
+                                                num_stages=_stages(tuning, block_k, kv)),
+        interpret=interpret, name="compressed_attention_prefill",
+    )(layer_array(layer), q_lens, seq_lens, page_tables, q_rot, q_sketch,
+      bias.astype(jnp.float32), *arrays)
+
+
+def rotated_queries(q: jax.Array, kv: CompressedKVCache, layer: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(R q, S R q, q . key mean) for queries [..., Hq, hd]: what the kernels score codes with."""
+    key = kv.key_compressor
+    group = q.shape[-2] // kv.k_mean.shape[1]
+    qf = q.astype(jnp.float32)
+    q_rot = jnp.matmul(qf, jnp.asarray(key.rotation.T, jnp.float32), precision=HIGHEST)
+    sketch = key.sketch if key.qjl_dim else np.zeros((bitpack.GROUP, key.head_dim))
+    q_sketch = jnp.matmul(q_rot, jnp.asarray(sketch.T, jnp.float32), precision=HIGHEST)
+    bias = jnp.einsum("...hd,hd->...h", qf, jnp.repeat(kv.k_mean[layer], group, axis=0),
+                      precision=HIGHEST)
+    return q_rot.astype(q.dtype), q_sketch.astype(q.dtype), bias
+
+
+def values_out(out_rot: jax.Array, kv: CompressedKVCache, layer: jax.Array) -> jax.Array:
+    """Rotated-domain outputs [..., Hq, hd] back to values: rotate back, add the value mean."""
+    group = out_rot.shape[-2] // kv.v_mean.shape[1]
+    rotation = jnp.asarray(kv.value_compressor.rotation, jnp.float32)
+    return jnp.matmul(out_rot, rotation, precision=HIGHEST) + jnp.repeat(kv.v_mean[layer], group, axis=0)
+
+
+def ragged_paged_attention(q: jax.Array, kv: CompressedKVCache, layer: jax.Array,
+                           q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *,
+                           num_decode: int, max_q_len: int, sm_scale: float,
+                           sliding_window: int | None = None, soft_cap: float | None = None,
+                           tuning: CodeTuning = CodeTuning(),
+                           interpret: bool = False) -> jax.Array:
+    """The step's attention [T, Hq, hd] over codes (contract: `reference.ragged_paged_attention`)."""
+    reason = kernel_supports(kv.key_compressor, kv.value_compressor)
+    if reason:
+        raise ValueError(reason)
+    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                  tuning=tuning, interpret=interpret)
+
+    def attend_decode(rows, row_q_lens, row_seq_lens, row_tables):
+        out = decode(*rotated_queries(rows[:, 0], kv, layer), kv, layer, row_seq_lens,
+                     row_tables, **kwargs)
+        out = values_out(out, kv, layer)
+        return jnp.where((row_q_lens > 0)[:, None, None], out, 0.0)[:, None]
+
+    def attend_prefill(rows, row_q_lens, row_seq_lens, row_tables):
+        out = prefill(*rotated_queries(rows, kv, layer), kv, layer, row_q_lens, row_seq_lens,
+                      row_tables, **kwargs)
+        out = values_out(out, kv, layer)
+        valid = jnp.arange(rows.shape[1])[None, :] < row_q_lens[:, None]
+        return jnp.where(valid[:, :, None, None], out, 0.0)
+
+    out = attend_by_block(q, q_lens, seq_lens, page_tables, num_decode=num_decode,
+                          max_q_len=max_q_len, attend_prefill=attend_prefill,
+                          attend_decode=attend_decode)
+    return out.astype(q.dtype)

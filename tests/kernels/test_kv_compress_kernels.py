@@ -1,0 +1,171 @@
+"""The compressed-cache attention kernels (`kernels_pallas.kv_compress.gpu`) against the pure-JAX
+reference on the same pages of codes: random ragged batches of decode rows and prefill chunks,
+page boundaries, padding rows, context splits, sliding window and soft cap, GQA groups, both head
+dims, the step's writes. Compiled on a GPU, in Pallas interpret mode elsewhere."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dendrite_jax import LLM, SamplingParams
+from dendrite_jax.cache.compress import make_kv_compression
+from dendrite_jax.cache.compressed_kv import CompressedKVCache
+from kernels_pallas import kv_compress
+from kernels_pallas.kv_compress import gpu, reference
+from tests.kernels.paged_attention_cases import make_case
+
+INTERPRET = jax.default_backend() != "gpu"
+# float32 queries: the kernels' online softmax and rotated-domain sums differ from the
+# reference's decode-then-attend by float32 rounding only.
+RTOL, ATOL = 5e-5, 5e-5
+
+
+def compressed_case(rng, q_lens, ctx_lens, compression: str, **kwargs):
+    """A random ragged batch whose pages are stored as `compression` codes, centred on random
+    per-(layer, head) means (so the kernels' mean handling is exercised)."""
+    inputs, _, valid = make_case(rng, q_lens, ctx_lens, **kwargs)
+    k, v = jnp.asarray(inputs.pop("k_pages")), jnp.asarray(inputs.pop("v_pages"))
+    layers, num_pages, page_size, num_kv_heads, head_dim = k.shape
+    cfg = dataclasses.make_dataclass("Shape", ["num_layers", "num_kv_heads", "head_dim"])(
+        layers, num_kv_heads, head_dim)
+    means = tuple(jnp.asarray(rng.standard_normal((layers, num_kv_heads, head_dim)) * 0.5,
+                              jnp.float32) for _ in range(2))
+    kv = CompressedKVCache.create(cfg, num_pages, page_size, compression, means=means)
+    kv = dataclasses.replace(kv, k=kv.key_compressor.encode(k - means[0][:, None, None]),
+                             v=kv.value_compressor.encode(v - means[1][:, None, None]))
+    inputs = {name: jnp.asarray(x) if isinstance(x, np.ndarray) else x
+              for name, x in inputs.items()}
+    return inputs, kv, valid
+
+
+def oracle(inputs, kv) -> np.ndarray:
+    """The reference in full float32 (XLA would run its float32 matmuls in TF32 on a GPU)."""
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(reference.ragged_paged_attention(kv=kv, **inputs), np.float32)
+
+
+def check(inputs, kv, valid, rtol=RTOL, atol=ATOL, **tuning) -> None:
+    ref = oracle(inputs, kv)
+    out = np.asarray(gpu.ragged_paged_attention(kv=kv, **inputs, interpret=INTERPRET,
+                                                tuning=gpu.CodeTuning(**tuning)))
+    np.testing.assert_allclose(out[valid], ref[valid], rtol=rtol, atol=atol)
+    assert np.all(out[~valid] == 0)  # padding query slots and empty rows give zeros
+
+
+compressions = pytest.mark.parametrize("compression",
+                                       ["turboquant-4", "turboquant-mse-4", "turboquant-3"])
+
+
+@compressions
+@pytest.mark.parametrize("q_lens,ctx_lens", [
+    ([1, 1, 1], [15, 16, 17]),  # decodes straddling a page boundary (page 16)
+    ([13, 1, 5, 1], [13, 70, 21, 33]),  # ragged mix: full prefill, decode, chunk, decode
+])
+def test_matches_reference(compression, q_lens, ctx_lens):
+    rng = np.random.default_rng(sum(ctx_lens))
+    check(*compressed_case(rng, q_lens, ctx_lens, compression, head_dim=64, page_size=16,
+                           num_heads=8, num_kv_heads=2, pad_decode=2, pad_prefill=1))
+
+
+@pytest.mark.parametrize("page_size,head_dim,num_heads,num_kv_heads", [
+    (32, 128, 4, 1), (8, 128, 8, 2), (16, 64, 9, 3)])
+def test_page_sizes_head_dims_and_groups(page_size, head_dim, num_heads, num_kv_heads):
+    rng = np.random.default_rng(page_size + num_heads)
+    check(*compressed_case(rng, [1, 20, 1], [90, 60, 129], "turboquant-4", head_dim=head_dim,
+                           page_size=page_size, num_heads=num_heads,
+                           num_kv_heads=num_kv_heads))
+
+
+@pytest.mark.parametrize("splits,pages_per_block", [(1, 1), (2, 2), (4, 1)])
+def test_context_splits(splits, pages_per_block):
+    rng = np.random.default_rng(splits)
+    check(*compressed_case(rng, [1, 1, 1, 1], [200, 3, 64, 129], "turboquant-4", head_dim=64,
+                           page_size=16, num_heads=4, num_kv_heads=2),
+          num_splits=splits, pages_per_block=pages_per_block)
+
+
+def test_sliding_window_and_soft_cap():
+    rng = np.random.default_rng(7)
+    check(*compressed_case(rng, [24, 1, 1], [60, 75, 9], "turboquant-4", head_dim=64,
+                           page_size=16, num_heads=4, num_kv_heads=2, sliding_window=21,
+                           soft_cap=5.0))
+
+
+def test_bfloat16_queries():
+    """The engine's dtype: grid values and queries enter the tensor cores in bfloat16."""
+    rng = np.random.default_rng(11)
+    inputs, kv, valid = compressed_case(rng, [1, 9, 1], [80, 40, 17], "turboquant-4",
+                                        head_dim=128, page_size=16, num_heads=8,
+                                        num_kv_heads=2)
+    inputs["q"] = inputs["q"].astype(jnp.bfloat16)
+    ref = oracle(inputs, kv)
+    out = np.asarray(gpu.ragged_paged_attention(kv=kv, **inputs, interpret=INTERPRET),
+                     np.float32)
+    scale = np.abs(ref[valid]).max()
+    assert np.abs(out[valid] - ref[valid]).max() < 0.03 * scale
+
+
+def test_write_and_attend_matches_reference():
+    """The step's new keys/values are encoded into their slots identically, and the kernels
+    read them back with the rest of the context."""
+    rng = np.random.default_rng(3)
+    inputs, kv, valid = compressed_case(rng, [1, 7, 1], [33, 20, 16], "turboquant-4",
+                                        head_dim=64, page_size=16, num_heads=4,
+                                        num_kv_heads=2)
+    tokens = inputs["q"].shape[0]
+    k = jnp.asarray(rng.standard_normal((tokens, 2, 64)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((tokens, 2, 64)), jnp.float32)
+    # Each real token writes its own slot (its position in its row); padding writes nowhere.
+    slot_pages = np.full(tokens, kv.num_pages, np.int32)
+    slot_offsets = np.zeros(tokens, np.int32)
+    num_decode, max_q_len = inputs["num_decode"], inputs["max_q_len"]
+    for row, (q_len, seq_len) in enumerate(zip(np.asarray(inputs["q_lens"]),
+                                               np.asarray(inputs["seq_lens"]), strict=True)):
+        start = row if row < num_decode else num_decode + (row - num_decode) * max_q_len
+        for i, pos in enumerate(range(seq_len - q_len, seq_len)):
+            slot_pages[start + i] = inputs["page_tables"][row, pos // 16]
+            slot_offsets[start + i] = pos % 16
+    args = dict(q=inputs["q"], k=k, v=v, kv=kv, layer=inputs["layer"], q_lens=inputs["q_lens"],
+                seq_lens=inputs["seq_lens"], page_tables=inputs["page_tables"],
+                slot_pages=jnp.asarray(slot_pages), slot_offsets=jnp.asarray(slot_offsets),
+                num_decode=num_decode, max_q_len=max_q_len, sm_scale=inputs["sm_scale"])
+    with jax.default_matmul_precision("highest"):  # both encode the same codes
+        ref, ref_kv = kv_compress.write_and_attend(**args, backend="reference")
+        out, out_kv = kv_compress.write_and_attend(**args, backend="pallas_gpu")
+    for a, b in zip(jax.tree.leaves(ref_kv), jax.tree.leaves(out_kv), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(ref_kv.k["norm"]), np.asarray(kv.k["norm"]))
+    np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], rtol=RTOL,
+                               atol=ATOL)
+
+
+def test_backend_resolution():
+    assert kv_compress.resolve_backend("auto", "turboquant-4", 64, platform="gpu") == "pallas_gpu"
+    assert kv_compress.resolve_backend("auto", "polarquant-4", 64, platform="gpu") == "reference"
+    assert kv_compress.resolve_backend("auto", "turboquant-4", 64, platform="cpu") == "reference"
+    assert gpu.kernel_supports(*make_kv_compression("turboquant-mse-3", 128)) is None
+    for name in ("polarquant-4", "qjl-256"):
+        with pytest.raises(ValueError, match="no kernel for a"):
+            kv_compress.resolve_backend("pallas_gpu", name, 128)
+    with pytest.raises(ValueError, match="no kernel for a"):
+        kv_compress.resolve_backend("pallas_tpu", "turboquant-4", 128)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        kv_compress.resolve_backend("cuda", "turboquant-4", 128)
+
+
+def test_engine_tokens_equal_the_reference_backend():
+    """The whole engine (prefill chunks, decode steps, code writes) on the kernel backend gives
+    the reference backend's greedy tokens on a small random model."""
+    base = dict(model="tiny-random", page_size=16, max_num_seqs=4, max_num_batched_tokens=32,
+                max_model_len=256, compilation_cache=False, warmup=False,
+                kv_compression="turboquant-mse-4")
+    prompts = [[(7 * i + j) % 500 + 1 for j in range(n)] for i, n in enumerate((5, 40, 17))]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs = [[o.token_ids for o in LLM(**base, attention_backend=b).generate(prompts, params)]
+            for b in ("reference", "pallas_gpu")]
+    assert outs[0] == outs[1]
