@@ -38,7 +38,8 @@ flags.DEFINE_enum("attention_backend", "auto", ["auto", "reference", "pallas_gpu
 flags.DEFINE_string("kv_compression", "none",
                     "KV cache compression: none, turboquant-<bits>, polarquant-<2|4|8>, "
                     "turboquant-mse-<bits>, qjl-<sketch dim> (GPU kernels read turboquant "
-                    "codes; the others run on the reference attention backend).")
+                    "codes, a TPU kernel turboquant-mse-<1|2|4|8>; the rest run on the "
+                    "reference attention backend).")
 flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unrolled"],
                   "How the forward pass iterates layers (auto: unrolled; scan compiles faster).")
 flags.DEFINE_integer("max_model_len", None, "Context limit; defaults to the model's.")

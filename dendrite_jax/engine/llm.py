@@ -47,8 +47,9 @@ class LLM:
 
     `kv_compression` ("none", "turboquant-4", "polarquant-4", "qjl-256", ...; see
     `cache.compress.make_kv_compression`) keeps the KV cache as codes: more pages fit in
-    `kv_cache_bytes`. On a GPU, "auto" attention reads TurboQuant codes with Pallas kernels
-    (`kernels_pallas.kv_compress`); other compressions, and CPUs, use the reference.
+    `kv_cache_bytes`. "auto" attention reads TurboQuant codes with Pallas kernels on a GPU
+    (and MSE-stage ones, "turboquant-mse-<1|2|4|8>", on a TPU; `kernels_pallas.kv_compress`);
+    other compressions, and CPUs, use the reference.
 
     `warmup` compiles every step bucket up front and then makes compiling a new one an error
     (default: on for accelerators, off on CPU where compiling on demand is cheaper).

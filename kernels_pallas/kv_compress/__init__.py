@@ -8,7 +8,9 @@ Backends:
 - "pallas_gpu": Pallas kernels that score and average codes directly (`gpu.py`) for the
   TurboQuant caches ("turboquant-<b>", "turboquant-mse-<b>"); off a GPU they run in interpret
   mode. Other compressions have no kernel: asking for one raises.
-- "auto": "pallas_gpu" on a GPU when the compression has a kernel, else "reference".
+- "pallas_tpu": a Pallas Mosaic TPU kernel (`tpu.py`) for the MSE-stage TurboQuant caches
+  of 1, 2, 4 or 8 bits ("turboquant-mse-4", ...); off a TPU it runs in TPU interpret mode.
+- "auto": the platform's kernel where it reads the compression, else "reference".
 """
 
 from __future__ import annotations
@@ -17,26 +19,32 @@ import jax
 
 from dendrite_jax.cache.compress import make_kv_compression
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
-from kernels_pallas.kv_compress import gpu
+from kernels_pallas.kv_compress import gpu, tpu
 from kernels_pallas.kv_compress.reference import ragged_paged_attention, write_codes
 
-BACKENDS = ("auto", "reference", "pallas_gpu")
+BACKENDS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
+_KERNELS = {"pallas_gpu": ("gpu", gpu.kernel_supports), "pallas_tpu": ("tpu", tpu.kernel_supports)}
 
 
 def resolve_backend(backend: str, compression: str, head_dim: int,
                     platform: str | None = None) -> str:
-    """The backend that runs a compressed cache: "auto" picks the GPU kernel where one reads
-    this compression, else the reference; an explicit backend without a kernel raises."""
-    if backend not in BACKENDS + ("pallas_tpu",):
+    """The backend that runs a compressed cache: "auto" picks the platform's kernel where it
+    reads this compression, else the reference; an explicit kernel that cannot raises."""
+    if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
-    reason = gpu.kernel_supports(*make_kv_compression(compression, head_dim))
+    compressors = make_kv_compression(compression, head_dim)
     if backend == "auto":
         platform = platform or jax.default_backend()
-        return "pallas_gpu" if platform == "gpu" and reason is None else "reference"
-    if backend == "pallas_tpu" or (backend == "pallas_gpu" and reason):
-        raise ValueError(f"attention backend {backend!r} has no kernel for a {compression!r} "
-                         f"cache ({reason or 'no TPU kernel reads codes yet'}); pass "
-                         "attention_backend='reference' or 'auto'")
+        for name, (kernel_platform, supports) in _KERNELS.items():
+            if platform == kernel_platform and supports(*compressors) is None:
+                return name
+        return "reference"
+    if backend in _KERNELS:
+        reason = _KERNELS[backend][1](*compressors)
+        if reason:
+            raise ValueError(f"attention backend {backend!r} has no kernel for a "
+                             f"{compression!r} cache ({reason}); pass "
+                             "attention_backend='reference' or 'auto'")
     return backend
 
 
@@ -46,15 +54,21 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedKVC
                      num_decode: int, max_q_len: int, sm_scale: float,
                      sliding_window: int | None = None, soft_cap: float | None = None,
                      backend: str = "reference") -> tuple[jax.Array, CompressedKVCache]:
-    """Encode this step's k, v [T, Hkv, hd] into their slots, then attend; returns (out
-    [T, Hq, hd], the cache)."""
-    kv = write_codes(kv, layer, k, v, slot_pages, slot_offsets)
+    """Encode this step's k, v [T, Hkv, hd] into their slots and attend; returns (out
+    [T, Hq, hd], the cache). The GPU kernels store decode tokens' codes inside the decode
+    kernel (in place); the reference scatters them first."""
     kwargs = dict(num_decode=num_decode, max_q_len=max_q_len, sm_scale=sm_scale,
                   sliding_window=sliding_window, soft_cap=soft_cap)
     if backend == "pallas_gpu":
-        out = gpu.ragged_paged_attention(q, kv, layer, q_lens, seq_lens, page_tables,
-                                         interpret=jax.default_backend() != "gpu", **kwargs)
+        return gpu.write_and_attend(q, k, v, kv, layer, q_lens, seq_lens, page_tables,
+                                    slot_pages, slot_offsets,
+                                    interpret=jax.default_backend() != "gpu", **kwargs)
+    if backend == "pallas_tpu":
+        kv = write_codes(kv, layer, k, v, slot_pages, slot_offsets)
+        out = tpu.ragged_paged_attention(q, kv, layer, q_lens, seq_lens, page_tables,
+                                         interpret=jax.default_backend() != "tpu", **kwargs)
     elif backend == "reference":
+        kv = write_codes(kv, layer, k, v, slot_pages, slot_offsets)
         out = ragged_paged_attention(q, kv, layer, q_lens, seq_lens, page_tables, **kwargs)
     else:
         raise ValueError(f"compressed-cache attention backend {backend!r}: resolve it first "

@@ -15,10 +15,12 @@ to unpack them; nothing of head_dim x context size is ever written.
 
 Layout and grid as `kernels_pallas.paged_attention.gpu`: `decode` is one program per (decode
 row, KV head, context split) with the KV head's query heads as matrix rows; `prefill` one per
-(prefill row, query head, block of queries). The step's new keys/values are encoded and
-scattered into their pages first (`reference.write_codes`, one XLA fusion per code array), then
-read like any other token. Why Triton and not Mosaic GPU: the same as the plain kernels (the
-kernel bodies run under Pallas' interpret mode in the CPU tests).
+(prefill row, query head, block of queries). Writes as there too: a decode row's new key/value
+is encoded outside the kernel (a few [rows, Hkv, hd] fusions), folded into the softmax from
+registers and stored into its page slot by the decode kernel, whose code arrays are aliased to
+its outputs, so a decode step updates the cache only in place; prefill tokens are encoded and
+scattered first (`reference.write_codes`). Why Triton and not Mosaic GPU: the same as the plain
+kernels (the kernel bodies run under Pallas' interpret mode in the CPU tests).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from dendrite_jax.cache import bitpack
 from dendrite_jax.cache.compress import KvCompressor
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.turboquant import TurboQuantCompressor
-from kernels_pallas.paged_attention.blocks import attend_by_block
+from kernels_pallas.kv_compress.reference import write_codes
+from kernels_pallas.paged_attention.blocks import attend_by_block, join_blocks, prefill_rows
 from kernels_pallas.paged_attention.gpu import (
     MASK_VALUE,
     MIN_DOT_ROWS,
@@ -77,54 +80,100 @@ def kernel_supports(key: KvCompressor, value: KvCompressor) -> str | None:
     return None
 
 
-def _unpack(ref, page_ids: jax.Array, bits: int, n: int, block_k: int) -> jax.Array:
-    """int32 codes [block_k, n] of pages `page_ids` of a packed ref [pages, page_size, words]
-    (`cache.bitpack`: fields for b dividing 32, one shift and mask per code; else bit planes,
-    word g * bits + j holding bit j of codes 32g..32g+31)."""
+def _unpack(load, bits: int, n: int, rows: int) -> jax.Array:
+    """int32 codes [rows, n] from packed words (`cache.bitpack`): fields for b dividing 32 (one
+    shift and mask per code), else bit planes (word g * bits + j holds bit j of codes
+    32g..32g+31). `load(words)` reads the rows' words (all of them for None, else a slice)."""
     if bitpack.is_fields(bits):
         per_word = min(n, bitpack.GROUP // bits)
-        words = ref[page_ids].reshape(block_k, n // per_word, 1)
+        words = load(None).reshape(rows, n // per_word, 1)
         shifts = bits * lax.broadcasted_iota(jnp.uint32, (1, 1, per_word), 2)
-        return ((words >> shifts) & ((1 << bits) - 1)).reshape(block_k, n).astype(jnp.int32)
+        return ((words >> shifts) & ((1 << bits) - 1)).reshape(rows, n).astype(jnp.int32)
     groups, per_word = -(-n // bitpack.GROUP), min(n, bitpack.GROUP)
     shifts = lax.broadcasted_iota(jnp.uint32, (1, 1, per_word), 2)
     code = None
     for j in range(bits):
-        words = ref[page_ids, :, pl.ds(j, groups, stride=bits)].reshape(block_k, groups, 1)
-        plane = ((words >> shifts) & 1).reshape(block_k, n)
+        words = load(pl.ds(j, groups, stride=bits)).reshape(rows, groups, 1)
+        plane = ((words >> shifts) & 1).reshape(rows, n)
         code = plane if code is None else code | (plane << j)
     return code.astype(jnp.int32)
+
+
+def _page_words(ref, page_ids: jax.Array):
+    """`_unpack`'s loader for the pages `page_ids` of a [pages, page_size, words] ref."""
+    return lambda sl: ref[page_ids] if sl is None else ref[page_ids, :, sl]
 
 
 def _norms(ref, page_ids: jax.Array, block_k: int) -> jax.Array:
     return ref[page_ids].reshape(block_k).astype(jnp.float32)
 
 
-def _attend_codes(q_rot, q_sketch, bias, q_pos, seq_len, page_table_ref, page_base, refs, *,
-                  first, end, key_start, block_k: int, sm_scale: float,
+@dataclasses.dataclass(frozen=True)
+class _Codes:
+    """A kernel's code refs by name: key arrays, value arrays, the two grids."""
+
+    k: dict
+    v: dict
+    k_grid: object
+    v_grid: object
+
+
+def _names(key: TurboQuantCompressor) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The code arrays the kernels read, keys' then values'."""
+    qjl = ("signs", "residual_norm") if key.qjl_dim else ()
+    return ("norm", "mse", *qjl), ("norm", "mse")
+
+
+def _take_codes(refs, key: TurboQuantCompressor):
+    """Split a kernel's refs into (`_Codes`, the refs after them)."""
+    key_names, value_names = _names(key)
+    nk, nv = len(key_names), len(value_names)
+    codes = _Codes(dict(zip(key_names, refs[:nk], strict=True)),
+                   dict(zip(value_names, refs[nk:nk + nv], strict=True)), *refs[nk + nv:nk + nv + 2])
+    return codes, refs[nk + nv + 2:]
+
+
+def _key_scores(q_rot, q_sketch, bias, load, norms, codes: _Codes, key: TurboQuantCompressor,
+                rows: int, sm_scale: float, soft_cap: float | None) -> jax.Array:
+    """Scores [M, rows] of queries against `rows` keys read by load(name)(words)/norms(name)."""
+    dtype = q_rot.dtype
+    y = codes.k_grid[_unpack(load("mse"), key.mse_bits, key.head_dim, rows)]
+    if rows >= MIN_DOT_ROWS:
+        s = dot(q_rot, y, trans_b=True)
+    else:  # the step's own key, one row: no tensor-core shape
+        s = (q_rot.astype(jnp.float32) * y.astype(jnp.float32)).sum(-1, keepdims=True)
+    if key.qjl_dim:
+        signs = (2 * _unpack(load("signs"), 1, key.qjl_dim, rows) - 1).astype(dtype)
+        if rows >= MIN_DOT_ROWS:
+            sketch = dot(q_sketch, signs, trans_b=True)
+        else:
+            sketch = (q_sketch.astype(jnp.float32) * signs.astype(jnp.float32)).sum(
+                -1, keepdims=True)
+        qjl_scale = float(np.sqrt(np.pi / 2) / key.qjl_dim)
+        s += (qjl_scale * norms("residual_norm"))[None, :] * sketch
+    s = (bias[:, None] + norms("norm")[None, :] * s) * sm_scale
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    return s
+
+
+def _attend_codes(q_rot, q_sketch, bias, q_pos, seq_len, page_table_ref, page_base,
+                  codes: _Codes, *, first, end, key_start, block_k: int, sm_scale: float,
                   soft_cap: float | None, sliding_window: int | None, key: TurboQuantCompressor,
                   value: TurboQuantCompressor):
     """Online softmax of rotated queries q_rot [M, hd] (sketches q_sketch [M, m], score offsets
     bias [M]) at positions q_pos over key blocks [first, cdiv(end, block_k)); returns the
     unnormalised (rotated-domain acc [M, hd], max, denominator)."""
-    k_norm, k_mse, k_signs, k_rnorm, v_norm, v_mse, k_grid, v_grid = refs
-    page_size = k_norm.shape[-1]
+    page_size = codes.k["norm"].shape[-1]
     pages_per_block = block_k // page_size
     head_dim, dtype = q_rot.shape[-1], q_rot.dtype
-    qjl_scale = float(np.sqrt(np.pi / 2) / key.qjl_dim) if key.qjl_dim else 0.0
 
     def body(j, carry):
         acc, m_prev, l_prev = carry
         ids = page_base + page_table_ref[pl.ds(j * pages_per_block, pages_per_block)]
-        y = k_grid[_unpack(k_mse, ids, key.mse_bits, head_dim, block_k)]
-        s = dot(q_rot, y, trans_b=True)
-        if key.qjl_dim:
-            signs = 2 * _unpack(k_signs, ids, 1, key.qjl_dim, block_k) - 1
-            s += (qjl_scale * _norms(k_rnorm, ids, block_k))[None, :] * dot(
-                q_sketch, signs.astype(dtype), trans_b=True)
-        s = (bias[:, None] + _norms(k_norm, ids, block_k)[None, :] * s) * sm_scale
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
+        s = _key_scores(q_rot, q_sketch, bias, lambda name: _page_words(codes.k[name], ids),
+                        lambda name: _norms(codes.k[name], ids, block_k), codes, key, block_k,
+                        sm_scale, soft_cap)
         k_pos = key_start + j * block_k + jnp.arange(block_k)
         keep = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < seq_len)
         if sliding_window is not None:
@@ -134,8 +183,9 @@ def _attend_codes(q_rot, q_sketch, bias, q_pos, seq_len, page_table_ref, page_ba
         correction = jnp.exp(m_prev - m_next)
         p = jnp.exp(s - m_next[:, None])
         l_next = l_prev * correction + p.sum(axis=-1)
-        yv = v_grid[_unpack(v_mse, ids, value.mse_bits, head_dim, block_k)]
-        pv = (p * _norms(v_norm, ids, block_k)[None, :]).astype(dtype)
+        yv = codes.v_grid[_unpack(_page_words(codes.v["mse"], ids), value.mse_bits, head_dim,
+                                  block_k)]
+        pv = (p * _norms(codes.v["norm"], ids, block_k)[None, :]).astype(dtype)
         return acc * correction[:, None] + dot(pv, yv), m_next, l_next
 
     rows = q_rot.shape[0]
@@ -144,18 +194,60 @@ def _attend_codes(q_rot, q_sketch, bias, q_pos, seq_len, page_table_ref, page_ba
     return lax.fori_loop(first, pl.cdiv(end, block_k), body, init)
 
 
+def _row_words(ref):
+    """`_unpack`'s loader for one vector's words (a [words] ref)."""
+    return lambda sl: ref[...] if sl is None else ref[sl]
+
+
+def _store_row(dst, page, offset, src, bits: int | None) -> None:
+    """Store one vector's codes (a [words] ref, or a [1] norm) at (page, offset) of a cache ref
+    [pages, page_size, (words)]; plane-packed words go plane by plane (power-of-two loads)."""
+    if bits is None:
+        dst[page, offset] = src[0].astype(dst.dtype)
+    elif bitpack.is_fields(bits):
+        dst[page, offset] = src[...]
+    else:
+        groups = dst.shape[-1] // bits
+        for j in range(bits):
+            dst[page, offset, pl.ds(j, groups, stride=bits)] = src[pl.ds(j, groups, stride=bits)]
+
+
+def _fold_new_token(carry, q_rot, q_sketch, bias, new: _Codes, key, value, *, sm_scale,
+                    soft_cap):
+    """Fold the step's own key/value (codes in registers, not yet in the pages) into (acc,
+    max, denominator)."""
+    acc, m, denom = carry
+    s = _key_scores(q_rot, q_sketch, bias, lambda name: _row_words(new.k[name]),
+                    lambda name: new.k[name][...].astype(jnp.float32), new, key, 1,
+                    sm_scale, soft_cap).reshape(q_rot.shape[0])
+    m_new = jnp.maximum(m, s)
+    correction, p = jnp.exp(m - m_new), jnp.exp(s - m_new)
+    yv = new.v_grid[_unpack(_row_words(new.v["mse"]), value.mse_bits, key.head_dim, 1)]
+    v_new = new.v["norm"][0].astype(jnp.float32) * yv.astype(jnp.float32)  # [1, hd]
+    return acc * correction[:, None] + p[:, None] * v_new, m_new, denom * correction + p
+
+
 def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_rot_ref, q_sketch_ref, bias_ref,
                    *refs, num_pages: int, group: int, group_pad: int, normalize: bool,
-                   **kwargs):
-    """One (row, KV head, split); query heads of the KV head as `group_pad` masked rows."""
-    code_refs, out_refs = refs[:8], refs[8:]
+                   write: bool, **kwargs):
+    """One (row, KV head, split); query heads of the KV head as `group_pad` masked rows. With
+    `write`, the row's new key/value codes (refs after the slot refs) are not in the pages yet:
+    split 0 folds them in from registers and stores them into their slot."""
+    key, value = kwargs["key"], kwargs["value"]
+    codes, refs = _take_codes(refs, key)
+    if write:
+        slot_page_ref, slot_offset_ref, *refs = refs
+        new, refs = _take_codes(refs, key)
+        new = dataclasses.replace(new, k_grid=codes.k_grid, v_grid=codes.v_grid)
     kv_head, split = pl.program_id(1), pl.program_id(2)
-    page_size = code_refs[0].shape[-1]
+    page_size = codes.k["norm"].shape[-1]
     pages_per_split = page_table_ref.shape[0]
     block_k = kwargs["block_k"]
+    page_base = layer_ref[0] * num_pages
     seq_len = seq_len_ref[0]
+    context = seq_len - 1 if write else seq_len  # keys read from the pages
     split_start = split * pages_per_split * page_size
-    end = jnp.clip(seq_len - split_start, 0, pages_per_split * page_size)
+    end = jnp.clip(context - split_start, 0, pages_per_split * page_size)
     first = 0
     if kwargs["sliding_window"] is not None:
         first = jnp.maximum(seq_len - kwargs["sliding_window"] - split_start, 0) // block_k
@@ -167,20 +259,40 @@ def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_rot_ref, q_sketch_r
     bias = pltriton.load(b_rows, mask=jnp.arange(group_pad) < group, other=0)
     q_pos = seq_len - 1 + jnp.zeros((group_pad,), jnp.int32)
     acc, m, denom = _attend_codes(
-        q_rot, q_sketch, bias, q_pos, seq_len, page_table_ref, layer_ref[0] * num_pages,
-        code_refs, first=first, end=end, key_start=split_start, **kwargs)
+        q_rot, q_sketch, bias, q_pos, context, page_table_ref, page_base, codes, first=first,
+        end=end, key_start=split_start, **kwargs)
+    if write:
+        fold = (split == 0) & (seq_len > 0)
+        folded = _fold_new_token((acc, m, denom), q_rot, q_sketch, bias, new, key, value,
+                                 sm_scale=kwargs["sm_scale"], soft_cap=kwargs["soft_cap"])
+        acc, m, denom = (jnp.where(fold, a, b) for a, b in zip(folded, (acc, m, denom),
+                                                                 strict=True))
+        key_names, value_names = _names(key)
+        num_caches = len(key_names) + len(value_names)
+        refs, outs = refs[:-num_caches], refs[-num_caches:]
+        bits = {"norm": None, "residual_norm": None, "mse": key.mse_bits, "signs": 1}
+
+        @pl.when(fold)
+        def _store():
+            page, offset = page_base + slot_page_ref[0], slot_offset_ref[0]
+            for name, dst in zip(key_names, outs[:len(key_names)], strict=True):
+                _store_row(dst, page, offset, new.k[name], bits[name])
+            for name, dst in zip(value_names, outs[len(key_names):], strict=True):
+                _store_row(dst, page, offset, new.v[name],
+                           value.mse_bits if name == "mse" else None)
+
     if normalize:
-        (o_ref,) = out_refs
+        (o_ref,) = refs
         o_rows, o_mask = group_rows(o_ref, kv_head, group, group_pad)
         pltriton.store(o_rows, acc / jnp.where(denom > 0, denom, 1.0)[:, None], mask=o_mask)
     else:
-        acc_ref, m_ref, l_ref = out_refs
+        acc_ref, m_ref, l_ref = refs
         acc_ref[...], m_ref[...], l_ref[...] = acc, m, denom
 
 
 def _prefill_kernel(layer_ref, q_len_ref, seq_len_ref, page_table_ref, q_rot_ref, q_sketch_ref,
                     bias_ref, *refs, num_pages: int, **kwargs):
-    code_refs, (o_ref,) = refs[:8], refs[8:]
+    codes, (o_ref,) = _take_codes(refs, kwargs["key"])
     q_block = pl.program_id(2)
     block_q, block_k = q_rot_ref.shape[0], kwargs["block_k"]
     q_len, seq_len = q_len_ref[0], seq_len_ref[0]
@@ -191,32 +303,31 @@ def _prefill_kernel(layer_ref, q_len_ref, seq_len_ref, page_table_ref, q_rot_ref
         first = jnp.maximum(first_q - kwargs["sliding_window"] + 1, 0) // block_k
     acc, _, denom = _attend_codes(
         q_rot_ref[...], q_sketch_ref[...], bias_ref[...], first_q + jnp.arange(block_q),
-        seq_len, page_table_ref, layer_ref[0] * num_pages, code_refs, first=first, end=end,
+        seq_len, page_table_ref, layer_ref[0] * num_pages, codes, first=first, end=end,
         key_start=0, **kwargs)
     o_ref[...] = acc / jnp.where(denom > 0, denom, 1.0)[:, None]
 
 
 def _code_arrays(kv: CompressedKVCache, dtype) -> list[jax.Array]:
-    """The eight kernel inputs after the queries: code arrays as [L * N, page_size, Hkv, ...]
-    (QJL arrays stand in with the norms when the keys have none) and the two grids in the
-    queries' dtype (looked up straight into the tensor-core operands: no conversion)."""
-    flat = {name: a.reshape(-1, *a.shape[2:]) for name, a in kv.k.items()}
-    vflat = {name: a.reshape(-1, *a.shape[2:]) for name, a in kv.v.items()}
-    return [flat["norm"], flat["mse"], flat.get("signs", flat["mse"]),
-            flat.get("residual_norm", flat["norm"]), vflat["norm"], vflat["mse"],
+    """The kernels' code inputs: the arrays of `_names` as [L * N, page_size, Hkv, ...], then
+    the two grids in the queries' dtype (looked up straight into tensor-core operands)."""
+    key_names, value_names = _names(kv.key_compressor)
+    return [*(kv.k[n].reshape(-1, *kv.k[n].shape[2:]) for n in key_names),
+            *(kv.v[n].reshape(-1, *kv.v[n].shape[2:]) for n in value_names),
             jnp.asarray(kv.key_compressor.grid, dtype),
             jnp.asarray(kv.value_compressor.grid, dtype)]
 
 
+def _cache_spec(a: jax.Array, head) -> pl.BlockSpec:
+    """The whole cache array [L * N, page_size, Hkv, ...] of one KV head (`head(*ids)`)."""
+    return pl.BlockSpec((a.shape[0], a.shape[1], None, *a.shape[3:]),
+                        lambda *ids: (0, 0, head(*ids), *(0,) * (a.ndim - 3)))
+
+
 def _code_specs(arrays: list[jax.Array], head) -> list[pl.BlockSpec]:
-    """Whole-cache blocks of one KV head (`head(*program_ids)`), whole grids."""
-    specs = []
-    for a in arrays[:6]:
-        block = (a.shape[0], a.shape[1], None, *a.shape[3:])
-        specs.append(pl.BlockSpec(block, lambda *ids, _n=a.ndim - 3: (0, 0, head(*ids),
-                                                                        *(0,) * _n)))
-    specs += [pl.BlockSpec(g.shape, lambda *ids: (0,)) for g in arrays[6:]]
-    return specs
+    """Whole-cache blocks of one KV head, whole grids."""
+    return ([_cache_spec(a, head) for a in arrays[:-2]]
+            + [pl.BlockSpec(g.shape, lambda *ids: (0,)) for g in arrays[-2:]])
 
 
 def _stages(tuning: CodeTuning, block_k: int, kv: CompressedKVCache) -> int:
@@ -230,12 +341,19 @@ def _kernel_kwargs(kv, sm_scale, sliding_window, soft_cap, block_k):
                 block_k=block_k, key=kv.key_compressor, value=kv.value_compressor)
 
 
-def decode(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: CompressedKVCache,
-           layer: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *, sm_scale: float,
-           sliding_window: int | None = None, soft_cap: float | None = None,
-           tuning: CodeTuning = CodeTuning(), interpret: bool = False) -> jax.Array:
-    """One query per row (its key already in the pages): rotated queries q_rot [R, Hq, hd],
-    sketches [R, Hq, m], offsets bias [R, Hq] -> rotated-domain outputs [R, Hq, hd] float32."""
+def _new_code_arrays(kv: CompressedKVCache, new_k: dict, new_v: dict, grid_dtype) -> list:
+    """The step's new codes ([R, Hkv, ...]; norms as [R, Hkv, 1]) in `_names` order, then the
+    grids (unused: `_take_codes` expects them)."""
+    key_names, value_names = _names(kv.key_compressor)
+
+    def rows(a):
+        return a[..., None] if a.ndim == 2 else a
+    return [*(rows(new_k[n]) for n in key_names), *(rows(new_v[n]) for n in value_names),
+            jnp.zeros((1,), grid_dtype), jnp.zeros((1,), grid_dtype)]
+
+
+def _decode_call(q_rot, q_sketch, bias, kv: CompressedKVCache, layer, seq_lens, page_tables,
+                 new, *, sm_scale, sliding_window, soft_cap, tuning: CodeTuning, interpret):
     rows, num_heads, head_dim = q_rot.shape
     num_pages, page_size, num_kv_heads = kv.num_pages, kv.page_size, kv.k["norm"].shape[3]
     group = num_heads // num_kv_heads
@@ -249,14 +367,17 @@ def decode(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: Compresse
     page_tables = pad_columns(page_tables, splits * pages_per_block)
     pages_per_split = page_tables.shape[1] // splits
     arrays = _code_arrays(kv, q_rot.dtype)
+    row_spec = pl.BlockSpec((1,), lambda r, h, s: (r,))
     in_specs = [
-        pl.BlockSpec((1,), lambda r, h, s: (0,)), pl.BlockSpec((1,), lambda r, h, s: (r,)),
+        pl.BlockSpec((1,), lambda r, h, s: (0,)), row_spec,
         pl.BlockSpec((None, pages_per_split), lambda r, h, s: (r, s)),
         pl.BlockSpec((None, num_heads, head_dim), lambda r, h, s: (r, 0, 0)),
         pl.BlockSpec((None, num_heads, q_sketch.shape[-1]), lambda r, h, s: (r, 0, 0)),
         pl.BlockSpec((None, num_heads), lambda r, h, s: (r, 0)),
         *_code_specs(arrays, lambda r, h, s: h),
     ]
+    args = [layer_array(layer), seq_lens, page_tables, q_rot, q_sketch,
+            bias.astype(jnp.float32), *arrays]
     normalize = splits == 1
     if normalize:
         out_specs = [pl.BlockSpec((None, num_heads, head_dim), lambda r, h, s: (r, 0, 0))]
@@ -272,20 +393,71 @@ def decode(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: Compresse
         out_shape = [jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
                      jax.ShapeDtypeStruct(part, jnp.float32),
                      jax.ShapeDtypeStruct(part, jnp.float32)]
+    aliases = {}
+    if new is not None:
+        slot_pages, slot_offsets, new_k, new_v = new
+        new_arrays = _new_code_arrays(kv, new_k, new_v, q_rot.dtype)
+        in_specs += [row_spec, row_spec,
+                     *(pl.BlockSpec((None, None, a.shape[-1]), lambda r, h, s: (r, h, 0))
+                       for a in new_arrays[:-2]),
+                     *(pl.BlockSpec((1,), lambda r, h, s: (0,)) for _ in range(2))]
+        first_cache = len(args) - len(arrays)
+        args += [slot_pages, slot_offsets, *new_arrays]
+        caches = arrays[:-2]
+        out_specs += [_cache_spec(a, lambda r, h, s: h) for a in caches]
+        aliases = {first_cache + i: len(out_shape) + i for i in range(len(caches))}
+        out_shape += [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in caches]
     kernel = functools.partial(
         _decode_kernel, num_pages=num_pages, group=group, group_pad=group_pad,
-        normalize=normalize, **_kernel_kwargs(kv, sm_scale, sliding_window, soft_cap, block_k))
+        normalize=normalize, write=new is not None,
+        **_kernel_kwargs(kv, sm_scale, sliding_window, soft_cap, block_k))
     outs = pl.pallas_call(
         kernel, grid=(rows, num_kv_heads, splits), in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape,
+        out_shape=out_shape, input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps,
                                                 num_stages=_stages(tuning, block_k, kv)),
         interpret=interpret, name="compressed_attention_decode",
-    )(layer_array(layer), seq_lens, page_tables, q_rot, q_sketch, bias.astype(jnp.float32),
-      *arrays)
-    if normalize:
-        return outs[0]
-    return combine_splits(*outs)[:, :, :group].reshape(rows, num_heads, head_dim)
+    )(*args)
+    num_att = 1 if normalize else 3
+    out = outs[0] if normalize else combine_splits(*outs[:3])[:, :, :group].reshape(
+        rows, num_heads, head_dim)
+    if new is None:
+        return out
+    key_names, value_names = _names(kv.key_compressor)
+    written = outs[num_att:]
+    k = dict(kv.k, **{n: a.reshape(kv.k[n].shape)
+                      for n, a in zip(key_names, written[:len(key_names)], strict=True)})
+    v = dict(kv.v, **{n: a.reshape(kv.v[n].shape)
+                      for n, a in zip(value_names, written[len(key_names):], strict=True)})
+    return out, dataclasses.replace(kv, k=k, v=v)
+
+
+def decode(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: CompressedKVCache,
+           layer: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *, sm_scale: float,
+           sliding_window: int | None = None, soft_cap: float | None = None,
+           tuning: CodeTuning = CodeTuning(), interpret: bool = False) -> jax.Array:
+    """One query per row (its key already in the pages): rotated queries q_rot [R, Hq, hd],
+    sketches [R, Hq, m], offsets bias [R, Hq] -> rotated-domain outputs [R, Hq, hd] float32."""
+    return _decode_call(q_rot, q_sketch, bias, kv, layer, seq_lens, page_tables, None,
+                        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                        tuning=tuning, interpret=interpret)
+
+
+def decode_and_write(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array,
+                     kv: CompressedKVCache, layer: jax.Array, seq_lens: jax.Array,
+                     page_tables: jax.Array, slot_pages: jax.Array, slot_offsets: jax.Array,
+                     new_k: dict, new_v: dict, *, sm_scale: float,
+                     sliding_window: int | None = None, soft_cap: float | None = None,
+                     tuning: CodeTuning = CodeTuning(), interpret: bool = False
+                     ) -> tuple[jax.Array, CompressedKVCache]:
+    """`decode` for rows whose new key/value codes new_k, new_v ([R, Hkv, ...], position
+    seq_len - 1) are not yet in the pages: the kernel folds them in from registers and stores
+    them at (slot_pages, slot_offsets) in place (the code arrays are aliased to outputs), so a
+    decode step has no separate scatter. Returns (outputs, the cache)."""
+    return _decode_call(q_rot, q_sketch, bias, kv, layer, seq_lens, page_tables,
+                        (slot_pages, slot_offsets, new_k, new_v), sm_scale=sm_scale,
+                        sliding_window=sliding_window, soft_cap=soft_cap, tuning=tuning,
+                        interpret=interpret)
 
 
 def prefill(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: CompressedKVCache,
@@ -353,6 +525,41 @@ def values_out(out_rot: jax.Array, kv: CompressedKVCache, layer: jax.Array) -> j
     group = out_rot.shape[-2] // kv.v_mean.shape[1]
     rotation = jnp.asarray(kv.value_compressor.rotation, jnp.float32)
     return jnp.matmul(out_rot, rotation, precision=HIGHEST) + jnp.repeat(kv.v_mean[layer], group, axis=0)
+
+
+def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedKVCache,
+                     layer: jax.Array, q_lens: jax.Array, seq_lens: jax.Array,
+                     page_tables: jax.Array, slot_pages: jax.Array, slot_offsets: jax.Array, *,
+                     num_decode: int, max_q_len: int, sm_scale: float,
+                     sliding_window: int | None = None, soft_cap: float | None = None,
+                     tuning: CodeTuning = CodeTuning(), interpret: bool = False
+                     ) -> tuple[jax.Array, CompressedKVCache]:
+    """The step's attention with its code writes (contract: `kv_compress.write_and_attend`).
+    Prefill tokens are encoded and scattered into their pages before the prefill kernel reads
+    them; decode tokens are encoded here and stored by the decode kernel itself, so a
+    decode-only step writes the cache only in place, inside the kernel."""
+    reason = kernel_supports(kv.key_compressor, kv.value_compressor)
+    if reason:
+        raise ValueError(reason)
+    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                  tuning=tuning, interpret=interpret)
+    d = num_decode
+    decode_out = prefill_out = None
+    if page_tables.shape[0] > d:
+        kv = write_codes(kv, layer, k[d:], v[d:], slot_pages[d:], slot_offsets[d:])
+        rows, row_q_lens = prefill_rows(q, d, max_q_len), q_lens[d:]
+        out = prefill(*rotated_queries(rows, kv, layer), kv, layer, row_q_lens, seq_lens[d:],
+                      page_tables[d:], **kwargs)
+        valid = jnp.arange(max_q_len)[None, :] < row_q_lens[:, None]
+        prefill_out = jnp.where(valid[:, :, None, None], values_out(out, kv, layer), 0.0)
+    if d:
+        new_k = kv.key_compressor.encode(k[:d].astype(jnp.float32) - kv.k_mean[layer])
+        new_v = kv.value_compressor.encode(v[:d].astype(jnp.float32) - kv.v_mean[layer])
+        out, kv = decode_and_write(*rotated_queries(q[:d], kv, layer), kv, layer, seq_lens[:d],
+                                   page_tables[:d], slot_pages[:d], slot_offsets[:d], new_k,
+                                   new_v, **kwargs)
+        decode_out = jnp.where((q_lens[:d] > 0)[:, None, None], values_out(out, kv, layer), 0.0)
+    return join_blocks(decode_out, prefill_out).astype(q.dtype), kv
 
 
 def ragged_paged_attention(q: jax.Array, kv: CompressedKVCache, layer: jax.Array,

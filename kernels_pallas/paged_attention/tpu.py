@@ -29,7 +29,7 @@ from kernels_pallas.paged_attention.blocks import attend_by_block
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
-def _needed_pages(p, seq_len, first_q, page_size: int, sliding_window: int | None):
+def needed_pages(p, seq_len, first_q, page_size: int, sliding_window: int | None):
     """The page to fetch at grid step p: p clamped to the pages the row reads."""
     last = jnp.maximum(pl.cdiv(seq_len, page_size) - 1, 0)
     first = 0
@@ -111,7 +111,7 @@ def attend_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax
 
     def page_map(r, p, layer_ref, q_lens_ref, seq_lens_ref, tables_ref):
         seq_len = seq_lens_ref[r]
-        needed = _needed_pages(p, seq_len, seq_len - q_lens_ref[r], page_size, sliding_window)
+        needed = needed_pages(p, seq_len, seq_len - q_lens_ref[r], page_size, sliding_window)
         return layer_ref[0], tables_ref[r * pages_per_seq + needed], 0, 0, 0
 
     page_spec = pl.BlockSpec((None, None, page_size, num_kv_heads, head_dim), page_map)

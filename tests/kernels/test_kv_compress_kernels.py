@@ -1,7 +1,8 @@
-"""The compressed-cache attention kernels (`kernels_pallas.kv_compress.gpu`) against the pure-JAX
+"""The compressed-cache attention kernels (`kernels_pallas.kv_compress`) against the pure-JAX
 reference on the same pages of codes: random ragged batches of decode rows and prefill chunks,
 page boundaries, padding rows, context splits, sliding window and soft cap, GQA groups, both head
-dims, the step's writes. Compiled on a GPU, in Pallas interpret mode elsewhere."""
+dims, the step's writes. The GPU kernels compiled on a GPU and in Pallas interpret mode
+elsewhere; the TPU kernel in TPU interpret mode (which poisons unwritten memory with NaNs)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dendrite_jax import LLM, SamplingParams
 from dendrite_jax.cache.compress import make_kv_compression
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from kernels_pallas import kv_compress
-from kernels_pallas.kv_compress import gpu, reference
+from kernels_pallas.kv_compress import gpu, reference, tpu
 from tests.kernels.paged_attention_cases import make_case
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -144,6 +145,31 @@ def test_write_and_attend_matches_reference():
                                atol=ATOL)
 
 
+@pytest.mark.parametrize("compression", ["turboquant-mse-4", "turboquant-mse-2"])
+@pytest.mark.parametrize("q_lens,ctx_lens,head_dim,page_size,heads", [
+    ([1, 1, 1], [15, 16, 17], 64, 16, (8, 2)),  # decodes straddling a page boundary
+    ([13, 1, 5, 1], [13, 70, 21, 33], 128, 8, (9, 3)),  # ragged mix, a group of 3
+])
+def test_tpu_kernel_matches_reference(compression, q_lens, ctx_lens, head_dim, page_size,
+                                      heads):
+    rng = np.random.default_rng(len(q_lens) + head_dim)
+    inputs, kv, valid = compressed_case(rng, q_lens, ctx_lens, compression, head_dim=head_dim,
+                                        page_size=page_size, num_heads=heads[0],
+                                        num_kv_heads=heads[1], pad_decode=2, pad_prefill=1)
+    out = np.asarray(tpu.ragged_paged_attention(kv=kv, **inputs, interpret=True))
+    np.testing.assert_allclose(out[valid], oracle(inputs, kv)[valid], rtol=RTOL, atol=ATOL)
+    assert np.all(out[~valid] == 0)
+
+
+def test_tpu_kernel_sliding_window_and_soft_cap():
+    rng = np.random.default_rng(8)
+    inputs, kv, valid = compressed_case(rng, [24, 1, 1], [60, 75, 9], "turboquant-mse-4",
+                                        head_dim=64, page_size=16, num_heads=4, num_kv_heads=2,
+                                        sliding_window=21, soft_cap=5.0)
+    out = np.asarray(tpu.ragged_paged_attention(kv=kv, **inputs, interpret=True))
+    np.testing.assert_allclose(out[valid], oracle(inputs, kv)[valid], rtol=RTOL, atol=ATOL)
+
+
 def test_backend_resolution():
     assert kv_compress.resolve_backend("auto", "turboquant-4", 64, platform="gpu") == "pallas_gpu"
     assert kv_compress.resolve_backend("auto", "polarquant-4", 64, platform="gpu") == "reference"
@@ -152,6 +178,9 @@ def test_backend_resolution():
     for name in ("polarquant-4", "qjl-256"):
         with pytest.raises(ValueError, match="no kernel for a"):
             kv_compress.resolve_backend("pallas_gpu", name, 128)
+    assert kv_compress.resolve_backend("auto", "turboquant-mse-4", 64, platform="tpu") == (
+        "pallas_tpu")
+    assert kv_compress.resolve_backend("auto", "turboquant-4", 64, platform="tpu") == "reference"
     with pytest.raises(ValueError, match="no kernel for a"):
         kv_compress.resolve_backend("pallas_tpu", "turboquant-4", 128)
     with pytest.raises(ValueError, match="unknown attention backend"):
@@ -159,7 +188,7 @@ def test_backend_resolution():
 
 
 def test_engine_tokens_equal_the_reference_backend():
-    """The whole engine (prefill chunks, decode steps, code writes) on the kernel backend gives
+    """The whole engine (prefill chunks, decode steps, code writes) on each kernel backend gives
     the reference backend's greedy tokens on a small random model."""
     base = dict(model="tiny-random", page_size=16, max_num_seqs=4, max_num_batched_tokens=32,
                 max_model_len=256, compilation_cache=False, warmup=False,
@@ -167,5 +196,5 @@ def test_engine_tokens_equal_the_reference_backend():
     prompts = [[(7 * i + j) % 500 + 1 for j in range(n)] for i, n in enumerate((5, 40, 17))]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     outs = [[o.token_ids for o in LLM(**base, attention_backend=b).generate(prompts, params)]
-            for b in ("reference", "pallas_gpu")]
-    assert outs[0] == outs[1]
+            for b in ("reference", "pallas_gpu", "pallas_tpu")]
+    assert outs[0] == outs[1] == outs[2]
