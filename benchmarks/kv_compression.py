@@ -16,13 +16,13 @@ Writes JSON (results/kv_compression_cpu.json by default).
 
 from __future__ import annotations
 
-import math
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from quality import GREEDY_PROMPTS, long_text, perplexity
 from report import header, write
 
 from dendrite_jax import LLM, SamplingParams
@@ -65,31 +65,9 @@ def compressor_rows() -> list[dict]:
     return rows
 
 
-def long_text(tokenizer, tokens: int) -> list[int]:
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    ids = tokenizer.encode(text)
-    if len(ids) < tokens:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than {tokens}")
-    return ids[:tokens]
-
-
 def make_llm(cache: str, max_model_len: int = 8192) -> LLM:
     return LLM(model="smollm2-135m", dtype="float32", kv_compression=cache, max_num_seqs=8,
                max_num_batched_tokens=512, max_model_len=max_model_len)
-
-
-def perplexity(llm: LLM, ids: list[int]) -> float:
-    out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))[0]
-    logprobs = [lp[t].logprob for lp, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
-    return math.exp(-float(np.mean(logprobs)))
-
-
-GREEDY_PROMPTS = ["The capital of France is", "Write a haiku about the sea:",
-                  "List three prime numbers:", "def fibonacci(n):",
-                  "The three laws of motion are", "Translate to French: good morning",
-                  "A recipe for pancakes:", "The largest planet in the solar system"]
 
 
 def needle_prompt(tokenizer, length: int, secret: str) -> list[int]:
@@ -143,7 +121,9 @@ def main(argv: list[str]) -> None:
             found = {}
             for length in [int(n) for n in FLAGS.needle_lengths]:
                 secrets = ["73914", "28561", "90417"]
-                prompts = [needle_prompt(llm.tokenizer, length, s) for s in secrets]
+                # The answer's 8 tokens must fit the context too.
+                fit = min(length, llm.engine.max_model_len - 8)
+                prompts = [needle_prompt(llm.tokenizer, fit, s) for s in secrets]
                 outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0))
                 found[str(length)] = sum(s in o.text for s, o in zip(secrets, outs, strict=True))
             row["needle_found_of_3"] = found

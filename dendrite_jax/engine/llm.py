@@ -17,8 +17,10 @@ from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.model.loader import load_model
 from dendrite_jax.model.params import resolve_layer_loop, with_layer_loop
 from dendrite_jax.model.tokenizer import Tokenizer
+from dendrite_jax.quant.fp8 import quantize_weights, weight_scheme
 from dendrite_jax.search.beam import BeamSearchOutput, BeamSearchParams, beam_search
 from kernels_pallas import kv_compress
+from kernels_pallas.fp8_matmul import resolve_backend as resolve_fp8_matmul
 from kernels_pallas.paged_attention import resolve_backend
 
 Prompt = str | list[int]
@@ -51,6 +53,12 @@ class LLM:
     (and MSE-stage ones, "turboquant-mse-<1|2|4|8>", on a TPU; `kernels_pallas.kv_compress`);
     other compressions, and CPUs, use the reference.
 
+    `weights_dtype` ("fp8" = "mxfp8", or "fp8-channel"; None keeps `dtype`) stores every layer's
+    projections as FP8 with their scales (`quant.fp8`), quantized at load; activations, norms,
+    embeddings and the LM head stay in `dtype`. `fp8_matmul` picks how they are multiplied
+    (`kernels_pallas.fp8_matmul`: "auto" streams FP8 through the platform's Pallas kernel on
+    GPUs and TPUs for decode-sized matmuls, "reference" dequantizes then multiplies).
+
     `warmup` compiles every step bucket up front and then makes compiling a new one an error
     (default: on for accelerators, off on CPU where compiling on demand is cheaper).
     """
@@ -62,7 +70,8 @@ class LLM:
                  enable_prefix_caching: bool = False, warmup: bool | None = None,
                  attention_backend: str = "auto", layer_loop: str = "auto",
                  compilation_cache: bool = True, tokenizer: str | None = None,
-                 kv_compression: str = "none") -> None:
+                 kv_compression: str = "none", weights_dtype: str | None = None,
+                 fp8_matmul: str = "auto") -> None:
         engine_cfg = EngineConfig(dtype=dtype, page_size=page_size, num_pages=num_pages,
                                   max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens,
@@ -72,6 +81,10 @@ class LLM:
         if compilation_cache:
             enable_compilation_cache()
         loaded = load_model(model, dtype, tokenizer)
+        if weights_dtype is not None:
+            loaded = dataclasses.replace(loaded, params=quantize_weights(
+                loaded.params, weight_scheme(weights_dtype),
+                matmul=resolve_fp8_matmul(fp8_matmul)))
         backend = (resolve_backend(attention_backend) if kv_compression == "none" else
                    kv_compress.resolve_backend(attention_backend, kv_compression,
                                                loaded.config.head_dim))

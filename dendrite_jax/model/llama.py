@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from dendrite_jax.cache.compressed_kv import CompressedKVCache, PagedCache
 from dendrite_jax.cache.kv import AttentionMetadata, KVCache
 from dendrite_jax.config import ModelConfig
+from dendrite_jax.model.linear import linear
 from dendrite_jax.model.params import LayerParams, Params
 from kernels_pallas import kv_compress
 from kernels_pallas.paged_attention import write_and_attend
@@ -45,7 +46,7 @@ def attention_block(lp: LayerParams, x: jax.Array, kv: PagedCache, layer: jax.Ar
                     max_q_len: int, attention_backend: str) -> tuple[jax.Array, PagedCache]:
     num_tokens = x.shape[0]
     with jax.named_scope("qkv_proj"):
-        qkv = jnp.einsum("td,dq->tq", x, lp.w_qkv)
+        qkv = linear(x, lp.w_qkv)
         if lp.b_qkv is not None:
             qkv = qkv + lp.b_qkv
         q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
@@ -70,14 +71,14 @@ def attention_block(lp: LayerParams, x: jax.Array, kv: PagedCache, layer: jax.Ar
             out, k_pages, v_pages = write_and_attend(q, k, v, kv.k, kv.v, *where, **kwargs)
             kv = KVCache(k=k_pages, v=v_pages)
     with jax.named_scope("o_proj"):
-        out = jnp.einsum("tq,qd->td", out.reshape(num_tokens, cfg.q_size), lp.w_o)
+        out = linear(out.reshape(num_tokens, cfg.q_size), lp.w_o)
     return out, kv
 
 
 def swiglu_mlp(lp: LayerParams, x: jax.Array) -> jax.Array:
-    gate_up = jnp.einsum("td,df->tf", x, lp.w_gate_up)
+    gate_up = linear(x, lp.w_gate_up)
     gate, up = jnp.split(gate_up, 2, axis=-1)
-    return jnp.einsum("tf,fd->td", jax.nn.silu(gate) * up, lp.w_down)
+    return linear(jax.nn.silu(gate) * up, lp.w_down)
 
 
 def forward(params: Params, kv: PagedCache, input_ids: jax.Array, meta: AttentionMetadata,

@@ -70,10 +70,12 @@ def with_layer_loop(params: Params, layer_loop: str, *, consume: bool = False) -
         count = params.layers.attn_norm.shape[0]
         per_layer: dict[str, list] = {}
         for field in dataclasses.fields(LayerParams):
-            a = getattr(params.layers, field.name)
-            per_layer[field.name] = [None if a is None else a[i] for i in range(count)]
-            if consume and a is not None:
-                a.delete()
+            a = getattr(params.layers, field.name)  # an array, None, or an FP8 weight pytree
+            per_layer[field.name] = [jax.tree.map(lambda x, i=i: x[i], a)
+                                     for i in range(count)]
+            if consume:
+                for leaf in jax.tree.leaves(a):
+                    leaf.delete()
         layers = tuple(LayerParams(**{name: per_layer[name][i] for name in per_layer})
                        for i in range(count))
     elif layer_loop == "scan" and not stacked:

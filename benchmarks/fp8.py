@@ -1,0 +1,175 @@
+"""FP8 weights: quality on SmolLM2 (CPU) and speed on a GPU, each against the unquantized model
+in the same run.
+
+    python benchmarks/fp8.py --parts=quality                      # CPU, ~3 min
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python benchmarks/fp8.py --parts=matmul,decode \\
+        --output=benchmarks/results/fp8_h100.json                  # GPU
+
+Parts:
+- quality: SmolLM2 float32 vs its projections in MXFP8 and per-channel FP8: perplexity on a
+  long English text (`quality.long_text`) and greedy agreement over 8 prompts x 32 tokens.
+- matmul: TFLOP/s of x [M, K] @ w [K, N] at 4096^3 and at decode shapes (M = 1..64 against the
+  Llama-3.1-8B projections): bfloat16 (XLA), XLA's FP8 dot (E4M3 operands), and our FP8 weights
+  through each `kernels_pallas.fp8_matmul` backend (reference: dequantize then multiply;
+  kernel: the platform's Pallas kernel).
+- decode: Llama-3.1-8B-shaped decode (random weights) at batch 1 and 32, bfloat16 vs
+  `weights_dtype="fp8"`, timed as the difference between generating 16 and 112 tokens.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from jax import lax
+from quality import GREEDY_PROMPTS, long_text, perplexity
+from report import header, write
+
+from dendrite_jax import LLM, SamplingParams
+from dendrite_jax.quant import fp8
+from kernels_pallas.fp8_matmul import fp8_matmul
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("parts", ["quality"], "quality (CPU), matmul, decode (GPU).")
+flags.DEFINE_list("schemes", ["mxfp8", "fp8-channel"], "FP8 schemes compared.")
+flags.DEFINE_integer("perplexity_tokens", 1024, "Tokens of text scored.")
+flags.DEFINE_list("decode_batches", ["1", "32"], "Batch sizes of the decode part.")
+flags.DEFINE_string("output", "benchmarks/results/fp8_cpu.json", "JSON output.")
+
+SHORT, LONG = 16, 112
+DECODE_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # 8B: qkv, o, gate/up, down
+
+
+def quality() -> dict:
+    rows, reference = {}, None
+    for scheme in [None, *FLAGS.schemes]:
+        llm = LLM(model="smollm2-135m", dtype="float32", weights_dtype=scheme,
+                  max_num_batched_tokens=512, max_model_len=2048)
+        row = {"perplexity": perplexity(llm, long_text(llm.tokenizer, FLAGS.perplexity_tokens))}
+        got = [o.token_ids for o in llm.generate(GREEDY_PROMPTS,
+                                                  SamplingParams(max_tokens=32, temperature=0))]
+        reference = reference or got
+        row["greedy_agreement"] = float(np.mean([
+            sum(a == b for a, b in zip(g, r, strict=False)) / max(len(r), 1)
+            for g, r in zip(got, reference, strict=True)]))
+        row["greedy_first_divergence_mean"] = float(np.mean([
+            next((i for i, (a, b) in enumerate(zip(g, r, strict=False)) if a != b),
+                 min(len(g), len(r))) for g, r in zip(got, reference, strict=True)]))
+        rows[scheme or "float32"] = row
+        print(scheme or "float32", row, flush=True)
+        del llm
+        gc.collect()
+    base = rows["float32"]["perplexity"]
+    for row in rows.values():
+        row["perplexity_vs_float32"] = row["perplexity"] / base
+    return rows
+
+
+def seconds_per_call(fn, *args, n: int = 20, repeats: int = 5) -> float:
+    """Median seconds per call of fn(*args) chained n times in one jit (its output feeds a
+    zero-weight term of the next call's input, so calls cannot be merged or hoisted)."""
+    @jax.jit
+    def chained(x, *rest):
+        def body(_, y):
+            out = fn(y, *rest)
+            return y + (0 * out.reshape(-1)[0]).astype(y.dtype)
+        return lax.fori_loop(0, n, body, x)
+
+    jax.block_until_ready(chained(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(chained(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / n
+
+
+def matmul_rows() -> list[dict]:
+    rows = []
+    shapes = [(4096, 4096, 4096)] + [(m, k, n) for m in (1, 16, 32, 64)
+                                      for k, n in DECODE_SHAPES]
+    for m, k, n in shapes:
+        key = jax.random.key(m + k + n)
+        x = jax.random.normal(key, (m, k), jnp.bfloat16)
+        w = jax.random.normal(jax.random.fold_in(key, 1), (k, n), jnp.bfloat16)
+        flops = 2 * m * k * n
+        row = {"m": m, "k": k, "n": n}
+        row["bf16"] = flops / seconds_per_call(lambda x, w: x @ w, x, w) / 1e12
+        x8, w8 = x.astype(jnp.float8_e4m3fn), w.astype(jnp.float8_e4m3fn)
+
+        def xla_fp8(x8, w8):
+            return lax.dot_general(x8, w8, (((1,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.bfloat16)
+        row["xla_fp8"] = flops / seconds_per_call(xla_fp8, x8, w8) / 1e12
+        for scheme in FLAGS.schemes:
+            q = fp8.quantize(w, scheme)
+            for backend in ("reference", "auto"):
+                def ours(x, q, backend=backend):
+                    return fp8_matmul(x, q, backend)
+                label = f"{scheme}_{'kernel' if backend == 'auto' else backend}"
+                row[label] = flops / seconds_per_call(ours, x, q) / 1e12
+        rows.append(row)
+        logging.info("matmul %s", row)
+    return rows
+
+
+def decode_rows() -> list[dict]:
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch in [int(b) for b in FLAGS.decode_batches]:
+        ids = rng.integers(3, 30000, (batch, 128)).tolist()
+        for weights in [None, "fp8"]:
+            llm = LLM(model="llama-3.1-8b", dtype="bfloat16", weights_dtype=weights,
+                      max_num_seqs=batch, max_num_batched_tokens=2048, max_model_len=512,
+                      kv_cache_bytes=2 * 2**30, warmup=False)
+            params = [SamplingParams(max_tokens=t, temperature=0, ignore_eos=True)
+                      for t in (SHORT, LONG)]
+            llm.generate(ids, params[1])  # compiles
+            runs = {}
+            for p in params * 2:
+                start = time.perf_counter()
+                llm.generate(ids, p)
+                runs.setdefault(p.max_tokens, []).append(time.perf_counter() - start)
+            step = (min(runs[LONG]) - min(runs[SHORT])) / (LONG - SHORT)
+            rows.append({"batch": batch, "weights": weights or "bfloat16",
+                         "ms_per_step": step * 1e3, "tokens_per_s": batch / step,
+                         "weight_gib": sum(x.nbytes for x in jax.tree.leaves(
+                             llm.model.params)) / 2**30})
+            logging.info("decode %s", rows[-1])
+            del llm
+            gc.collect()
+        base = rows[-2]["tokens_per_s"]
+        rows[-1]["speed_vs_bf16"] = rows[-1]["tokens_per_s"] / base
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    report = header("fp8")
+    if "quality" in FLAGS.parts:
+        report["quality"] = quality()
+        write(report, FLAGS.output)
+    if "matmul" in FLAGS.parts:
+        report["matmul"] = matmul_rows()
+        write(report, FLAGS.output)
+    if "decode" in FLAGS.parts:
+        report["decode"] = decode_rows()
+    write(report, FLAGS.output)
+    for name, row in report.get("quality", {}).items():
+        print(f"{name:12s} perplexity {row['perplexity']:.3f} "
+              f"({row['perplexity_vs_float32']:.4f}x) greedy {row['greedy_agreement']:.0%}")
+    for row in report.get("matmul", []):
+        print(f"matmul {row['m']}x{row['k']}x{row['n']}: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in row.items() if k not in ("m", "k", "n")) + " TFLOP/s")
+    for row in report.get("decode", []):
+        print(f"decode b{row['batch']} {row['weights']}: {row['ms_per_step']:.2f} ms/step "
+              f"{row['tokens_per_s']:.0f} tok/s {row.get('speed_vs_bf16', 1):.2f}x")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,16 @@
+"""x @ w for every weight the model holds: a plain array or an FP8 weight (`quant.fp8`)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dendrite_jax.quant.fp8 import Fp8Weight
+from kernels_pallas.fp8_matmul import fp8_matmul
+
+
+def linear(x: jax.Array, w: jax.Array | Fp8Weight) -> jax.Array:
+    """x [..., K] @ w [K, N]; an FP8 weight goes through its own matmul backend."""
+    if isinstance(w, Fp8Weight):
+        return fp8_matmul(x, w, w.matmul)
+    return jnp.einsum("...k,kn->...n", x, w)

@@ -1,0 +1,128 @@
+"""FP8 weights: MXFP8 (OCP Microscaling) and per-channel FP8 E4M3.
+
+A quantized weight is an `Fp8Weight`: E4M3 values in the weight's own shape `[..., K, N]` (K the
+reduction axis, as every projection is `x @ w`) plus scales, a small pytree that
+`model.linear.linear` multiplies by (with the `kernels_pallas.fp8_matmul` backend it names);
+the model's functions take it wherever they take a weight, so quantized params are the same
+model, not a parallel one. Schemes:
+
+- "mxfp8" (OCP Microscaling v1.0): blocks of 32 consecutive elements along K share one E8M0
+  scale, a power of two stored as a biased exponent in uint8 (`scales [..., K / 32, N]`).
+- "fp8-channel": one float32 scale per output column (`scales [..., 1, N]`), amax / 448.
+
+Rounding rule (MXFP8): the block's exponent is the smallest e with max|block| / 2^e <= 448, and
+elements round to nearest even in E4M3. The spec's example rule, e = floor(log2 max|block|) - 8,
+maps the block maximum into [256, 512) and must clip everything above 448: up to 12.5% off the
+block's largest element, the one that matters most. The rule here never clips; it differs only
+when the maximum's mantissa exceeds 1.75, and then costs one exponent step of range for the
+block's smallest elements (E4M3's relative precision is the same across its normal range).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+SCHEMES = ("mxfp8", "fp8-channel")
+BLOCK = 32  # MX block size along the reduction axis
+E4M3_MAX = 448.0
+E8M0_BIAS = 127
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Weight:
+    """A weight [..., K, N] as E4M3 `values` [..., K, N] and `scales` (see the module doc)."""
+
+    values: jax.Array
+    scales: jax.Array
+    scheme: str = "mxfp8"
+    matmul: str = "reference"  # how `model.linear` multiplies it (`kernels_pallas.fp8_matmul`)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.scales.nbytes
+
+
+jax.tree_util.register_dataclass(Fp8Weight, data_fields=["values", "scales"],
+                                 meta_fields=["scheme", "matmul"])
+
+
+def _block_exponent(amax: jax.Array) -> jax.Array:
+    """Smallest integer e with amax / 2^e <= 448, clamped to E8M0's range."""
+    mantissa, exponent = jnp.frexp(amax / E4M3_MAX)  # amax/448 = mantissa * 2^exponent
+    e = jnp.where(mantissa > 0.5, exponent, exponent - 1)  # exact powers of two need no step
+    return jnp.clip(jnp.where(amax > 0, e, -E8M0_BIAS), -E8M0_BIAS, E8M0_BIAS)
+
+
+def quantize(w: jax.Array, scheme: str = "mxfp8") -> Fp8Weight:
+    """Quantize a weight [..., K, N] (K, the reduction axis, a multiple of 32 for mxfp8)."""
+    w = jnp.asarray(w, jnp.float32)
+    if scheme == "mxfp8":
+        *lead, k, n = w.shape
+        if k % BLOCK:
+            raise ValueError(f"mxfp8 needs the reduction axis to be a multiple of {BLOCK}, "
+                             f"got {w.shape}")
+        blocks = w.reshape(*lead, k // BLOCK, BLOCK, n)
+        e = _block_exponent(jnp.max(jnp.abs(blocks), axis=-2))  # [..., K/32, N]
+        values = blocks * jnp.exp2(-e.astype(jnp.float32))[..., None, :]
+        return Fp8Weight(values.reshape(w.shape).astype(jnp.float8_e4m3fn),
+                         (e + E8M0_BIAS).astype(jnp.uint8), scheme)
+    if scheme == "fp8-channel":
+        amax = jnp.max(jnp.abs(w), axis=-2, keepdims=True)
+        scales = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+        return Fp8Weight((w / scales).astype(jnp.float8_e4m3fn), scales, scheme)
+    raise ValueError(f"unknown FP8 scheme {scheme!r}; choose from {SCHEMES}")
+
+
+def scale_factors(w: Fp8Weight) -> jax.Array:
+    """Per-element scale broadcastable to the values' shape: [..., K/32, 1, N] for mxfp8 (the
+    values viewed as blocks), [..., 1, N] per channel."""
+    if w.scheme == "mxfp8":
+        return jnp.exp2(w.scales.astype(jnp.float32) - E8M0_BIAS)[..., None, :]
+    return w.scales
+
+
+def dequantize(w: Fp8Weight, dtype=jnp.float32) -> jax.Array:
+    """The weight the values and scales stand for, [..., K, N] in `dtype`."""
+    values = w.values.astype(jnp.float32)
+    if w.scheme == "mxfp8":
+        *lead, k, n = values.shape
+        blocks = values.reshape(*lead, k // BLOCK, BLOCK, n) * scale_factors(w)
+        return blocks.reshape(values.shape).astype(dtype)
+    return (values * w.scales).astype(dtype)
+
+
+def weight_scheme(weights_dtype: str) -> str:
+    """The scheme a `weights_dtype` setting names ("fp8" is MXFP8)."""
+    scheme = "mxfp8" if weights_dtype == "fp8" else weights_dtype
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown weights_dtype {weights_dtype!r}; choose from "
+                         f"{('fp8', *SCHEMES)}")
+    return scheme
+
+
+PROJECTIONS = ("w_qkv", "w_o", "w_gate_up", "w_down")  # what `quantize_weights` converts
+
+
+def quantize_weights(params, scheme: str = "mxfp8", matmul: str = "reference"):
+    """Params with every layer's projections (q/k/v, o, gate/up, down) as `Fp8Weight`s that
+    `matmul` multiplies (a resolved `kernels_pallas.fp8_matmul` backend); norms, embeddings and
+    the LM head stay in their dtype (the head's error would land directly on the logits).
+    Works on stacked and per-layer `layers`."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown FP8 scheme {scheme!r}; choose from {SCHEMES}")
+
+    def convert(layer):
+        return dataclasses.replace(layer, **{
+            name: dataclasses.replace(quantize(getattr(layer, name), scheme), matmul=matmul)
+            for name in PROJECTIONS})
+
+    layers = params.layers
+    layers = tuple(convert(lp) for lp in layers) if isinstance(layers, tuple) else convert(layers)
+    return dataclasses.replace(params, layers=layers)
