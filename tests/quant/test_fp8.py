@@ -174,3 +174,12 @@ def test_fp8_params_are_a_pytree_of_arrays(smollm2):
     assert doubled.scheme == "mxfp8"
     np.testing.assert_allclose(np.asarray(fp8.dequantize(doubled)),
                                2 * np.asarray(fp8.dequantize(q)), rtol=1e-6)
+
+
+def test_random_weight_preset_quantizes_at_load():
+    llm = LLM(model="tiny-random", dtype="float32", weights_dtype="fp8-channel",
+              compilation_cache=False, warmup=False)
+    assert llm.model.params.layers[0].w_down.scheme == "fp8-channel"
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0,
+                                                    ignore_eos=True))
+    assert len(out[0].token_ids) == 3
