@@ -12,7 +12,7 @@ ARGS ?=
 RUN_STAMP := $(VENV)/.run-installed
 TEST_STAMP := $(VENV)/.test-installed
 
-.PHONY: run test test-slow test-all lint bench clean
+.PHONY: run serve test test-slow test-all lint bench clean
 
 $(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ $(TEST_STAMP): $(RUN_STAMP)
 
 run: $(RUN_STAMP)
 	$(PY) -m dendrite_jax.run --model=smollm2-135m --prompt="$(PROMPT)" $(ARGS)
+
+SERVE_STAMP := $(VENV)/.serve-installed
+
+$(SERVE_STAMP): $(RUN_STAMP)
+	$(PY) -m pip install -q -e '.[serve]'
+	touch $@
+
+serve: $(SERVE_STAMP)
+	$(PY) -m dendrite_jax.serve --model=smollm2-135m $(ARGS)
 
 test: $(TEST_STAMP)
 	$(PY) -m ruff check .

@@ -1,0 +1,48 @@
+"""`python -m dendrite_jax.serve --model=smollm2-135m [--host] [--port]`: an OpenAI-compatible
+HTTP server (uvicorn) over one LLM."""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "smollm2-135m", "Model preset, GGUF file or Hugging Face dir.")
+flags.DEFINE_string("served_model_name", None, "The name clients pass as 'model' "
+                    "(default: the model's name).")
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
+flags.DEFINE_integer("port", 8000, "Port to listen on.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+flags.DEFINE_integer("max_num_seqs", 16, "Requests decoded together.")
+flags.DEFINE_integer("max_num_batched_tokens", 512, "Tokens per step (prefill chunking).")
+flags.DEFINE_integer("max_model_len", None, "Context limit; defaults to the model's.")
+flags.DEFINE_integer("max_pending", 256, "Requests admitted at once; more get 503.")
+flags.DEFINE_bool("enable_prefix_caching", True, "Share KV pages of common prompt prefixes.")
+flags.DEFINE_enum("attention_backend", "auto", ["auto", "reference", "pallas_gpu", "pallas_tpu"],
+                  "Paged attention backend.")
+flags.DEFINE_string("kv_compression", "none", "KV cache compression (see --helpfull of run).")
+flags.DEFINE_enum("weights_dtype", None, ["fp8", "mxfp8", "fp8-channel"],
+                  "Store the layers' projections as FP8.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import uvicorn
+
+    from dendrite_jax import LLM
+    from dendrite_jax.serve.app import create_app
+
+    llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_num_seqs=FLAGS.max_num_seqs,
+              max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+              max_model_len=FLAGS.max_model_len,
+              enable_prefix_caching=FLAGS.enable_prefix_caching,
+              attention_backend=FLAGS.attention_backend, kv_compression=FLAGS.kv_compression,
+              weights_dtype=FLAGS.weights_dtype)
+    application = create_app(llm, model_name=FLAGS.served_model_name,
+                             max_pending=FLAGS.max_pending)
+    logging.info("serving %s on http://%s:%d/v1", FLAGS.served_model_name or llm.config.name,
+                 FLAGS.host, FLAGS.port)
+    uvicorn.run(application, host=FLAGS.host, port=FLAGS.port, log_level="info")
+
+
+if __name__ == "__main__":
+    app.run(main)

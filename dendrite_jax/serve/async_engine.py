@@ -1,0 +1,208 @@
+"""AsyncEngine: an LLM's engine run by one background thread, fed by coroutines.
+
+The engine is not thread-safe, so one thread owns it: it takes new requests and aborts from an
+inbox, steps while anything is unfinished, and hands each request's new text to the coroutine
+waiting on it (an asyncio queue per request, filled with `call_soon_threadsafe`). Requests are
+validated on the engine thread too (`Engine.make_request`), and the caller awaits the verdict,
+so a bad request fails alone with the engine's message. Invariant: a request id is in
+`_streams` from its admission until its final delta is queued; `pending` counts those plus
+submissions not yet admitted, and `submit` refuses past `max_pending` (`QueueFull`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from dendrite_jax.engine.engine import EngineStats
+from dendrite_jax.engine.llm import LLM
+from dendrite_jax.engine.outputs import RequestOutput
+from dendrite_jax.engine.request import Request
+from dendrite_jax.engine.sampling_params import SamplingParams
+
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                float("inf"))
+
+
+class QueueFull(RuntimeError):
+    """More requests pending than the server admits."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    output: RequestOutput | None  # set on the final delta
+
+
+@dataclasses.dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    tokens_done: int = 0
+    text_done: int = 0
+
+
+@dataclasses.dataclass
+class ServerCounters:
+    """Totals since start, updated on the engine thread (read as a snapshot)."""
+
+    requests: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    step_seconds_sum: float = 0.0
+    # cumulative counts of steps at most each of STEP_BUCKETS seconds long (Prometheus style)
+    step_buckets: list[int] = dataclasses.field(default_factory=lambda: [0] * len(STEP_BUCKETS))
+    stats: EngineStats | None = None  # the engine's, after the latest step
+
+
+class AsyncEngine:
+    def __init__(self, llm: LLM, max_pending: int = 256) -> None:
+        self.llm = llm
+        self.max_pending = max_pending
+        self.counters = ServerCounters(stats=llm.stats())
+        self._cv = threading.Condition()
+        self._inbox: collections.deque = collections.deque()
+        self._streams: dict[str, _Stream] = {}
+        self._submitting = 0
+        self._stopped = False
+        self.error: BaseException | None = None  # what killed the engine thread, if anything
+        self._thread = threading.Thread(target=self._run, name="dendrite-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        return len(self._streams) + self._submitting
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------------- coroutines
+
+    async def submit(self, prompt: str | None, prompt_ids: list[int],
+                     params: SamplingParams) -> tuple[str, AsyncIterator[Delta]]:
+        """Admit a request; returns its id and its deltas. Raises ValueError (a bad request,
+        the engine's message) or QueueFull."""
+        if not self.alive:
+            raise RuntimeError(f"the engine has stopped: {self.error!r}")
+        if self.pending >= self.max_pending:
+            raise QueueFull(f"{self.pending} requests pending (the limit is "
+                            f"{self.max_pending}); retry later")
+        loop = asyncio.get_running_loop()
+        verdict: asyncio.Future = loop.create_future()
+        stream = _Stream(loop, asyncio.Queue())
+        self._submitting += 1
+        try:
+            self._post(("add", (prompt, prompt_ids, params, stream, verdict)))
+            request_id = await verdict
+        finally:
+            self._submitting -= 1
+        return request_id, self._deltas(stream)
+
+    def abort(self, request_id: str) -> None:
+        self._post(("abort", request_id))
+
+    async def _deltas(self, stream: _Stream) -> AsyncIterator[Delta]:
+        while True:
+            delta = await stream.queue.get()
+            yield delta
+            if delta.finish_reason is not None:
+                return
+
+    def _post(self, item) -> None:
+        with self._cv:
+            self._inbox.append(item)
+            self._cv.notify()
+
+    # ---------------------------------------------------------------------- engine thread
+
+    def _run(self) -> None:
+        engine = self.llm.engine
+        try:
+            while True:
+                with self._cv:
+                    while not self._inbox and not engine.has_unfinished() and not self._stopped:
+                        self._cv.wait()
+                    if self._stopped:
+                        return
+                    items = list(self._inbox)
+                    self._inbox.clear()
+                for kind, payload in items:
+                    self._add(*payload) if kind == "add" else self._abort(payload)
+                if engine.has_unfinished():
+                    start = time.perf_counter()
+                    changed = engine.step()
+                    self._record_step(time.perf_counter() - start)
+                    for request in changed:
+                        self._emit(request)
+        except BaseException as e:  # noqa: BLE001 - reported by /health and every waiter
+            self.error = e
+            for request_id in list(self._streams):
+                self._finish(request_id, Delta("", [], "error", None))
+            raise
+
+    def _add(self, prompt, prompt_ids, params, stream: _Stream, verdict) -> None:
+        def settle(result=None, error=None):
+            if not verdict.done():
+                verdict.set_exception(error) if error else verdict.set_result(result)
+        try:
+            request = self.llm.engine.make_request(prompt, prompt_ids, params)
+        except ValueError as e:
+            self.counters.requests["rejected"] += 1
+            stream.loop.call_soon_threadsafe(settle, None, e)
+            return
+        if request.finished:  # a constraint that does not compile: fails alone
+            self.counters.requests["rejected"] += 1
+            error = ValueError(request.output().error or "the request failed at admission")
+            stream.loop.call_soon_threadsafe(settle, None, error)
+            return
+        self.llm.engine.add(request)
+        self._streams[request.request_id] = stream
+        self.counters.prompt_tokens += len(prompt_ids)
+        stream.loop.call_soon_threadsafe(settle, request.request_id)
+
+    def _abort(self, request_id: str) -> None:
+        if request_id in self._streams and self.llm.engine.abort(request_id):
+            self._finish(request_id, Delta("", [], "abort", None))
+
+    def _emit(self, request: Request) -> None:
+        stream = self._streams.get(request.request_id)
+        if stream is None:
+            return
+        resolved = request.resolved_output_ids
+        new_tokens = resolved[stream.tokens_done:]
+        if not new_tokens and not request.finished:
+            return
+        text = request.text[stream.text_done:]
+        stream.tokens_done, stream.text_done = len(resolved), len(request.text)
+        self.counters.generation_tokens += len(new_tokens)
+        if request.finished:
+            self._finish(request.request_id, Delta(text, new_tokens, request.finish_reason,
+                                                   request.output()))
+        else:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait,
+                                             Delta(text, new_tokens, None, None))
+
+    def _finish(self, request_id: str, delta: Delta) -> None:
+        stream = self._streams.pop(request_id)
+        self.counters.requests[delta.finish_reason] += 1
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)
+
+    def _record_step(self, seconds: float) -> None:
+        c = self.counters
+        c.step_seconds_sum += seconds
+        for i, bound in enumerate(STEP_BUCKETS):
+            c.step_buckets[i] += seconds <= bound
+        c.stats = self.llm.stats()
