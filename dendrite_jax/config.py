@@ -56,6 +56,9 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before rotary
     sliding_window: int | None = None  # Mistral-style local attention, in tokens
     name: str = "model"
+    # Tensor-parallel shards the fused projections are grouped by (`parallel.tensor`); set by
+    # LLM(tensor_parallel_size=...), 1 for a checkpoint as loaded.
+    shards: int = 1
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",

@@ -35,6 +35,8 @@ flags.DEFINE_integer("seed", None, "Per-request sampling seed.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_enum("attention_backend", "auto", ["auto", "reference", "pallas_gpu", "pallas_tpu"],
                   "Paged attention backend (auto: the platform's Pallas kernel, else reference).")
+flags.DEFINE_integer("tensor_parallel_size", 1, "Devices the model is split over (heads and "
+                     "MLP units per device).")
 flags.DEFINE_enum("weights_dtype", None, ["fp8", "mxfp8", "fp8-channel"],
                   "Store the layers' projections as FP8 (fp8 = mxfp8: E4M3 with a power-of-two "
                   "scale per 32 elements; fp8-channel: one scale per output column).")
@@ -63,7 +65,8 @@ def main(argv: list[str]) -> int:
         llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_model_len=FLAGS.max_model_len,
                   tokenizer=FLAGS.tokenizer,
                   attention_backend=FLAGS.attention_backend, layer_loop=FLAGS.layer_loop,
-                  kv_compression=FLAGS.kv_compression, weights_dtype=FLAGS.weights_dtype)
+                  kv_compression=FLAGS.kv_compression, weights_dtype=FLAGS.weights_dtype,
+                  tensor_parallel_size=FLAGS.tensor_parallel_size)
         load_seconds = time.perf_counter() - load_start
         prompt = FLAGS.prompt
         if FLAGS.chat:

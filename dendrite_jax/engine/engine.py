@@ -56,7 +56,7 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: LoadedModel, cfg: EngineConfig, attention_backend: str, *,
-                 enable_prefix_caching: bool = False) -> None:
+                 enable_prefix_caching: bool = False, mesh=None) -> None:
         self.model = model
         self.cfg = cfg
         context = model.config.max_position_embeddings
@@ -76,7 +76,8 @@ class Engine:
                                   dtype=cfg.dtype, attention_backend=attention_backend,
                                   kv_compression=cfg.kv_compression,
                                   calibration=None if cfg.kv_compression == "none" else
-                                  calibration_ids(model.tokenizer, model.config.vocab_size))
+                                  calibration_ids(model.tokenizer, model.config.vocab_size),
+                                  mesh=mesh)
         self.max_pages_per_seq = math.ceil(self.max_model_len / cfg.page_size)
         # The reference attention gathers the whole page table, so its width is bucketed;
         # the kernels read only each row's pages, so one full width serves every step.

@@ -17,6 +17,7 @@ from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.model.loader import load_model
 from dendrite_jax.model.params import resolve_layer_loop, with_layer_loop
 from dendrite_jax.model.tokenizer import Tokenizer
+from dendrite_jax.parallel import tensor
 from dendrite_jax.quant.fp8 import quantize_weights, weight_scheme
 from dendrite_jax.search.beam import BeamSearchOutput, BeamSearchParams, beam_search
 from kernels_pallas import kv_compress
@@ -59,6 +60,10 @@ class LLM:
     (`kernels_pallas.fp8_matmul`: "auto" streams FP8 through the platform's Pallas kernel on
     GPUs and TPUs for decode-sized matmuls, "reference" dequantizes then multiplies).
 
+    `tensor_parallel_size` splits the model over that many devices (`parallel.tensor`): heads
+    and MLP units per device, the KV cache on its heads, one all-reduce after each attention
+    and MLP block.
+
     `warmup` compiles every step bucket up front and then makes compiling a new one an error
     (default: on for accelerators, off on CPU where compiling on demand is cheaper).
     """
@@ -71,7 +76,7 @@ class LLM:
                  attention_backend: str = "auto", layer_loop: str = "auto",
                  compilation_cache: bool = True, tokenizer: str | None = None,
                  kv_compression: str = "none", weights_dtype: str | None = None,
-                 fp8_matmul: str = "auto") -> None:
+                 fp8_matmul: str = "auto", tensor_parallel_size: int = 1) -> None:
         engine_cfg = EngineConfig(dtype=dtype, page_size=page_size, num_pages=num_pages,
                                   max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens,
@@ -88,11 +93,17 @@ class LLM:
         backend = (resolve_backend(attention_backend) if kv_compression == "none" else
                    kv_compress.resolve_backend(attention_backend, kv_compression,
                                                loaded.config.head_dim))
-        self.model = dataclasses.replace(
-            loaded, params=with_layer_loop(loaded.params, loop, consume=True))
-        del loaded
+        mesh = None
+        if tensor_parallel_size > 1:
+            loaded, mesh = _tensor_parallel(loaded, tensor_parallel_size, weights_dtype,
+                                            kv_compression)
+        params = with_layer_loop(loaded.params, loop, consume=True)
+        if mesh is not None:
+            params = jax.device_put(params, tensor.param_shardings(params, mesh))
+        self.model = dataclasses.replace(loaded, params=params)
+        del loaded, params
         self.engine = Engine(self.model, engine_cfg, backend,
-                             enable_prefix_caching=enable_prefix_caching)
+                             enable_prefix_caching=enable_prefix_caching, mesh=mesh)
         if warmup is None:
             warmup = jax.default_backend() != "cpu"
         if warmup:
@@ -232,6 +243,17 @@ class LLM:
             for r in requests:
                 if not r.finished:
                     self.engine.abort(r.request_id)
+
+
+def _tensor_parallel(loaded, tp: int, weights_dtype: str | None, kv_compression: str):
+    """The model regrouped for `tp` devices (`parallel.tensor`), and their mesh."""
+    if weights_dtype is not None or kv_compression != "none":
+        raise ValueError("tensor_parallel_size > 1 does not combine with weights_dtype or "
+                         "kv_compression yet")
+    tensor.check(loaded.config, tp)
+    cfg = dataclasses.replace(loaded.config, shards=tp)
+    params = tensor.regroup(loaded.params, loaded.config, tp)
+    return dataclasses.replace(loaded, config=cfg, params=params), tensor.make_mesh(tp)
 
 
 def _group_output(group: list[Request], params: SamplingParams) -> RequestOutput:

@@ -10,6 +10,7 @@ decoding uses to fill its token mask while the forward runs.
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import os
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dendrite_jax.cache.calibration import kv_means
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
@@ -30,6 +32,7 @@ from dendrite_jax.engine.step_output import StepResult
 from dendrite_jax.engine.step_plan import StepPlan, StepShape, field_sizes
 from dendrite_jax.grammar.mask import allow_all, mask_words
 from dendrite_jax.model.params import Params
+from dendrite_jax.parallel.tensor import kv_sharding
 from dendrite_jax.progress import Progress
 from kernels_pallas import kv_compress
 
@@ -86,19 +89,29 @@ class ModelRunner:
 
     def __init__(self, cfg: ModelConfig, params: Params, *, num_pages: int, page_size: int,
                  num_slots: int, dtype: str, attention_backend: str = "reference",
-                 kv_compression: str = "none", calibration: list[int] | None = None) -> None:
+                 kv_compression: str = "none", calibration: list[int] | None = None,
+                 mesh: Mesh | None = None) -> None:
         self.cfg = cfg
         self.params = params
         self.attention_backend = attention_backend
+        # With a tensor-parallel mesh (`parallel.tensor`), params arrive placed; the cache is
+        # split on its KV heads and everything else the step reads is replicated.
+        self.mesh = mesh
+        self._replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+        if mesh is not None and kv_compression != "none":
+            raise ValueError("kv_compression with tensor_parallel_size > 1 is not supported yet")
         if kv_compression == "none":
             self.kv = KVCache.create(cfg, num_pages, page_size, dtype)
+            if mesh is not None:
+                self.kv = jax.device_put(self.kv, kv_sharding(mesh))
         else:
             kv_compress.resolve_backend(attention_backend, kv_compression, cfg.head_dim)
             # Means over the calibration tokens centre what the cache encodes.
             means = kv_means(params, cfg, calibration) if calibration else None
             self.kv = CompressedKVCache.create(cfg, num_pages, page_size, kv_compression,
                                                means=means)
-        self.slots = SlotState.create(num_slots, cfg.vocab_size)
+        self.slots = jax.device_put(SlotState.create(num_slots, cfg.vocab_size),
+                                    self._replicated)
         static = ("cfg", "shape", "attention_backend")
         self._jitted = {
             STEP: jax.jit(step, static_argnames=static, donate_argnames=("kv", "slots")),
@@ -133,16 +146,19 @@ class ModelRunner:
                 raise ValueError(f"step shape {shape} has no split step")
             self._relieve_map_pressure()
             start = time.perf_counter()
-            buffer = jax.ShapeDtypeStruct((sum(field_sizes(shape).values()),), jnp.int32)
+            rep = dict(sharding=self._replicated) if self.mesh is not None else {}
+            buffer = jax.ShapeDtypeStruct((sum(field_sizes(shape).values()),), jnp.int32, **rep)
             mask = jax.ShapeDtypeStruct((shape.num_seqs, mask_words(self.cfg.vocab_size)),
-                                        jnp.int32)
-            logits = jax.ShapeDtypeStruct((shape.num_seqs, self.cfg.vocab_size), jnp.float32)
+                                        jnp.int32, **rep)
+            logits = jax.ShapeDtypeStruct((shape.num_seqs, self.cfg.vocab_size), jnp.float32,
+                                          **rep)
             model = (self.params, self.kv, self.slots, buffer)
             args = {STEP: (*model, mask), FORWARD: model,
                     SAMPLE: (logits, self.slots, buffer, mask)}[kind]
             statics = dict(shape=shape) if kind == SAMPLE else dict(
                 cfg=self.cfg, shape=shape, attention_backend=self.attention_backend)
-            self._compiled[key] = self._jitted[kind].lower(*args, **statics).compile()
+            with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+                self._compiled[key] = self._jitted[kind].lower(*args, **statics).compile()
             self.compile_log.append((shape, time.perf_counter() - start))
         return self._compiled[key]
 
@@ -187,7 +203,7 @@ class ModelRunner:
         Without a token mask (no constrained row) every token is allowed, and nothing is
         uploaded for the mask: an all-ones device array per row count is kept."""
         compiled = self.compile(plan.shape)
-        buffer = jax.device_put(plan.pack())
+        buffer = jax.device_put(plan.pack(), self._replicated)
         mask = self._device_mask(plan.shape.num_seqs, token_mask)
         out, self.kv, self.slots = compiled(self.params, self.kv, self.slots, buffer, mask)
         out.copy_to_host_async()
@@ -196,7 +212,7 @@ class ModelRunner:
     def launch_forward(self, plan: StepPlan) -> tuple[jax.Array, jax.Array]:
         """Start the model half of a split step; returns what `launch_sample` takes."""
         compiled = self.compile(plan.shape, FORWARD)
-        buffer = jax.device_put(plan.pack())
+        buffer = jax.device_put(plan.pack(), self._replicated)
         logits, self.kv, self.slots = compiled(self.params, self.kv, self.slots, buffer)
         return logits, buffer
 
@@ -212,15 +228,17 @@ class ModelRunner:
 
     def _device_mask(self, rows: int, token_mask: np.ndarray | None) -> jax.Array:
         if token_mask is not None:
-            return jax.device_put(token_mask)
+            return jax.device_put(token_mask, self._replicated)
         if rows not in self._allow_all:
-            self._allow_all[rows] = jax.device_put(allow_all(rows, self.cfg.vocab_size))
+            self._allow_all[rows] = jax.device_put(allow_all(rows, self.cfg.vocab_size),
+                                                   self._replicated)
         return self._allow_all[rows]
 
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         """Device half of copy-on-write: duplicate pages src[i] into dst[i]."""
         if src:
-            self.kv = copy_pages(self.kv, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
+            src, dst = (jax.device_put(np.asarray(x, np.int32), self._replicated) for x in (src, dst))
+            self.kv = copy_pages(self.kv, src, dst)
 
 
 def to_host(shape: StepShape, out: jax.Array) -> StepResult:

@@ -7,6 +7,8 @@ are converted to it at load. Norms, softmax and logits are computed in float32.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -15,6 +17,7 @@ from dendrite_jax.cache.kv import AttentionMetadata, KVCache
 from dendrite_jax.config import ModelConfig
 from dendrite_jax.model.linear import linear
 from dendrite_jax.model.params import LayerParams, Params
+from dendrite_jax.parallel.tensor import attention_specs, split_columns
 from kernels_pallas import kv_compress
 from kernels_pallas.paged_attention import write_and_attend
 
@@ -49,7 +52,7 @@ def attention_block(lp: LayerParams, x: jax.Array, kv: PagedCache, layer: jax.Ar
         qkv = linear(x, lp.w_qkv)
         if lp.b_qkv is not None:
             qkv = qkv + lp.b_qkv
-        q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+        q, k, v = split_columns(qkv, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.shards)
         q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
         k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -68,16 +71,22 @@ def attention_block(lp: LayerParams, x: jax.Array, kv: PagedCache, layer: jax.Ar
         if isinstance(kv, CompressedKVCache):
             out, kv = kv_compress.write_and_attend(q, k, v, kv, *where, **kwargs)
         else:
-            out, k_pages, v_pages = write_and_attend(q, k, v, kv.k, kv.v, *where, **kwargs)
+            attend = functools.partial(write_and_attend, **kwargs)
+            if cfg.shards > 1:  # each device attends with its own heads and KV pages
+                heads, pages, rest = attention_specs()
+                attend = jax.shard_map(attend, in_specs=(heads,) * 3 + (pages,) * 2 + (rest,) * 6,
+                                       out_specs=(heads, pages, pages))
+            out, k_pages, v_pages = attend(q, k, v, kv.k, kv.v, *where)
             kv = KVCache(k=k_pages, v=v_pages)
     with jax.named_scope("o_proj"):
         out = linear(out.reshape(num_tokens, cfg.q_size), lp.w_o)
     return out, kv
 
 
-def swiglu_mlp(lp: LayerParams, x: jax.Array) -> jax.Array:
+def swiglu_mlp(lp: LayerParams, x: jax.Array, shards: int = 1) -> jax.Array:
     gate_up = linear(x, lp.w_gate_up)
-    gate, up = jnp.split(gate_up, 2, axis=-1)
+    half = gate_up.shape[-1] // 2
+    gate, up = split_columns(gate_up, (half, half), shards)
     return linear(jax.nn.silu(gate) * up, lp.w_down)
 
 
@@ -102,7 +111,7 @@ def forward(params: Params, kv: PagedCache, input_ids: jax.Array, meta: Attentio
                                        attention_backend=attention_backend)
             x = x + attn
         with jax.named_scope("mlp"):
-            x = x + swiglu_mlp(lp, rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps))
+            x = x + swiglu_mlp(lp, rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps), cfg.shards)
         return (x, kv), None
 
     with jax.named_scope("layers"):

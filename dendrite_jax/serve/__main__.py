@@ -22,6 +22,7 @@ flags.DEFINE_enum("attention_backend", "auto", ["auto", "reference", "pallas_gpu
 flags.DEFINE_string("kv_compression", "none", "KV cache compression (see --helpfull of run).")
 flags.DEFINE_enum("weights_dtype", None, ["fp8", "mxfp8", "fp8-channel"],
                   "Store the layers' projections as FP8.")
+flags.DEFINE_integer("tensor_parallel_size", 1, "Devices the model is split over.")
 
 
 def main(argv: list[str]) -> None:
@@ -36,7 +37,8 @@ def main(argv: list[str]) -> None:
               max_model_len=FLAGS.max_model_len,
               enable_prefix_caching=FLAGS.enable_prefix_caching,
               attention_backend=FLAGS.attention_backend, kv_compression=FLAGS.kv_compression,
-              weights_dtype=FLAGS.weights_dtype)
+              weights_dtype=FLAGS.weights_dtype,
+              tensor_parallel_size=FLAGS.tensor_parallel_size)
     application = create_app(llm, model_name=FLAGS.served_model_name,
                              max_pending=FLAGS.max_pending)
     logging.info("serving %s on http://%s:%d/v1", FLAGS.served_model_name or llm.config.name,

@@ -1,0 +1,1 @@
+"""Multi-device execution: tensor parallelism over a device mesh."""
