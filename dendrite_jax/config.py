@@ -169,6 +169,35 @@ def load_preset(name_or_path: str) -> Preset:
                   install_hint=data.get("install_hint", ""))
 
 
+ENGINE_CONFIG_DIR = CONFIG_DIR / "engine"
+
+
+def engine_preset_names() -> list[str]:
+    return sorted(p.stem for p in ENGINE_CONFIG_DIR.glob("*.toml"))
+
+
+def load_engine_preset(name_or_path: str, allowed: set[str]) -> dict:
+    """The [engine] table of an engine preset (`configs/engine/<name>.toml` or a path): LLM
+    keyword arguments, each checked against `allowed`."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = ENGINE_CONFIG_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise ValueError(f"unknown engine preset {name_or_path!r}: not one of "
+                         f"{', '.join(engine_preset_names())} nor a .toml file")
+    with open(path, "rb") as f:
+        try:
+            table = tomllib.load(f).get("engine")
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: invalid TOML: {e}") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: an engine preset needs an [engine] table")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ValueError(f"{path}: unknown engine settings {unknown}; LLM takes {sorted(allowed)}")
+    return table
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Serving limits. `num_pages=None` sizes the cache for `max_num_seqs` full contexts,

@@ -18,6 +18,8 @@ import sys  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 
+from dendrite_jax.engine_flags import llm_kwargs  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m",
                     "Preset name, preset .toml, .gguf file or Hugging Face checkpoint directory.")
@@ -62,11 +64,11 @@ def main(argv: list[str]) -> int:
                                 top_p=FLAGS.top_p, top_k=FLAGS.top_k, min_p=FLAGS.min_p,
                                 repetition_penalty=FLAGS.repetition_penalty, seed=FLAGS.seed)
         load_start = time.perf_counter()
-        llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_model_len=FLAGS.max_model_len,
-                  tokenizer=FLAGS.tokenizer,
-                  attention_backend=FLAGS.attention_backend, layer_loop=FLAGS.layer_loop,
-                  kv_compression=FLAGS.kv_compression, weights_dtype=FLAGS.weights_dtype,
-                  tensor_parallel_size=FLAGS.tensor_parallel_size)
+        llm = LLM(model=FLAGS.model, **llm_kwargs(
+            dtype=FLAGS.dtype, max_model_len=FLAGS.max_model_len, tokenizer=FLAGS.tokenizer,
+            attention_backend=FLAGS.attention_backend, layer_loop=FLAGS.layer_loop,
+            kv_compression=FLAGS.kv_compression, weights_dtype=FLAGS.weights_dtype,
+            tensor_parallel_size=FLAGS.tensor_parallel_size))
         load_seconds = time.perf_counter() - load_start
         prompt = FLAGS.prompt
         if FLAGS.chat:

@@ -43,3 +43,18 @@ def test_errors_print_without_traceback(tmp_path):
     bad_model = run_cli("--model=/no/such/model.gguf", cache_dir=tmp_path)
     assert bad_model.returncode != 0 and "no such GGUF file" in bad_model.stderr
     assert "Traceback" not in bad_model.stderr
+
+
+def test_engine_preset_and_helpfull(tmp_path):
+    """An engine preset fills what no flag set (here max_num_seqs); every flag of the command
+    line is listed by --helpfull; a bad preset is a clean error."""
+    out = run_cli("--engine_preset=cpu", "--prompt=The capital of France is", "--max_tokens=4",
+                  cache_dir=tmp_path)
+    assert out.returncode == 0, out.stderr
+    helpfull = run_cli("--helpfull", cache_dir=tmp_path)
+    for flag in ("--engine_preset", "--tensor_parallel_size", "--weights_dtype",
+                 "--kv_compression", "--attention_backend", "--profile_dir"):
+        assert flag in helpfull.stdout + helpfull.stderr, flag
+    bad = run_cli("--engine_preset=nope", cache_dir=tmp_path)
+    assert bad.returncode != 0 and "unknown engine preset 'nope'" in bad.stderr
+    assert "Traceback" not in bad.stderr

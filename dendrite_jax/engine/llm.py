@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Iterator, Sequence
 
 import jax
 
-from dendrite_jax.config import EngineConfig, ModelConfig
+from dendrite_jax.config import EngineConfig, ModelConfig, load_engine_preset
 from dendrite_jax.engine.engine import Engine, EngineStats
 from dendrite_jax.engine.outputs import RequestOutput
 from dendrite_jax.engine.request import Request
@@ -108,6 +109,13 @@ class LLM:
             warmup = jax.default_backend() != "cpu"
         if warmup:
             self.engine.warmup()
+
+    @classmethod
+    def from_engine_preset(cls, preset: str, **kwargs) -> LLM:
+        """An LLM with an engine preset's settings (`configs/engine/<preset>.toml`: "cpu",
+        "gpu-serving", "long-context", or a path); keyword arguments override them."""
+        allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "model"}
+        return cls(**{**load_engine_preset(preset, allowed), **kwargs})
 
     @property
     def tokenizer(self) -> Tokenizer:

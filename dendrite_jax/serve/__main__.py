@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
+from dendrite_jax.engine_flags import llm_kwargs
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model preset, GGUF file or Hugging Face dir.")
 flags.DEFINE_string("served_model_name", None, "The name clients pass as 'model' "
@@ -32,13 +34,12 @@ def main(argv: list[str]) -> None:
     from dendrite_jax import LLM
     from dendrite_jax.serve.app import create_app
 
-    llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_num_seqs=FLAGS.max_num_seqs,
-              max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-              max_model_len=FLAGS.max_model_len,
-              enable_prefix_caching=FLAGS.enable_prefix_caching,
-              attention_backend=FLAGS.attention_backend, kv_compression=FLAGS.kv_compression,
-              weights_dtype=FLAGS.weights_dtype,
-              tensor_parallel_size=FLAGS.tensor_parallel_size)
+    llm = LLM(model=FLAGS.model, **llm_kwargs(
+        dtype=FLAGS.dtype, max_num_seqs=FLAGS.max_num_seqs,
+        max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_model_len=FLAGS.max_model_len,
+        enable_prefix_caching=FLAGS.enable_prefix_caching,
+        attention_backend=FLAGS.attention_backend, kv_compression=FLAGS.kv_compression,
+        weights_dtype=FLAGS.weights_dtype, tensor_parallel_size=FLAGS.tensor_parallel_size))
     application = create_app(llm, model_name=FLAGS.served_model_name,
                              max_pending=FLAGS.max_pending)
     logging.info("serving %s on http://%s:%d/v1", FLAGS.served_model_name or llm.config.name,
