@@ -63,7 +63,8 @@ class LLM:
 
     `tensor_parallel_size` splits the model over that many devices (`parallel.tensor`): heads
     and MLP units per device, the KV cache on its heads, one all-reduce after each attention
-    and MLP block.
+    and MLP block. `devices` places it on those devices (as many as the size; default the
+    first ones): how `parallel.replicas` puts each data-parallel replica on its own.
 
     `warmup` compiles every step bucket up front and then makes compiling a new one an error
     (default: on for accelerators, off on CPU where compiling on demand is cheaper).
@@ -77,7 +78,8 @@ class LLM:
                  attention_backend: str = "auto", layer_loop: str = "auto",
                  compilation_cache: bool = True, tokenizer: str | None = None,
                  kv_compression: str = "none", weights_dtype: str | None = None,
-                 fp8_matmul: str = "auto", tensor_parallel_size: int = 1) -> None:
+                 fp8_matmul: str = "auto", tensor_parallel_size: int = 1,
+                 devices: Sequence[jax.Device] | None = None) -> None:
         engine_cfg = EngineConfig(dtype=dtype, page_size=page_size, num_pages=num_pages,
                                   max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens,
@@ -95,9 +97,9 @@ class LLM:
                    kv_compress.resolve_backend(attention_backend, kv_compression,
                                                loaded.config.head_dim))
         mesh = None
-        if tensor_parallel_size > 1:
+        if tensor_parallel_size > 1 or devices is not None:
             loaded, mesh = _tensor_parallel(loaded, tensor_parallel_size, weights_dtype,
-                                            kv_compression)
+                                            kv_compression, devices)
         params = with_layer_loop(loaded.params, loop, consume=True)
         if mesh is not None:
             params = jax.device_put(params, tensor.param_shardings(params, mesh))
@@ -253,15 +255,21 @@ class LLM:
                     self.engine.abort(r.request_id)
 
 
-def _tensor_parallel(loaded, tp: int, weights_dtype: str | None, kv_compression: str):
-    """The model regrouped for `tp` devices (`parallel.tensor`), and their mesh."""
+def _tensor_parallel(loaded, tp: int, weights_dtype: str | None, kv_compression: str,
+                     devices: Sequence[jax.Device] | None):
+    """The model regrouped for `tp` devices (`parallel.tensor`), and their mesh (over
+    `devices`, default the first `tp`)."""
     if weights_dtype is not None or kv_compression != "none":
-        raise ValueError("tensor_parallel_size > 1 does not combine with weights_dtype or "
-                         "kv_compression yet")
+        raise ValueError("an explicit device mesh (tensor_parallel_size > 1 or devices) does "
+                         "not combine with weights_dtype or kv_compression yet")
+    devices = list(devices) if devices is not None else jax.devices()[:tp]
+    if len(devices) != tp:
+        raise ValueError(f"tensor_parallel_size {tp} needs {tp} devices; got {len(devices)}")
     tensor.check(loaded.config, tp)
     cfg = dataclasses.replace(loaded.config, shards=tp)
-    params = tensor.regroup(loaded.params, loaded.config, tp)
-    return dataclasses.replace(loaded, config=cfg, params=params), tensor.make_mesh(tp)
+    params = tensor.regroup(loaded.params, loaded.config, tp) if tp > 1 else loaded.params
+    return (dataclasses.replace(loaded, config=cfg, params=params),
+            tensor.make_mesh(tp, devices))
 
 
 def _group_output(group: list[Request], params: SamplingParams) -> RequestOutput:

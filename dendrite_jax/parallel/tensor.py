@@ -47,8 +47,10 @@ def check(cfg: ModelConfig, tp: int, num_devices: int | None = None) -> None:
                              f"({n})")
 
 
-def make_mesh(tp: int) -> Mesh:
-    return Mesh(np.array(jax.devices()[:tp]), (AXIS,))
+def make_mesh(tp: int, devices=None) -> Mesh:
+    """A one-axis mesh over `devices` (default: the first `tp`)."""
+    devices = list(devices) if devices is not None else jax.devices()[:tp]
+    return Mesh(np.array(devices), (AXIS,))
 
 
 def _shard_major(w: jax.Array, sizes: tuple[int, ...], tp: int) -> jax.Array:

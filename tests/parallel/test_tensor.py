@@ -1,7 +1,8 @@
-"""Tensor parallelism on CPU with forced host devices (a subprocess: the device count is fixed
-when JAX starts): the same greedy tokens and prompt log-probabilities as one device, for
+"""Tensor and data parallelism on CPU with forced host devices (a subprocess: the device count
+is fixed when JAX starts): the same greedy tokens and prompt log-probabilities as one device, for
 SmolLM2 split 3 ways (its 9 query and 3 KV heads) and a small random model split 2, 4 and 8
-ways; the cache really is spread over the devices; bad sizes are refused."""
+ways, and the same tokens from 4 data-parallel replicas of a 2-way split; the caches
+really are spread over the devices; bad sizes are refused."""
 
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ tie_word_embeddings = true
 """
 
 
-def run_worker(model: str, sizes: str) -> dict:
-    out = subprocess.run([sys.executable, str(WORKER), model, sizes], capture_output=True,
+def run_worker(model: str, sizes: str, replicas: str = "") -> dict:
+    out = subprocess.run([sys.executable, str(WORKER), model, sizes, replicas], capture_output=True,
                          text=True, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -48,8 +49,11 @@ def run_worker(model: str, sizes: str) -> dict:
 def check_same(report: dict) -> None:
     base = report["1"]
     for size, got in report.items():
-        assert got["devices"] == int(size)
+        dp, _, tp = size.partition("x")
+        assert got["devices"] == int(dp) * int(tp or 1), size
         assert got["tokens"] == base["tokens"], size
+        if "prompt_logprobs" not in got:
+            continue
         for a, b in zip(got["prompt_logprobs"], base["prompt_logprobs"], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -61,7 +65,7 @@ def test_smollm2_three_ways():
 def test_random_model_two_four_eight_ways(tmp_path):
     preset = tmp_path / "tp-random.toml"
     preset.write_text(RANDOM_MODEL)
-    report = run_worker(str(preset), "1,2,4,8")
+    report = run_worker(str(preset), "1,2,4,8", "4x2")
     check_same(report)
     assert len({t for row in report["1"]["tokens"] for t in row}) > 3  # not a constant output
 
