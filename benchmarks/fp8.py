@@ -19,7 +19,6 @@ Parts:
 from __future__ import annotations
 
 import gc
-import statistics
 import time
 
 import jax
@@ -29,6 +28,7 @@ from absl import app, flags, logging
 from jax import lax
 from quality import GREEDY_PROMPTS, long_text, perplexity
 from report import header, write
+from timing import median_seconds
 
 from dendrite_jax import LLM, SamplingParams
 from dendrite_jax.quant import fp8
@@ -80,13 +80,7 @@ def seconds_per_call(fn, *args, n: int = 20, repeats: int = 5) -> float:
             return y + (0 * out.reshape(-1)[0]).astype(y.dtype)
         return lax.fori_loop(0, n, body, x)
 
-    jax.block_until_ready(chained(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(chained(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / n
+    return median_seconds(lambda: chained(*args), repeats) / n
 
 
 def matmul_rows() -> list[dict]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import statistics
 import time
 
 import jax
@@ -29,6 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 from jax import lax
 from report import header, write
+from timing import median_seconds
 
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.kv import KVCache
@@ -69,13 +69,7 @@ def seconds_per_call(fn, *args, n: int = 10, repeats: int = 5) -> float:
     def chained(x, *rest):
         return lax.fori_loop(0, n, lambda _, y: lax.optimization_barrier(fn(y, *rest)), x)
 
-    jax.block_until_ready(chained(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(chained(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / n
+    return median_seconds(lambda: chained(*args), repeats) / n
 
 
 class _Heads:  # the part of a ModelConfig a cache's shape reads: Llama-3.1-8B attention

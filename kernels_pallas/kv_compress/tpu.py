@@ -37,7 +37,13 @@ from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.turboquant import TurboQuantCompressor
 from kernels_pallas.kv_compress.gpu import rotated_queries, values_out
 from kernels_pallas.paged_attention.blocks import attend_by_block
-from kernels_pallas.paged_attention.tpu import MASK_VALUE, needed_pages
+from kernels_pallas.paged_attention.tpu import (
+    init_scratch,
+    needed_pages,
+    page_keep,
+    page_live,
+    softmax_update,
+)
 
 
 def kernel_supports(key: KvCompressor, value: KvCompressor) -> str | None:
@@ -73,23 +79,11 @@ def _kernel(layer_ref, q_lens_ref, seq_lens_ref, tables_ref, q_ref, bias_ref, k_
     page_start = page * page_size
     mask = (1 << bits) - 1
 
-    @pl.when(page == 0)
-    def _init():
-        m_scratch[...] = jnp.full(m_scratch.shape, MASK_VALUE, jnp.float32)
-        l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
-        acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+    pl.when(page == 0)(lambda: init_scratch(m_scratch, l_scratch, acc_scratch))
 
-    live = page_start < seq_len
-    if sliding_window is not None:
-        live &= page_start + page_size > first_q - sliding_window + 1
-
-    @pl.when(live)
+    @pl.when(page_live(page_start, page_size, seq_len, first_q, sliding_window))
     def _attend():
-        q_pos = first_q + lax.broadcasted_iota(jnp.int32, (rows, page_size), 0) // group
-        k_pos = page_start + lax.broadcasted_iota(jnp.int32, (rows, page_size), 1)
-        keep = (k_pos <= q_pos) & (k_pos < seq_len)
-        if sliding_window is not None:
-            keep &= k_pos > q_pos - sliding_window
+        keep = page_keep(rows, page_size, group, first_q, page_start, seq_len, sliding_window)
         precision = lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
 
         def field(words, i, grid):
@@ -104,20 +98,12 @@ def _kernel(layer_ref, q_lens_ref, seq_lens_ref, tables_ref, q_ref, bias_ref, k_
                                      preferred_element_type=jnp.float32)
             k_norm = k_norm_ref[:, h].astype(jnp.float32)[None, :]
             s = (bias_ref[h] + k_norm * s) * sm_scale
-            if soft_cap is not None:
-                s = soft_cap * jnp.tanh(s / soft_cap)
-            s = jnp.where(keep, s, MASK_VALUE)
-            m_prev = m_scratch[h]
-            m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
-            correction = jnp.exp(m_prev - m_next)
-            p = jnp.exp(s - m_next)
-            l_scratch[h] = l_scratch[h] * correction + p.sum(axis=-1, keepdims=True)
+            p, correction = softmax_update(s, keep, soft_cap, m_scratch.at[h], l_scratch.at[h])
             pv = (p * v_norm_ref[:, h].astype(jnp.float32)[None, :]).astype(q_ref.dtype)
             for i in range(fields):
                 acc_scratch[h, i] = acc_scratch[h, i] * correction + jnp.dot(
                     pv, field(v_words, i, value_grid), precision=precision,
                     preferred_element_type=jnp.float32)
-            m_scratch[h] = m_next
 
     @pl.when(page == pl.num_programs(1) - 1)
     def _finish():

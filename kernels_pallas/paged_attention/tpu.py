@@ -38,6 +38,49 @@ def needed_pages(p, seq_len, first_q, page_size: int, sliding_window: int | None
     return jnp.clip(p, first, last)
 
 
+def init_scratch(*refs) -> None:
+    """Reset the online softmax's scratch: the running max, then the sums (zeros)."""
+    m_scratch, *rest = refs
+    m_scratch[...] = jnp.full(m_scratch.shape, MASK_VALUE, jnp.float32)
+    for ref in rest:
+        ref[...] = jnp.zeros(ref.shape, jnp.float32)
+
+
+def page_live(page_start, page_size: int, seq_len, first_q, sliding_window: int | None):
+    """Whether a page holds any key the row's queries see."""
+    live = page_start < seq_len
+    if sliding_window is not None:
+        live &= page_start + page_size > first_q - sliding_window + 1
+    return live
+
+
+def page_keep(rows: int, page_size: int, group: int, first_q, page_start, seq_len,
+              sliding_window: int | None):
+    """Mask [rows, page_size] of the keys each query row (query-major, `group` heads per
+    query) attends to in this page: causal, within the context and the window."""
+    q_pos = first_q + lax.broadcasted_iota(jnp.int32, (rows, page_size), 0) // group
+    k_pos = page_start + lax.broadcasted_iota(jnp.int32, (rows, page_size), 1)
+    keep = (k_pos <= q_pos) & (k_pos < seq_len)
+    if sliding_window is not None:
+        keep &= k_pos > q_pos - sliding_window
+    return keep
+
+
+def softmax_update(s, keep, soft_cap: float | None, m_ref, l_ref):
+    """Fold one page's scores s [rows, page_size] (soft-capped, then masked by `keep`) into a
+    head's running max and sum (refs [rows, 1]); returns (p, correction) for its accumulator."""
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    s = jnp.where(keep, s, MASK_VALUE)
+    m_prev = m_ref[...]
+    m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
+    correction = jnp.exp(m_prev - m_next)
+    p = jnp.exp(s - m_next)
+    l_ref[...] = l_ref[...] * correction + p.sum(axis=-1, keepdims=True)
+    m_ref[...] = m_next
+    return p, correction
+
+
 def _kernel(layer_ref, q_lens_ref, seq_lens_ref, tables_ref, q_ref, k_ref, v_ref, o_ref,
             m_scratch, l_scratch, acc_scratch, *, sm_scale: float, soft_cap: float | None,
             sliding_window: int | None, group: int):
@@ -49,23 +92,11 @@ def _kernel(layer_ref, q_lens_ref, seq_lens_ref, tables_ref, q_ref, k_ref, v_ref
     first_q = seq_len - q_len  # position of the row's first query
     page_start = page * page_size
 
-    @pl.when(page == 0)
-    def _init():
-        m_scratch[...] = jnp.full(m_scratch.shape, MASK_VALUE, jnp.float32)
-        l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
-        acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+    pl.when(page == 0)(lambda: init_scratch(m_scratch, l_scratch, acc_scratch))
 
-    live = page_start < seq_len
-    if sliding_window is not None:
-        live &= page_start + page_size > first_q - sliding_window + 1
-
-    @pl.when(live)
+    @pl.when(page_live(page_start, page_size, seq_len, first_q, sliding_window))
     def _attend():
-        q_pos = first_q + lax.broadcasted_iota(jnp.int32, (rows, page_size), 0) // group
-        k_pos = page_start + lax.broadcasted_iota(jnp.int32, (rows, page_size), 1)
-        keep = (k_pos <= q_pos) & (k_pos < seq_len)
-        if sliding_window is not None:
-            keep &= k_pos > q_pos - sliding_window
+        keep = page_keep(rows, page_size, group, first_q, page_start, seq_len, sliding_window)
         k, v = k_ref[...], v_ref[...]
         # float32 stays float32 (interpreted on a GPU, a default-precision dot is TF32).
         precision = lax.Precision.HIGHEST if k.dtype == jnp.float32 else None
@@ -73,18 +104,10 @@ def _kernel(layer_ref, q_lens_ref, seq_lens_ref, tables_ref, q_ref, k_ref, v_ref
             s = lax.dot_general(q_ref[h], k[:, h, :], (((1,), (1,)), ((), ())),
                                 precision=precision,
                                 preferred_element_type=jnp.float32) * sm_scale
-            if soft_cap is not None:
-                s = soft_cap * jnp.tanh(s / soft_cap)
-            s = jnp.where(keep, s, MASK_VALUE)
-            m_prev = m_scratch[h]
-            m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
-            correction = jnp.exp(m_prev - m_next)
-            p = jnp.exp(s - m_next)
-            l_scratch[h] = l_scratch[h] * correction + p.sum(axis=-1, keepdims=True)
+            p, correction = softmax_update(s, keep, soft_cap, m_scratch.at[h], l_scratch.at[h])
             acc_scratch[h] = acc_scratch[h] * correction + jnp.dot(
                 p.astype(v.dtype), v[:, h, :], precision=precision,
                 preferred_element_type=jnp.float32)
-            m_scratch[h] = m_next
 
     @pl.when(page == pl.num_programs(1) - 1)
     def _finish():
