@@ -37,6 +37,7 @@ from dendrite_jax.engine.step_plan import StepPlan, StepShape
 from dendrite_jax.model.loader import load_model
 from dendrite_jax.model.params import with_layer_loop
 from kernels_pallas.kv_compress import gpu as code_kernels
+from kernels_pallas.kv_compress.rotated import rotated_queries
 from kernels_pallas.paged_attention import gpu as plain_kernels
 
 FLAGS = flags.FLAGS
@@ -118,7 +119,7 @@ def attention_row(batch: int, context: int, compressions: list[str]) -> dict:
             us = seconds_per_call(plain, q, kv, tables, lens) * 1e6
             row[compression] = {"us": us, "cache_bytes": cache_bytes}
         else:
-            rotated = code_kernels.rotated_queries(q, kv, 0)
+            rotated = rotated_queries(q, kv, 0)
             sweep = []
             for pages_per_block, warps in SWEEP:
                 tuning = code_kernels.CodeTuning(pages_per_block=pages_per_block,

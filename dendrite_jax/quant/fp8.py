@@ -80,20 +80,13 @@ def quantize(w: jax.Array, scheme: str = "mxfp8") -> Fp8Weight:
     raise ValueError(f"unknown FP8 scheme {scheme!r}; choose from {SCHEMES}")
 
 
-def scale_factors(w: Fp8Weight) -> jax.Array:
-    """Per-element scale broadcastable to the values' shape: [..., K/32, 1, N] for mxfp8 (the
-    values viewed as blocks), [..., 1, N] per channel."""
-    if w.scheme == "mxfp8":
-        return jnp.exp2(w.scales.astype(jnp.float32) - E8M0_BIAS)[..., None, :]
-    return w.scales
-
-
 def dequantize(w: Fp8Weight, dtype=jnp.float32) -> jax.Array:
     """The weight the values and scales stand for, [..., K, N] in `dtype`."""
     values = w.values.astype(jnp.float32)
     if w.scheme == "mxfp8":
         *lead, k, n = values.shape
-        blocks = values.reshape(*lead, k // BLOCK, BLOCK, n) * scale_factors(w)
+        scales = jnp.exp2(w.scales.astype(jnp.float32) - E8M0_BIAS)[..., None, :]
+        blocks = values.reshape(*lead, k // BLOCK, BLOCK, n) * scales
         return blocks.reshape(values.shape).astype(dtype)
     return (values * w.scales).astype(dtype)
 

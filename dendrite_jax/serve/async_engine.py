@@ -28,6 +28,9 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
                 float("inf"))
 
 
+STATS_PERIOD_S = 0.25
+
+
 class QueueFull(RuntimeError):
     """More requests pending than the server admits."""
 
@@ -58,7 +61,7 @@ class ServerCounters:
     step_seconds_sum: float = 0.0
     # cumulative counts of steps at most each of STEP_BUCKETS seconds long (Prometheus style)
     step_buckets: list[int] = dataclasses.field(default_factory=lambda: [0] * len(STEP_BUCKETS))
-    stats: EngineStats | None = None  # the engine's, after the latest step
+    stats: EngineStats | None = None  # the engine's: at most STATS_PERIOD_S old while busy
 
 
 class AsyncEngine:
@@ -70,6 +73,7 @@ class AsyncEngine:
         self._inbox: collections.deque = collections.deque()
         self._streams: dict[str, _Stream] = {}
         self._submitting = 0
+        self._stats_time = time.monotonic()
         self._stopped = False
         self.error: BaseException | None = None  # what killed the engine thread, if anything
         self._thread = threading.Thread(target=self._run, name="dendrite-engine", daemon=True)
@@ -133,6 +137,8 @@ class AsyncEngine:
         try:
             while True:
                 with self._cv:
+                    if not self._inbox and not engine.has_unfinished():
+                        self.counters.stats = engine.stats()  # idle: the metrics' final word
                     while not self._inbox and not engine.has_unfinished() and not self._stopped:
                         self._cv.wait()
                     if self._stopped:
@@ -205,4 +211,7 @@ class AsyncEngine:
         c.step_seconds_sum += seconds
         for i, bound in enumerate(STEP_BUCKETS):
             c.step_buckets[i] += seconds <= bound
-        c.stats = self.llm.stats()
+        # The engine's stats walk the page pool: refreshed a few times a second, not per step.
+        now = time.monotonic()
+        if now - self._stats_time >= STATS_PERIOD_S:
+            c.stats, self._stats_time = self.llm.stats(), now

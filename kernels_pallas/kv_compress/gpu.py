@@ -39,7 +39,8 @@ from dendrite_jax.cache import bitpack
 from dendrite_jax.cache.compress import KvCompressor
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.turboquant import TurboQuantCompressor
-from kernels_pallas.kv_compress.reference import write_codes
+from kernels_pallas.kv_compress.reference import encode, write_codes
+from kernels_pallas.kv_compress.rotated import rotated_queries, values_out
 from kernels_pallas.paged_attention.blocks import attend_by_block, join_blocks, prefill_rows
 from kernels_pallas.paged_attention.gpu import (
     MASK_VALUE,
@@ -52,8 +53,6 @@ from kernels_pallas.paged_attention.gpu import (
     layer_array,
     pad_columns,
 )
-
-HIGHEST = lax.Precision.HIGHEST  # float32 rotations outside the kernels: no TF32 on GPUs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +198,11 @@ def _row_words(ref):
     return lambda sl: ref[...] if sl is None else ref[sl]
 
 
+def _code_bits(compressor: TurboQuantCompressor, name: str) -> int | None:
+    """Bits per code of a code array (None: a float16 norm)."""
+    return {"mse": compressor.mse_bits, "signs": 1}.get(name)
+
+
 def _store_row(dst, page, offset, src, bits: int | None) -> None:
     """Store one vector's codes (a [words] ref, or a [1] norm) at (page, offset) of a cache ref
     [pages, page_size, (words)]; plane-packed words go plane by plane (power-of-two loads)."""
@@ -270,16 +274,14 @@ def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_rot_ref, q_sketch_r
         key_names, value_names = _names(key)
         num_caches = len(key_names) + len(value_names)
         refs, outs = refs[:-num_caches], refs[-num_caches:]
-        bits = {"norm": None, "residual_norm": None, "mse": key.mse_bits, "signs": 1}
+        rows = [(new.k[n], key, n) for n in key_names] + [(new.v[n], value, n)
+                                                          for n in value_names]
 
         @pl.when(fold)
         def _store():
             page, offset = page_base + slot_page_ref[0], slot_offset_ref[0]
-            for name, dst in zip(key_names, outs[:len(key_names)], strict=True):
-                _store_row(dst, page, offset, new.k[name], bits[name])
-            for name, dst in zip(value_names, outs[len(key_names):], strict=True):
-                _store_row(dst, page, offset, new.v[name],
-                           value.mse_bits if name == "mse" else None)
+            for dst, (src, compressor, name) in zip(outs, rows, strict=True):
+                _store_row(dst, page, offset, src, _code_bits(compressor, name))
 
     if normalize:
         (o_ref,) = refs
@@ -506,25 +508,26 @@ def prefill(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: Compress
       bias.astype(jnp.float32), *arrays)
 
 
-def rotated_queries(q: jax.Array, kv: CompressedKVCache, layer: jax.Array
-                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(R q, S R q, q . key mean) for queries [..., Hq, hd]: what the kernels score codes with."""
-    key = kv.key_compressor
-    group = q.shape[-2] // kv.k_mean.shape[1]
-    qf = q.astype(jnp.float32)
-    q_rot = jnp.matmul(qf, jnp.asarray(key.rotation.T, jnp.float32), precision=HIGHEST)
-    sketch = key.sketch if key.qjl_dim else np.zeros((bitpack.GROUP, key.head_dim))
-    q_sketch = jnp.matmul(q_rot, jnp.asarray(sketch.T, jnp.float32), precision=HIGHEST)
-    bias = jnp.einsum("...hd,hd->...h", qf, jnp.repeat(kv.k_mean[layer], group, axis=0),
-                      precision=HIGHEST)
-    return q_rot.astype(q.dtype), q_sketch.astype(q.dtype), bias
+def _check_supported(kv: CompressedKVCache) -> None:
+    reason = kernel_supports(kv.key_compressor, kv.value_compressor)
+    if reason:
+        raise ValueError(reason)
 
 
-def values_out(out_rot: jax.Array, kv: CompressedKVCache, layer: jax.Array) -> jax.Array:
-    """Rotated-domain outputs [..., Hq, hd] back to values: rotate back, add the value mean."""
-    group = out_rot.shape[-2] // kv.v_mean.shape[1]
-    rotation = jnp.asarray(kv.value_compressor.rotation, jnp.float32)
-    return jnp.matmul(out_rot, rotation, precision=HIGHEST) + jnp.repeat(kv.v_mean[layer], group, axis=0)
+def _decode_values(out_rot: jax.Array, kv: CompressedKVCache, layer: jax.Array,
+                   q_lens: jax.Array) -> jax.Array:
+    """Decode rows' rotated-domain outputs [R, Hq, hd] as values; padding rows give zeros."""
+    return jnp.where((q_lens > 0)[:, None, None], values_out(out_rot, kv, layer), 0.0)
+
+
+def _prefill_values(rows: jax.Array, kv: CompressedKVCache, layer: jax.Array,
+                    q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array,
+                    **kwargs) -> jax.Array:
+    """`prefill` on query rows [R, Q, Hq, hd], read back as values; zeros past q_len."""
+    out = prefill(*rotated_queries(rows, kv, layer), kv, layer, q_lens, seq_lens, page_tables,
+                  **kwargs)
+    valid = jnp.arange(rows.shape[1])[None, :] < q_lens[:, None]
+    return jnp.where(valid[:, :, None, None], values_out(out, kv, layer), 0.0)
 
 
 def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedKVCache,
@@ -538,27 +541,20 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedKVC
     Prefill tokens are encoded and scattered into their pages before the prefill kernel reads
     them; decode tokens are encoded here and stored by the decode kernel itself, so a
     decode-only step writes the cache only in place, inside the kernel."""
-    reason = kernel_supports(kv.key_compressor, kv.value_compressor)
-    if reason:
-        raise ValueError(reason)
+    _check_supported(kv)
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   tuning=tuning, interpret=interpret)
     d = num_decode
     decode_out = prefill_out = None
     if page_tables.shape[0] > d:
         kv = write_codes(kv, layer, k[d:], v[d:], slot_pages[d:], slot_offsets[d:])
-        rows, row_q_lens = prefill_rows(q, d, max_q_len), q_lens[d:]
-        out = prefill(*rotated_queries(rows, kv, layer), kv, layer, row_q_lens, seq_lens[d:],
-                      page_tables[d:], **kwargs)
-        valid = jnp.arange(max_q_len)[None, :] < row_q_lens[:, None]
-        prefill_out = jnp.where(valid[:, :, None, None], values_out(out, kv, layer), 0.0)
+        prefill_out = _prefill_values(prefill_rows(q, d, max_q_len), kv, layer, q_lens[d:],
+                                      seq_lens[d:], page_tables[d:], **kwargs)
     if d:
-        new_k = kv.key_compressor.encode(k[:d].astype(jnp.float32) - kv.k_mean[layer])
-        new_v = kv.value_compressor.encode(v[:d].astype(jnp.float32) - kv.v_mean[layer])
         out, kv = decode_and_write(*rotated_queries(q[:d], kv, layer), kv, layer, seq_lens[:d],
-                                   page_tables[:d], slot_pages[:d], slot_offsets[:d], new_k,
-                                   new_v, **kwargs)
-        decode_out = jnp.where((q_lens[:d] > 0)[:, None, None], values_out(out, kv, layer), 0.0)
+                                   page_tables[:d], slot_pages[:d], slot_offsets[:d],
+                                   *encode(kv, layer, k[:d], v[:d]), **kwargs)
+        decode_out = _decode_values(out, kv, layer, q_lens[:d])
     return join_blocks(decode_out, prefill_out).astype(q.dtype), kv
 
 
@@ -569,24 +565,17 @@ def ragged_paged_attention(q: jax.Array, kv: CompressedKVCache, layer: jax.Array
                            tuning: CodeTuning = CodeTuning(),
                            interpret: bool = False) -> jax.Array:
     """The step's attention [T, Hq, hd] over codes (contract: `reference.ragged_paged_attention`)."""
-    reason = kernel_supports(kv.key_compressor, kv.value_compressor)
-    if reason:
-        raise ValueError(reason)
+    _check_supported(kv)
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   tuning=tuning, interpret=interpret)
 
     def attend_decode(rows, row_q_lens, row_seq_lens, row_tables):
         out = decode(*rotated_queries(rows[:, 0], kv, layer), kv, layer, row_seq_lens,
                      row_tables, **kwargs)
-        out = values_out(out, kv, layer)
-        return jnp.where((row_q_lens > 0)[:, None, None], out, 0.0)[:, None]
+        return _decode_values(out, kv, layer, row_q_lens)[:, None]
 
     def attend_prefill(rows, row_q_lens, row_seq_lens, row_tables):
-        out = prefill(*rotated_queries(rows, kv, layer), kv, layer, row_q_lens, row_seq_lens,
-                      row_tables, **kwargs)
-        out = values_out(out, kv, layer)
-        valid = jnp.arange(rows.shape[1])[None, :] < row_q_lens[:, None]
-        return jnp.where(valid[:, :, None, None], out, 0.0)
+        return _prefill_values(rows, kv, layer, row_q_lens, row_seq_lens, row_tables, **kwargs)
 
     out = attend_by_block(q, q_lens, seq_lens, page_tables, num_decode=num_decode,
                           max_q_len=max_q_len, attend_prefill=attend_prefill,

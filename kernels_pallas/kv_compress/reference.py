@@ -21,18 +21,24 @@ from kernels_pallas.paged_attention.blocks import attend_by_block
 from kernels_pallas.paged_attention.reference import attend_context
 
 
+def encode(kv: CompressedKVCache, layer: jax.Array, k: jax.Array, v: jax.Array
+           ) -> tuple[Codes, Codes]:
+    """Codes of keys/values [T, Hkv, hd] of layer `layer`, minus the layer's means."""
+    return (kv.key_compressor.encode(k.astype(jnp.float32) - kv.k_mean[layer]),
+            kv.value_compressor.encode(v.astype(jnp.float32) - kv.v_mean[layer]))
+
+
 def write_codes(kv: CompressedKVCache, layer: jax.Array, k: jax.Array, v: jax.Array,
                 slot_pages: jax.Array, slot_offsets: jax.Array) -> CompressedKVCache:
-    """Encode keys/values [T, Hkv, hd] of layer `layer` (minus the layer's means) into their
-    (page, offset) slots; a slot page outside [0, N) (padding) writes nowhere."""
+    """Encode keys/values [T, Hkv, hd] of layer `layer` (`encode`) into their (page, offset)
+    slots; a slot page outside [0, N) (padding) writes nowhere."""
     idx = (layer, slot_pages, slot_offsets)
+    new_k, new_v = encode(kv, layer, k, v)
 
-    def scatter(codes: Codes, compressor: KvCompressor, x: jax.Array, mean: jax.Array) -> Codes:
-        new = compressor.encode(x.astype(jnp.float32) - mean[layer])
+    def scatter(codes: Codes, new: Codes) -> Codes:
         return {name: codes[name].at[idx].set(new[name], mode="drop") for name in codes}
 
-    return dataclasses.replace(kv, k=scatter(kv.k, kv.key_compressor, k, kv.k_mean),
-                               v=scatter(kv.v, kv.value_compressor, v, kv.v_mean))
+    return dataclasses.replace(kv, k=scatter(kv.k, new_k), v=scatter(kv.v, new_v))
 
 
 def _read(codes: Codes, compressor: KvCompressor, mean: jax.Array, layer: jax.Array,

@@ -35,7 +35,7 @@ from dendrite_jax.cache import bitpack
 from dendrite_jax.cache.compress import KvCompressor
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.turboquant import TurboQuantCompressor
-from kernels_pallas.kv_compress.gpu import rotated_queries, values_out
+from kernels_pallas.kv_compress.rotated import rotated_queries, values_out
 from kernels_pallas.paged_attention.blocks import attend_by_block
 from kernels_pallas.paged_attention.tpu import (
     init_scratch,

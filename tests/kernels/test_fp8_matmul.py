@@ -52,9 +52,11 @@ def test_dispatch():
     """Decode-sized matmuls take the kernel; prefill-sized ones and odd widths the reference;
     both give the reference's numbers."""
     rng = np.random.default_rng(6)
-    for m, n in ((4, 64), (200, 64), (4, 40)):
+    for m, n, kernel in ((4, 64, True), (200, 64, False), (4, 40, False)):
         x, w = case(rng, m, 64, n)
         q = fp8.quantize(w)
+        jaxpr = str(jax.make_jaxpr(lambda x, q: fp8_matmul(x, q, "pallas_tpu"))(x, q))
+        assert ("pallas_call" in jaxpr) == kernel, (m, n)
         with jax.default_matmul_precision("highest"):
             want = np.asarray(reference_fp8_matmul(x, q))
             got = np.asarray(fp8_matmul(x, q, "pallas_tpu"))
