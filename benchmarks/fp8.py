@@ -12,8 +12,10 @@ Parts:
   Llama-3.1-8B projections): bfloat16 (XLA), XLA's FP8 dot (E4M3 operands), and our FP8 weights
   through each `kernels_pallas.fp8_matmul` backend (reference: dequantize then multiply;
   kernel: the platform's Pallas kernel).
-- decode: Llama-3.1-8B-shaped decode (random weights) at batch 1 and 32, bfloat16 vs
-  `weights_dtype="fp8"`, timed as the difference between generating 16 and 112 tokens.
+- sweep: the GPU kernel's block_n x k_splits at decode shapes (M = 1 and 32), MXFP8, as weight
+  GB/s (the bandwidth it streams the FP8 weight at), against bf16 XLA's in the same run.
+- decode: Llama-3.1-8B-shaped decode (random weights) at batch 1 and 32, bfloat16 vs each
+  scheme's `weights_dtype`, timed as the difference between generating 16 and 112 tokens.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ from timing import median_seconds
 
 from dendrite_jax import LLM, SamplingParams
 from dendrite_jax.quant import fp8
-from kernels_pallas.fp8_matmul import fp8_matmul
+from kernels_pallas.fp8_matmul import fp8_matmul, gpu
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("parts", ["quality"], "quality (CPU), matmul, decode (GPU).")
+flags.DEFINE_list("parts", ["quality"], "quality (CPU), matmul, sweep, decode (GPU).")
 flags.DEFINE_list("schemes", ["mxfp8", "fp8-channel"], "FP8 schemes compared.")
 flags.DEFINE_integer("perplexity_tokens", 1024, "Tokens of text scored.")
 flags.DEFINE_list("decode_batches", ["1", "32"], "Batch sizes of the decode part.")
@@ -93,7 +95,9 @@ def matmul_rows() -> list[dict]:
         w = jax.random.normal(jax.random.fold_in(key, 1), (k, n), jnp.bfloat16)
         flops = 2 * m * k * n
         row = {"m": m, "k": k, "n": n}
-        row["bf16"] = flops / seconds_per_call(lambda x, w: x @ w, x, w) / 1e12
+        seconds = seconds_per_call(lambda x, w: x @ w, x, w)
+        row["bf16"] = flops / seconds / 1e12
+        row["bf16_weight_gb_s"] = w.nbytes / seconds / 1e9
         x8, w8 = x.astype(jnp.float8_e4m3fn), w.astype(jnp.float8_e4m3fn)
 
         def xla_fp8(x8, w8):
@@ -106,18 +110,50 @@ def matmul_rows() -> list[dict]:
                 def ours(x, q, backend=backend):
                     return fp8_matmul(x, q, backend)
                 label = f"{scheme}_{'kernel' if backend == 'auto' else backend}"
-                row[label] = flops / seconds_per_call(ours, x, q) / 1e12
+                seconds = seconds_per_call(ours, x, q)
+                row[label] = flops / seconds / 1e12
+                row[f"{label}_weight_gb_s"] = weight_bytes(q) / seconds / 1e9
         rows.append(row)
         logging.info("matmul %s", row)
     return rows
 
 
-def decode_rows() -> list[dict]:
+def weight_bytes(q: fp8.Fp8Weight) -> int:
+    return q.values.nbytes + q.scales.nbytes
+
+
+def sweep_rows() -> list[dict]:
     rows = []
+    for m in (1, 32):
+        for k, n in DECODE_SHAPES:
+            key = jax.random.key(m + k + n)
+            x = jax.random.normal(key, (m, k), jnp.bfloat16)
+            w = jax.random.normal(jax.random.fold_in(key, 1), (k, n), jnp.bfloat16)
+            q = fp8.quantize(w, "mxfp8")
+            row = {"m": m, "k": k, "n": n,
+                   "bf16_weight_gb_s": w.nbytes / seconds_per_call(lambda x, w: x @ w, x, w) / 1e9}
+            for block_n in (64, 128):
+                for splits in (1, 2, 4, 8, 16, None):
+                    tuning = gpu.Fp8Tuning(block_n=block_n, k_splits=splits)
+                    label = f"n{block_n}_s{splits or 'auto'}"
+                    try:
+                        seconds = seconds_per_call(
+                            lambda x, q, t=tuning: gpu.fp8_matmul(x, q, tuning=t), x, q)
+                    except Exception as error:  # noqa: BLE001 - a failed tuning is a result
+                        row[label] = f"{type(error).__name__}: {str(error)[:200]}"
+                        continue
+                    row[label] = weight_bytes(q) / seconds / 1e9
+            rows.append(row)
+            logging.info("sweep %s", row)
+    return rows
+
+
+def decode_rows(report: dict) -> list[dict]:
+    rows = report["decode"] = []
     rng = np.random.default_rng(0)
     for batch in [int(b) for b in FLAGS.decode_batches]:
         ids = rng.integers(3, 30000, (batch, 128)).tolist()
-        for weights in [None, "fp8"]:
+        for weights in [None, *FLAGS.schemes]:
             llm = LLM(model="llama-3.1-8b", dtype="bfloat16", weights_dtype=weights,
                       max_num_seqs=batch, max_num_batched_tokens=2048, max_model_len=512,
                       kv_cache_bytes=2 * 2**30, warmup=False)
@@ -135,10 +171,12 @@ def decode_rows() -> list[dict]:
                          "weight_gib": sum(x.nbytes for x in jax.tree.leaves(
                              llm.model.params)) / 2**30})
             logging.info("decode %s", rows[-1])
+            write(report, FLAGS.output)
             del llm
             gc.collect()
-        base = rows[-2]["tokens_per_s"]
-        rows[-1]["speed_vs_bf16"] = rows[-1]["tokens_per_s"] / base
+        base = rows[-1 - len(FLAGS.schemes)]["tokens_per_s"]
+        for row in rows[-len(FLAGS.schemes):]:
+            row["speed_vs_bf16"] = row["tokens_per_s"] / base
     return rows
 
 
@@ -151,8 +189,11 @@ def main(argv: list[str]) -> None:
     if "matmul" in FLAGS.parts:
         report["matmul"] = matmul_rows()
         write(report, FLAGS.output)
+    if "sweep" in FLAGS.parts:
+        report["sweep"] = sweep_rows()
+        write(report, FLAGS.output)
     if "decode" in FLAGS.parts:
-        report["decode"] = decode_rows()
+        decode_rows(report)
     write(report, FLAGS.output)
     for name, row in report.get("quality", {}).items():
         print(f"{name:12s} perplexity {row['perplexity']:.3f} "
@@ -160,6 +201,10 @@ def main(argv: list[str]) -> None:
     for row in report.get("matmul", []):
         print(f"matmul {row['m']}x{row['k']}x{row['n']}: " + ", ".join(
             f"{k} {v:.1f}" for k, v in row.items() if k not in ("m", "k", "n")) + " TFLOP/s")
+    for row in report.get("sweep", []):
+        print(f"sweep {row['m']}x{row['k']}x{row['n']} weight GB/s: " + ", ".join(
+            f"{k} {v:.0f}" if isinstance(v, float) else f"{k} failed"
+            for k, v in row.items() if k not in ("m", "k", "n")))
     for row in report.get("decode", []):
         print(f"decode b{row['batch']} {row['weights']}: {row['ms_per_step']:.2f} ms/step "
               f"{row['tokens_per_s']:.0f} tok/s {row.get('speed_vs_bf16', 1):.2f}x")

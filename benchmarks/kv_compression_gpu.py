@@ -13,7 +13,8 @@ Sections (`--sections`):
   the given context: no prefill is run) for each compression at each `--decode_shapes`
   (batch x context), timed over back-to-back steps; tokens/s and the ratio to "none" at the
   same batch. Then, at `--max_context`, the largest batch whose cache fits beside the weights
-  for each compression, run at that batch.
+  for each compression by bytes, run at that batch; if the step runs out of memory, 20% fewer
+  (`--largest_attempts`), so the batch reported is one that ran.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ flags.DEFINE_list("attention_shapes", ["32x4096", "32x8192", "8x32768"], "batch 
 flags.DEFINE_list("decode_shapes", ["32x4096", "16x16384", "8x32768"], "batch x context.")
 flags.DEFINE_integer("max_context", 32768, "Context of the largest-batch runs (0: skip).")
 flags.DEFINE_string("model", "llama-3.1-8b", "Model preset (random weights).")
+flags.DEFINE_integer("largest_attempts", 3, "Batches tried per compression in the "
+                     "largest-batch runs (each 20% below the last that ran out of memory).")
 flags.DEFINE_integer("steps", 20, "Timed decode steps per shape.")
 flags.DEFINE_integer("reserve_gib", 6, "GPU memory left beside weights and cache for the "
                      "step's activations when sizing the largest batch.")
@@ -224,17 +227,22 @@ def decode_section(report: dict) -> None:
     largest = report.setdefault("largest_batch", [])
     for c in FLAGS.decode_compressions:
         batch = int(free // seq_bytes(model.config, FLAGS.max_context, c))
-        entry = {"compression": c, "context": FLAGS.max_context, "batch": batch,
-                 "bytes_limit_gib": limit / 2**30}
-        try:
-            entry.update(decode_row(model, batch, FLAGS.max_context, c))
-        except Exception as e:  # out of memory: recorded, the next one still runs
-            entry["error"] = f"{type(e).__name__}: {e}"[:300]
+        entry = {"compression": c, "context": FLAGS.max_context, "batch_by_bytes": batch,
+                 "bytes_limit_gib": limit / 2**30, "failed": []}
+        for _ in range(FLAGS.largest_attempts):  # out of memory: retry 20% smaller
+            try:
+                entry.update(decode_row(model, batch, FLAGS.max_context, c))
+                break
+            except Exception as e:
+                entry["failed"].append({"batch": batch, "error": f"{type(e).__name__}: {e}"[:300]})
+                gc.collect()
+                batch = int(batch * 0.8)
+        entry.setdefault("batch", None)
         largest.append(entry)
         write(report, FLAGS.output)
     base = next((e for e in largest if e["compression"] == "none" and e.get("batch")), None)
     for e in largest:
-        if base:
+        if base and e.get("batch"):
             e["batch_vs_bf16"] = e["batch"] / base["batch"]
             if "tokens_per_s" in e and "tokens_per_s" in base:
                 e["throughput_vs_bf16"] = e["tokens_per_s"] / base["tokens_per_s"]
@@ -252,7 +260,8 @@ def print_tables(report: dict) -> None:
     for e in report.get("largest_batch", []):
         print(f"largest {e['compression']:>16} ctx{e['context']} batch {e['batch']} "
               f"({e.get('batch_vs_bf16', 1):.2f}x) "
-              f"{e.get('tokens_per_s', float('nan')):.0f} tok/s {e.get('error', '')}")
+              f"{e.get('tokens_per_s', float('nan')):.0f} tok/s (by bytes {e['batch_by_bytes']}, "
+              f"{len(e['failed'])} out of memory)")
 
 
 def main(argv: list[str]) -> None:

@@ -29,6 +29,9 @@ flags.DEFINE_integer("batch", 64, "Concurrent requests.")
 flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per request.")
 flags.DEFINE_integer("max_tokens", 32, "Tokens generated in the traced run.")
 flags.DEFINE_string("attention_backend", "auto", "Paged attention backend.")
+flags.DEFINE_string("kv_compression", "none", "KV-cache compression (as LLM takes it).")
+flags.DEFINE_string("weights_dtype", None, "Weight quantization (as LLM takes it).")
+flags.DEFINE_float("kv_cache_gib", 2, "KV-cache size.")
 flags.DEFINE_string("trace_dir", "/tmp/decode_trace", "Where the trace goes.")
 flags.DEFINE_integer("top", 25, "Ops listed per group.")
 flags.DEFINE_bool("explain", False, "Also print what each listed device op computes: its HLO "
@@ -118,8 +121,10 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_num_seqs=FLAGS.batch,
-              max_num_batched_tokens=2048, max_model_len=512, kv_cache_bytes=2 * 2**30,
-              warmup=False, attention_backend=FLAGS.attention_backend)
+              max_num_batched_tokens=2048, max_model_len=max(512, FLAGS.prompt_len + FLAGS.max_tokens),
+              kv_cache_bytes=int(FLAGS.kv_cache_gib * 2**30), warmup=False,
+              attention_backend=FLAGS.attention_backend, kv_compression=FLAGS.kv_compression,
+              weights_dtype=FLAGS.weights_dtype)
     rng = np.random.default_rng(0)
     vocab = min(llm.config.vocab_size, 30000)
     ids = rng.integers(3, vocab, (FLAGS.batch, FLAGS.prompt_len)).tolist()

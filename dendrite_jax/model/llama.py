@@ -73,9 +73,10 @@ def attention_block(lp: LayerParams, x: jax.Array, kv: PagedCache, layer: jax.Ar
         else:
             attend = functools.partial(write_and_attend, **kwargs)
             if cfg.shards > 1:  # each device attends with its own heads and KV pages
+                # check_vma=False: Pallas kernels' outputs carry no varying-axis type.
                 heads, pages, rest = attention_specs()
                 attend = jax.shard_map(attend, in_specs=(heads,) * 3 + (pages,) * 2 + (rest,) * 6,
-                                       out_specs=(heads, pages, pages))
+                                       out_specs=(heads, pages, pages), check_vma=False)
             out, k_pages, v_pages = attend(q, k, v, kv.k, kv.v, *where)
             kv = KVCache(k=k_pages, v=v_pages)
     with jax.named_scope("o_proj"):

@@ -2,14 +2,19 @@
 
 Decode multiplies a few rows by every weight once, so its time is the weight bytes over the
 memory bandwidth: reading FP8 instead of bf16 halves it, provided nothing dequantizes the whole
-weight into memory first. One program per block of `block_n` output columns walks K in groups
-of 32 rows (one MXFP8 scale block): each group's weights are converted to the activations'
-dtype in registers, multiplied on the tensor cores, and the partial product is scaled by that
-group's power-of-two scale row before it is accumulated (per-channel weights: one scale at the
-end). Rows of x are padded to 16, the tensor cores' smallest M.
+weight into memory first. Each program owns `block_n` output columns and one of `k_splits`
+slices of K, and walks its slice in groups of 32 rows (one MXFP8 scale block): each group's
+weights are converted to the activations' dtype in registers, multiplied on the tensor cores,
+and the partial product is scaled by that group's power-of-two scale row before it is
+accumulated (per-channel weights: one scale at the end). Splitting K gives a decode-sized matmul
+enough programs to keep every SM streaming (4096 output columns are only 32 blocks of 128); the
+float32 partial sums (a few rows each) are added after the kernel. Rows of x are padded to 16,
+the tensor cores' smallest M.
 
-Triton lowering for the same reason as the attention kernels: its kernels run under Pallas'
-interpret mode in the CPU tests.
+The weights stay in E4M3 and the activations in bf16 (weight-only FP8): at decode the tensor
+cores are idle either way, and FP8 activations would add their own rounding error. Triton
+lowering for the same reason as the attention kernels: its kernels run under Pallas' interpret
+mode in the CPU tests.
 """
 
 from __future__ import annotations
@@ -26,14 +31,18 @@ from jax.experimental.pallas import triton as pltriton
 from dendrite_jax.quant.fp8 import BLOCK, E8M0_BIAS, Fp8Weight
 from kernels_pallas.paged_attention.gpu import MIN_DOT_ROWS, dot
 
+TARGET_PROGRAMS = 528  # four per SM on an H100 (132 SMs): the best of the sweep in NOTES.md
+
 
 @dataclasses.dataclass(frozen=True)
 class Fp8Tuning:
-    """Untuned defaults (no GPU has timed this kernel yet)."""
+    """Block sizes and pipelining; `k_splits=None` splits K until the grid has
+    `TARGET_PROGRAMS` programs."""
 
     block_n: int = 128  # output columns per program (largest of 128/64/32/16 dividing N)
-    block_k: int = 128  # K rows per loop step (largest of 128/64/32 dividing K)
+    block_k: int = 128  # K rows per loop step (largest of 256/128/64/32 dividing the slice)
     block_m: int = 64  # rows of x per program
+    k_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 3
 
@@ -43,6 +52,23 @@ def _largest_divisor(n: int, options: tuple[int, ...]) -> int:
         if n % option == 0:
             return option
     raise ValueError(f"{n} is not a multiple of any of {options}")
+
+
+def plan(m: int, k: int, n: int, tuning: Fp8Tuning) -> tuple[int, int, int, int]:
+    """(block_m, block_n, block_k, k_splits) for x [m, k] @ w [k, n]."""
+    block_m = min(tuning.block_m, max(MIN_DOT_ROWS, 1 << (m - 1).bit_length()))
+    block_n = _largest_divisor(n, tuple(b for b in (128, 64, 32, 16) if b <= tuning.block_n))
+    splits = tuning.k_splits
+    if splits is None:
+        programs = -(-m // block_m) * (n // block_n)
+        splits = 1
+        while (programs * splits < TARGET_PROGRAMS and k % (2 * splits * BLOCK) == 0
+               and k // (2 * splits) >= 4 * BLOCK):
+            splits *= 2
+    if k % (splits * BLOCK):
+        raise ValueError(f"K={k} does not split into {splits} slices of whole 32-row blocks")
+    options = tuple(b for b in (256, 128, 64, 32) if b <= tuning.block_k)
+    return block_m, block_n, _largest_divisor(k // splits, options), splits
 
 
 def _kernel(x_ref, w_ref, s_ref, o_ref, *, block_k: int, mx: bool):
@@ -73,24 +99,26 @@ def fp8_matmul(x: jax.Array, w: Fp8Weight, *, tuning: Fp8Tuning = Fp8Tuning(),
     n = w.shape[-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    block_m = min(tuning.block_m, max(MIN_DOT_ROWS, 1 << (m - 1).bit_length()))
+    block_m, block_n, block_k, splits = plan(m, k, n, tuning)
     rows = -(-m // block_m) * block_m
     if rows != m:
         x2 = jnp.pad(x2, ((0, rows - m), (0, 0)))
-    block_n = _largest_divisor(n, tuple(b for b in (128, 64, 32, 16) if b <= tuning.block_n))
-    block_k = _largest_divisor(k, tuple(b for b in (128, 64, 32) if b <= tuning.block_k))
     mx = w.scheme == "mxfp8"
-    scale_rows = w.scales.shape[-2]
+    slice_k = k // splits
+    scale_rows = slice_k // BLOCK if mx else 1
+    out_dtype = x.dtype if splits == 1 else jnp.float32
     out = pl.pallas_call(
         functools.partial(_kernel, block_k=block_k, mx=mx),
-        grid=(rows // block_m, n // block_n),
-        in_specs=[pl.BlockSpec((block_m, k), lambda i, j: (i, 0)),
-                  pl.BlockSpec((k, block_n), lambda i, j: (0, j)),
-                  pl.BlockSpec((scale_rows, block_n), lambda i, j: (0, j))],
-        out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((rows, n), x.dtype),
+        grid=(rows // block_m, n // block_n, splits),
+        in_specs=[pl.BlockSpec((block_m, slice_k), lambda i, j, s: (i, s)),
+                  pl.BlockSpec((slice_k, block_n), lambda i, j, s: (s, j)),
+                  pl.BlockSpec((scale_rows, block_n),
+                               (lambda i, j, s: (s, j)) if mx else (lambda i, j, s: (0, j)))],
+        out_specs=pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, i, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, rows, n), out_dtype),
         compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps,
                                                 num_stages=tuning.num_stages),
         interpret=interpret, name="fp8_matmul",
     )(x2, w.values, w.scales)
+    out = out[0] if splits == 1 else out.sum(0).astype(x.dtype)
     return out[:m].reshape(*lead, n)
