@@ -1,4 +1,5 @@
-"""Engine presets on the command line: `--engine_preset` fills in what no flag set explicitly."""
+"""Flags the command lines share: `--engine_preset` fills in what no flag set explicitly;
+`--coordinator_address` / `--num_processes` / `--process_id` join a multi-host job."""
 
 from __future__ import annotations
 
@@ -12,6 +13,24 @@ flags.DEFINE_string("engine_preset", None,
                     "Engine settings from configs/engine/<name>.toml "
                     f"({', '.join(engine_preset_names())}) or a .toml path; flags given "
                     "explicitly win.")
+
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-host: host:port of process 0's coordinator; every process runs the "
+                    "same command with its own --process_id (see README, multi-device).")
+flags.DEFINE_integer("num_processes", 1, "Multi-host: processes in the job.")
+flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index (0 reports).")
+
+
+def join_processes() -> None:
+    """Join the multi-host job the flags describe (nothing for one process)."""
+    if flags.FLAGS.num_processes == 1 and not flags.FLAGS.coordinator_address:
+        return
+    if not flags.FLAGS.coordinator_address:
+        raise ValueError("--num_processes > 1 needs --coordinator_address (host:port)")
+    from dendrite_jax.parallel import distributed
+
+    distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+                           flags.FLAGS.process_id)
 
 
 def llm_kwargs(**from_flags) -> dict:

@@ -2,10 +2,14 @@
 
     python -m dendrite_jax.run --model=smollm2-135m --prompt="The capital of France is"
     python -m dendrite_jax.run --chat --prompt="Write a haiku about JAX." --temperature=0.7
+    # on each of 2 hosts (i = 0, 1), the model split over both hosts' 8 devices:
+    python -m dendrite_jax.run --tensor_parallel_size=8 --coordinator_address=host0:1234 \
+        --num_processes=2 --process_id=i
 
 Prints the completion, then tokens/s and time to first token (measured from process start,
 so cold and warm runs can be compared). `--profile_dir` writes a jax.profiler trace of the
-generation; open it with TensorBoard's profile plugin or xprof.
+generation; open it with TensorBoard's profile plugin or xprof. In a multi-host job every
+process generates and process 0 prints.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import sys  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 
-from dendrite_jax.engine_flags import llm_kwargs  # noqa: E402
+from dendrite_jax.engine_flags import join_processes, llm_kwargs  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m",
@@ -58,8 +62,10 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output
     from dendrite_jax import LLM, SamplingParams
+    from dendrite_jax.parallel.distributed import is_leader
 
     try:
+        join_processes()
         params = SamplingParams(max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature,
                                 top_p=FLAGS.top_p, top_k=FLAGS.top_k, min_p=FLAGS.min_p,
                                 repetition_penalty=FLAGS.repetition_penalty, seed=FLAGS.seed)
@@ -88,6 +94,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
+    if not is_leader():  # every process generated the same tokens; one reports
+        return 0
     print(output.text)
     n = len(output.token_ids)
     ttft_from_start = (start - _PROCESS_START) + (output.time_to_first_token or 0.0)

@@ -29,6 +29,10 @@ flags.DEFINE_integer("tensor_parallel_size", 1, "Devices the model is split over
 
 def main(argv: list[str]) -> None:
     del argv
+    if FLAGS.num_processes > 1:
+        raise app.UsageError("the server runs on one host: multi-host serving would need every "
+                             "request sent to every process, which it does not do yet; use "
+                             "--tensor_parallel_size over one host's devices")
     import uvicorn
 
     from dendrite_jax import LLM
