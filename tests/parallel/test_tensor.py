@@ -39,9 +39,9 @@ tie_word_embeddings = true
 """
 
 
-def run_worker(model: str, sizes: str, replicas: str = "") -> dict:
-    out = subprocess.run([sys.executable, str(WORKER), model, sizes, replicas], capture_output=True,
-                         text=True, cwd=ROOT, timeout=900)
+def run_worker(model: str, sizes: str, replicas: str = "", backend: str = "auto") -> dict:
+    out = subprocess.run([sys.executable, str(WORKER), model, sizes, replicas, backend],
+                         capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -68,6 +68,14 @@ def test_random_model_two_four_eight_ways(tmp_path):
     report = run_worker(str(preset), "1,2,4,8", "4x2")
     check_same(report)
     assert len({t for row in report["1"]["tokens"] for t in row}) > 3  # not a constant output
+
+
+def test_kernel_backend_under_shard_map(tmp_path):
+    """The GPU kernel (interpret mode here) as each device's attention: Pallas outputs carry no
+    varying-axis type, which shard_map must not check."""
+    preset = tmp_path / "tp-random.toml"
+    preset.write_text(RANDOM_MODEL)
+    check_same(run_worker(str(preset), "1,2", backend="pallas_gpu"))
 
 
 def test_regroup_round_trip():

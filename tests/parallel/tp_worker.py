@@ -13,13 +13,15 @@ from dendrite_jax import LLM, SamplingParams  # noqa: E402
 from dendrite_jax.parallel.replicas import DataParallelLLM  # noqa: E402
 
 
-def main(model: str, sizes: list[int], replicas: list[tuple[int, int]]) -> None:
+def main(model: str, sizes: list[int], replicas: list[tuple[int, int]],
+         backend: str = "auto") -> None:
     prompts = [[(7 * i + j) % 400 + 3 for j in range(n)] for i, n in enumerate((5, 23, 40))]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, prompt_logprobs=0)
     report = {}
     for tp in sizes:
         llm = LLM(model=model, dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
-                  max_model_len=256, compilation_cache=False, tensor_parallel_size=tp)
+                  max_model_len=256, compilation_cache=False, tensor_parallel_size=tp,
+                  attention_backend=backend)
         outs = llm.generate(prompts, params)
         report[tp] = {
             "tokens": [o.token_ids for o in outs],
@@ -41,4 +43,5 @@ def main(model: str, sizes: list[int], replicas: list[tuple[int, int]]) -> None:
 if __name__ == "__main__":
     replicas = [tuple(int(x) for x in r.split("x")) for r in sys.argv[3].split(",")
                 if r] if len(sys.argv) > 3 else []
-    main(sys.argv[1], [int(s) for s in sys.argv[2].split(",")], replicas)
+    main(sys.argv[1], [int(s) for s in sys.argv[2].split(",")], replicas,
+         *(sys.argv[4:5] or ["auto"]))
