@@ -6,8 +6,9 @@ in the same run.
         --output=benchmarks/results/fp8_h100.json                  # GPU
 
 Parts:
-- quality: SmolLM2 float32 vs its projections in MXFP8 and per-channel FP8: perplexity on a
-  long English text (`quality.long_text`) and greedy agreement over 8 prompts x 32 tokens.
+- quality: SmolLM2 float32 vs its projections in MXFP8 and per-channel FP8 (all layers, and
+  with `--keep_layers` unquantized): perplexity on a long English text (`quality.long_text`)
+  and greedy agreement over 8 prompts x 32 tokens.
 - matmul: TFLOP/s of x [M, K] @ w [K, N] at 4096^3 and at decode shapes (M = 1..64 against the
   Llama-3.1-8B projections): bfloat16 (XLA), XLA's FP8 dot (E4M3 operands), and our FP8 weights
   through each `kernels_pallas.fp8_matmul` backend (reference: dequantize then multiply;
@@ -39,6 +40,8 @@ from kernels_pallas.fp8_matmul import fp8_matmul, gpu
 FLAGS = flags.FLAGS
 flags.DEFINE_list("parts", ["quality"], "quality (CPU), matmul, sweep, decode (GPU).")
 flags.DEFINE_list("schemes", ["mxfp8", "fp8-channel"], "FP8 schemes compared.")
+flags.DEFINE_list("keep_layers", ["0", "1", "-1"], "Quality part: also each scheme with these "
+                  "layers unquantized (fp8_keep_layers); empty: skip.")
 flags.DEFINE_integer("perplexity_tokens", 1024, "Tokens of text scored.")
 flags.DEFINE_list("decode_batches", ["1", "32"], "Batch sizes of the decode part.")
 flags.DEFINE_string("output", "benchmarks/results/fp8_cpu.json", "JSON output.")
@@ -49,9 +52,13 @@ DECODE_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # 8B
 
 def quality() -> dict:
     rows, reference = {}, None
-    for scheme in [None, *FLAGS.schemes]:
+    keep = [int(i) for i in FLAGS.keep_layers]
+    variants = [(None, []), *((s, []) for s in FLAGS.schemes),
+                *((s, keep) for s in FLAGS.schemes if keep)]
+    for scheme, kept in variants:
         llm = LLM(model="smollm2-135m", dtype="float32", weights_dtype=scheme,
-                  max_num_batched_tokens=512, max_model_len=2048)
+                  fp8_keep_layers=kept, max_num_batched_tokens=512, max_model_len=2048)
+        name = (scheme or "float32") + (f" keep {','.join(map(str, kept))}" if kept else "")
         row = {"perplexity": perplexity(llm, long_text(llm.tokenizer, FLAGS.perplexity_tokens))}
         got = [o.token_ids for o in llm.generate(GREEDY_PROMPTS,
                                                   SamplingParams(max_tokens=32, temperature=0))]
@@ -62,8 +69,8 @@ def quality() -> dict:
         row["greedy_first_divergence_mean"] = float(np.mean([
             next((i for i, (a, b) in enumerate(zip(g, r, strict=False)) if a != b),
                  min(len(g), len(r))) for g, r in zip(got, reference, strict=True)]))
-        rows[scheme or "float32"] = row
-        print(scheme or "float32", row, flush=True)
+        rows[name] = row
+        print(name, row, flush=True)
         del llm
         gc.collect()
     base = rows["float32"]["perplexity"]
@@ -196,7 +203,7 @@ def main(argv: list[str]) -> None:
         decode_rows(report)
     write(report, FLAGS.output)
     for name, row in report.get("quality", {}).items():
-        print(f"{name:12s} perplexity {row['perplexity']:.3f} "
+        print(f"{name:22s} perplexity {row['perplexity']:.3f} "
               f"({row['perplexity_vs_float32']:.4f}x) greedy {row['greedy_agreement']:.0%}")
     for row in report.get("matmul", []):
         print(f"matmul {row['m']}x{row['k']}x{row['n']}: " + ", ".join(

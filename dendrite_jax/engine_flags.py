@@ -1,5 +1,6 @@
 """Flags the command lines share: `--engine_preset` fills in what no flag set explicitly;
-`--coordinator_address` / `--num_processes` / `--process_id` join a multi-host job."""
+`--coordinator_address` / `--num_processes` / `--process_id` join a multi-host job;
+`--fp8_keep_layers` goes with `--weights_dtype`."""
 
 from __future__ import annotations
 
@@ -19,6 +20,18 @@ flags.DEFINE_string("coordinator_address", None,
                     "same command with its own --process_id (see README, multi-device).")
 flags.DEFINE_integer("num_processes", 1, "Multi-host: processes in the job.")
 flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index (0 reports).")
+
+flags.DEFINE_list("fp8_keep_layers", [], "With --weights_dtype: layers (indices, negative from "
+                  "the end) kept unquantized, e.g. 0,1,-1.")
+
+
+def fp8_keep_layers() -> list[int]:
+    """--fp8_keep_layers as integers."""
+    try:
+        return [int(v) for v in flags.FLAGS.fp8_keep_layers]
+    except ValueError:
+        raise ValueError("--fp8_keep_layers takes layer indices (integers), got "
+                         f"{','.join(flags.FLAGS.fp8_keep_layers)}") from None
 
 
 def join_processes() -> None:

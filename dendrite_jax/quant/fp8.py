@@ -21,9 +21,12 @@ block's smallest elements (E4M3's relative precision is the same across its norm
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+
+from dendrite_jax.model.params import with_layer_loop
 
 SCHEMES = ("mxfp8", "fp8-channel")
 BLOCK = 32  # MX block size along the reduction axis
@@ -103,11 +106,14 @@ def weight_scheme(weights_dtype: str) -> str:
 PROJECTIONS = ("w_qkv", "w_o", "w_gate_up", "w_down")  # what `quantize_weights` converts
 
 
-def quantize_weights(params, scheme: str = "mxfp8", matmul: str = "reference"):
+def quantize_weights(params, scheme: str = "mxfp8", matmul: str = "reference",
+                     keep_layers: Sequence[int] = ()):
     """Params with every layer's projections (q/k/v, o, gate/up, down) as `Fp8Weight`s that
     `matmul` multiplies (a resolved `kernels_pallas.fp8_matmul` backend); norms, embeddings and
     the LM head stay in their dtype (the head's error would land directly on the logits).
-    Works on stacked and per-layer `layers`."""
+    Layers in `keep_layers` (indices; negative count from the end) stay unquantized: the first
+    and last layers are the most sensitive. Works on stacked and per-layer `layers`; with
+    `keep_layers` the result is per-layer (a stack cannot mix FP8 and plain weights)."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown FP8 scheme {scheme!r}; choose from {SCHEMES}")
 
@@ -117,5 +123,17 @@ def quantize_weights(params, scheme: str = "mxfp8", matmul: str = "reference"):
             for name in PROJECTIONS})
 
     layers = params.layers
-    layers = tuple(convert(lp) for lp in layers) if isinstance(layers, tuple) else convert(layers)
+    if not keep_layers:
+        layers = (tuple(convert(lp) for lp in layers) if isinstance(layers, tuple)
+                  else convert(layers))
+        return dataclasses.replace(params, layers=layers)
+    if not isinstance(layers, tuple):
+        layers = with_layer_loop(params, "unrolled").layers
+    count = len(layers)
+    keep = set()
+    for i in keep_layers:
+        if not -count <= i < count:
+            raise ValueError(f"keep_layers has {i}, but the model has {count} layers")
+        keep.add(i % count)
+    layers = tuple(lp if i in keep else convert(lp) for i, lp in enumerate(layers))
     return dataclasses.replace(params, layers=layers)

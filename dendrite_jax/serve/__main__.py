@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from dendrite_jax.engine_flags import llm_kwargs
+from dendrite_jax.engine_flags import fp8_keep_layers, llm_kwargs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model preset, GGUF file or Hugging Face dir.")
@@ -43,7 +43,8 @@ def main(argv: list[str]) -> None:
         max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_model_len=FLAGS.max_model_len,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         attention_backend=FLAGS.attention_backend, kv_compression=FLAGS.kv_compression,
-        weights_dtype=FLAGS.weights_dtype, tensor_parallel_size=FLAGS.tensor_parallel_size))
+        weights_dtype=FLAGS.weights_dtype, fp8_keep_layers=fp8_keep_layers(),
+        tensor_parallel_size=FLAGS.tensor_parallel_size))
     application = create_app(llm, model_name=FLAGS.served_model_name,
                              max_pending=FLAGS.max_pending)
     logging.info("serving %s on http://%s:%d/v1", FLAGS.served_model_name or llm.config.name,

@@ -25,9 +25,13 @@ def rotated_queries(q: jax.Array, kv: CompressedKVCache, layer: jax.Array
     key = kv.key_compressor
     group = q.shape[-2] // kv.k_mean.shape[1]
     qf = q.astype(jnp.float32)
-    q_rot = jnp.matmul(qf, jnp.asarray(key.rotation.T, jnp.float32), precision=HIGHEST)
-    sketch = key.sketch if key.qjl_dim else np.zeros((bitpack.GROUP, key.head_dim))
-    q_sketch = jnp.matmul(q_rot, jnp.asarray(sketch.T, jnp.float32), precision=HIGHEST)
+    if key.qjl_dim:  # one dot for both: q [R^T | R^T S^T]
+        both = np.concatenate([key.rotation.T, key.rotation.T @ key.sketch.T], axis=1)
+        out = jnp.matmul(qf, jnp.asarray(both, jnp.float32), precision=HIGHEST)
+        q_rot, q_sketch = out[..., :key.head_dim], out[..., key.head_dim:]
+    else:  # no QJL stage: the kernels take (and ignore) a zero sketch
+        q_rot = jnp.matmul(qf, jnp.asarray(key.rotation.T, jnp.float32), precision=HIGHEST)
+        q_sketch = jnp.zeros((*q.shape[:-1], bitpack.GROUP), jnp.float32)
     bias = jnp.einsum("...hd,hd->...h", qf, jnp.repeat(kv.k_mean[layer], group, axis=0),
                       precision=HIGHEST)
     return q_rot.astype(q.dtype), q_sketch.astype(q.dtype), bias

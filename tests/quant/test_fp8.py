@@ -183,3 +183,38 @@ def test_random_weight_preset_quantizes_at_load():
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0,
                                                     ignore_eos=True))
     assert len(out[0].token_ids) == 3
+
+
+def test_kept_layers_stay_unquantized(smollm2):
+    """keep_layers (negative from the end) leaves exactly those layers' weights as they were;
+    the rest are quantized as without it; stacked layers come back per layer."""
+    kept = fp8.quantize_weights(smollm2.params, keep_layers=(0, 1, -1))
+    plain = with_layer_loop(fp8.quantize_weights(smollm2.params), "unrolled").layers
+    source = with_layer_loop(smollm2.params, "unrolled").layers
+    assert isinstance(kept.layers, tuple) and len(kept.layers) == 30
+    for i, layer in enumerate(kept.layers):
+        for name in fp8.PROJECTIONS:
+            got = getattr(layer, name)
+            if i in (0, 1, 29):
+                assert got is getattr(source[i], name) or np.array_equal(
+                    np.asarray(got), np.asarray(getattr(source[i], name)))
+            else:
+                assert isinstance(got, fp8.Fp8Weight)
+                np.testing.assert_array_equal(np.asarray(got.values, np.float32),
+                                              np.asarray(getattr(plain[i], name).values,
+                                                         np.float32))
+    with pytest.raises(ValueError, match="model has 30 layers"):
+        fp8.quantize_weights(smollm2.params, keep_layers=(30,))
+
+
+def test_llm_keep_layers_settings():
+    base = dict(model="tiny-random", dtype="float32", compilation_cache=False, warmup=False)
+    llm = LLM(**base, weights_dtype="fp8", fp8_keep_layers=[-1])
+    assert isinstance(llm.model.params.layers[0].w_qkv, fp8.Fp8Weight)
+    assert not isinstance(llm.model.params.layers[-1].w_qkv, fp8.Fp8Weight)
+    assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0,
+                                                         ignore_eos=True))[0].token_ids) == 3
+    with pytest.raises(ValueError, match="set weights_dtype too"):
+        LLM(**base, fp8_keep_layers=[0])
+    with pytest.raises(ValueError, match="layer_loop='unrolled'"):
+        LLM(**base, weights_dtype="fp8", fp8_keep_layers=[0], layer_loop="scan")
