@@ -9,6 +9,8 @@ Parts:
 - quality: SmolLM2 float32 vs its projections in MXFP8 and per-channel FP8 (all layers, and
   with `--keep_layers` unquantized): perplexity on a long English text (`quality.long_text`)
   and greedy agreement over 8 prompts x 32 tokens.
+- sensitivity: SmolLM2 perplexity with MXFP8 everywhere but one layer, for each layer (which
+  layers `fp8_keep_layers` should keep).
 - matmul: TFLOP/s of x [M, K] @ w [K, N] at 4096^3 and at decode shapes (M = 1..64 against the
   Llama-3.1-8B projections): bfloat16 (XLA), XLA's FP8 dot (E4M3 operands), and our FP8 weights
   through each `kernels_pallas.fp8_matmul` backend (reference: dequantize then multiply;
@@ -38,7 +40,8 @@ from dendrite_jax.quant import fp8
 from kernels_pallas.fp8_matmul import fp8_matmul, gpu
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("parts", ["quality"], "quality (CPU), matmul, sweep, decode (GPU).")
+flags.DEFINE_list("parts", ["quality"], "quality, sensitivity (CPU); matmul, sweep, decode "
+                  "(GPU).")
 flags.DEFINE_list("schemes", ["mxfp8", "fp8-channel"], "FP8 schemes compared.")
 flags.DEFINE_list("keep_layers", ["0", "1", "-1"], "Quality part: also each scheme with these "
                   "layers unquantized (fp8_keep_layers); empty: skip.")
@@ -76,6 +79,24 @@ def quality() -> dict:
     base = rows["float32"]["perplexity"]
     for row in rows.values():
         row["perplexity_vs_float32"] = row["perplexity"] / base
+    return rows
+
+
+def sensitivity() -> list[dict]:
+    rows = []
+    base = None
+    for keep in [None, *range(30)]:  # SmolLM2's 30 layers
+        llm = LLM(model="smollm2-135m", dtype="float32", max_num_batched_tokens=512,
+                  max_model_len=2048, weights_dtype=None if keep is None else "mxfp8",
+                  fp8_keep_layers=[] if keep is None else [keep])
+        value = perplexity(llm, long_text(llm.tokenizer, FLAGS.perplexity_tokens))
+        base = base or value
+        if keep is not None:
+            rows.append({"kept_layer": keep, "perplexity": value,
+                         "perplexity_vs_float32": value / base})
+            print(rows[-1], flush=True)
+        del llm
+        gc.collect()
     return rows
 
 
@@ -192,6 +213,9 @@ def main(argv: list[str]) -> None:
     report = header("fp8")
     if "quality" in FLAGS.parts:
         report["quality"] = quality()
+        write(report, FLAGS.output)
+    if "sensitivity" in FLAGS.parts:
+        report["sensitivity"] = sensitivity()
         write(report, FLAGS.output)
     if "matmul" in FLAGS.parts:
         report["matmul"] = matmul_rows()
