@@ -212,6 +212,10 @@ class EngineConfig:
     kv_cache_bytes: int = 1 << 30
     seed: int = 0
     kv_compression: str = "none"  # `cache.compress.make_kv_compression`
+    # Constrained decoding launches decode steps in two halves so the device runs the model
+    # while the host fills the token mask; None: `Engine.splits` decides per step (always on
+    # accelerators, small steps on a CPU, whose cores the model and the mask fill share).
+    split_constrained_steps: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -69,6 +69,11 @@ class LLM:
     and MLP block. `devices` places it on those devices (as many as the size; default the
     first ones): how `parallel.replicas` puts each data-parallel replica on its own.
 
+    `split_constrained_steps` launches decode steps with constrained rows as two executables
+    (model, then sampling with the token mask) so the host fills the mask while the device runs
+    the model; default (None): always on accelerators, on a CPU only for steps of a few rows
+    (`Engine.splits`: the model and the mask fill share its cores).
+
     `warmup` compiles every step bucket up front and then makes compiling a new one an error
     (default: on for accelerators, off on CPU where compiling on demand is cheaper).
     """
@@ -82,13 +87,14 @@ class LLM:
                  compilation_cache: bool = True, tokenizer: str | None = None,
                  kv_compression: str = "none", weights_dtype: str | None = None,
                  fp8_matmul: str = "auto", fp8_keep_layers: Sequence[int] = (),
-                 tensor_parallel_size: int = 1,
+                 tensor_parallel_size: int = 1, split_constrained_steps: bool | None = None,
                  devices: Sequence[jax.Device] | None = None) -> None:
         engine_cfg = EngineConfig(dtype=dtype, page_size=page_size, num_pages=num_pages,
                                   max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
-                                  seed=seed, kv_compression=kv_compression)
+                                  seed=seed, kv_compression=kv_compression,
+                                  split_constrained_steps=split_constrained_steps)
         loop = resolve_layer_loop(layer_loop)
         if compilation_cache:
             enable_compilation_cache()

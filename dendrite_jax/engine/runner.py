@@ -14,6 +14,7 @@ import contextlib
 import gc
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,14 +173,13 @@ class ModelRunner:
             self._compiled.popitem(last=False)
         jax.clear_caches()
 
-    def warmup(self, shapes: list[StepShape], *, split: bool = False) -> None:
-        """Compile every shape (and, with `split`, the split step of each splittable one),
-        then refuse to compile anything else. A progress line shows on stderr when this takes
+    def warmup(self, shapes: list[StepShape], *,
+               split: Callable[[StepShape], bool] = lambda shape: False) -> None:
+        """Compile every shape (and the split step of each one `split` selects), then refuse
+        to compile anything else. A progress line shows on stderr when this takes
         more than a few seconds (hundreds of shapes can take many minutes on a GPU)."""
         work = [(shape, STEP) for shape in shapes]
-        if split:
-            work += [(shape, kind) for shape in shapes if splittable(shape)
-                     for kind in (FORWARD, SAMPLE)]
+        work += [(shape, kind) for shape in shapes if split(shape) for kind in (FORWARD, SAMPLE)]
         progress = Progress("warm-up: compiling step shapes", len(work))
         for i, (shape, kind) in enumerate(work):
             pressure = memory_map_pressure()

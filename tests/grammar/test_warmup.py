@@ -14,7 +14,7 @@ from dendrite_jax import LLM, SamplingParams
 from dendrite_jax.engine.runner import FORWARD, SAMPLE
 
 llm = LLM(model="smollm2-135m", dtype="float32", max_num_seqs=1, max_num_batched_tokens=16,
-          max_model_len=64, warmup=True)
+          max_model_len=64, warmup=True, split_constrained_steps=True)
 kinds = {kind for _, kind in llm.engine.runner._compiled}
 assert llm.engine.runner.frozen and {FORWARD, SAMPLE} <= kinds, kinds
 before = llm.compilations
