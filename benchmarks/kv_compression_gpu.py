@@ -167,27 +167,40 @@ def decode_plan(batch: int, context: int) -> StepPlan:
     return plan
 
 
-def decode_row(model, batch: int, context: int, compression: str) -> dict:
+def decode_row(model, batch: int, context: int, compression: str,
+               memory: dict | None = None) -> dict:
+    """Time the decode step; `memory` receives the compiled step's memory analysis and the
+    device's bytes in use before it runs (kept when the run then fails)."""
     cfg = model.config
+    memory = {} if memory is None else memory
     plan = decode_plan(batch, context)
     num_pages = batch * plan.shape.pages_per_seq
     runner = ModelRunner(cfg, model.params, num_pages=2, page_size=PAGE_SIZE,
                          num_slots=batch, dtype="bfloat16", attention_backend=(
                              "pallas_gpu"), kv_compression=compression)
-    runner.kv = random_cache(cfg, num_pages, compression)
-    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.kv))
-    start = time.perf_counter()
-    jax.block_until_ready(runner.launch(plan))  # compiles
-    compile_s = time.perf_counter() - start
-    jax.block_until_ready(runner.launch(plan))
-    start = time.perf_counter()
-    for _ in range(FLAGS.steps):
-        out = runner.launch(plan)
-    jax.block_until_ready(out)
-    step = (time.perf_counter() - start) / FLAGS.steps
+    try:
+        runner.kv = random_cache(cfg, num_pages, compression)
+        cache_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.kv))
+        start = time.perf_counter()
+        analysis = runner.compile(plan.shape).memory_analysis()
+        compile_s = time.perf_counter() - start
+        if analysis is not None:  # not every backend reports one
+            memory.update({f"{name}_gib": getattr(analysis, f"{name}_size_in_bytes") / 2**30
+                           for name in ("argument", "output", "alias", "temp")})
+        memory["in_use_before_gib"] = (jax.devices()[0].memory_stats() or {}).get(
+            "bytes_in_use", 0) / 2**30
+        jax.block_until_ready(runner.launch(plan))
+        jax.block_until_ready(runner.launch(plan))
+        start = time.perf_counter()
+        for _ in range(FLAGS.steps):
+            out = runner.launch(plan)
+        jax.block_until_ready(out)
+        step = (time.perf_counter() - start) / FLAGS.steps
+    finally:
+        runner.kv = None  # freed even while a failure's traceback holds the runner
     row = {"compression": compression, "batch": batch, "context": context,
            "ms_per_step": step * 1e3, "tokens_per_s": batch / step,
-           "cache_gib": cache_bytes / 2**30, "compile_s": compile_s}
+           "cache_gib": cache_bytes / 2**30, "compile_s": compile_s, "memory": memory}
     logging.info("decode %s", row)
     del runner
     gc.collect()
@@ -230,13 +243,15 @@ def decode_section(report: dict) -> None:
         entry = {"compression": c, "context": FLAGS.max_context, "batch_by_bytes": batch,
                  "bytes_limit_gib": limit / 2**30, "failed": []}
         for _ in range(FLAGS.largest_attempts):  # out of memory: retry 20% smaller
+            memory: dict = {}
             try:
-                entry.update(decode_row(model, batch, FLAGS.max_context, c))
+                entry.update(decode_row(model, batch, FLAGS.max_context, c, memory))
                 break
             except Exception as e:
-                entry["failed"].append({"batch": batch, "error": f"{type(e).__name__}: {e}"[:300]})
-                gc.collect()
-                batch = int(batch * 0.8)
+                entry["failed"].append({"batch": batch, "memory": memory,
+                                        "error": f"{type(e).__name__}: {e}"[:300]})
+            gc.collect()
+            batch = int(batch * 0.8)
         entry.setdefault("batch", None)
         largest.append(entry)
         write(report, FLAGS.output)
