@@ -15,14 +15,16 @@ Parts:
   Llama-3.1-8B projections): bfloat16 (XLA), XLA's FP8 dot (E4M3 operands), and our FP8 weights
   through each `kernels_pallas.fp8_matmul` backend (reference: dequantize then multiply;
   kernel: the platform's Pallas kernel).
-- sweep: the GPU kernel's block_n x k_splits at decode shapes (M = 1 and 32), MXFP8, as weight
-  GB/s (the bandwidth it streams the FP8 weight at), against bf16 XLA's in the same run.
+- sweep: the GPU kernel's block_n x k_splits at decode shapes (M = 1 and 32), MXFP8, and the
+  one-row CUDA-core kernel (`Fp8Tuning(gemv=True)`) at M = 1, as weight GB/s (the bandwidth
+  it streams the FP8 weight at), against bf16 XLA's in the same run.
 - decode: Llama-3.1-8B-shaped decode (random weights) at batch 1 and 32, bfloat16 vs each
   scheme's `weights_dtype`, timed as the difference between generating 16 and 112 tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 
@@ -47,6 +49,8 @@ flags.DEFINE_list("keep_layers", ["0", "1", "-1"], "Quality part: also each sche
                   "layers unquantized (fp8_keep_layers); empty: skip.")
 flags.DEFINE_integer("perplexity_tokens", 1024, "Tokens of text scored.")
 flags.DEFINE_list("decode_batches", ["1", "32"], "Batch sizes of the decode part.")
+flags.DEFINE_bool("decode_gemv", True, "Decode part, batch 1: also each scheme with the one-row "
+                  "CUDA-core kernel (Fp8Tuning.gemv).")
 flags.DEFINE_string("output", "benchmarks/results/fp8_cpu.json", "JSON output.")
 
 SHORT, LONG = 16, 112
@@ -160,17 +164,21 @@ def sweep_rows() -> list[dict]:
             q = fp8.quantize(w, "mxfp8")
             row = {"m": m, "k": k, "n": n,
                    "bf16_weight_gb_s": w.nbytes / seconds_per_call(lambda x, w: x @ w, x, w) / 1e9}
-            for block_n in (64, 128):
-                for splits in (1, 2, 4, 8, 16, None):
-                    tuning = gpu.Fp8Tuning(block_n=block_n, k_splits=splits)
-                    label = f"n{block_n}_s{splits or 'auto'}"
-                    try:
-                        seconds = seconds_per_call(
-                            lambda x, q, t=tuning: gpu.fp8_matmul(x, q, tuning=t), x, q)
-                    except Exception as error:  # noqa: BLE001 - a failed tuning is a result
-                        row[label] = f"{type(error).__name__}: {str(error)[:200]}"
-                        continue
-                    row[label] = weight_bytes(q) / seconds / 1e9
+            tunings = {f"n{block_n}_s{splits or 'auto'}":
+                       gpu.Fp8Tuning(block_n=block_n, k_splits=splits)
+                       for block_n in (64, 128) for splits in (1, 2, 4, 8, 16, None)}
+            if m == 1:  # the CUDA-core kernel for one row
+                tunings |= {f"gemv_n{block_n}_s{splits or 'auto'}":
+                            gpu.Fp8Tuning(block_n=block_n, k_splits=splits, gemv=True)
+                            for block_n in (64, 128, 256) for splits in (4, 16, None)}
+            for label, tuning in tunings.items():
+                try:
+                    seconds = seconds_per_call(
+                        lambda x, q, t=tuning: gpu.fp8_matmul(x, q, tuning=t), x, q)
+                except Exception as error:  # noqa: BLE001 - a failed tuning is a result
+                    row[label] = f"{type(error).__name__}: {str(error)[:200]}"
+                    continue
+                row[label] = weight_bytes(q) / seconds / 1e9
             rows.append(row)
             logging.info("sweep %s", row)
     return rows
@@ -181,7 +189,11 @@ def decode_rows(report: dict) -> list[dict]:
     rng = np.random.default_rng(0)
     for batch in [int(b) for b in FLAGS.decode_batches]:
         ids = rng.integers(3, 30000, (batch, 128)).tolist()
-        for weights in [None, *FLAGS.schemes]:
+        variants = [(None, False), *((s, False) for s in FLAGS.schemes),
+                    *((s, True) for s in FLAGS.schemes if FLAGS.decode_gemv and batch == 1)]
+        for weights, gemv in variants:
+            gpu.DEFAULT_TUNING = dataclasses.replace(gpu.Fp8Tuning(), gemv=gemv)
+            jax.clear_caches()  # traces of the step made under the other tuning
             llm = LLM(model="llama-3.1-8b", dtype="bfloat16", weights_dtype=weights,
                       max_num_seqs=batch, max_num_batched_tokens=2048, max_model_len=512,
                       kv_cache_bytes=2 * 2**30, warmup=False)
@@ -194,7 +206,7 @@ def decode_rows(report: dict) -> list[dict]:
                 llm.generate(ids, p)
                 runs.setdefault(p.max_tokens, []).append(time.perf_counter() - start)
             step = (min(runs[LONG]) - min(runs[SHORT])) / (LONG - SHORT)
-            rows.append({"batch": batch, "weights": weights or "bfloat16",
+            rows.append({"batch": batch, "weights": (weights or "bfloat16") + " gemv" * gemv,
                          "ms_per_step": step * 1e3, "tokens_per_s": batch / step,
                          "weight_gib": sum(x.nbytes for x in jax.tree.leaves(
                              llm.model.params)) / 2**30})
@@ -202,9 +214,10 @@ def decode_rows(report: dict) -> list[dict]:
             write(report, FLAGS.output)
             del llm
             gc.collect()
-        base = rows[-1 - len(FLAGS.schemes)]["tokens_per_s"]
-        for row in rows[-len(FLAGS.schemes):]:
+        base = rows[-len(variants)]["tokens_per_s"]
+        for row in rows[1 - len(variants):]:
             row["speed_vs_bf16"] = row["tokens_per_s"] / base
+    gpu.DEFAULT_TUNING = gpu.Fp8Tuning()
     return rows
 
 

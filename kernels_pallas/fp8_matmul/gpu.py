@@ -39,12 +39,13 @@ class Fp8Tuning:
     """Block sizes and pipelining; `k_splits=None` splits K until the grid has
     `TARGET_PROGRAMS` programs."""
 
-    block_n: int = 128  # output columns per program (largest of 128/64/32/16 dividing N)
+    block_n: int = 128  # output columns per program (largest power of 2 <= it dividing N)
     block_k: int = 128  # K rows per loop step (largest of 256/128/64/32 dividing the slice)
     block_m: int = 64  # rows of x per program
     k_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 3
+    gemv: bool = False  # one-row matmuls on CUDA cores (`_gemv_kernel`); untimed, so off
 
 
 def _largest_divisor(n: int, options: tuple[int, ...]) -> int:
@@ -57,7 +58,8 @@ def _largest_divisor(n: int, options: tuple[int, ...]) -> int:
 def plan(m: int, k: int, n: int, tuning: Fp8Tuning) -> tuple[int, int, int, int]:
     """(block_m, block_n, block_k, k_splits) for x [m, k] @ w [k, n]."""
     block_m = min(tuning.block_m, max(MIN_DOT_ROWS, 1 << (m - 1).bit_length()))
-    block_n = _largest_divisor(n, tuple(b for b in (128, 64, 32, 16) if b <= tuning.block_n))
+    block_n = _largest_divisor(n, tuple(b for b in (256, 128, 64, 32, 16)
+                                        if b <= tuning.block_n))
     splits = tuning.k_splits
     if splits is None:
         programs = -(-m // block_m) * (n // block_n)
@@ -92,14 +94,49 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, *, block_k: int, mx: bool):
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def fp8_matmul(x: jax.Array, w: Fp8Weight, *, tuning: Fp8Tuning = Fp8Tuning(),
+def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, block_k: int, mx: bool):
+    """One row of x: each step multiplies a [block_k, block_n] weight tile elementwise by x's
+    slice (and its 32-row groups by their scales) into an accumulator of the tile's shape,
+    reduced once at the end, so the loop is conversions and FMAs only: no tensor-core operand
+    layouts, which a single row wastes."""
+    block_n = o_ref.shape[-1]
+    groups = block_k // BLOCK
+
+    def body(i, acc):
+        start = i * block_k
+        tile = w_ref[pl.ds(start, block_k), :].astype(jnp.float32)
+        xs = x_ref[0, pl.ds(start, block_k)].astype(jnp.float32)
+        prod = tile.reshape(groups, BLOCK, block_n) * xs.reshape(groups, BLOCK, 1)
+        if mx:
+            exponent = s_ref[pl.ds(i * groups, groups), :].astype(jnp.float32) - E8M0_BIAS
+            prod = prod * jnp.exp2(exponent)[:, None, :]
+        return acc + prod
+
+    acc = lax.fori_loop(0, w_ref.shape[0] // block_k, body,
+                        jnp.zeros((groups, BLOCK, block_n), jnp.float32))
+    out = acc.sum(axis=0).sum(axis=0)
+    if not mx:
+        out = out * s_ref[0, :].astype(jnp.float32)
+    o_ref[...] = out[None, :].astype(o_ref.dtype)
+
+
+# What the model's matmuls use (read when a step is traced; benchmarks swap it to compare).
+DEFAULT_TUNING = Fp8Tuning()
+
+
+def fp8_matmul(x: jax.Array, w: Fp8Weight, *, tuning: Fp8Tuning | None = None,
                interpret: bool = False) -> jax.Array:
     """x [..., K] @ w [K, N] in x's dtype, reading the weight as FP8."""
+    tuning = tuning or DEFAULT_TUNING
     *lead, k = x.shape
     n = w.shape[-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
+    gemv = tuning.gemv and m == 1
     block_m, block_n, block_k, splits = plan(m, k, n, tuning)
+    if gemv:
+        block_m = 1
+        block_k = min(block_k, 64)  # the accumulator is a whole tile: keep it in registers
     rows = -(-m // block_m) * block_m
     if rows != m:
         x2 = jnp.pad(x2, ((0, rows - m), (0, 0)))
@@ -108,7 +145,7 @@ def fp8_matmul(x: jax.Array, w: Fp8Weight, *, tuning: Fp8Tuning = Fp8Tuning(),
     scale_rows = slice_k // BLOCK if mx else 1
     out_dtype = x.dtype if splits == 1 else jnp.float32
     out = pl.pallas_call(
-        functools.partial(_kernel, block_k=block_k, mx=mx),
+        functools.partial(_gemv_kernel if gemv else _kernel, block_k=block_k, mx=mx),
         grid=(rows // block_m, n // block_n, splits),
         in_specs=[pl.BlockSpec((block_m, slice_k), lambda i, j, s: (i, s)),
                   pl.BlockSpec((slice_k, block_n), lambda i, j, s: (s, j)),
