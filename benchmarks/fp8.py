@@ -87,20 +87,23 @@ def quality() -> dict:
 
 
 def sensitivity() -> list[dict]:
-    rows = []
-    base = None
-    for keep in [None, *range(30)]:  # SmolLM2's 30 layers
+    def ppl(keep: int | None) -> tuple[float, int]:
         llm = LLM(model="smollm2-135m", dtype="float32", max_num_batched_tokens=512,
                   max_model_len=2048, weights_dtype=None if keep is None else "mxfp8",
                   fp8_keep_layers=[] if keep is None else [keep])
         value = perplexity(llm, long_text(llm.tokenizer, FLAGS.perplexity_tokens))
-        base = base or value
-        if keep is not None:
-            rows.append({"kept_layer": keep, "perplexity": value,
-                         "perplexity_vs_float32": value / base})
-            print(rows[-1], flush=True)
+        layers = llm.config.num_layers
         del llm
         gc.collect()
+        return value, layers
+
+    base, layers = ppl(None)
+    rows = []
+    for keep in range(layers):
+        value, _ = ppl(keep)
+        rows.append({"kept_layer": keep, "perplexity": value,
+                     "perplexity_vs_float32": value / base})
+        print(rows[-1], flush=True)
     return rows
 
 

@@ -84,9 +84,8 @@ class Engine:
         # The reference attention gathers the whole page table, so its width is bucketed;
         # the kernels read only each row's pages, so one full width serves every step.
         self.bucket_pages = attention_backend == "reference"
-        self.min_decode_rows = decode_rows_floor(jax.devices()[0].platform)
-        self.split_constrained_steps = cfg.split_constrained_steps  # None: see `splits`
-        self._on_cpu = jax.devices()[0].platform == "cpu"
+        self.platform = jax.devices()[0].platform
+        self.min_decode_rows = decode_rows_floor(self.platform)
         self.page_table = HostPageTable(cfg.max_num_seqs, widest_pages(self.max_pages_per_seq))
         self.requests: dict[str, Request] = {}
         self.grammar: GrammarCompiler | None = None
@@ -223,7 +222,7 @@ class Engine:
         """A step while a constrained row's next mask depends on the token in flight.
 
         The step is planned as usual, but its mask can be filled only once the step in flight
-        is applied. With `split_constrained_steps` a decode-only step is launched in two
+        is applied. Where `splits` says so, a decode-only step is launched in two
         halves: the forward first, so the device runs the model while the host reads back the
         previous step, advances the matchers and fills the mask, then the sampling with that
         mask. Other steps (prefill chunks, and every step without the split) wait for the
@@ -259,9 +258,9 @@ class Engine:
         (SmolLM2 on 2 cores: split steps are 6% faster at 1 row, 5% slower at 32)."""
         if not splittable(shape):
             return False
-        if self.split_constrained_steps is not None:
-            return self.split_constrained_steps
-        return not self._on_cpu or shape.num_decode <= CPU_SPLIT_MAX_ROWS
+        if self.cfg.split_constrained_steps is not None:
+            return self.cfg.split_constrained_steps
+        return self.platform != "cpu" or shape.num_decode <= CPU_SPLIT_MAX_ROWS
 
     def drain(self) -> list[Request]:
         """Apply the step in flight, if any, launching nothing new."""

@@ -3,6 +3,7 @@ one continuously batched run mixed with unconstrained requests, greedy and sampl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -182,7 +183,9 @@ def test_split_steps_equal_whole_steps(smollm, monkeypatch):
     requests = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0, json_schema=SCHEMAS[3]),
                 SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, seed=4, regex=r"[a-z ]{5,60}"),
                 SamplingParams(max_tokens=24, temperature=0.7, seed=2)]
-    monkeypatch.setattr(smollm.engine, "split_constrained_steps", True)  # off on CPUs
+    # split every step, whatever the platform's default
+    monkeypatch.setattr(smollm.engine, "cfg", dataclasses.replace(
+        smollm.engine.cfg, split_constrained_steps=True))
     split = smollm.generate([prompt] * 3, requests)
     assert any(kind == FORWARD for _, kind in smollm.engine.runner._compiled)
     monkeypatch.setattr(engine_module, "splittable", lambda shape: False)

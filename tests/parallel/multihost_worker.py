@@ -15,20 +15,15 @@ from dendrite_jax.parallel import distributed  # noqa: E402
 def main(model: str, address: str, process_id: int, tp: int) -> None:
     distributed.initialize(address, num_processes=2, process_id=process_id)
     import jax
+    from greedy_run import ENGINE, greedy_report
 
-    from dendrite_jax import LLM, SamplingParams
+    from dendrite_jax import LLM
 
-    prompts = [[(7 * i + j) % 400 + 3 for j in range(n)] for i, n in enumerate((5, 23, 40))]
-    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, prompt_logprobs=0)
-    llm = LLM(model=model, dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
-              max_model_len=256, compilation_cache=False, tensor_parallel_size=tp)
-    outs = llm.generate(prompts, params)
+    llm = LLM(model=model, **ENGINE, tensor_parallel_size=tp)
+    report = greedy_report(llm)
     kv = llm.engine.runner.kv.k
     print(json.dumps({
-        "tokens": [o.token_ids for o in outs],
-        "prompt_logprobs": [[entry[t].logprob for entry, t in
-                             zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:], strict=True)]
-                            for o in outs],
+        **report,
         "processes": jax.process_count(),
         "cache_devices": len(kv.sharding.device_set),
         "cache_processes": len({d.process_index for d in kv.sharding.device_set}),

@@ -17,7 +17,7 @@ import pytest
 
 from dendrite_jax import LLM, SamplingParams
 from dendrite_jax.parallel import distributed
-from tests.parallel.test_tensor import RANDOM_MODEL, ROOT, run_worker
+from tests.parallel.workers import ROOT, run_worker
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 
@@ -42,14 +42,12 @@ def run_job(commands: list[list[str]], env: dict | None = None) -> list[str]:
     return outs
 
 
-def test_random_model_over_two_processes(tmp_path):
-    preset = tmp_path / "tp-random.toml"
-    preset.write_text(RANDOM_MODEL)
+def test_random_model_over_two_processes(random_preset):
     address = free_address()
-    outs = run_job([[sys.executable, str(WORKER), str(preset), address, str(i), "4"]
+    outs = run_job([[sys.executable, str(WORKER), random_preset, address, str(i), "4"]
                     for i in range(2)])
     reports = [json.loads(o.strip().splitlines()[-1]) for o in outs]
-    base = run_worker(str(preset), "1")["1"]
+    base = run_worker(random_preset, "1")["1"]
     for got in reports:
         assert got["processes"] == 2
         assert got["cache_devices"] == 4 and got["cache_processes"] == 2

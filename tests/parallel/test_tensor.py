@@ -6,44 +6,13 @@ really are spread over the devices; bad sizes are refused."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from dendrite_jax import LLM
 from dendrite_jax.config import ModelConfig
 from dendrite_jax.parallel import tensor
-
-WORKER = Path(__file__).with_name("tp_worker.py")
-ROOT = Path(__file__).resolve().parents[2]
-
-RANDOM_MODEL = """\
-[checkpoint]
-format = "random"
-seed = 3
-
-[model]
-vocab_size = 512
-hidden_size = 128
-intermediate_size = 256
-num_layers = 2
-num_heads = 16
-num_kv_heads = 8
-head_dim = 16
-max_position_embeddings = 1024
-tie_word_embeddings = true
-"""
-
-
-def run_worker(model: str, sizes: str, replicas: str = "", backend: str = "auto") -> dict:
-    out = subprocess.run([sys.executable, str(WORKER), model, sizes, replicas, backend],
-                         capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+from tests.parallel.workers import run_worker
 
 
 def check_same(report: dict) -> None:
@@ -62,20 +31,16 @@ def test_smollm2_three_ways():
     check_same(run_worker("smollm2-135m", "1,3"))
 
 
-def test_random_model_two_four_eight_ways(tmp_path):
-    preset = tmp_path / "tp-random.toml"
-    preset.write_text(RANDOM_MODEL)
-    report = run_worker(str(preset), "1,2,4,8", "4x2")
+def test_random_model_two_four_eight_ways(random_preset):
+    report = run_worker(random_preset, "1,2,4,8", "4x2")
     check_same(report)
     assert len({t for row in report["1"]["tokens"] for t in row}) > 3  # not a constant output
 
 
-def test_kernel_backend_under_shard_map(tmp_path):
+def test_kernel_backend_under_shard_map(random_preset):
     """The GPU kernel (interpret mode here) as each device's attention: Pallas outputs carry no
     varying-axis type, which shard_map must not check."""
-    preset = tmp_path / "tp-random.toml"
-    preset.write_text(RANDOM_MODEL)
-    check_same(run_worker(str(preset), "1,2", backend="pallas_gpu"))
+    check_same(run_worker(random_preset, "1,2", backend="pallas_gpu"))
 
 
 def test_regroup_round_trip():

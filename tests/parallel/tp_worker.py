@@ -9,33 +9,23 @@ import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
-from dendrite_jax import LLM, SamplingParams  # noqa: E402
+from greedy_run import ENGINE, PARAMS, PROMPTS, greedy_report  # noqa: E402
+
+from dendrite_jax import LLM  # noqa: E402
 from dendrite_jax.parallel.replicas import DataParallelLLM  # noqa: E402
 
 
 def main(model: str, sizes: list[int], replicas: list[tuple[int, int]],
          backend: str = "auto") -> None:
-    prompts = [[(7 * i + j) % 400 + 3 for j in range(n)] for i, n in enumerate((5, 23, 40))]
-    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, prompt_logprobs=0)
     report = {}
     for tp in sizes:
-        llm = LLM(model=model, dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
-                  max_model_len=256, compilation_cache=False, tensor_parallel_size=tp,
-                  attention_backend=backend)
-        outs = llm.generate(prompts, params)
-        report[tp] = {
-            "tokens": [o.token_ids for o in outs],
-            "prompt_logprobs": [[entry[t].logprob for entry, t in
-                                 zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:], strict=True)]
-                                for o in outs],
-            "devices": len({d for a in (llm.engine.runner.kv.k,) for d in a.devices()}),
-        }
+        llm = LLM(model=model, **ENGINE, tensor_parallel_size=tp, attention_backend=backend)
+        report[tp] = {**greedy_report(llm),
+                      "devices": len(llm.engine.runner.kv.k.sharding.device_set)}
     for dp, tp in replicas:  # data-parallel replicas (of tensor-parallel models)
-        llm = DataParallelLLM(model, data_parallel_size=dp, tensor_parallel_size=tp,
-                              dtype="float32", max_num_seqs=4, max_num_batched_tokens=32,
-                              max_model_len=256, compilation_cache=False)
+        llm = DataParallelLLM(model, data_parallel_size=dp, tensor_parallel_size=tp, **ENGINE)
         devices = {d for replica in llm.replicas for d in replica.engine.runner.kv.k.devices()}
-        report[f"{dp}x{tp}"] = {"tokens": [o.token_ids for o in llm.generate(prompts, params)],
+        report[f"{dp}x{tp}"] = {"tokens": [o.token_ids for o in llm.generate(PROMPTS, PARAMS)],
                                 "devices": len(devices)}
     print(json.dumps(report))
 
