@@ -114,11 +114,22 @@ class ModelRunner:
         self.slots = jax.device_put(SlotState.create(num_slots, cfg.vocab_size),
                                     self._replicated)
         static = ("cfg", "shape", "attention_backend")
+        # On a mesh the outputs' shardings are fixed to the inputs' (outputs feed the next
+        # step): left to XLA, the vocabulary-split logits can leave the slots' token counts
+        # split too, and the next call then refuses them.
+        outs = {STEP: {}, FORWARD: {}, SAMPLE: {}}
+        if mesh is not None:
+            rep, heads = self._replicated, kv_sharding(mesh)
+            outs = {STEP: dict(out_shardings=(rep, heads, rep)),
+                    FORWARD: dict(out_shardings=(rep, heads, rep)),
+                    SAMPLE: dict(out_shardings=(rep, rep))}
         self._jitted = {
-            STEP: jax.jit(step, static_argnames=static, donate_argnames=("kv", "slots")),
+            STEP: jax.jit(step, static_argnames=static, donate_argnames=("kv", "slots"),
+                          **outs[STEP]),
             FORWARD: jax.jit(forward_step, static_argnames=static,
-                             donate_argnames=("kv", "slots")),
-            SAMPLE: jax.jit(sample_step, static_argnames=("shape",), donate_argnames=("slots",)),
+                             donate_argnames=("kv", "slots"), **outs[FORWARD]),
+            SAMPLE: jax.jit(sample_step, static_argnames=("shape",), donate_argnames=("slots",),
+                            **outs[SAMPLE]),
         }
         self._compiled: collections.OrderedDict[tuple[StepShape, str], Any] = (
             collections.OrderedDict())

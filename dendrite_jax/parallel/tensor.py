@@ -9,7 +9,7 @@ model how to split them back (`model/llama.py`). Heads keep their order, so shar
 heads [s Hq/tp, (s+1) Hq/tp) and exactly their KV heads. XLA partitions the matmuls from the
 weights' shardings (one all-reduce after o and one after down per layer), and attention runs on
 each device's heads under `shard_map`, so any attention backend (kernels included) sees a
-one-device problem.
+one-device problem. A separate output matrix is split on the vocabulary.
 """
 
 from __future__ import annotations
@@ -109,7 +109,15 @@ def param_shardings(params: Params, mesh: Mesh) -> Params:
     return Params(embed=replicated,
                   layers=tuple(map(layer, layers)) if isinstance(layers, tuple) else layer(layers),
                   final_norm=replicated,
-                  lm_head=None if params.lm_head is None else replicated)
+                  lm_head=None if params.lm_head is None else lm_head_sharding(params, mesh))
+
+
+def lm_head_sharding(params: Params, mesh: Mesh) -> NamedSharding:
+    """A separate output matrix [D, V] is split on the vocabulary (each device reads 1/tp of it
+    and computes its share of the logits) where tp divides V; a tied one stays with the
+    replicated embedding, which token lookups read whole."""
+    vocab = params.lm_head.shape[-1]
+    return NamedSharding(mesh, P(None, AXIS) if vocab % mesh.size == 0 else P())
 
 
 def kv_sharding(mesh: Mesh) -> KVCache:

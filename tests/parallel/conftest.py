@@ -1,4 +1,5 @@
-"""A small random-weight preset whose heads split 2, 4 and 8 ways."""
+"""A small random-weight preset whose heads (and separate output matrix's vocabulary) split
+2, 4 and 8 ways."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ num_heads = 16
 num_kv_heads = 8
 head_dim = 16
 max_position_embeddings = 1024
-tie_word_embeddings = true
+tie_word_embeddings = false
 """
 
 

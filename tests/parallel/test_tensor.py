@@ -1,8 +1,9 @@
 """Tensor and data parallelism on CPU with forced host devices (a subprocess: the device count
 is fixed when JAX starts): the same greedy tokens and prompt log-probabilities as one device, for
 SmolLM2 split 3 ways (its 9 query and 3 KV heads) and a small random model split 2, 4 and 8
-ways, and the same tokens from 4 data-parallel replicas of a 2-way split; the caches
-really are spread over the devices; bad sizes are refused."""
+ways (its output matrix split on the vocabulary), and the same tokens from 4 data-parallel
+replicas of a 2-way split; the caches really are spread over the devices; bad sizes are
+refused."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def check_same(report: dict) -> None:
         dp, _, tp = size.partition("x")
         assert got["devices"] == int(dp) * int(tp or 1), size
         assert got["tokens"] == base["tokens"], size
+        assert got.get("slots_replicated", True), size
         if "prompt_logprobs" not in got:
             continue
         for a, b in zip(got["prompt_logprobs"], base["prompt_logprobs"], strict=True):
@@ -34,6 +36,8 @@ def test_smollm2_three_ways():
 def test_random_model_two_four_eight_ways(random_preset):
     report = run_worker(random_preset, "1,2,4,8", "4x2")
     check_same(report)
+    for tp in (1, 2, 4, 8):  # each device holds its share of the output matrix's vocabulary
+        assert report[str(tp)]["lm_head_columns"] == 512 // tp
     assert len({t for row in report["1"]["tokens"] for t in row}) > 3  # not a constant output
 
 

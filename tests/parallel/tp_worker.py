@@ -9,6 +9,7 @@ import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
+import jax  # noqa: E402
 from greedy_run import ENGINE, PARAMS, PROMPTS, greedy_report  # noqa: E402
 
 from dendrite_jax import LLM  # noqa: E402
@@ -20,8 +21,15 @@ def main(model: str, sizes: list[int], replicas: list[tuple[int, int]],
     report = {}
     for tp in sizes:
         llm = LLM(model=model, **ENGINE, tensor_parallel_size=tp, attention_backend=backend)
+        head = llm.model.params.lm_head
         report[tp] = {**greedy_report(llm),
-                      "devices": len(llm.engine.runner.kv.k.sharding.device_set)}
+                      "devices": len(llm.engine.runner.kv.k.sharding.device_set),
+                      "lm_head_columns": None if head is None else
+                      head.addressable_shards[0].data.shape[-1],
+                      # what a step returns for the next one keeps its sharding (a GPU refuses
+                      # a changed one)
+                      "slots_replicated": all(a.sharding.is_fully_replicated for a in
+                                              jax.tree.leaves(llm.engine.runner.slots))}
     for dp, tp in replicas:  # data-parallel replicas (of tensor-parallel models)
         llm = DataParallelLLM(model, data_parallel_size=dp, tensor_parallel_size=tp, **ENGINE)
         devices = {d for replica in llm.replicas for d in replica.engine.runner.kv.k.devices()}
