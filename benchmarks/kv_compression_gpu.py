@@ -83,7 +83,9 @@ class _Heads:  # the part of a ModelConfig a cache's shape reads: Llama-3.1-8B a
 def random_cache(cfg, num_pages: int, compression: str, seed: int = 0):
     """A cache of given contents, made without a zero copy first so the largest caches fit.
     Codes are random bits (any pattern is a valid code; random codes scatter the kernel's grid
-    lookups as real data does)."""
+    lookups as real data does), drawn for one layer and repeated over the layers: drawing a
+    whole code array at once needs several times its size in temporaries, which is what ran
+    out of memory in the first largest-batch runs (not the step)."""
     key = jax.random.key(seed)
     if compression == "none":  # constant: the kernel's time does not depend on values
         shape = (cfg.num_layers, num_pages, PAGE_SIZE, cfg.num_kv_heads, cfg.head_dim)
@@ -95,10 +97,13 @@ def random_cache(cfg, num_pages: int, compression: str, seed: int = 0):
     keys = jax.random.split(key, len(leaves))
     arrays = []
     for k, s in zip(keys, leaves, strict=True):
+        layer_shape = s.shape[1:]  # [L, ...]: one layer's worth
         if s.dtype == jnp.uint32:
-            arrays.append(jax.random.bits(k, s.shape, jnp.uint32))
+            one = jax.random.bits(k, layer_shape, jnp.uint32)
         else:  # norms and means
-            arrays.append(jax.random.uniform(k, s.shape, s.dtype, 0.5, 1.5))
+            one = jax.random.uniform(k, layer_shape, s.dtype, 0.5, 1.5)
+        arrays.append(jnp.broadcast_to(one[None], s.shape))
+        del one
     return jax.tree.unflatten(treedef, arrays)
 
 

@@ -21,6 +21,7 @@ block's smallest elements (E4M3's relative precision is the same across its norm
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -64,7 +65,11 @@ def _block_exponent(amax: jax.Array) -> jax.Array:
 
 
 def quantize(w: jax.Array, scheme: str = "mxfp8") -> Fp8Weight:
-    """Quantize a weight [..., K, N] (K, the reduction axis, a multiple of 32 for mxfp8)."""
+    """Quantize a weight [..., K, N] (K, the reduction axis, a multiple of 32 for mxfp8).
+    A stack of matrices is quantized one matrix at a time: float32 temporaries of a whole
+    stack (14 GiB for the 8B shape's gate/up) would not fit beside the model on an 80 GB GPU."""
+    if jnp.ndim(w) > 2:
+        return jax.lax.map(functools.partial(quantize, scheme=scheme), jnp.asarray(w))
     w = jnp.asarray(w, jnp.float32)
     if scheme == "mxfp8":
         *lead, k, n = w.shape

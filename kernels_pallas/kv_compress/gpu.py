@@ -15,12 +15,10 @@ to unpack them; nothing of head_dim x context size is ever written.
 
 Layout and grid as `kernels_pallas.paged_attention.gpu`: `decode` is one program per (decode
 row, KV head, context split) with the KV head's query heads as matrix rows; `prefill` one per
-(prefill row, query head, block of queries). Writes as there too: a decode row's new key/value
-is encoded outside the kernel (a few [rows, Hkv, hd] fusions), folded into the softmax from
-registers and stored into its page slot by the decode kernel, whose code arrays are aliased to
-its outputs, so a decode step updates the cache only in place; prefill tokens are encoded and
-scattered first (`reference.write_codes`). Why Triton and not Mosaic GPU: the same as the plain
-kernels (the kernel bodies run under Pallas' interpret mode in the CPU tests).
+(prefill row, query head, block of queries). The step's keys and values are encoded and
+scattered into their pages first (`reference.write_codes`, in place). Why Triton and not
+Mosaic GPU: the same as the plain kernels (the kernel bodies run under Pallas' interpret mode
+in the CPU tests).
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ from dendrite_jax.cache import bitpack
 from dendrite_jax.cache.compress import KvCompressor
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.turboquant import TurboQuantCompressor
-from kernels_pallas.kv_compress.reference import encode, write_codes
+from kernels_pallas.kv_compress.reference import write_codes
 from kernels_pallas.kv_compress.rotated import rotated_queries, values_out
 from kernels_pallas.paged_attention.blocks import attend_by_block, join_blocks, prefill_rows
 from kernels_pallas.paged_attention.gpu import (
@@ -193,65 +191,20 @@ def _attend_codes(q_rot, q_sketch, bias, q_pos, seq_len, page_table_ref, page_ba
     return lax.fori_loop(first, pl.cdiv(end, block_k), body, init)
 
 
-def _row_words(ref):
-    """`_unpack`'s loader for one vector's words (a [words] ref)."""
-    return lambda sl: ref[...] if sl is None else ref[sl]
-
-
-def _code_bits(compressor: TurboQuantCompressor, name: str) -> int | None:
-    """Bits per code of a code array (None: a float16 norm)."""
-    return {"mse": compressor.mse_bits, "signs": 1}.get(name)
-
-
-def _store_row(dst, page, offset, src, bits: int | None) -> None:
-    """Store one vector's codes (a [words] ref, or a [1] norm) at (page, offset) of a cache ref
-    [pages, page_size, (words)]; plane-packed words go plane by plane (power-of-two loads)."""
-    if bits is None:
-        dst[page, offset] = src[0].astype(dst.dtype)
-    elif bitpack.is_fields(bits):
-        dst[page, offset] = src[...]
-    else:
-        groups = dst.shape[-1] // bits
-        for j in range(bits):
-            dst[page, offset, pl.ds(j, groups, stride=bits)] = src[pl.ds(j, groups, stride=bits)]
-
-
-def _fold_new_token(carry, q_rot, q_sketch, bias, new: _Codes, key, value, *, sm_scale,
-                    soft_cap):
-    """Fold the step's own key/value (codes in registers, not yet in the pages) into (acc,
-    max, denominator)."""
-    acc, m, denom = carry
-    s = _key_scores(q_rot, q_sketch, bias, lambda name: _row_words(new.k[name]),
-                    lambda name: new.k[name][...].astype(jnp.float32), new, key, 1,
-                    sm_scale, soft_cap).reshape(q_rot.shape[0])
-    m_new = jnp.maximum(m, s)
-    correction, p = jnp.exp(m - m_new), jnp.exp(s - m_new)
-    yv = new.v_grid[_unpack(_row_words(new.v["mse"]), value.mse_bits, key.head_dim, 1)]
-    v_new = new.v["norm"][0].astype(jnp.float32) * yv.astype(jnp.float32)  # [1, hd]
-    return acc * correction[:, None] + p[:, None] * v_new, m_new, denom * correction + p
-
-
 def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_rot_ref, q_sketch_ref, bias_ref,
                    *refs, num_pages: int, group: int, group_pad: int, normalize: bool,
-                   write: bool, **kwargs):
-    """One (row, KV head, split); query heads of the KV head as `group_pad` masked rows. With
-    `write`, the row's new key/value codes (refs after the slot refs) are not in the pages yet:
-    split 0 folds them in from registers and stores them into their slot."""
-    key, value = kwargs["key"], kwargs["value"]
+                   **kwargs):
+    """One (row, KV head, split); query heads of the KV head as `group_pad` masked rows."""
+    key = kwargs["key"]
     codes, refs = _take_codes(refs, key)
-    if write:
-        slot_page_ref, slot_offset_ref, *refs = refs
-        new, refs = _take_codes(refs, key)
-        new = dataclasses.replace(new, k_grid=codes.k_grid, v_grid=codes.v_grid)
     kv_head, split = pl.program_id(1), pl.program_id(2)
     page_size = codes.k["norm"].shape[-1]
     pages_per_split = page_table_ref.shape[0]
     block_k = kwargs["block_k"]
     page_base = layer_ref[0] * num_pages
     seq_len = seq_len_ref[0]
-    context = seq_len - 1 if write else seq_len  # keys read from the pages
     split_start = split * pages_per_split * page_size
-    end = jnp.clip(context - split_start, 0, pages_per_split * page_size)
+    end = jnp.clip(seq_len - split_start, 0, pages_per_split * page_size)
     first = 0
     if kwargs["sliding_window"] is not None:
         first = jnp.maximum(seq_len - kwargs["sliding_window"] - split_start, 0) // block_k
@@ -263,26 +216,8 @@ def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_rot_ref, q_sketch_r
     bias = pltriton.load(b_rows, mask=jnp.arange(group_pad) < group, other=0)
     q_pos = seq_len - 1 + jnp.zeros((group_pad,), jnp.int32)
     acc, m, denom = _attend_codes(
-        q_rot, q_sketch, bias, q_pos, context, page_table_ref, page_base, codes, first=first,
+        q_rot, q_sketch, bias, q_pos, seq_len, page_table_ref, page_base, codes, first=first,
         end=end, key_start=split_start, **kwargs)
-    if write:
-        fold = (split == 0) & (seq_len > 0)
-        folded = _fold_new_token((acc, m, denom), q_rot, q_sketch, bias, new, key, value,
-                                 sm_scale=kwargs["sm_scale"], soft_cap=kwargs["soft_cap"])
-        acc, m, denom = (jnp.where(fold, a, b) for a, b in zip(folded, (acc, m, denom),
-                                                                 strict=True))
-        key_names, value_names = _names(key)
-        num_caches = len(key_names) + len(value_names)
-        refs, outs = refs[:-num_caches], refs[-num_caches:]
-        rows = [(new.k[n], key, n) for n in key_names] + [(new.v[n], value, n)
-                                                          for n in value_names]
-
-        @pl.when(fold)
-        def _store():
-            page, offset = page_base + slot_page_ref[0], slot_offset_ref[0]
-            for dst, (src, compressor, name) in zip(outs, rows, strict=True):
-                _store_row(dst, page, offset, src, _code_bits(compressor, name))
-
     if normalize:
         (o_ref,) = refs
         o_rows, o_mask = group_rows(o_ref, kv_head, group, group_pad)
@@ -343,19 +278,8 @@ def _kernel_kwargs(kv, sm_scale, sliding_window, soft_cap, block_k):
                 block_k=block_k, key=kv.key_compressor, value=kv.value_compressor)
 
 
-def _new_code_arrays(kv: CompressedKVCache, new_k: dict, new_v: dict, grid_dtype) -> list:
-    """The step's new codes ([R, Hkv, ...]; norms as [R, Hkv, 1]) in `_names` order, then the
-    grids (unused: `_take_codes` expects them)."""
-    key_names, value_names = _names(kv.key_compressor)
-
-    def rows(a):
-        return a[..., None] if a.ndim == 2 else a
-    return [*(rows(new_k[n]) for n in key_names), *(rows(new_v[n]) for n in value_names),
-            jnp.zeros((1,), grid_dtype), jnp.zeros((1,), grid_dtype)]
-
-
 def _decode_call(q_rot, q_sketch, bias, kv: CompressedKVCache, layer, seq_lens, page_tables,
-                 new, *, sm_scale, sliding_window, soft_cap, tuning: CodeTuning, interpret):
+                 *, sm_scale, sliding_window, soft_cap, tuning: CodeTuning, interpret):
     rows, num_heads, head_dim = q_rot.shape
     num_pages, page_size, num_kv_heads = kv.num_pages, kv.page_size, kv.k["norm"].shape[3]
     group = num_heads // num_kv_heads
@@ -395,43 +319,20 @@ def _decode_call(q_rot, q_sketch, bias, kv: CompressedKVCache, layer, seq_lens, 
         out_shape = [jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
                      jax.ShapeDtypeStruct(part, jnp.float32),
                      jax.ShapeDtypeStruct(part, jnp.float32)]
-    aliases = {}
-    if new is not None:
-        slot_pages, slot_offsets, new_k, new_v = new
-        new_arrays = _new_code_arrays(kv, new_k, new_v, q_rot.dtype)
-        in_specs += [row_spec, row_spec,
-                     *(pl.BlockSpec((None, None, a.shape[-1]), lambda r, h, s: (r, h, 0))
-                       for a in new_arrays[:-2]),
-                     *(pl.BlockSpec((1,), lambda r, h, s: (0,)) for _ in range(2))]
-        first_cache = len(args) - len(arrays)
-        args += [slot_pages, slot_offsets, *new_arrays]
-        caches = arrays[:-2]
-        out_specs += [_cache_spec(a, lambda r, h, s: h) for a in caches]
-        aliases = {first_cache + i: len(out_shape) + i for i in range(len(caches))}
-        out_shape += [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in caches]
     kernel = functools.partial(
         _decode_kernel, num_pages=num_pages, group=group, group_pad=group_pad,
-        normalize=normalize, write=new is not None,
+        normalize=normalize,
         **_kernel_kwargs(kv, sm_scale, sliding_window, soft_cap, block_k))
     outs = pl.pallas_call(
         kernel, grid=(rows, num_kv_heads, splits), in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, input_output_aliases=aliases,
+        out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps,
                                                 num_stages=_stages(tuning, block_k, kv)),
         interpret=interpret, name="compressed_attention_decode",
     )(*args)
-    num_att = 1 if normalize else 3
-    out = outs[0] if normalize else combine_splits(*outs[:3])[:, :, :group].reshape(
-        rows, num_heads, head_dim)
-    if new is None:
-        return out
-    key_names, value_names = _names(kv.key_compressor)
-    written = outs[num_att:]
-    k = dict(kv.k, **{n: a.reshape(kv.k[n].shape)
-                      for n, a in zip(key_names, written[:len(key_names)], strict=True)})
-    v = dict(kv.v, **{n: a.reshape(kv.v[n].shape)
-                      for n, a in zip(value_names, written[len(key_names):], strict=True)})
-    return out, dataclasses.replace(kv, k=k, v=v)
+    if normalize:
+        return outs[0]
+    return combine_splits(*outs)[:, :, :group].reshape(rows, num_heads, head_dim)
 
 
 def decode(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: CompressedKVCache,
@@ -440,26 +341,9 @@ def decode(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: Compresse
            tuning: CodeTuning = CodeTuning(), interpret: bool = False) -> jax.Array:
     """One query per row (its key already in the pages): rotated queries q_rot [R, Hq, hd],
     sketches [R, Hq, m], offsets bias [R, Hq] -> rotated-domain outputs [R, Hq, hd] float32."""
-    return _decode_call(q_rot, q_sketch, bias, kv, layer, seq_lens, page_tables, None,
+    return _decode_call(q_rot, q_sketch, bias, kv, layer, seq_lens, page_tables,
                         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                         tuning=tuning, interpret=interpret)
-
-
-def decode_and_write(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array,
-                     kv: CompressedKVCache, layer: jax.Array, seq_lens: jax.Array,
-                     page_tables: jax.Array, slot_pages: jax.Array, slot_offsets: jax.Array,
-                     new_k: dict, new_v: dict, *, sm_scale: float,
-                     sliding_window: int | None = None, soft_cap: float | None = None,
-                     tuning: CodeTuning = CodeTuning(), interpret: bool = False
-                     ) -> tuple[jax.Array, CompressedKVCache]:
-    """`decode` for rows whose new key/value codes new_k, new_v ([R, Hkv, ...], position
-    seq_len - 1) are not yet in the pages: the kernel folds them in from registers and stores
-    them at (slot_pages, slot_offsets) in place (the code arrays are aliased to outputs), so a
-    decode step has no separate scatter. Returns (outputs, the cache)."""
-    return _decode_call(q_rot, q_sketch, bias, kv, layer, seq_lens, page_tables,
-                        (slot_pages, slot_offsets, new_k, new_v), sm_scale=sm_scale,
-                        sliding_window=sliding_window, soft_cap=soft_cap, tuning=tuning,
-                        interpret=interpret)
 
 
 def prefill(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: CompressedKVCache,
@@ -537,23 +421,22 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedKVC
                      sliding_window: int | None = None, soft_cap: float | None = None,
                      tuning: CodeTuning = CodeTuning(), interpret: bool = False
                      ) -> tuple[jax.Array, CompressedKVCache]:
-    """The step's attention with its code writes (contract: `kv_compress.write_and_attend`).
-    Prefill tokens are encoded and scattered into their pages before the prefill kernel reads
-    them; decode tokens are encoded here and stored by the decode kernel itself, so a
-    decode-only step writes the cache only in place, inside the kernel."""
+    """The step's attention with its code writes (contract: `kv_compress.write_and_attend`):
+    every token's codes are scattered into their pages (in place, the cache donated), then
+    the kernels read them with the rest of the context. (A decode kernel that stored its row's
+    codes itself, as the plain one does, ran 1.4x slower per call on an H100: NOTES.md.)"""
     _check_supported(kv)
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   tuning=tuning, interpret=interpret)
     d = num_decode
+    kv = write_codes(kv, layer, k, v, slot_pages, slot_offsets)
     decode_out = prefill_out = None
     if page_tables.shape[0] > d:
-        kv = write_codes(kv, layer, k[d:], v[d:], slot_pages[d:], slot_offsets[d:])
         prefill_out = _prefill_values(prefill_rows(q, d, max_q_len), kv, layer, q_lens[d:],
                                       seq_lens[d:], page_tables[d:], **kwargs)
     if d:
-        out, kv = decode_and_write(*rotated_queries(q[:d], kv, layer), kv, layer, seq_lens[:d],
-                                   page_tables[:d], slot_pages[:d], slot_offsets[:d],
-                                   *encode(kv, layer, k[:d], v[:d]), **kwargs)
+        out = decode(*rotated_queries(q[:d], kv, layer), kv, layer, seq_lens[:d],
+                     page_tables[:d], **kwargs)
         decode_out = _decode_values(out, kv, layer, q_lens[:d])
     return join_blocks(decode_out, prefill_out).astype(q.dtype), kv
 

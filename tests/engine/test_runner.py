@@ -43,6 +43,7 @@ def test_bucket_shapes_are_powers_of_two():
                           min_decode_rows=decode_rows_floor("gpu"))
     assert dims(single) == (2, 0, 1, 4)
     assert decode_rows_floor("cpu") == 1
+    assert decode_rows_floor("gpu", fp8_kernel=True) == 1  # the FP8 kernel's one-row path
     assert single in all_shapes(max_num_seqs=1, max_num_batched_tokens=16, max_pages_per_seq=4,
                                 min_decode_rows=2)
 
