@@ -15,16 +15,19 @@ Parts:
   Llama-3.1-8B projections): bfloat16 (XLA), XLA's FP8 dot (E4M3 operands), and our FP8 weights
   through each `kernels_pallas.fp8_matmul` backend (reference: dequantize then multiply;
   kernel: the platform's Pallas kernel).
-- sweep: the GPU kernel's block_n x k_splits at decode shapes (M = 1 and 32), MXFP8, and the
-  one-row CUDA-core kernel (`Fp8Tuning(gemv=True)`) at M = 1, as weight GB/s (the bandwidth
-  it streams the FP8 weight at), against bf16 XLA's in the same run.
+- sweep: the GPU kernel's tensor-core path (block_n x k_splits) at decode shapes (M = 1 and
+  32), MXFP8, and the one-row CUDA-core kernel (`Fp8Tuning.gemv`: block_n, k_splits, warps,
+  K rows per step) at M = 1, as weight GB/s (the bandwidth it streams the FP8 weight at),
+  against bf16 XLA's in the same run; `best_gemv` is the one-row tuning with the best
+  geometric mean.
 - decode: Llama-3.1-8B-shaped decode (random weights) at batch 1 and 32, bfloat16 vs each
-  scheme's `weights_dtype`, timed as the difference between generating 16 and 112 tokens.
+  scheme's `weights_dtype` on the tensor-core path and (batch 1) the one-row kernel, with its
+  default tuning and, when the sweep ran first, the sweep's best; timed as the difference
+  between generating 16 and 112 tokens.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import time
 
@@ -49,8 +52,8 @@ flags.DEFINE_list("keep_layers", ["0", "1", "-1"], "Quality part: also each sche
                   "layers unquantized (fp8_keep_layers); empty: skip.")
 flags.DEFINE_integer("perplexity_tokens", 1024, "Tokens of text scored.")
 flags.DEFINE_list("decode_batches", ["1", "32"], "Batch sizes of the decode part.")
-flags.DEFINE_bool("decode_gemv", True, "Decode part, batch 1: also each scheme with the one-row "
-                  "CUDA-core kernel (Fp8Tuning.gemv).")
+flags.DEFINE_bool("decode_gemv", True, "Decode part, batch 1: the one-row CUDA-core kernel "
+                  "(Fp8Tuning.gemv); off: the tensor-core path.")
 flags.DEFINE_string("output", "benchmarks/results/fp8_cpu.json", "JSON output.")
 
 SHORT, LONG = 16, 112
@@ -157,6 +160,20 @@ def weight_bytes(q: fp8.Fp8Weight) -> int:
     return q.values.nbytes + q.scales.nbytes
 
 
+GEMV_TUNINGS = {  # the one-row kernel's sweep: block_n, k_splits, warps, K rows per step
+    f"gemv_n{n}_s{s or 'auto'}_w{w}_k{k}": gpu.Fp8Tuning(block_n=n, k_splits=s, num_warps=w,
+                                                         gemv_block_k=k)
+    for n in (128, 256) for s in (16, None) for w in (4, 8) for k in (64, 128)}
+
+
+def best_gemv(rows: list[dict]) -> str | None:
+    """The one-row tuning with the best geometric-mean GB/s over the M = 1 shapes."""
+    ones = [r for r in rows if r["m"] == 1]
+    scores = {label: np.exp(np.mean([np.log(r[label]) for r in ones]))
+              for label in GEMV_TUNINGS if all(isinstance(r.get(label), float) for r in ones)}
+    return max(scores, key=scores.get) if scores else None
+
+
 def sweep_rows() -> list[dict]:
     rows = []
     for m in (1, 32):
@@ -168,12 +185,10 @@ def sweep_rows() -> list[dict]:
             row = {"m": m, "k": k, "n": n,
                    "bf16_weight_gb_s": w.nbytes / seconds_per_call(lambda x, w: x @ w, x, w) / 1e9}
             tunings = {f"n{block_n}_s{splits or 'auto'}":
-                       gpu.Fp8Tuning(block_n=block_n, k_splits=splits)
+                       gpu.Fp8Tuning(block_n=block_n, k_splits=splits, gemv=False)
                        for block_n in (64, 128) for splits in (1, 2, 4, 8, 16, None)}
             if m == 1:  # the CUDA-core kernel for one row
-                tunings |= {f"gemv_n{block_n}_s{splits or 'auto'}":
-                            gpu.Fp8Tuning(block_n=block_n, k_splits=splits, gemv=True)
-                            for block_n in (64, 128, 256) for splits in (4, 16, None)}
+                tunings |= GEMV_TUNINGS
             for label, tuning in tunings.items():
                 try:
                     seconds = seconds_per_call(
@@ -192,10 +207,18 @@ def decode_rows(report: dict) -> list[dict]:
     rng = np.random.default_rng(0)
     for batch in [int(b) for b in FLAGS.decode_batches]:
         ids = rng.integers(3, 30000, (batch, 128)).tolist()
-        variants = [(None, False), *((s, False) for s in FLAGS.schemes),
-                    *((s, True) for s in FLAGS.schemes if FLAGS.decode_gemv and batch == 1)]
-        for weights, gemv in variants:
-            gpu.DEFAULT_TUNING = dataclasses.replace(gpu.Fp8Tuning(), gemv=gemv)
+        # (weights, kernel tuning label): several rows take the tensor-core path; one row
+        # the one-row kernel with its default tuning and the sweep's best (when the sweep ran
+        # in this process), or with --nodecode_gemv the tensor-core path instead
+        one_row = {"one-row": gpu.Fp8Tuning()}
+        if report.get("best_gemv"):
+            one_row[report["best_gemv"]] = GEMV_TUNINGS[report["best_gemv"]]
+        tunings = {"tensor-core": gpu.Fp8Tuning(gemv=False), **one_row}
+        labels = list(one_row) if batch == 1 and FLAGS.decode_gemv else ["tensor-core"]
+        variants = [(None, "tensor-core"),
+                    *((s, label) for s in FLAGS.schemes for label in labels)]
+        for weights, label in variants:
+            gpu.DEFAULT_TUNING = tunings[label]
             jax.clear_caches()  # traces of the step made under the other tuning
             llm = LLM(model="llama-3.1-8b", dtype="bfloat16", weights_dtype=weights,
                       max_num_seqs=batch, max_num_batched_tokens=2048, max_model_len=512,
@@ -209,7 +232,8 @@ def decode_rows(report: dict) -> list[dict]:
                 llm.generate(ids, p)
                 runs.setdefault(p.max_tokens, []).append(time.perf_counter() - start)
             step = (min(runs[LONG]) - min(runs[SHORT])) / (LONG - SHORT)
-            rows.append({"batch": batch, "weights": (weights or "bfloat16") + " gemv" * gemv,
+            rows.append({"batch": batch, "weights": (weights or "bfloat16") + (
+                             f" {label}" if weights else ""),
                          "ms_per_step": step * 1e3, "tokens_per_s": batch / step,
                          "weight_gib": sum(x.nbytes for x in jax.tree.leaves(
                              llm.model.params)) / 2**30})
@@ -238,6 +262,7 @@ def main(argv: list[str]) -> None:
         write(report, FLAGS.output)
     if "sweep" in FLAGS.parts:
         report["sweep"] = sweep_rows()
+        report["best_gemv"] = best_gemv(report["sweep"])
         write(report, FLAGS.output)
     if "decode" in FLAGS.parts:
         decode_rows(report)

@@ -46,6 +46,7 @@ class Fp8Tuning:
     num_warps: int = 4
     num_stages: int = 3
     gemv: bool = True  # one-row matmuls on CUDA cores (`_gemv_kernel`): faster at M = 1
+    gemv_block_k: int = 64  # the one-row kernel's K rows per step (its accumulator's size)
 
 
 def _largest_divisor(n: int, options: tuple[int, ...]) -> int:
@@ -136,7 +137,7 @@ def fp8_matmul(x: jax.Array, w: Fp8Weight, *, tuning: Fp8Tuning | None = None,
     block_m, block_n, block_k, splits = plan(m, k, n, tuning)
     if gemv:
         block_m = 1
-        block_k = min(block_k, 64)  # the accumulator is a whole tile: keep it in registers
+        block_k = min(block_k, tuning.gemv_block_k)  # the accumulator is a whole tile
     rows = -(-m // block_m) * block_m
     if rows != m:
         x2 = jnp.pad(x2, ((0, rows - m), (0, 0)))

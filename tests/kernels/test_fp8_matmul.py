@@ -38,15 +38,17 @@ def test_kernel_matches_reference(kernel, scheme, m, k, n):
 
 
 @pytest.mark.parametrize("scheme", fp8.SCHEMES)
-@pytest.mark.parametrize("k,n,splits", [(1536, 576, None), (96, 48, 1), (512, 96, 4)])
-def test_gemv_matches_reference(scheme, k, n, splits):
+@pytest.mark.parametrize("k,n,splits,block_k", [(1536, 576, None, 64), (96, 48, 1, 64),
+                                                 (512, 96, 4, 128)])
+def test_gemv_matches_reference(scheme, k, n, splits, block_k):
     """The one-row kernel (CUDA-core FMAs, `Fp8Tuning.gemv`) equals the reference."""
     rng = np.random.default_rng(k + n)
     x, w = case(rng, 1, k, n)
     q = fp8.quantize(w, scheme)
     with jax.default_matmul_precision("highest"):
         want = np.asarray(reference_fp8_matmul(x, q))
-    got = np.asarray(gpu.fp8_matmul(x, q, tuning=gpu.Fp8Tuning(gemv=True, k_splits=splits),
+    tuning = gpu.Fp8Tuning(gemv=True, k_splits=splits, gemv_block_k=block_k)
+    got = np.asarray(gpu.fp8_matmul(x, q, tuning=tuning,
                                     interpret=jax.default_backend() != "gpu"))
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
 
