@@ -424,7 +424,7 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedKVC
     """The step's attention with its code writes (contract: `kv_compress.write_and_attend`):
     every token's codes are scattered into their pages (in place, the cache donated), then
     the kernels read them with the rest of the context. (A decode kernel that stored its row's
-    codes itself, as the plain one does, ran 1.4x slower per call on an H100: NOTES.md.)"""
+    codes itself, as the plain one does, ran 1.4-1.6x slower per call on an H100: NOTES.md.)"""
     _check_supported(kv)
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   tuning=tuning, interpret=interpret)
