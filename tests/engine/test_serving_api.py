@@ -9,9 +9,7 @@ from tests.model.test_smollm_parity import LONG_TEXT
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 QUESTIONS = ["Who invented it?", "When did it start?", "Why did it matter?", "Name a city.",
-             "What came before?", "Was it fast?", "Who read the books?", "What is ink?",
-             "Was it costly?", "Did monks object?", "What about Asia?", "Which books first?",
-             "How many presses?", "What changed in science?", "Is it still used?", "Sum it up."]
+             "What came before?", "Was it fast?", "Who read the books?", "What is ink?"]
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +19,17 @@ def cached_llm():
 
 
 def test_shared_system_prompt_is_computed_once(smollm, cached_llm):
-    system = cached_llm.tokenizer.encode(LONG_TEXT * 2)[:1024]
+    # 8 questions after a 512-token system prompt (the uncached reference run below prefills
+    # every prompt in full: its cost sets this test's length)
+    n, length = len(QUESTIONS), 512
+    system = cached_llm.tokenizer.encode(LONG_TEXT * 2)[:length]
     prompts = [system + cached_llm.tokenizer.encode("\nQuestion: " + q + "\nAnswer:")
                for q in QUESTIONS]
-    assert len(prompts) == 16 and all(p[:1024] == system for p in prompts)
+    assert all(p[:length] == system for p in prompts)
     with_cache = cached_llm.generate(prompts, GREEDY)
     stats = cached_llm.stats().prefix_cache
     page = 16
-    assert stats.tokens_saved >= 15 * 1024 - 16 * page
+    assert stats.tokens_saved >= (n - 1) * length - n * page
     without_cache = smollm.generate(prompts, GREEDY)
     assert [o.token_ids for o in with_cache] == [o.token_ids for o in without_cache]
     pool = cached_llm.stats().pool
@@ -38,7 +39,7 @@ def test_shared_system_prompt_is_computed_once(smollm, cached_llm):
     saved = stats.tokens_saved
     again = cached_llm.generate([prompts[3]], GREEDY)[0]
     assert again.token_ids == with_cache[3].token_ids
-    assert cached_llm.stats().prefix_cache.tokens_saved - saved >= 1024
+    assert cached_llm.stats().prefix_cache.tokens_saved - saved >= length
 
 
 def test_stream_yields_text_deltas(smollm):
