@@ -103,7 +103,6 @@ def random_cache(cfg, num_pages: int, compression: str, seed: int = 0):
         else:  # norms and means
             one = jax.random.uniform(k, layer_shape, s.dtype, 0.5, 1.5)
         arrays.append(jnp.broadcast_to(one[None], s.shape))
-        del one
     return jax.tree.unflatten(treedef, arrays)
 
 

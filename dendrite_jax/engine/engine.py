@@ -26,7 +26,7 @@ from dendrite_jax.engine.step_output import StepResult
 from dendrite_jax.engine.step_plan import StepPlan, StepShape
 from dendrite_jax.grammar import GrammarCompiler, GrammarError
 from dendrite_jax.model.loader import LoadedModel
-from dendrite_jax.quant.fp8 import Fp8Weight
+from dendrite_jax.quant import fp8
 
 CPU_SPLIT_MAX_ROWS = 4  # see `Engine.splits`
 
@@ -86,9 +86,8 @@ class Engine:
         # the kernels read only each row's pages, so one full width serves every step.
         self.bucket_pages = attention_backend == "reference"
         self.platform = jax.devices()[0].platform
-        self.min_decode_rows = decode_rows_floor(self.platform, fp8_kernel=any(
-            isinstance(w, Fp8Weight) and w.matmul == "pallas_gpu"
-            for w in jax.tree.leaves(model.params, is_leaf=lambda x: isinstance(x, Fp8Weight))))
+        self.min_decode_rows = decode_rows_floor(
+            self.platform, fp8_kernel=fp8.multiplied_by(model.params, "pallas_gpu"))
         self.page_table = HostPageTable(cfg.max_num_seqs, widest_pages(self.max_pages_per_seq))
         self.requests: dict[str, Request] = {}
         self.grammar: GrammarCompiler | None = None

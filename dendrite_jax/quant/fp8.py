@@ -111,6 +111,12 @@ def weight_scheme(weights_dtype: str) -> str:
 PROJECTIONS = ("w_qkv", "w_o", "w_gate_up", "w_down")  # what `quantize_weights` converts
 
 
+def multiplied_by(params, matmul: str) -> bool:
+    """Whether any weight in `params` is an `Fp8Weight` that the `matmul` backend multiplies."""
+    return any(isinstance(w, Fp8Weight) and w.matmul == matmul for w in
+               jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Fp8Weight)))
+
+
 def quantize_weights(params, scheme: str = "mxfp8", matmul: str = "reference",
                      keep_layers: Sequence[int] = ()):
     """Params with every layer's projections (q/k/v, o, gate/up, down) as `Fp8Weight`s that

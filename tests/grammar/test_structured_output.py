@@ -176,20 +176,29 @@ def test_preemption_and_aborts_keep_constraints_aligned():
 def test_split_steps_equal_whole_steps(smollm, monkeypatch):
     """While constrained requests decode, each step launches as two executables (forward, then
     sampling once the mask is filled): same tokens as whole steps that wait for the mask."""
-    from dendrite_jax.engine import engine as engine_module
     from dendrite_jax.engine.runner import FORWARD
 
     prompt = chat(smollm, "Give an example of a small JSON object.")
     requests = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0, json_schema=SCHEMAS[3]),
                 SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, seed=4, regex=r"[a-z ]{5,60}"),
                 SamplingParams(max_tokens=24, temperature=0.7, seed=2)]
-    # split every step, whatever the platform's default
-    monkeypatch.setattr(smollm.engine, "cfg", dataclasses.replace(
-        smollm.engine.cfg, split_constrained_steps=True))
-    split = smollm.generate([prompt] * 3, requests)
-    assert any(kind == FORWARD for _, kind in smollm.engine.runner._compiled)
-    monkeypatch.setattr(engine_module, "splittable", lambda shape: False)
-    whole = smollm.generate([prompt] * 3, requests)
+    runner = smollm.engine.runner
+    forwards = []  # split steps launched
+    launch_forward = runner.launch_forward
+    monkeypatch.setattr(runner, "launch_forward",
+                        lambda plan: forwards.append(plan) or launch_forward(plan))
+
+    def run(split: bool):  # split every step, or none, whatever the platform's default
+        monkeypatch.setattr(smollm.engine, "cfg", dataclasses.replace(
+            smollm.engine.cfg, split_constrained_steps=split))
+        forwards.clear()
+        outputs = smollm.generate([prompt] * 3, requests)
+        return outputs, len(forwards)
+
+    split, split_steps = run(True)
+    assert split_steps > 0 and any(kind == FORWARD for _, kind in runner._compiled)
+    whole, split_steps = run(False)
+    assert split_steps == 0
     assert [o.token_ids for o in split] == [o.token_ids for o in whole]
     assert smollm.stats().pool.used == 0
 

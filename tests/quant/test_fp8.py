@@ -185,6 +185,14 @@ def test_random_weight_preset_quantizes_at_load():
     assert len(out[0].token_ids) == 3
 
 
+def test_multiplied_by_names_the_matmul_backend(smollm2):
+    """What the engine asks to choose one-row FP8 steps on GPUs (`buckets.decode_rows_floor`)."""
+    kernel = fp8.quantize_weights(smollm2.params, matmul="pallas_gpu")
+    assert fp8.multiplied_by(kernel, "pallas_gpu")
+    assert not fp8.multiplied_by(kernel, "reference")
+    assert not fp8.multiplied_by(smollm2.params, "pallas_gpu")
+
+
 def test_kept_layers_stay_unquantized(smollm2):
     """keep_layers (negative from the end) leaves exactly those layers' weights as they were;
     the rest are quantized as without it; stacked layers come back per layer."""
