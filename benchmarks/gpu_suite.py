@@ -49,13 +49,16 @@ flags.DEFINE_list("attention_shapes", ["32x1024", "32x2048", "32x4096", "32x8192
                   "Decode attention shapes, batch x context.")
 flags.DEFINE_list("decode_models", ["llama-3.2-1b:1/16/64", "llama-3.1-8b:1/32"],
                   "preset:batch/batch/... for the decode and transformers sections.")
+flags.DEFINE_list("tunings", ["4:4:3:1", "2:4:3:1", "4:4:4:1", "4:4:3:2"],
+                  "Decode-kernel tunings swept per attention shape, each pages_per_block:"
+                  "num_warps:num_stages:splits (splits as a multiple of the default).")
 flags.DEFINE_integer("prompt_len", 128, "Prompt tokens for decode timing.")
+flags.DEFINE_integer("decode_burst", None, "Decode steps per launch (LLM's decode_burst); "
+                     "default: the engine's.")
 flags.DEFINE_string("output", "benchmarks/results/gpu_suite.json", "JSON output path.")
 
 PAGE_SIZE = 16
 SHORT, LONG = 16, 112  # decode steps are timed as (LONG - SHORT) generated tokens
-# (pages_per_block, num_warps, num_stages, context splits as a multiple of the default)
-TUNINGS = [(4, 4, 3, 1), (2, 4, 3, 1), (4, 4, 4, 1), (4, 4, 3, 2)]
 
 
 def seconds_per_call(fn, x, *args, n: int = 10, repeats: int = 5) -> float:
@@ -116,7 +119,8 @@ def attention_row(batch: int, context: int, copy_gb_per_s: float | None) -> dict
         q, k, v, 0, jnp.ones_like(lens), lens, tables, num_decode=batch, max_q_len=1,
         sm_scale=scale).astype(jnp.float32)
     sweep = []
-    for pages_per_block, warps, stages, split_factor in TUNINGS:
+    for entry in FLAGS.tunings:
+        pages_per_block, warps, stages, split_factor = (int(x) for x in entry.split(":"))
         blocks = tables.shape[1] // pages_per_block
         splits = split_factor * gpu.default_num_splits(batch, k.shape[3], blocks)
         tuning = gpu.DecodeTuning(pages_per_block, min(splits, blocks), warps, stages)
@@ -185,9 +189,10 @@ def generate_seconds(llm: LLM, ids: list[list[int]], tokens: int) -> float:
 def engine_decode(preset: str, batches: list[int], copy_gb_per_s: float | None) -> list[dict]:
     rows = []
     for batch in batches:
+        burst = {} if FLAGS.decode_burst is None else dict(decode_burst=FLAGS.decode_burst)
         llm = LLM(model=preset, dtype="bfloat16", max_num_seqs=batch,
                   max_num_batched_tokens=2048, max_model_len=512,
-                  kv_cache_bytes=2 * 2**30, warmup=False)
+                  kv_cache_bytes=2 * 2**30, warmup=False, **burst)
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm.model.params))
         ids = prompts(batch, llm.config.vocab_size)
         generate_seconds(llm, ids, LONG)  # compiles every shape the timed runs use
@@ -201,14 +206,16 @@ def engine_decode(preset: str, batches: list[int], copy_gb_per_s: float | None) 
         steps = engine.num_steps - steps0
         step = min(a - b for a, b in zip(long_runs, short_runs, strict=True)) / (LONG - SHORT)
         floor_bytes = weight_bytes + kv_read_bytes(preset, batch)
-        row = {"model": preset, "batch": batch, "ms_per_step": step * 1e3,
+        row = {"model": preset, "batch": batch, "decode_burst": getattr(engine, "burst", 1),
+               "ms_per_step": step * 1e3,
                "tokens_per_s": batch / step,
                "generate_tokens_per_s": batch * LONG / min(long_runs),
                "weight_bytes": weight_bytes,
                "kv_read_bytes": kv_read_bytes(preset, batch),
                "compilations": llm.compilations,
-               # Host time per step outside waits for results (launch included: dispatch can
-               # block while the device is busy), and time blocked reading results.
+               # Host time per launch (a burst of decode steps is one) outside waits for
+               # results (launch included: dispatch can block while the device is busy), and
+               # time blocked reading results.
                "host_ms_per_step": 1e3 * (engine.host_seconds - host0) / steps,
                "launch_ms_per_step": 1e3 * (engine.launch_seconds - launch0) / steps,
                "wait_ms_per_step": 1e3 * (engine.wait_seconds - wait0) / steps}

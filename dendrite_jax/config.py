@@ -216,8 +216,15 @@ class EngineConfig:
     # while the host fills the token mask; None: `Engine.splits` decides per step (always on
     # accelerators, small steps on a CPU, whose cores the model and the mask fill share).
     split_constrained_steps: bool | None = None
+    # Decode steps run per launch when every running request is decoding freely (no waiting
+    # admission, no constraint, prompt logprobs or beam): the host's per-step cost (planning,
+    # launching, applying) is paid once per burst. None: `default_decode_burst` (4 on
+    # accelerators, 1 on a CPU).
+    decode_burst: int | None = None
 
     def __post_init__(self) -> None:
+        if self.decode_burst is not None and not 1 <= self.decode_burst <= 64:
+            raise ValueError(f"decode_burst must be in [1, 64], got {self.decode_burst}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.page_size < 8 or self.page_size & (self.page_size - 1):

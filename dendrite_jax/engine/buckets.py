@@ -43,7 +43,8 @@ def _count_bucket(n: int, minimum: int = 1) -> int:
 
 def bucket_shape(num_decode: int, prefill_lens: list[int], context_pages: int, *,
                  max_pages_per_seq: int, prompt_logprobs: bool, needs_sort: bool = False,
-                 bucket_pages: bool = True, min_decode_rows: int = 1) -> StepShape:
+                 bucket_pages: bool = True, min_decode_rows: int = 1,
+                 burst: int = 1) -> StepShape:
     """The bucket for `num_decode` decode rows, prefill rows of these lengths, and a widest
     row of `context_pages` pages. Without `bucket_pages` the page table always has its full
     width: kernels that stop at each row's length pay nothing for it, and it divides the
@@ -54,7 +55,7 @@ def bucket_shape(num_decode: int, prefill_lens: list[int], context_pages: int, *
     return StepShape(num_decode=_count_bucket(num_decode, min_decode_rows),
                      num_prefill=_count_bucket(len(prefill_lens)), max_q_len=max_q_len,
                      pages_per_seq=max(pages, context_pages), prompt_logprobs=prompt_logprobs,
-                     needs_sort=needs_sort)
+                     needs_sort=needs_sort, burst=burst)
 
 
 def widest_pages(max_pages_per_seq: int) -> int:
@@ -68,8 +69,10 @@ def token_cap(max_num_batched_tokens: int) -> int:
 
 
 def all_shapes(*, max_num_seqs: int, max_num_batched_tokens: int, max_pages_per_seq: int,
-               bucket_pages: bool = True, min_decode_rows: int = 1) -> list[StepShape]:
-    """Every bucket the scheduler can produce (prompt-logprob and sorting variants included)."""
+               bucket_pages: bool = True, min_decode_rows: int = 1,
+               burst: int = 1) -> list[StepShape]:
+    """Every bucket the scheduler can produce (prompt-logprob and sorting variants included,
+    and with `burst` > 1 the decode-only shapes' bursts)."""
     cap = token_cap(max_num_batched_tokens)
     counts = [0] + [1 << i for i in range(next_power_of_two(max_num_seqs).bit_length())]
     q_lens = [q for q in (1 << i for i in range(cap.bit_length())) if MIN_Q_LEN <= q <= cap]
@@ -84,6 +87,8 @@ def all_shapes(*, max_num_seqs: int, max_num_batched_tokens: int, max_pages_per_
         if num_prefill == 0:
             if num_decode:
                 shapes.add(StepShape(num_decode, 0, 1, p, lp, srt))
+                if burst > 1 and not lp:
+                    shapes.add(StepShape(num_decode, 0, 1, p, lp, srt, burst))
             continue
         for q in q_lens:
             if num_prefill * q <= cap:

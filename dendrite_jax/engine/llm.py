@@ -74,6 +74,11 @@ class LLM:
     the model; default (None): always on accelerators, on a CPU only for steps of a few rows
     (`Engine.splits`: the model and the mask fill share its cores).
 
+    `decode_burst` runs that many decode steps per launch while every running request decodes
+    freely (no constraint, none waiting to be admitted, that many tokens left to each):
+    the host's per-step work is paid once per burst; a request that stops mid-burst drops
+    the rest. Default (None): 4 on accelerators, 1 on a CPU (`engine.default_decode_burst`).
+
     `warmup` compiles every step bucket up front and then makes compiling a new one an error
     (default: on for accelerators, off on CPU where compiling on demand is cheaper).
     """
@@ -88,13 +93,15 @@ class LLM:
                  kv_compression: str = "none", weights_dtype: str | None = None,
                  fp8_matmul: str = "auto", fp8_keep_layers: Sequence[int] = (),
                  tensor_parallel_size: int = 1, split_constrained_steps: bool | None = None,
+                 decode_burst: int | None = None,
                  devices: Sequence[jax.Device] | None = None) -> None:
         engine_cfg = EngineConfig(dtype=dtype, page_size=page_size, num_pages=num_pages,
                                   max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
                                   seed=seed, kv_compression=kv_compression,
-                                  split_constrained_steps=split_constrained_steps)
+                                  split_constrained_steps=split_constrained_steps,
+                                  decode_burst=decode_burst)
         loop = resolve_layer_loop(layer_loop)
         if compilation_cache:
             enable_compilation_cache()

@@ -91,21 +91,34 @@ class Request:
     @property
     def resolved_output_ids(self) -> list[int]:
         """Generated tokens read back so far (pending placeholders excluded)."""
-        if PENDING in self.output_ids[-2:]:
-            return self.output_ids[:self.output_ids.index(PENDING)]
+        if self.num_pending:
+            return self.output_ids[:len(self.output_ids) - self.num_pending]
         return list(self.output_ids)
 
     @property
     def num_pending(self) -> int:
-        return sum(1 for t in self.output_ids[-2:] if t == PENDING)
+        """Sampled tokens not read back yet: the placeholders ending `output_ids` (up to two
+        launches in flight, each of one step or a burst)."""
+        n = 0
+        for t in reversed(self.output_ids):
+            if t != PENDING:
+                break
+            n += 1
+        return n
 
     @property
     def exhausted(self) -> bool:
         """All tokens it may generate are sampled (some perhaps still pending)."""
         return len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= self.max_len
 
-    def add_pending(self) -> None:
-        self.output_ids.append(PENDING)
+    def add_pending(self, steps: int = 1) -> None:
+        self.output_ids.extend([PENDING] * steps)
+
+    def can_burst(self, steps: int) -> bool:
+        """Whether its next `steps` tokens may be sampled in one launch: decoding, free of a
+        constraint (whose mask needs each token first), with that many tokens left."""
+        return (self.matcher is None and self.num_uncomputed == 1
+                and self.num_tokens + steps <= self.max_len)
 
     @property
     def tokens(self) -> list[int]:
@@ -151,11 +164,11 @@ class Request:
         self.last_token_time = time.perf_counter()
         if self.first_token_time is None:
             self.first_token_time = self.last_token_time
-        # Placeholders only ever sit in the last two entries (at most two steps in flight).
+        # Placeholders end the list, oldest first: the token fills the oldest.
         ids = self.output_ids
-        index = len(ids)
-        if index and ids[-1] == PENDING:
-            index -= 2 if index > 1 and ids[-2] == PENDING else 1
+        pending = self.num_pending
+        index = len(ids) - pending
+        if pending:
             ids[index] = token
         else:
             ids.append(token)

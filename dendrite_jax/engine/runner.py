@@ -81,8 +81,9 @@ STEP, FORWARD, SAMPLE = "step", "forward", "sample"
 
 
 def splittable(shape: StepShape) -> bool:
-    """Buckets that also compile as a split step: decode-only, no prompt logprobs."""
-    return shape.num_prefill == 0 and not shape.prompt_logprobs
+    """Buckets that also compile as a split step: decode-only single steps, no prompt
+    logprobs."""
+    return shape.num_prefill == 0 and not shape.prompt_logprobs and shape.burst == 1
 
 
 class ModelRunner:
@@ -252,6 +253,7 @@ class ModelRunner:
             self.kv = copy_pages(self.kv, src, dst)
 
 
-def to_host(shape: StepShape, out: jax.Array) -> StepResult:
-    """Wait for a launched step and bring its outputs to the host."""
-    return step_output.unpack(shape, np.asarray(out))
+def to_host(shape: StepShape, out: jax.Array) -> list[StepResult]:
+    """Wait for a launch and bring its outputs to the host: one StepResult per step (several
+    for a burst)."""
+    return step_output.unpack_burst(shape, np.asarray(out))

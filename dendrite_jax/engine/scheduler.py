@@ -29,6 +29,7 @@ class ScheduledBatch:
     rows: list[tuple[Request, int]]  # (request, tokens it computes); decode rows first
     copies: list[tuple[int, int]]  # (src, dst) pages to copy on device before the step
     num_decode: int = dataclasses.field(init=False)  # rows computing one token
+    steps: int = 1  # a burst: every row decodes this many tokens, one per step, in one launch
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "num_decode", sum(1 for _, n in self.rows if n == 1))
@@ -81,6 +82,23 @@ class Scheduler:
         rows = [(r, n) for r, n in rows if r.status is RequestStatus.RUNNING]
         rows.sort(key=lambda row: row[1] > 1)  # decode block first (stable)
         return ScheduledBatch(rows, copies)
+
+    def schedule_burst(self, steps: int) -> ScheduledBatch | None:
+        """Every running request decoding `steps` tokens in one launch, or None where a burst
+        would not do: a waiting request could be admitted (a burst would delay it), a running
+        one cannot burst (`Request.can_burst`), or the pages for the burst are not free (a
+        burst never evicts or preempts; `schedule` does that)."""
+        if not self.running or (self.waiting and len(self.running) < self.max_num_seqs):
+            return None
+        if not all(r.can_burst(steps) for r in self.running):
+            return None
+        extra = [self.pages_for(r.num_computed + steps) - len(r.pages) for r in self.running]
+        if sum(n for n in extra if n > 0) > self.pool.num_allocatable:
+            return None
+        for r, n in zip(self.running, extra, strict=True):
+            if n > 0:
+                r.pages.extend(self.pool.allocate(n))
+        return ScheduledBatch([(r, 1) for r in self.running], [], steps=steps)
 
     def _plan_prefill(self, budget: int) -> list[tuple[Request, int]]:
         """Prefill rows for this step: (request, tokens). Running requests mid-prompt come

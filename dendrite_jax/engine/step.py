@@ -12,6 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dendrite_jax.cache.kv import AttentionMetadata, KVCache
 from dendrite_jax.config import ModelConfig
@@ -46,9 +47,13 @@ class SlotState:
 def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array,
          token_mask: jax.Array, *, cfg: ModelConfig, shape: StepShape,
          attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
-    """One step; returns its outputs packed as `step_output.output_layout(shape)`.
+    """One step (or a burst of `shape.burst` decode steps); returns its outputs packed as
+    `step_output.output_layout(shape)`, one such buffer per step of a burst, in order.
     `token_mask` [S, ceil(V/32)] holds each row's allowed next tokens (`grammar.mask`)."""
     plan = unpack(plan_buffer, shape)
+    if shape.burst > 1:
+        return _burst(params, kv, slots, plan, token_mask, cfg=cfg, shape=shape,
+                      attention_backend=attention_backend)
     hidden, kv, slots = _run_model(params, kv, slots, plan, cfg=cfg, shape=shape,
                                    attention_backend=attention_backend)
     logits = _last_token_logits(params, hidden, plan, shape)
@@ -60,6 +65,35 @@ def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array,
                             "prompt_top_ids"), top_logprobs(all_logprobs, plan.targets),
                            strict=True))
     return step_output.pack(shape, out), kv, slots
+
+
+def _burst(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan,
+           token_mask: jax.Array, *, cfg: ModelConfig, shape: StepShape,
+           attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
+    """`shape.burst` decode steps in one executable, each the single step `plan` describes one
+    position further on: step j feeds every row the token step j - 1 sampled (from the
+    slots' last-token buffer). The same tokens as that many steps launched one by one."""
+    single = dataclasses.replace(shape, burst=1)
+    live = plan.q_lens > 0  # padding rows stay empty (seq_len 0: no attention, no write)
+
+    def one_step(j, carry):
+        kv, slots, outs = carry
+        p = dataclasses.replace(
+            plan, seq_lens=jnp.where(live, plan.seq_lens + j, 0),
+            input_ids=jnp.where(j == 0, plan.input_ids, FROM_LAST_TOKEN),
+            reset=jnp.where(j == 0, plan.reset, 0))
+        hidden, kv, slots = _run_model(params, kv, slots, p, cfg=cfg, shape=single,
+                                       attention_backend=attention_backend)
+        out, slots = _sample(_last_token_logits(params, hidden, p, single), slots, p,
+                             token_mask, single)
+        return kv, slots, outs.at[j].set(step_output.pack(single, out))
+
+    size = sum(int(np.prod(s)) for _, s, _ in step_output.output_layout(single))
+    # A loop, not unrolled: on an H100 both ran the 1B shape's steps equally fast (NOTES.md),
+    # and the loop compiles in a fraction of the time.
+    kv, slots, outs = jax.lax.fori_loop(
+        0, shape.burst, one_step, (kv, slots, jnp.zeros((shape.burst, size), jnp.int32)))
+    return outs.reshape(-1), kv, slots
 
 
 # A split step is `step` in two executables, `forward_step` then `sample_step`, so the host can

@@ -58,9 +58,17 @@ def pack(shape: StepShape, fields: dict[str, jax.Array]) -> jax.Array:
 
 
 def unpack(shape: StepShape, buffer: np.ndarray) -> StepResult:
+    """One step's outputs (of a burst: its first step's)."""
     fields, offset = {}, 0
     for name, field_shape, dtype in output_layout(shape):
         size = int(np.prod(field_shape))
         fields[name] = buffer[offset:offset + size].view(dtype).reshape(field_shape)
         offset += size
     return StepResult(**fields)
+
+
+def unpack_burst(shape: StepShape, buffer: np.ndarray) -> list[StepResult]:
+    """The outputs of each of a launch's `shape.burst` steps, in order (a burst packs its
+    steps' buffers one after another)."""
+    steps = buffer.reshape(shape.burst, -1)
+    return [unpack(shape, s) for s in steps]

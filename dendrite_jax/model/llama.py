@@ -43,6 +43,15 @@ def rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def rotary_qk(q: jax.Array, k: jax.Array, cos: jax.Array,
+              sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`rotary` of queries [T, Hq, hd] and keys [T, Hkv, hd] as one elementwise op over their
+    heads side by side: one kernel instead of two on a GPU, where each is a few microseconds
+    of launch-bound work per layer."""
+    both = rotary(jnp.concatenate([q, k], axis=1), cos, sin)
+    return both[:, :q.shape[1]], both[:, q.shape[1]:]
+
+
 def attention_block(lp: LayerParams, x: jax.Array, kv: PagedCache, layer: jax.Array,
                     meta: AttentionMetadata, angles: tuple[jax.Array, jax.Array],
                     cfg: ModelConfig, *, num_decode: int,
@@ -61,8 +70,7 @@ def attention_block(lp: LayerParams, x: jax.Array, kv: PagedCache, layer: jax.Ar
             q = rms_norm(q, lp.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, lp.k_norm, cfg.rms_norm_eps)
     with jax.named_scope("rotary"):
-        q = rotary(q, *angles)
-        k = rotary(k, *angles)
+        q, k = rotary_qk(q, k, *angles)
     with jax.named_scope("paged_attention"):
         kwargs = dict(num_decode=num_decode, max_q_len=max_q_len, sm_scale=cfg.head_dim ** -0.5,
                       sliding_window=cfg.sliding_window, backend=attention_backend)

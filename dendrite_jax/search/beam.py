@@ -324,4 +324,5 @@ def _run(engine, rows: list[tuple[list[int], int, list[int], int]],
             constrained.append((matcher, row))
     mask = engine.grammar.mask(shape.num_seqs, constrained) if constrained else None
     out = engine.runner.launch(plan, mask)
-    return to_host(shape, out)
+    (result,) = to_host(shape, out)
+    return result
