@@ -30,7 +30,7 @@ class StepShape:
     pages_per_seq: int  # page-table width
     prompt_logprobs: bool = False  # also score every input token against `targets`
     needs_sort: bool = False  # a row uses top-k/top-p/min-p or asks for top logprobs
-    burst: int = 1  # decode steps run in one launch (decode-only shapes; see `engine.burst`)
+    burst: int = 1  # decode steps in one launch (decode-only; `EngineConfig.decode_burst`)
 
     def __post_init__(self) -> None:
         if self.burst > 1 and (self.num_prefill or self.prompt_logprobs):
