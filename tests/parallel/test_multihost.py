@@ -57,6 +57,7 @@ def test_random_model_over_two_processes(random_preset):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # compile-heavy: `make test-slow` (the default run must fit 20 minutes cold)
 def test_command_line_over_two_processes():
     """`python -m dendrite_jax.run` with the multi-host flags: SmolLM2 split 3 ways over devices
     of two processes prints one device's greedy completion, once."""

@@ -33,6 +33,7 @@ def test_smollm2_three_ways():
     check_same(run_worker("smollm2-135m", "1,3"))
 
 
+@pytest.mark.slow  # compile-heavy: `make test-slow` (the default run must fit 20 minutes cold)
 def test_random_model_two_four_eight_ways(random_preset):
     report = run_worker(random_preset, "1,2,4,8", "4x2")
     check_same(report)
