@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 def run_cli(*args, cache_dir):
     env = dict(os.environ, XDG_CACHE_HOME=str(cache_dir))
@@ -29,6 +31,7 @@ def test_completion_profile_and_warm_cache(tmp_path):
     assert warm.returncode == 0 and warm.stdout == cold.stdout
 
 
+@pytest.mark.slow  # compile-heavy: `make test-slow` (the default run must fit 20 minutes cold)
 def test_chat_flag(tmp_path):
     out = run_cli("--chat", "--prompt=Say hello.", "--max_tokens=16", cache_dir=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -45,6 +48,7 @@ def test_errors_print_without_traceback(tmp_path):
     assert "Traceback" not in bad_model.stderr
 
 
+@pytest.mark.slow  # compile-heavy: `make test-slow` (the default run must fit 20 minutes cold)
 def test_engine_preset_and_helpfull(tmp_path):
     """An engine preset fills what no flag set (here max_num_seqs); every flag of the command
     line is listed by --helpfull; a bad preset is a clean error."""

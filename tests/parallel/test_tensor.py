@@ -42,6 +42,7 @@ def test_random_model_two_four_eight_ways(random_preset):
     assert len({t for row in report["1"]["tokens"] for t in row}) > 3  # not a constant output
 
 
+@pytest.mark.slow  # compile-heavy: `make test-slow` (the default run must fit 20 minutes cold)
 def test_kernel_backend_under_shard_map(random_preset):
     """The GPU kernel (interpret mode here) as each device's attention: Pallas outputs carry no
     varying-axis type, which shard_map must not check."""
