@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
-SLOW_NOTEBOOKS = {"prefix_caching", "tpu_gpu_tour"}  # run by `make test-slow`
+SLOW_NOTEBOOKS = {"prefix_caching", "quickstart", "tpu_gpu_tour"}  # run by `make test-slow`
 
 
 @pytest.mark.parametrize("path", [

@@ -187,6 +187,7 @@ def test_backend_resolution():
         kv_compress.resolve_backend("cuda", "turboquant-4", 128)
 
 
+@pytest.mark.slow  # compile-heavy: `make test-slow` (the default run must fit 20 minutes cold)
 def test_engine_tokens_equal_the_reference_backend():
     """The whole engine (prefill chunks, decode steps, code writes) on each kernel backend gives
     the reference backend's greedy tokens on a small random model."""
