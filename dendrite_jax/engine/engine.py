@@ -34,10 +34,12 @@ CPU_SPLIT_MAX_ROWS = 4  # see `Engine.splits`
 def default_decode_burst(platform: str) -> int:
     """Decode steps per launch when every request decodes freely (`EngineConfig.decode_burst`).
 
-    4 on accelerators: there a step of a small model at batch 64 (~1.7 ms on an H100) is as
-    short as the host's work for it (planning, the ~1 ms executable launch, applying 64
-    tokens), so single steps leave the device waiting; a burst pays the host once for four.
-    1 on a CPU, where the model's step is far longer than the host's work.
+    4 on accelerators: there a small model's step (1.2-1.8 ms for the 1B shape on an H100) is
+    about as long as the host's work for it (planning, the ~1 ms executable launch, applying
+    the tokens), and lent machines' hosts differ; a burst pays the host once for four tokens.
+    Measured (NOTES.md): no slower anywhere, batch 1 1.55 -> 1.22 ms/step on a slow host, batch
+    64 unchanged (device-bound). 1 on a CPU, where the model's step is far longer than the
+    host's work.
     """
     return 1 if platform == "cpu" else 4
 

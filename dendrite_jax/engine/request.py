@@ -91,9 +91,7 @@ class Request:
     @property
     def resolved_output_ids(self) -> list[int]:
         """Generated tokens read back so far (pending placeholders excluded)."""
-        if self.num_pending:
-            return self.output_ids[:len(self.output_ids) - self.num_pending]
-        return list(self.output_ids)
+        return self.output_ids[:len(self.output_ids) - self.num_pending]
 
     @property
     def num_pending(self) -> int:

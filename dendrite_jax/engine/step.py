@@ -54,10 +54,9 @@ def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array,
     if shape.burst > 1:
         return _burst(params, kv, slots, plan, token_mask, cfg=cfg, shape=shape,
                       attention_backend=attention_backend)
-    hidden, kv, slots = _run_model(params, kv, slots, plan, cfg=cfg, shape=shape,
-                                   attention_backend=attention_backend)
-    logits = _last_token_logits(params, hidden, plan, shape)
-    out, slots = _sample(logits, slots, plan, token_mask, shape)
+    out, hidden, kv, slots = _model_and_sample(params, kv, slots, plan, token_mask, cfg=cfg,
+                                               shape=shape,
+                                               attention_backend=attention_backend)
     if shape.prompt_logprobs:
         with jax.named_scope("prompt_logprobs"):
             all_logprobs = jax.nn.log_softmax(compute_logits(params, hidden), axis=-1)
@@ -82,10 +81,9 @@ def _burst(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan,
             plan, seq_lens=jnp.where(live, plan.seq_lens + j, 0),
             input_ids=jnp.where(j == 0, plan.input_ids, FROM_LAST_TOKEN),
             reset=jnp.where(j == 0, plan.reset, 0))
-        hidden, kv, slots = _run_model(params, kv, slots, p, cfg=cfg, shape=single,
-                                       attention_backend=attention_backend)
-        out, slots = _sample(_last_token_logits(params, hidden, p, single), slots, p,
-                             token_mask, single)
+        out, _, kv, slots = _model_and_sample(params, kv, slots, p, token_mask, cfg=cfg,
+                                              shape=single,
+                                              attention_backend=attention_backend)
         return kv, slots, outs.at[j].set(step_output.pack(single, out))
 
     size = sum(int(np.prod(s)) for _, s, _ in step_output.output_layout(single))
@@ -133,6 +131,18 @@ def _run_model(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan, 
     with jax.named_scope("slot_state"):
         slots = _record_inputs(slots, plan, meta, input_ids, token_slots)
     return hidden, kv, slots
+
+
+def _model_and_sample(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan,
+                      token_mask: jax.Array, *, cfg: ModelConfig, shape: StepShape,
+                      attention_backend: str):
+    """The model over the step's tokens, then each row's next token: (sampled outputs,
+    hidden states, kv, slots)."""
+    hidden, kv, slots = _run_model(params, kv, slots, plan, cfg=cfg, shape=shape,
+                                   attention_backend=attention_backend)
+    out, slots = _sample(_last_token_logits(params, hidden, plan, shape), slots, plan,
+                         token_mask, shape)
+    return out, hidden, kv, slots
 
 
 def _last_token_logits(params: Params, hidden: jax.Array, plan: DevicePlan,
