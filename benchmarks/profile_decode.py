@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import gzip
-import json
 import re
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 from absl import app, flags, logging
+from trace_events import complete_events
 
 from dendrite_jax import LLM, SamplingParams
 
@@ -69,20 +67,12 @@ def hlo_ops(hlo_text: str) -> dict[str, str]:
     return described
 
 
-def summarize(trace_file: Path, top: int, explain: dict[str, str] | None = None) -> None:
-    with gzip.open(trace_file) as f:
-        events = json.loads(f.read())
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    names = {e["pid"]: e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+def summarize(trace_dir: str, top: int, explain: dict[str, str] | None = None) -> None:
     groups: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     calls: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for e in events:
-        if e.get("ph") != "X":
-            continue
-        group = names.get(e["pid"], str(e["pid"]))
-        groups[group][e["name"]] += e.get("dur", 0) / 1e3
-        calls[group][e["name"]] += 1
+    for group, name, dur in complete_events(trace_dir):
+        groups[group][name] += dur / 1e3
+        calls[group][name] += 1
     for group, totals in groups.items():
         whole = sum(totals.values())
         print(f"\n== {group}: {whole:.1f} ms in {sum(calls[group].values())} events")
@@ -152,8 +142,6 @@ def main(argv: list[str]) -> None:
     steps = llm.engine.num_steps - steps0
     print(f"{FLAGS.model} batch {FLAGS.batch}: {steps} steps in {seconds * 1e3:.1f} ms traced "
           f"({seconds * 1e3 / steps:.2f} ms/step with tracing on)")
-    trace = max(Path(FLAGS.trace_dir).rglob("perfetto_trace.json.gz"),
-                key=lambda p: p.stat().st_mtime)
     explain = None
     if FLAGS.explain:
         explain = {}
@@ -163,7 +151,7 @@ def main(argv: list[str]) -> None:
                   if shape.num_prefill == 0]
         for _, _, compiled in sorted(decode, key=lambda d: d[0]):
             explain.update(hlo_ops(compiled.as_text()))
-    summarize(trace, FLAGS.top, explain)
+    summarize(FLAGS.trace_dir, FLAGS.top, explain)
 
 
 if __name__ == "__main__":

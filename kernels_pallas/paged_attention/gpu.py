@@ -44,12 +44,15 @@ SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of K/V tiles in flight; Hopper has 22
 
 @dataclasses.dataclass(frozen=True)
 class DecodeTuning:
-    """Defaults: the best of the sweep in `benchmarks/gpu_suite.py` on an H100 (NOTES.md)."""
+    """Defaults: the fastest in kernel time of the tunings tried on an H100 (NOTES.md, ninth
+    session): 128-token blocks, 8 warps and no software pipelining beat 64-token blocks, 4
+    warps and 3 stages by 3-9% at every shape tried (batch 32-128, context 192-8k, head_dim
+    64 and 128); enough programs share each SM to keep loads in flight without it."""
 
-    pages_per_block: int = 4  # pages per loop step (block_k = pages_per_block * page_size)
+    pages_per_block: int = 8  # pages per loop step (block_k = pages_per_block * page_size)
     num_splits: int | None = None  # context splits; None picks from batch and context
-    num_warps: int = 4
-    num_stages: int = 3  # software-pipelining depth, lowered where the tiles would not fit
+    num_warps: int = 8
+    num_stages: int = 1  # software-pipelining depth, lowered where the tiles would not fit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +255,7 @@ def _decode_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: ja
     group = num_heads // num_kv_heads
     group_pad = max(MIN_DOT_ROWS, 1 << (group - 1).bit_length())
     pages_per_block = min(tuning.pages_per_block, 1 << (page_tables.shape[1] - 1).bit_length())
-    # Pages of 64+ tokens: one page per step is block enough.
+    # Blocks of at most 128 tokens (pages of 128 tokens: one page per step).
     pages_per_block = max(1, min(pages_per_block, 128 // page_size))
     stages = fit_stages(tuning.num_stages,
                          2 * pages_per_block * page_size * head_dim * k_pages.dtype.itemsize)

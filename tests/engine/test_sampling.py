@@ -9,6 +9,7 @@ import pytest
 from dendrite_jax.engine.sampling import (
     SamplingBatch,
     apply_penalties,
+    gumbel_noise,
     sample,
     top_logprobs,
     truncation_mask,
@@ -84,6 +85,39 @@ def test_sampler_follows_the_distribution():
     freq = np.bincount(tokens, minlength=8) / n
     tolerance = 4 * np.sqrt(PROBS * (1 - PROBS) / n) + 1e-3  # ~4 standard errors
     assert np.all(np.abs(freq - PROBS) <= tolerance), (freq, PROBS)
+
+
+def test_sampler_follows_the_distribution_along_one_request():
+    """One seed, 20k consecutive positions: the tokens of one request follow the law too."""
+    n = 20000
+    logits = jnp.tile(jnp.asarray(LOGITS), (n, 1))
+    b = SamplingBatch(**{**batch(n).__dict__, "seed": jnp.full((n,), 7, jnp.uint32)})
+    tokens = np.asarray(sample(logits, b, jnp.arange(n, dtype=jnp.int32), truncate=False))
+    freq = np.bincount(tokens, minlength=8) / n
+    tolerance = 4 * np.sqrt(PROBS * (1 - PROBS) / n) + 1e-3
+    assert np.all(np.abs(freq - PROBS) <= tolerance), (freq, PROBS)
+
+
+def test_gumbel_noise_is_standard_gumbel_and_uncorrelated():
+    """Moments of the standard Gumbel law (mean: Euler's constant, variance pi^2/6), finite
+    everywhere, no correlation between neighbouring tokens or positions, and a uniform argmax
+    over a large vocabulary (the hash must not favour any token ids)."""
+    rows, vocab = 512, 8192
+    noise = np.asarray(gumbel_noise(jnp.full((rows,), 3, jnp.uint32),
+                                    jnp.arange(rows, dtype=jnp.int32), vocab), np.float64)
+    assert np.isfinite(noise).all() and noise.max() < 16.7 and noise.min() > -2.9
+    assert abs(noise.mean() - np.euler_gamma) < 0.01
+    assert abs(noise.var() - np.pi**2 / 6) < 0.02
+    centred = noise - noise.mean()
+    for a, b in ((centred[:, :-1], centred[:, 1:]), (centred[:-1], centred[1:])):
+        assert abs(np.mean(a * b) / noise.var()) < 0.01
+    # argmax of pure noise: uniform over 64 buckets of token ids (chi-square, 63 dof; the
+    # 1e-4 quantile is ~117)
+    n = 8192
+    wide = gumbel_noise(jnp.arange(n, dtype=jnp.uint32), jnp.zeros(n, jnp.int32), 4096)
+    counts = np.bincount(np.asarray(jnp.argmax(wide, axis=-1)) // 64, minlength=64)
+    expected = n / 64
+    assert np.sum((counts - expected) ** 2 / expected) < 117
 
 
 def test_sampled_tokens_respect_the_mask_and_temperature():
