@@ -18,15 +18,15 @@ results already in `--output` from sections not run are kept):
   prefill and compilation cancel; compared with the (weights + KV read) / copy-bandwidth floor.
   The engine runs with `--max_num_batched_tokens` (8192, an offline-throughput setting: a
   batch's prompts prefill in one or few steps, as transformers prefills them in one).
+- `transformers`: Hugging Face `generate`, static cache, compiled (warmed twice), on the same
+  prompts; compared by whole-`generate` tokens/s (prefill included, as for ours).
 
 Timing: ceilings and kernels are each chained 10 times inside one jit and timed two ways, by
 wall clock and by GPU kernel time from a profiler trace. Kernel time is the primary figure, and
 each kernel is compared with the copy kernel measured the same way: a chain of short kernels
-driven from the host leaves launch gaps (~35 µs a call measured on an H100) that the engine's
+driven from the host leaves launch gaps (~35-50 µs a call measured on H100s) that the engine's
 steps, one CUDA graph each, do not have; at (32, 1k) they are a third of the wall time. Wall
 figures are kept in the JSON (`wall_*`).
-- `transformers`: Hugging Face `generate`, static cache, compiled (warmed twice), on the same
-  prompts; compared by whole-`generate` tokens/s (prefill included, as for ours).
 
 XLA_PYTHON_CLIENT_MEM_FRACTION leaves PyTorch room on the card for the transformers section.
 """
@@ -124,7 +124,7 @@ def attention_inputs(batch: int, context: int, num_heads=32, num_kv_heads=8, hea
     return q, k, v, jnp.asarray(tables, jnp.int32), jnp.full((batch,), context, jnp.int32)
 
 
-def attention_row(batch: int, context: int, ceilings: dict | None) -> dict:
+def attention_row(batch: int, context: int, limits: dict | None) -> dict:
     q, k, v, tables, lens = attention_inputs(batch, context)
     head_dim = q.shape[-1]
     kv_bytes = k.nbytes + v.nbytes
@@ -137,9 +137,9 @@ def attention_row(batch: int, context: int, ceilings: dict | None) -> dict:
         wall, device = seconds
         out = {"us": device * 1e6, "kv_tb_per_s": kv_bytes / device / 1e12,
                "wall_us": wall * 1e6, "wall_kv_tb_per_s": kv_bytes / wall / 1e12}
-        if ceilings:
-            out["fraction_of_copy"] = kv_bytes / device / (ceilings["copy_device_gb_per_s"] * 1e9)
-            out["wall_fraction_of_copy"] = kv_bytes / wall / (ceilings["copy_gb_per_s"] * 1e9)
+        if limits:
+            out["fraction_of_copy"] = kv_bytes / device / (limits["copy_device_gb_per_s"] * 1e9)
+            out["wall_fraction_of_copy"] = kv_bytes / wall / (limits["copy_gb_per_s"] * 1e9)
         return out
 
     ref = reference_ragged_paged_attention(
@@ -213,7 +213,7 @@ def generate_seconds(llm: LLM, ids: list[list[int]], tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def engine_decode(preset: str, batches: list[int], ceilings: dict | None) -> list[dict]:
+def engine_decode(preset: str, batches: list[int], limits: dict | None) -> list[dict]:
     rows = []
     for batch in batches:
         burst = {} if FLAGS.decode_burst is None else dict(decode_burst=FLAGS.decode_burst)
@@ -247,11 +247,11 @@ def engine_decode(preset: str, batches: list[int], ceilings: dict | None) -> lis
                "host_ms_per_step": 1e3 * (engine.host_seconds - host0) / steps,
                "launch_ms_per_step": 1e3 * (engine.launch_seconds - launch0) / steps,
                "wait_ms_per_step": 1e3 * (engine.wait_seconds - wait0) / steps}
-        if ceilings:
+        if limits:
             # The floor at the copy kernel's device-time bandwidth (the card's real rate); the
             # wall-timed copy, lower, gives the second (more lenient) figure.
-            floor = floor_bytes / (ceilings["copy_device_gb_per_s"] * 1e9)
-            wall_floor = floor_bytes / (ceilings["copy_gb_per_s"] * 1e9)
+            floor = floor_bytes / (limits["copy_device_gb_per_s"] * 1e9)
+            wall_floor = floor_bytes / (limits["copy_gb_per_s"] * 1e9)
             row.update(floor_ms=floor * 1e3, fraction_of_floor=floor / step,
                        fraction_of_wall_copy_floor=wall_floor / step)
         rows.append(row)

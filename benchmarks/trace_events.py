@@ -34,6 +34,8 @@ def device_seconds(fn: Callable[[], object], repeats: int = 3) -> tuple[float, d
             for _ in range(repeats):
                 fn()
         gpu = [(name, dur) for group, name, dur in complete_events(trace_dir) if "GPU" in group]
+    if not gpu:
+        raise RuntimeError("the trace holds no GPU kernels: device time needs a GPU")
     counts: dict[str, int] = {}
     for name, _ in gpu:
         counts[name] = counts.get(name, 0) + 1
