@@ -92,8 +92,7 @@ def seconds_per_call(fn, x, *args, n: int = 10, repeats: int = 5) -> tuple[float
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    device, _ = device_seconds(run)
-    return statistics.median(times) / n, device / n
+    return statistics.median(times) / n, device_seconds(run) / n
 
 
 def ceilings() -> dict:

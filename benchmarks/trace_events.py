@@ -24,19 +24,16 @@ def complete_events(trace_dir: str | Path) -> list[tuple[str, str, float]]:
             for e in events if e.get("ph") == "X"]
 
 
-def device_seconds(fn: Callable[[], object], repeats: int = 3) -> tuple[float, dict[str, int]]:
+def device_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
     """Seconds of GPU kernel time per call of `fn` (already compiled and warm; it must block
-    until its results are ready), traced over `repeats` calls; and the kernels seen, by name,
-    with their counts. Kernel time is what the device spent executing, without the launch
-    gaps between kernels that a host-driven chain of short kernels leaves."""
+    until its results are ready), traced over `repeats` calls. Kernel time is what the device
+    spent executing, without the launch gaps between kernels that a host-driven chain of short
+    kernels leaves."""
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             for _ in range(repeats):
                 fn()
-        gpu = [(name, dur) for group, name, dur in complete_events(trace_dir) if "GPU" in group]
+        gpu = [dur for group, _, dur in complete_events(trace_dir) if "GPU" in group]
     if not gpu:
         raise RuntimeError("the trace holds no GPU kernels: device time needs a GPU")
-    counts: dict[str, int] = {}
-    for name, _ in gpu:
-        counts[name] = counts.get(name, 0) + 1
-    return sum(dur for _, dur in gpu) / 1e6 / repeats, counts
+    return sum(gpu) / 1e6 / repeats
