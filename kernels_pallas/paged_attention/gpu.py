@@ -40,18 +40,21 @@ from kernels_pallas.paged_attention.write import write_pages
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 MIN_DOT_ROWS = 16  # the smallest M, N and K Triton's tensor-core dot accepts
 SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of K/V tiles in flight; Hopper has 227 KiB per SM
+MAX_BLOCK_TOKENS = 128  # the decode kernel's largest key block (pages of 128: one page a step)
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeTuning:
-    """Defaults: the fastest in kernel time of the tunings tried on an H100 (NOTES.md, ninth
-    session): 128-token blocks, 8 warps and no software pipelining beat 64-token blocks, 4
-    warps and 3 stages by 3-9% at every shape tried (batch 32-128, context 192-8k, head_dim
-    64 and 128); enough programs share each SM to keep loads in flight without it."""
+    """Defaults: the fastest in kernel time on an H100 (NOTES.md, tenth session): 64-token
+    blocks, 2 warps, no software pipelining. Against the ninth session's 128-token blocks with
+    8 warps, with the cache read cold from HBM: 30% less time at batch 64 and context 192
+    (14.1 vs 20.1 µs, head_dim 64, the engine's 1B decode), 4-8% less at every shape of the
+    GPU suite (head_dim 128, batch 32-128, context 1k-8k). The programs are latency-bound at
+    short contexts; smaller tiles per program bring more programs per SM."""
 
-    pages_per_block: int = 8  # pages per loop step (block_k = pages_per_block * page_size)
+    pages_per_block: int = 4  # pages per loop step (block_k = pages_per_block * page_size)
     num_splits: int | None = None  # context splits; None picks from batch and context
-    num_warps: int = 8
+    num_warps: int = 2
     num_stages: int = 1  # software-pipelining depth, lowered where the tiles would not fit
 
 
@@ -255,8 +258,7 @@ def _decode_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: ja
     group = num_heads // num_kv_heads
     group_pad = max(MIN_DOT_ROWS, 1 << (group - 1).bit_length())
     pages_per_block = min(tuning.pages_per_block, 1 << (page_tables.shape[1] - 1).bit_length())
-    # Blocks of at most 128 tokens (pages of 128 tokens: one page per step).
-    pages_per_block = max(1, min(pages_per_block, 128 // page_size))
+    pages_per_block = max(1, min(pages_per_block, MAX_BLOCK_TOKENS // page_size))
     stages = fit_stages(tuning.num_stages,
                          2 * pages_per_block * page_size * head_dim * k_pages.dtype.itemsize)
     num_blocks = pl.cdiv(page_tables.shape[1], pages_per_block)
