@@ -37,3 +37,17 @@ def device_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
     if not gpu:
         raise RuntimeError("the trace holds no GPU kernels: device time needs a GPU")
     return sum(gpu) / 1e6 / repeats
+
+
+def kernel_microseconds(fn: Callable[[], object], name: str, repeats: int = 3) -> list[float]:
+    """Durations in µs of every GPU kernel called `name` over `repeats` traced calls of `fn`
+    (compiled and warm; it must block until its results are ready)."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(repeats):
+                fn()
+        durations = [dur for group, event, dur in complete_events(trace_dir)
+                     if "GPU" in group and event == name]
+    if not durations:
+        raise RuntimeError(f"the trace holds no GPU kernel named {name!r}: this needs a GPU")
+    return durations
