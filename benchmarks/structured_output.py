@@ -35,6 +35,10 @@ flags.DEFINE_integer("max_tokens", 64, "New tokens per request.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per variant, interleaved; the fastest counts.")
 flags.DEFINE_string("tokenizer", None, "Tokenizer for a model without one (HF directory or .gguf).")
 flags.DEFINE_string("output", "benchmarks/results/structured_output_cpu.json", "JSON output.")
+flags.DEFINE_enum("split_constrained_steps", "auto", ["auto", "on", "off"],
+                  "Launch constrained decode steps as two executables (forward, then sampling "
+                  "with the mask): the engine's default (auto) or forced either way.")
+SPLIT = {"auto": None, "on": True, "off": False}
 
 SCHEMA = {"type": "array", "items": {"type": "string", "minLength": 3, "maxLength": 12},
           "minItems": 40, "maxItems": 40}  # long enough to fill max_tokens
@@ -71,10 +75,12 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     report = header("structured_output", model=FLAGS.model, dtype=FLAGS.dtype,
                     tokenizer=FLAGS.tokenizer and Path(FLAGS.tokenizer).name,
-                    max_tokens=FLAGS.max_tokens, rows=[])
+                    max_tokens=FLAGS.max_tokens,
+                    split_constrained_steps=FLAGS.split_constrained_steps, rows=[])
     for batch in (int(b) for b in FLAGS.batches):
         llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_num_seqs=batch, warmup=False,
-                  tokenizer=FLAGS.tokenizer)
+                  tokenizer=FLAGS.tokenizer,
+                  split_constrained_steps=SPLIT[FLAGS.split_constrained_steps])
         prompt = llm.tokenizer.apply_chat_template(
             [{"role": "user", "content": "List some fruit names as a JSON array."}])
         prompts = [prompt] * batch
