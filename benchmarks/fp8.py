@@ -15,11 +15,13 @@ Parts:
   Llama-3.1-8B projections): bfloat16 (XLA), XLA's FP8 dot (E4M3 operands), and our FP8 weights
   through each `kernels_pallas.fp8_matmul` backend (reference: dequantize then multiply;
   kernel: the platform's Pallas kernel).
-- sweep: the GPU kernel's tensor-core path (block_n x k_splits) at decode shapes (M = 1 and
-  32), MXFP8, and the one-row CUDA-core kernel (`Fp8Tuning.gemv`: block_n, k_splits, warps,
-  K rows per step) at M = 1, as weight GB/s (the bandwidth it streams the FP8 weight at),
-  against bf16 XLA's in the same run; `best_gemv` is the one-row tuning with the best
-  geometric mean.
+- sweep: per scheme, the GPU kernel's tensor-core path (block_n x k_splits) at M = 32 and the
+  one-row CUDA-core kernel (`Fp8Tuning.gemv`: block_n, k_splits, warps, K rows per step) at
+  M = 1, at the 8B projections, as weight GB/s (the bandwidth it streams the FP8 weight at)
+  against bf16 XLA's in the same run. Timed by GPU kernel time with the weights cold: distinct
+  copies of each weight (at least 200 MB, 4x the L2) are each multiplied once per call, as in a
+  decode step (a weight re-read in a loop sits partly in L2 and ranks tunings wrongly at the
+  margin, NOTES.md). `best_gemv` is each scheme's one-row tuning with the best geometric mean.
 - decode: Llama-3.1-8B-shaped decode (random weights) at batch 1 and 32, bfloat16 vs each
   scheme's `weights_dtype` on the tensor-core path and (batch 1) the one-row kernel, with its
   default tuning and, when the sweep ran first, the sweep's best; timed as the difference
@@ -39,6 +41,7 @@ from jax import lax
 from quality import GREEDY_PROMPTS, long_text, perplexity
 from report import header, write
 from timing import median_seconds
+from trace_events import device_seconds
 
 from dendrite_jax import LLM, SamplingParams
 from dendrite_jax.quant import fp8
@@ -163,42 +166,72 @@ def weight_bytes(q: fp8.Fp8Weight) -> int:
 GEMV_TUNINGS = {  # the one-row kernel's sweep: block_n, k_splits, warps, K rows per step
     f"gemv_n{n}_s{s or 'auto'}_w{w}_k{k}": gpu.Fp8Tuning(block_n=n, k_splits=s, num_warps=w,
                                                          gemv_block_k=k)
-    for n in (128, 256) for s in (16, None) for w in (4, 8) for k in (64, 128)}
+    for n, s, w, k in [(128, 16, 4, 64)] + [(n, None, w, k) for n in (64, 128, 256)
+                                             for w in (2, 4, 8) for k in (64, 128)]}
+TENSOR_CORE_TUNINGS = {f"n{block_n}_s{splits or 'auto'}":
+                       gpu.Fp8Tuning(block_n=block_n, k_splits=splits, gemv=False)
+                       for block_n in (64, 128) for splits in (1, 2, 4, 8, 16, None)}
+COLD_BYTES = 200 * 2**20  # 4x the H100's L2: weights read once per call come from HBM
 
 
-def best_gemv(rows: list[dict]) -> str | None:
-    """The one-row tuning with the best geometric-mean GB/s over the M = 1 shapes."""
-    ones = [r for r in rows if r["m"] == 1]
-    scores = {label: np.exp(np.mean([np.log(r[label]) for r in ones]))
-              for label in GEMV_TUNINGS if all(isinstance(r.get(label), float) for r in ones)}
-    return max(scores, key=scores.get) if scores else None
+def cold_seconds(fn, x: jax.Array, weights: list) -> float:
+    """GPU kernel seconds of one fn(x, w), each of `weights` (distinct copies holding at
+    least COLD_BYTES) multiplied once in one jit, so every call reads its weight from HBM as
+    a decode step does; timed by kernel time from a profiler trace, without launch gaps."""
+    @jax.jit
+    def every(x, weights):
+        return [fn(x, w) for w in weights]
+
+    def run() -> None:
+        jax.block_until_ready(every(x, weights))
+
+    run()
+    return device_seconds(run) / len(weights)
+
+
+def cold_copies(w, nbytes: int) -> list:
+    """Enough distinct device copies of w (an array or an Fp8Weight) to hold COLD_BYTES."""
+    return [jax.tree.map(jnp.copy, w) for _ in range(max(2, -(-COLD_BYTES // nbytes)))]
+
+
+def best_gemv(rows: list[dict]) -> dict[str, str]:
+    """Per scheme, the one-row tuning with the best geometric-mean GB/s over the M = 1 shapes."""
+    best = {}
+    for scheme in {r["scheme"] for r in rows}:
+        ones = [r for r in rows if r["m"] == 1 and r["scheme"] == scheme]
+        scores = {label: np.exp(np.mean([np.log(r[label]) for r in ones]))
+                  for label in GEMV_TUNINGS if all(isinstance(r.get(label), float) for r in ones)}
+        if scores:
+            best[scheme] = max(scores, key=scores.get)
+    return best
 
 
 def sweep_rows() -> list[dict]:
     rows = []
-    for m in (1, 32):
-        for k, n in DECODE_SHAPES:
-            key = jax.random.key(m + k + n)
-            x = jax.random.normal(key, (m, k), jnp.bfloat16)
-            w = jax.random.normal(jax.random.fold_in(key, 1), (k, n), jnp.bfloat16)
-            q = fp8.quantize(w, "mxfp8")
-            row = {"m": m, "k": k, "n": n,
-                   "bf16_weight_gb_s": w.nbytes / seconds_per_call(lambda x, w: x @ w, x, w) / 1e9}
-            tunings = {f"n{block_n}_s{splits or 'auto'}":
-                       gpu.Fp8Tuning(block_n=block_n, k_splits=splits, gemv=False)
-                       for block_n in (64, 128) for splits in (1, 2, 4, 8, 16, None)}
-            if m == 1:  # the CUDA-core kernel for one row
-                tunings |= GEMV_TUNINGS
-            for label, tuning in tunings.items():
-                try:
-                    seconds = seconds_per_call(
-                        lambda x, q, t=tuning: gpu.fp8_matmul(x, q, tuning=t), x, q)
-                except Exception as error:  # noqa: BLE001 - a failed tuning is a result
-                    row[label] = f"{type(error).__name__}: {str(error)[:200]}"
-                    continue
-                row[label] = weight_bytes(q) / seconds / 1e9
-            rows.append(row)
-            logging.info("sweep %s", row)
+    for scheme in FLAGS.schemes:
+        for m in (1, 32):
+            for k, n in DECODE_SHAPES:
+                key = jax.random.key(m + k + n)
+                x = jax.random.normal(key, (m, k), jnp.bfloat16)
+                w = jax.random.normal(jax.random.fold_in(key, 1), (k, n), jnp.bfloat16)
+                q = fp8.quantize(w, scheme)
+                bf16 = cold_seconds(lambda x, w: x @ w, x, cold_copies(w, w.nbytes))
+                row = {"scheme": scheme, "m": m, "k": k, "n": n,
+                       "bf16_weight_gb_s": w.nbytes / bf16 / 1e9}
+                copies = cold_copies(q, weight_bytes(q))
+                tunings = GEMV_TUNINGS if m == 1 else TENSOR_CORE_TUNINGS
+                for label, tuning in tunings.items():
+                    try:
+                        seconds = cold_seconds(
+                            lambda x, q, t=tuning: gpu.fp8_matmul(x, q, tuning=t), x, copies)
+                    except Exception as error:  # noqa: BLE001 - a failed tuning is a result
+                        row[label] = f"{type(error).__name__}: {str(error)[:200]}"
+                        continue
+                    row[label] = weight_bytes(q) / seconds / 1e9
+                rows.append(row)
+                logging.info("sweep %s", row)
+                del copies
+                gc.collect()
     return rows
 
 
@@ -210,13 +243,17 @@ def decode_rows(report: dict) -> list[dict]:
         # (weights, kernel tuning label): several rows take the tensor-core path; one row
         # the one-row kernel with its default tuning and the sweep's best (when the sweep ran
         # in this process), or with --nodecode_gemv the tensor-core path instead
-        one_row = {"one-row": gpu.Fp8Tuning()}
-        if report.get("best_gemv"):
-            one_row[report["best_gemv"]] = GEMV_TUNINGS[report["best_gemv"]]
-        tunings = {"tensor-core": gpu.Fp8Tuning(gemv=False), **one_row}
-        labels = list(one_row) if batch == 1 and FLAGS.decode_gemv else ["tensor-core"]
-        variants = [(None, "tensor-core"),
-                    *((s, label) for s in FLAGS.schemes for label in labels)]
+        best = report.get("best_gemv") or {}
+        tunings = {"tensor-core": gpu.Fp8Tuning(gemv=False), "one-row": gpu.Fp8Tuning(),
+                   **GEMV_TUNINGS}
+        one_row = batch == 1 and FLAGS.decode_gemv
+        variants = [(None, "tensor-core")]
+        for scheme in FLAGS.schemes:
+            if not one_row:
+                variants.append((scheme, "tensor-core"))
+                continue
+            variants += [(scheme, "one-row")] + ([(scheme, best[scheme])] if scheme in best
+                                                  else [])
         for weights, label in variants:
             gpu.DEFAULT_TUNING = tunings[label]
             jax.clear_caches()  # traces of the step made under the other tuning
@@ -274,9 +311,9 @@ def main(argv: list[str]) -> None:
         print(f"matmul {row['m']}x{row['k']}x{row['n']}: " + ", ".join(
             f"{k} {v:.1f}" for k, v in row.items() if k not in ("m", "k", "n")) + " TFLOP/s")
     for row in report.get("sweep", []):
-        print(f"sweep {row['m']}x{row['k']}x{row['n']} weight GB/s: " + ", ".join(
+        print(f"sweep {row['scheme']} {row['m']}x{row['k']}x{row['n']} weight GB/s: " + ", ".join(
             f"{k} {v:.0f}" if isinstance(v, float) else f"{k} failed"
-            for k, v in row.items() if k not in ("m", "k", "n")))
+            for k, v in row.items() if k not in ("scheme", "m", "k", "n")))
     for row in report.get("decode", []):
         print(f"decode b{row['batch']} {row['weights']}: {row['ms_per_step']:.2f} ms/step "
               f"{row['tokens_per_s']:.0f} tok/s {row.get('speed_vs_bf16', 1):.2f}x")
