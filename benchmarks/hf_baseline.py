@@ -4,7 +4,7 @@ the serving and GPU benchmarks divide by. CUDA only; random weights from a dendr
 
 from __future__ import annotations
 
-import time
+from timing import best_seconds
 
 from dendrite_jax.config import load_preset
 
@@ -60,9 +60,4 @@ def generate_seconds(model, prompts: list[list[int]], new_tokens: int, warmups: 
 
     for _ in range(warmups):
         run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_seconds(run, repeats)

@@ -18,3 +18,13 @@ def median_seconds(run: Callable[[], object], repeats: int = 5) -> float:
         jax.block_until_ready(run())
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    """Fewest wall seconds of `repeats` calls of run() (which must block until done)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
