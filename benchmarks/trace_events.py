@@ -24,30 +24,31 @@ def complete_events(trace_dir: str | Path) -> list[tuple[str, str, float]]:
             for e in events if e.get("ph") == "X"]
 
 
+def gpu_kernels(fn: Callable[[], object], repeats: int = 3) -> list[tuple[str, float]]:
+    """(kernel name, duration in µs) of every GPU kernel over `repeats` traced calls of `fn`
+    (compiled and warm; it must block until its results are ready)."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(repeats):
+                fn()
+        return [(name, dur) for group, name, dur in complete_events(trace_dir)
+                if "GPU" in group]
+
+
 def device_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
     """Seconds of GPU kernel time per call of `fn` (already compiled and warm; it must block
     until its results are ready), traced over `repeats` calls. Kernel time is what the device
     spent executing, without the launch gaps between kernels that a host-driven chain of short
     kernels leaves."""
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            for _ in range(repeats):
-                fn()
-        gpu = [dur for group, _, dur in complete_events(trace_dir) if "GPU" in group]
+    gpu = [dur for _, dur in gpu_kernels(fn, repeats)]
     if not gpu:
         raise RuntimeError("the trace holds no GPU kernels: device time needs a GPU")
     return sum(gpu) / 1e6 / repeats
 
 
 def kernel_microseconds(fn: Callable[[], object], name: str, repeats: int = 3) -> list[float]:
-    """Durations in µs of every GPU kernel called `name` over `repeats` traced calls of `fn`
-    (compiled and warm; it must block until its results are ready)."""
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            for _ in range(repeats):
-                fn()
-        durations = [dur for group, event, dur in complete_events(trace_dir)
-                     if "GPU" in group and event == name]
+    """Durations in µs of every GPU kernel called `name` over `repeats` traced calls of `fn`."""
+    durations = [dur for kernel, dur in gpu_kernels(fn, repeats) if kernel == name]
     if not durations:
         raise RuntimeError(f"the trace holds no GPU kernel named {name!r}: this needs a GPU")
     return durations
