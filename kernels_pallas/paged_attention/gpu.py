@@ -48,9 +48,9 @@ class DecodeTuning:
     """Defaults: the fastest in kernel time on an H100 (NOTES.md, tenth session): 64-token
     blocks, 2 warps, no software pipelining. Against the ninth session's 128-token blocks with
     8 warps, with the cache read cold from HBM: 30% less time at batch 64 and context 192
-    (14.1 vs 20.1 µs, head_dim 64, the engine's 1B decode), 4-8% less at every shape of the
-    GPU suite (head_dim 128, batch 32-128, context 1k-8k). The programs are latency-bound at
-    short contexts; smaller tiles per program bring more programs per SM."""
+    (14.1 vs 20.1 µs, head_dim 64, the engine's 1B decode), 3.6-7.5% less at every shape of
+    the GPU suite (head_dim 128, batch 32-128, context 1k-8k). The programs are latency-bound
+    at short contexts; smaller tiles per program bring more programs per SM."""
 
     pages_per_block: int = 4  # pages per loop step (block_k = pages_per_block * page_size)
     num_splits: int | None = None  # context splits; None picks from batch and context
