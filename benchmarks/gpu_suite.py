@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import gc
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -47,6 +46,7 @@ import numpy as np
 from absl import app, flags, logging
 from jax import lax
 from report import header, write
+from timing import median_seconds
 from trace_events import device_seconds
 
 from dendrite_jax import LLM, SamplingParams
@@ -88,13 +88,7 @@ def seconds_per_call(fn, x, *args, n: int = 10, repeats: int = 5) -> tuple[float
     def run() -> None:
         jax.block_until_ready(chained(x, *args))
 
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / n, device_seconds(run) / n
+    return median_seconds(run, repeats) / n, device_seconds(run) / n
 
 
 def ceilings() -> dict:
