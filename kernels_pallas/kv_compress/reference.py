@@ -19,6 +19,7 @@ from dendrite_jax.cache.compress import Codes, KvCompressor
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from kernels_pallas.paged_attention.blocks import attend_by_block
 from kernels_pallas.paged_attention.reference import attend_context
+from kernels_pallas.paged_attention.write import scatter_slots
 
 
 def encode(kv: CompressedKVCache, layer: jax.Array, k: jax.Array, v: jax.Array
@@ -31,12 +32,12 @@ def encode(kv: CompressedKVCache, layer: jax.Array, k: jax.Array, v: jax.Array
 def write_codes(kv: CompressedKVCache, layer: jax.Array, k: jax.Array, v: jax.Array,
                 slot_pages: jax.Array, slot_offsets: jax.Array) -> CompressedKVCache:
     """Encode keys/values [T, Hkv, hd] of layer `layer` (`encode`) into their (page, offset)
-    slots; a slot page outside [0, N) (padding) writes nowhere."""
-    idx = (layer, slot_pages, slot_offsets)
+    slots; a slot page outside [0, N) (padding) writes nowhere (`scatter_slots`)."""
     new_k, new_v = encode(kv, layer, k, v)
 
     def scatter(codes: Codes, new: Codes) -> Codes:
-        return {name: codes[name].at[idx].set(new[name], mode="drop") for name in codes}
+        return {name: scatter_slots(codes[name], layer, new[name], slot_pages, slot_offsets)
+                for name in codes}
 
     return dataclasses.replace(kv, k=scatter(kv.k, new_k), v=scatter(kv.v, new_v))
 

@@ -9,6 +9,7 @@ import numpy as np
 from dendrite_jax.cache.kv import AttentionMetadata, KVCache, copy_pages
 from dendrite_jax.config import ModelConfig
 from kernels_pallas.paged_attention import write_pages
+from kernels_pallas.paged_attention.write import unique_slots
 
 CFG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
                   num_kv_heads=1, head_dim=8, max_position_embeddings=64)
@@ -34,6 +35,24 @@ def test_writes_scatter_by_page_table_and_drop_padding():
     assert np.count_nonzero(written) == 4  # the padding token wrote nowhere
     assert np.count_nonzero(np.asarray(kv.k[0])) == 0  # other layer untouched
     np.testing.assert_array_equal(np.asarray(kv.v[1, 2, :3, 0, 0]), [-2, -3, -4])
+
+
+def test_padding_tokens_get_distinct_out_of_range_slots():
+    # The scatter promises unique indices: tokens outside the cache (page num_pages, as
+    # `AttentionMetadata` pads, or negative) must not share a slot, and must still write nowhere.
+    pages = jnp.array([3, 6, 6, 0, -1, 6], jnp.int32)
+    offsets = jnp.array([1, 0, 0, 2, 0, 0], jnp.int32)
+    new_pages, new_offsets = unique_slots(pages, offsets, num_pages=6, page_size=4)
+    slots = list(zip(np.asarray(new_pages).tolist(), np.asarray(new_offsets).tolist(),
+                     strict=True))
+    assert len(set(slots)) == len(slots)
+    assert slots[0] == (3, 1) and slots[3] == (0, 2)  # tokens inside the cache keep their slot
+    assert all(p == 6 and o >= 4 for p, o in slots[1:3] + slots[4:])
+    kv = KVCache.create(CFG, num_pages=6, page_size=4, dtype="float32")
+    k = jnp.ones((6, 1, 8), jnp.float32)
+    k_pages, _ = write_pages(kv.k, kv.v, jnp.int32(0), k, k, pages, offsets)
+    written = np.asarray(k_pages[0, :, :, 0, 0])
+    assert written[3, 1] == 1 and written[0, 2] == 1 and np.count_nonzero(written) == 2
 
 
 def test_copy_pages_copies_every_layer():
