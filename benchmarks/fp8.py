@@ -16,7 +16,7 @@ Parts:
   through each `kernels_pallas.fp8_matmul` backend (reference: dequantize then multiply;
   kernel: the platform's Pallas kernel).
 - sweep: per scheme, the GPU kernel's tensor-core path (block_n x k_splits) at M = 32 and the
-  one-row CUDA-core kernel (`Fp8Tuning.gemv`: block_n, k_splits, warps, K rows per step) at
+  one-row CUDA-core kernel (`Fp8Tuning.gemv`: columns, K values per step, warps) at
   M = 1, at the 8B projections, as weight GB/s (the bandwidth it streams the FP8 weight at)
   against bf16 XLA's in the same run. Timed by GPU kernel time with the weights cold: distinct
   copies of each weight (at least 200 MB, 4x the L2) are each multiplied once per call, as in a
@@ -55,6 +55,8 @@ flags.DEFINE_list("keep_layers", ["0", "1", "-1"], "Quality part: also each sche
                   "layers unquantized (fp8_keep_layers); empty: skip.")
 flags.DEFINE_integer("perplexity_tokens", 1024, "Tokens of text scored.")
 flags.DEFINE_list("decode_batches", ["1", "32"], "Batch sizes of the decode part.")
+flags.DEFINE_list("sweep_rows", ["1", "32"], "Rows of x in the sweep part (1: the one-row "
+                  "kernel's tunings; more: the tensor-core path's).")
 flags.DEFINE_bool("decode_gemv", True, "Decode part, batch 1: the one-row CUDA-core kernel "
                   "(Fp8Tuning.gemv); off: the tensor-core path.")
 flags.DEFINE_string("output", "benchmarks/results/fp8_cpu.json", "JSON output.")
@@ -163,11 +165,9 @@ def weight_bytes(q: fp8.Fp8Weight) -> int:
     return q.values.nbytes + q.scales.nbytes
 
 
-GEMV_TUNINGS = {  # the one-row kernel's sweep: block_n, k_splits, warps, K rows per step
-    f"gemv_n{n}_s{s or 'auto'}_w{w}_k{k}": gpu.Fp8Tuning(block_n=n, k_splits=s, num_warps=w,
-                                                         gemv_block_k=k)
-    for n, s, w, k in [(128, 16, 4, 64)] + [(n, None, w, k) for n in (64, 128, 256)
-                                             for w in (2, 4, 8) for k in (64, 128)]}
+GEMV_TUNINGS = {  # the one-row kernel's sweep: columns, K values per step, warps
+    f"gemv_n{n}_k{k}_w{w}": gpu.Fp8Tuning(gemv_block_n=n, gemv_block_k=k, gemv_warps=w)
+    for n, k in ((16, 256), (16, 512), (32, 128), (32, 256), (64, 128)) for w in (4, 8)}
 TENSOR_CORE_TUNINGS = {f"n{block_n}_s{splits or 'auto'}":
                        gpu.Fp8Tuning(block_n=block_n, k_splits=splits, gemv=False)
                        for block_n in (64, 128) for splits in (1, 2, 4, 8, 16, None)}
@@ -209,7 +209,7 @@ def best_gemv(rows: list[dict]) -> dict[str, str]:
 def sweep_rows() -> list[dict]:
     rows = []
     for scheme in FLAGS.schemes:
-        for m in (1, 32):
+        for m in [int(r) for r in FLAGS.sweep_rows]:
             for k, n in DECODE_SHAPES:
                 key = jax.random.key(m + k + n)
                 x = jax.random.normal(key, (m, k), jnp.bfloat16)
@@ -244,7 +244,7 @@ def decode_rows(report: dict) -> list[dict]:
         # the one-row kernel with its default tuning and the sweep's best (when the sweep ran
         # in this process), or with --nodecode_gemv the tensor-core path instead
         best = report.get("best_gemv") or {}
-        tunings = {"tensor-core": gpu.Fp8Tuning(gemv=False), "one-row": gpu.Fp8Tuning(),
+        tunings = {"tensor-core": gpu.Fp8Tuning(gemv=False), "one-row": None,  # per scheme
                    **GEMV_TUNINGS}
         one_row = batch == 1 and FLAGS.decode_gemv
         variants = [(None, "tensor-core")]
@@ -281,7 +281,7 @@ def decode_rows(report: dict) -> list[dict]:
         base = rows[-len(variants)]["tokens_per_s"]
         for row in rows[1 - len(variants):]:
             row["speed_vs_bf16"] = row["tokens_per_s"] / base
-    gpu.DEFAULT_TUNING = gpu.Fp8Tuning()
+    gpu.DEFAULT_TUNING = None
     return rows
 
 

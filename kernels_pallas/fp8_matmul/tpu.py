@@ -1,10 +1,13 @@
 """FP8 weight matmul for TPUs: a Pallas Mosaic TPU kernel streaming E4M3 weight tiles.
 
-Grid (row block, column block, K block), K the reduction: each step brings one [block_k,
-block_n] tile of E4M3 values (and its scale rows) into VMEM through Pallas' pipeline, converts
-it to the activations' dtype group by group of 32 rows, multiplies on the MXU and scales each
-group's partial product by its power-of-two scale row (per-channel weights: once at the end).
-Tested on CPU in TPU interpret mode; no TPU has run it yet.
+Grid (row block, column block, K block), K the reduction: each step brings one [block_n,
+block_k] tile of the output-major E4M3 values (and its scales) into VMEM through Pallas'
+pipeline, converts it to the activations' dtype group by group of 32 K values, multiplies on
+the MXU (contracting both operands' minor axis) and scales each group's partial product by its
+power-of-two scales (per-channel weights: once at the end). A program's MXFP8 scales come
+whole ([block_n, K / 32], a few hundred KB at most): Mosaic's tiling rule would otherwise need
+block_k / 32 to be a multiple of 128. Tested on CPU in TPU interpret mode; no TPU has run it
+yet.
 """
 
 from __future__ import annotations
@@ -27,23 +30,26 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, acc_ref, *, mx: bool):
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     precision = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
-    block_k = w_ref.shape[0]
+
+    def dot_nt(x, w):  # x [M, k] . w [N, k] -> [M, N]
+        return jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())),
+                                   precision=precision, preferred_element_type=jnp.float32)
+
+    groups = w_ref.shape[1] // BLOCK
     if mx:
-        for g in range(block_k // BLOCK):
-            part = jnp.dot(x_ref[:, pl.ds(g * BLOCK, BLOCK)],
-                           w_ref[pl.ds(g * BLOCK, BLOCK), :].astype(x_ref.dtype),
-                           precision=precision, preferred_element_type=jnp.float32)
-            exponent = s_ref[pl.ds(g, 1), :].astype(jnp.float32) - E8M0_BIAS
-            acc_ref[...] += part * jnp.exp2(exponent)
+        for g in range(groups):
+            part = dot_nt(x_ref[:, pl.ds(g * BLOCK, BLOCK)], w_ref[:, pl.ds(g * BLOCK, BLOCK)])
+            scale_col = pl.ds(step * groups + g, 1)  # the program holds all of K's scales
+            exponent = s_ref[:, scale_col].astype(jnp.float32) - E8M0_BIAS  # [block_n, 1]
+            acc_ref[...] += part * jnp.exp2(exponent).T
     else:
-        acc_ref[...] += jnp.dot(x_ref[...], w_ref[...].astype(x_ref.dtype), precision=precision,
-                                preferred_element_type=jnp.float32)
+        acc_ref[...] += dot_nt(x_ref[...], w_ref[...])
 
     @pl.when(step == pl.num_programs(2) - 1)
     def _finish():
         out = acc_ref[...]
         if not mx:
-            out = out * s_ref[...].astype(jnp.float32)
+            out = out * s_ref[...].astype(jnp.float32).T
         o_ref[...] = out.astype(o_ref.dtype)
 
 
@@ -64,17 +70,14 @@ def fp8_matmul(x: jax.Array, w: Fp8Weight, *, block_n: int = 256, block_k: int =
     if rows != m:
         x2 = jnp.pad(x2, ((0, rows - m), (0, 0)))
     bn = _block(n, tuple(b for b in (block_n, 256, 128) if b <= block_n))
-    bk = _block(k, tuple(b for b in (block_k, 512, 256, 128, 64, 32) if b <= block_k))
     mx = w.scheme == "mxfp8"
-    if mx:
-        scale_spec = pl.BlockSpec((bk // BLOCK, bn), lambda i, j, s: (s, j))
-    else:
-        scale_spec = pl.BlockSpec((1, bn), lambda i, j, s: (0, j))
+    bk = _block(k, tuple(b for b in (block_k, 512, 256, 128) if b <= block_k))
+    scale_spec = pl.BlockSpec((bn, k // BLOCK if mx else 1), lambda i, j, s: (j, 0))
     out = pl.pallas_call(
         functools.partial(_kernel, mx=mx),
         grid=(rows // block_m, n // bn, k // bk),
         in_specs=[pl.BlockSpec((block_m, bk), lambda i, j, s: (i, s)),
-                  pl.BlockSpec((bk, bn), lambda i, j, s: (s, j)), scale_spec],
+                  pl.BlockSpec((bn, bk), lambda i, j, s: (j, s)), scale_spec],
         out_specs=pl.BlockSpec((block_m, bn), lambda i, j, s: (i, j)),
         out_shape=jax.ShapeDtypeStruct((rows, n), x.dtype),
         scratch_shapes=[pltpu.VMEM((block_m, bn), jnp.float32)],

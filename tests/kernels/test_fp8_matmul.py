@@ -38,8 +38,8 @@ def test_kernel_matches_reference(kernel, scheme, m, k, n):
 
 
 @pytest.mark.parametrize("scheme", fp8.SCHEMES)
-@pytest.mark.parametrize("k,n,splits,block_k", [(1536, 576, None, 64), (96, 48, 1, 64),
-                                                 (512, 96, 4, 128)])
+@pytest.mark.parametrize("k,n,splits,block_k", [(1536, 576, None, 256), (96, 48, 1, 64),
+                                                 (512, 96, 4, 128), (2560, 80, 5, 512)])
 def test_gemv_matches_reference(scheme, k, n, splits, block_k):
     """The one-row kernel (CUDA-core FMAs, `Fp8Tuning.gemv`) equals the reference."""
     rng = np.random.default_rng(k + n)
@@ -48,6 +48,7 @@ def test_gemv_matches_reference(scheme, k, n, splits, block_k):
     with jax.default_matmul_precision("highest"):
         want = np.asarray(reference_fp8_matmul(x, q))
     tuning = gpu.Fp8Tuning(gemv=True, k_splits=splits, gemv_block_k=block_k)
+    assert gpu.plan(1, k, n, tuning)[0] == 1  # the one-row kernel
     got = np.asarray(gpu.fp8_matmul(x, q, tuning=tuning,
                                     interpret=jax.default_backend() != "gpu"))
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
