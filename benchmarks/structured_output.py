@@ -9,11 +9,13 @@ A random-weight preset has no tokenizer: `--tokenizer` lends it one (a directory
 `Tokenizer.save_hf_dir`, or a .gguf file).
 
 For each batch size: unconstrained greedy decoding; the same prompts under a regex that allows
-any text (mask work without changing the length); and under a JSON schema (an array of 40 short
-strings, longer than `--max_tokens`). Every run generates `--max_tokens` tokens per request
-(EOS ignored where the constraint allows it); throughput is generated tokens per second of the
-fastest of `--repeats` interleaved runs. The mask fill time per constrained row (p50/p99) comes
-from the engine's log of fills.
+any text (mask work without changing the length); under a JSON schema (an array of 40 short
+strings, longer than `--max_tokens`); and under a schema of records (an array of objects with
+fixed keys, whose key names and punctuation the grammar forces: what `--forced_tokens`, the
+engine's `forced_tokens`, appends without sampling). Every run generates `--max_tokens` tokens
+per request (EOS ignored where the constraint allows it); throughput is generated tokens per
+second of the fastest of `--repeats` interleaved runs. The mask fill time per constrained row
+(p50/p99) comes from the engine's log of fills.
 """
 
 from __future__ import annotations
@@ -39,9 +41,19 @@ flags.DEFINE_enum("split_constrained_steps", "auto", ["auto", "on", "off"],
                   "Launch constrained decode steps as two executables (forward, then sampling "
                   "with the mask): the engine's default (auto) or forced either way.")
 SPLIT = {"auto": None, "on": True, "off": False}
+flags.DEFINE_bool("forced_tokens", False, "Append tokens a constraint forces without sampling "
+                  "them (`LLM(forced_tokens=...)`).")
 
 SCHEMA = {"type": "array", "items": {"type": "string", "minLength": 3, "maxLength": 12},
           "minItems": 40, "maxItems": 40}  # long enough to fill max_tokens
+RECORDS = {"type": "array", "minItems": 20, "maxItems": 20, "items": {
+    "type": "object", "additionalProperties": False, "required": ["name", "color", "count"],
+    "properties": {"name": {"type": "string", "minLength": 3, "maxLength": 12},
+                   "color": {"enum": ["red", "green", "blue"]},
+                   "count": {"type": "integer", "minimum": 0, "maximum": 99}}}}
+
+
+CONSTRAINED = ("any_text_regex", "json_schema", "json_records")
 
 
 def run(llm: LLM, prompts: list[str], params: SamplingParams, row: dict | None) -> dict:
@@ -76,11 +88,13 @@ def main(argv: list[str]) -> None:
     report = header("structured_output", model=FLAGS.model, dtype=FLAGS.dtype,
                     tokenizer=FLAGS.tokenizer and Path(FLAGS.tokenizer).name,
                     max_tokens=FLAGS.max_tokens,
-                    split_constrained_steps=FLAGS.split_constrained_steps, rows=[])
+                    split_constrained_steps=FLAGS.split_constrained_steps,
+                    forced_tokens=FLAGS.forced_tokens, rows=[])
     for batch in (int(b) for b in FLAGS.batches):
         llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_num_seqs=batch, warmup=False,
                   tokenizer=FLAGS.tokenizer,
-                  split_constrained_steps=SPLIT[FLAGS.split_constrained_steps])
+                  split_constrained_steps=SPLIT[FLAGS.split_constrained_steps],
+                  forced_tokens=FLAGS.forced_tokens)
         prompt = llm.tokenizer.apply_chat_template(
             [{"role": "user", "content": "List some fruit names as a JSON array."}])
         prompts = [prompt] * batch
@@ -88,14 +102,15 @@ def main(argv: list[str]) -> None:
         variants = {"unconstrained": SamplingParams(**common, ignore_eos=True),
                     "any_text_regex": SamplingParams(**common, ignore_eos=True,
                                                      regex=r"(?s:.)*"),
-                    "json_schema": SamplingParams(**common, json_schema=SCHEMA)}
+                    "json_schema": SamplingParams(**common, json_schema=SCHEMA),
+                    "json_records": SamplingParams(**common, json_schema=RECORDS)}
         runs: dict = dict.fromkeys(variants)
         for _ in range(FLAGS.repeats):  # interleaved, so drifts in machine speed hit all alike
             for name, params in variants.items():
                 runs[name] = run(llm, prompts, params, runs[name])
         row = {"batch": batch, **{name: finish(r) for name, r in runs.items()}}
         base = row["unconstrained"]["tokens_per_s"]
-        for name in ("any_text_regex", "json_schema"):
+        for name in CONSTRAINED:
             row[name]["vs_unconstrained"] = row[name]["tokens_per_s"] / base
         report["rows"].append(row)
         del llm
@@ -104,7 +119,7 @@ def main(argv: list[str]) -> None:
           f"{FLAGS.max_tokens} tokens per request")
     print("batch run             tok/s  vs free  mask us/row p50   p99")
     for row in report["rows"]:
-        for name in ("unconstrained", "any_text_regex", "json_schema"):
+        for name in ("unconstrained", *CONSTRAINED):
             r = row[name]
             print(f"{row['batch']:5d} {name:15s} {r['tokens_per_s']:7.0f} "
                   f"{r.get('vs_unconstrained', 1.0):7.2f} "

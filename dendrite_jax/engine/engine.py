@@ -169,9 +169,12 @@ class Engine:
             request.matcher = compiler.matcher(request.params)
         except GrammarError as e:
             request.fail(str(e))
+            return
+        if self.cfg.forced_tokens and request.logprobs is None:
+            request.fast_forward(self.max_model_len)  # what the constraint forces first
 
     def add(self, request: Request) -> None:
-        if request.finished:  # failed at admission: nothing to run; the next step reports it
+        if request.finished:  # failed (or forced to its end) at admission: the next step says so
             self._failed.append(request)
             return
         self.requests[request.request_id] = request
@@ -379,7 +382,8 @@ class Engine:
         allowed). Rows follow the plan's rows, so mixed batches cannot misalign."""
         rows = [(r.matcher, row) for i, (r, _) in enumerate(batch.rows)
                 if r.matcher is not None and not r.finished
-                and plan.sample[row := self._row(plan, batch, i)]]
+                and plan.sample[row := self._row(plan, batch, i)]
+                and int(plan.seq_lens[row]) not in r.forced_positions]
         if not rows:
             return None
         start = time.perf_counter()
@@ -415,9 +419,14 @@ class Engine:
                     r.add_prompt_logprobs(start + j + 1, float(result.prompt_logprob[t]),
                                           int(result.prompt_rank[t]),
                                           result.prompt_top_logprobs[t], result.prompt_top_ids[t])
-            if sample[row]:
+            if (sample[row] and r.forced_positions  # a forced token holds the sample's position
+                    and int(plan.seq_lens[row]) in r.forced_positions):
+                r.forced_positions.discard(int(plan.seq_lens[row]))
+            elif sample[row]:
                 if r.logprobs is None:
                     r.append_token(tokens[row], self.max_model_len, logprob[row])
+                    if self.cfg.forced_tokens and r.matcher is not None:
+                        r.fast_forward(self.max_model_len)
                 else:
                     r.append_token(tokens[row], self.max_model_len, logprob[row],
                                    int(result.rank[row]), result.top_logprobs[row],

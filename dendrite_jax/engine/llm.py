@@ -79,6 +79,11 @@ class LLM:
     the host's per-step work is paid once per burst; a request that stops mid-burst drops
     the rest. Default (None): 4 on accelerators, 1 on a CPU (`engine.default_decode_burst`).
 
+    `forced_tokens` appends the tokens a constraint forces (its mask allows one token) without
+    sampling them and feeds them several to a row in the next step: fewer steps for
+    structured output, the same tokens; those tokens' logprobs are not computed, so they add
+    nothing to `cumulative_logprob`, and requests asking for logprobs sample every token.
+
     `warmup` compiles every step bucket up front and then makes compiling a new one an error
     (default: on for accelerators, off on CPU where compiling on demand is cheaper).
     """
@@ -93,7 +98,7 @@ class LLM:
                  kv_compression: str = "none", weights_dtype: str | None = None,
                  fp8_matmul: str = "auto", fp8_keep_layers: Sequence[int] = (),
                  tensor_parallel_size: int = 1, split_constrained_steps: bool | None = None,
-                 decode_burst: int | None = None,
+                 decode_burst: int | None = None, forced_tokens: bool = False,
                  devices: Sequence[jax.Device] | None = None) -> None:
         engine_cfg = EngineConfig(dtype=dtype, page_size=page_size, num_pages=num_pages,
                                   max_num_seqs=max_num_seqs,
@@ -101,7 +106,7 @@ class LLM:
                                   max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
                                   seed=seed, kv_compression=kv_compression,
                                   split_constrained_steps=split_constrained_steps,
-                                  decode_burst=decode_burst)
+                                  decode_burst=decode_burst, forced_tokens=forced_tokens)
         loop = resolve_layer_loop(layer_loop)
         if compilation_cache:
             enable_compilation_cache()

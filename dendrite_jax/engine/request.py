@@ -10,6 +10,7 @@ import numpy as np
 from dendrite_jax.engine.outputs import Logprob, PositionLogprobs, RequestOutput
 from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.engine.step import FROM_LAST_TOKEN
+from dendrite_jax.grammar.matcher import forced_token
 from dendrite_jax.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 # Placeholder for a sampled token whose step has been launched but not yet read back. As an
@@ -66,6 +67,9 @@ class Request:
         self.prompt_logprobs: list[PositionLogprobs | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
         self.matcher = None  # llguidance matcher of a constrained request (grammar package)
+        # Positions whose launched samples are discarded when read back: tokens the
+        # constraint forced (`fast_forward`) filled them first.
+        self.forced_positions: set[int] = set()
         self.donor: Request | None = None  # parallel sampling: the sibling computing the prompt
         self.cumulative_logprob = 0.0  # raw-model logprobs of the generated tokens, summed
         self.error: str | None = None
@@ -191,6 +195,22 @@ class Request:
             self._finish("length", None)
         if self.finished:
             del ids[num_outputs:]  # placeholders of steps still in flight are dropped
+
+    def fast_forward(self, max_model_len: int) -> int:
+        """Append the tokens the constraint now forces (`grammar.forced_token`; never a stop
+        token), each as if sampled, until it allows a choice or the request finishes; they
+        fill pending placeholders first, whose launched samples are then discarded
+        (`forced_positions`). Returns how many were appended."""
+        pending, count = self.num_pending, 0
+        first_pending = self.num_tokens - pending
+        while self.matcher is not None and not self.finished:
+            token = forced_token(self.matcher)
+            if token is None or token in self.stop_token_ids:
+                break
+            self.append_token(token, max_model_len)
+            count += 1
+        self.forced_positions.update(range(first_pending, first_pending + min(pending, count)))
+        return count
 
     def _check_stop_strings(self, previous_len: int) -> bool:
         for stop in self.params.stop:

@@ -73,5 +73,15 @@ class GrammarCompiler:
         return mask
 
 
+def forced_token(matcher: llguidance.LLMatcher) -> int | None:
+    """The one token `matcher` allows next, or None where it allows several (or only EOS).
+    The forced-bytes check first is cheap and rules out most positions without a mask."""
+    if not matcher.compute_ff_bytes():
+        return None
+    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")
+    allowed = np.flatnonzero(bits)
+    return int(allowed[0]) if allowed.size == 1 else None
+
+
 def constraint_name(params: SamplingParams) -> str:
     return next((n for n in CONSTRAINTS if getattr(params, n) is not None), "constraint")

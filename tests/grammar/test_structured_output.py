@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 
 from dendrite_jax import SamplingParams
+from dendrite_jax.engine.request import Request
 from tests.grammar.schemas import SCHEMAS
 
 MAX_TOKENS = 120
@@ -138,14 +139,15 @@ def test_online_request_with_a_bad_constraint_is_reported_by_the_next_step(smoll
     assert {good, digits} <= done and smollm.stats().pool.used == 0
 
 
-def test_preemption_and_aborts_keep_constraints_aligned():
+@pytest.mark.parametrize("forced_tokens", [False, True])
+def test_preemption_and_aborts_keep_constraints_aligned(forced_tokens):
     """A pool too small for the batch forces preemption (constrained requests are recomputed
     with their matchers intact) and one constrained request is aborted mid-run: every other
-    output still satisfies its own constraint, and no page leaks."""
+    output still satisfies its own constraint, and no page leaks; with forced tokens too."""
     from dendrite_jax import LLM
 
     llm = LLM(model="smollm2-135m", dtype="float32", max_num_seqs=6, num_pages=14,
-              page_size=16, compilation_cache=False)
+              page_size=16, compilation_cache=False, forced_tokens=forced_tokens)
     prompt = chat(llm, "Give an example of a small JSON object.")
     schemas = [SCHEMAS[1], SCHEMAS[7], SCHEMAS[15], SCHEMAS[23]]
     ids = [llm.add_request(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, seed=i,
@@ -202,3 +204,47 @@ def test_split_steps_equal_whole_steps(smollm, monkeypatch):
     assert [o.token_ids for o in split] == [o.token_ids for o in whole]
     assert smollm.stats().pool.used == 0
 
+
+
+def test_forced_tokens_give_the_same_outputs_in_fewer_steps(smollm, monkeypatch):
+    """`forced_tokens`: tokens a constraint forces are appended without sampling and fed
+    several to a row; greedy and seeded sampled outputs are the same tokens as sampling every
+    one, in fewer steps; a request asking for logprobs still samples (and scores) each token;
+    no page leaks."""
+    prompt = chat(smollm, "Give an example of a small JSON object.")
+    requests = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0, json_schema=s)
+                for s in SCHEMAS[:6]]
+    requests += [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.95, seed=i,
+                                repetition_penalty=1.1, json_schema=s)
+                 for i, s in enumerate(SCHEMAS[6:12])]
+    requests += [SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=1,
+                                json_schema=SCHEMAS[3]),
+                 SamplingParams(max_tokens=16, temperature=0.7, seed=3)]
+    engine, appended = smollm.engine, []
+    fast_forward = Request.fast_forward
+    monkeypatch.setattr(Request, "fast_forward",
+                        lambda r, n: appended.append(fast_forward(r, n)) or appended[-1])
+
+    def run(forced: bool):
+        monkeypatch.setattr(engine, "cfg", dataclasses.replace(engine.cfg, forced_tokens=forced))
+        steps = engine.num_steps
+        outputs = smollm.generate([prompt] * len(requests), requests)
+        return outputs, engine.num_steps - steps
+
+    sampled, sampled_steps = run(False)
+    assert not appended
+    forced, forced_steps = run(True)
+    assert [o.token_ids for o in forced] == [o.token_ids for o in sampled]
+    assert [o.text for o in forced] == [o.text for o in sampled]
+    constrained_tokens = sum(len(o.token_ids) for o in forced[:12])
+    # 52 of 133 when written; the batch's steps follow its longest output (free text in a
+    # JSON string is not forced)
+    assert sum(appended) > 0.25 * constrained_tokens and forced_steps <= sampled_steps
+    with_logprobs = forced[-2]  # sampled and scored token by token, as without the setting
+    assert len(with_logprobs.logprobs) == len(with_logprobs.token_ids)
+    assert with_logprobs.cumulative_logprob == pytest.approx(sampled[-2].cumulative_logprob,
+                                                             rel=1e-4)
+    for out, params in zip(forced[:12], requests[:12], strict=True):
+        jsonschema.validate(json.loads(out.text), params.json_schema if isinstance(
+            params.json_schema, dict) else json.loads(params.json_schema))
+    assert smollm.stats().pool.used == 0
