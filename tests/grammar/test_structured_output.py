@@ -225,21 +225,31 @@ def test_forced_tokens_give_the_same_outputs_in_fewer_steps(smollm, monkeypatch)
     monkeypatch.setattr(Request, "fast_forward",
                         lambda r, n: appended.append(fast_forward(r, n)) or appended[-1])
 
-    def run(forced: bool):
-        monkeypatch.setattr(engine, "cfg", dataclasses.replace(engine.cfg, forced_tokens=forced))
+    def run(forced: bool, split: bool | None = None):
+        monkeypatch.setattr(engine, "cfg", dataclasses.replace(
+            engine.cfg, forced_tokens=forced, split_constrained_steps=split))
         steps = engine.num_steps
         outputs = smollm.generate([prompt] * len(requests), requests)
         return outputs, engine.num_steps - steps
 
     sampled, sampled_steps = run(False)
     assert not appended
-    forced, forced_steps = run(True)
-    assert [o.token_ids for o in forced] == [o.token_ids for o in sampled]
-    assert [o.text for o in forced] == [o.text for o in sampled]
-    constrained_tokens = sum(len(o.token_ids) for o in forced[:12])
-    # 52 of 133 when written; the batch's steps follow its longest output (free text in a
-    # JSON string is not forced)
-    assert sum(appended) > 0.25 * constrained_tokens and forced_steps <= sampled_steps
+    forwards = []  # split steps launched
+    launch_forward = engine.runner.launch_forward
+    monkeypatch.setattr(engine.runner, "launch_forward",
+                        lambda plan: forwards.append(plan) or launch_forward(plan))
+    # split steps (model, then sampling with the mask: how GPUs run them) and whole ones
+    for split in (True, False):
+        appended.clear()
+        forwards.clear()
+        forced, forced_steps = run(True, split)
+        assert bool(forwards) == split
+        assert [o.token_ids for o in forced] == [o.token_ids for o in sampled], split
+        assert [o.text for o in forced] == [o.text for o in sampled]
+        constrained_tokens = sum(len(o.token_ids) for o in forced[:12])
+        # 52 of 133 when written; the batch's steps follow its longest output (free text in
+        # a JSON string is not forced)
+        assert sum(appended) > 0.25 * constrained_tokens and forced_steps <= sampled_steps
     with_logprobs = forced[-2]  # sampled and scored token by token, as without the setting
     assert len(with_logprobs.logprobs) == len(with_logprobs.token_ids)
     assert with_logprobs.cumulative_logprob == pytest.approx(sampled[-2].cumulative_logprob,
