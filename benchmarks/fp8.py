@@ -241,8 +241,9 @@ def decode_rows(report: dict) -> list[dict]:
     for batch in [int(b) for b in FLAGS.decode_batches]:
         ids = rng.integers(3, 30000, (batch, 128)).tolist()
         # (weights, kernel tuning label): several rows take the tensor-core path; one row
-        # the one-row kernel with its default tuning and the sweep's best (when the sweep ran
-        # in this process), or with --nodecode_gemv the tensor-core path instead
+        # the one-row kernel with its scheme's default tuning and the sweep's best where that
+        # differs (when the sweep ran in this process), or with --nodecode_gemv the
+        # tensor-core path instead
         best = report.get("best_gemv") or {}
         tunings = {"tensor-core": gpu.Fp8Tuning(gemv=False), "one-row": None,  # per scheme
                    **GEMV_TUNINGS}
@@ -252,8 +253,9 @@ def decode_rows(report: dict) -> list[dict]:
             if not one_row:
                 variants.append((scheme, "tensor-core"))
                 continue
-            variants += [(scheme, "one-row")] + ([(scheme, best[scheme])] if scheme in best
-                                                  else [])
+            variants.append((scheme, "one-row"))
+            if scheme in best and GEMV_TUNINGS[best[scheme]] != gpu.SCHEME_TUNINGS[scheme]:
+                variants.append((scheme, best[scheme]))  # only where it is not the default
         for weights, label in variants:
             gpu.DEFAULT_TUNING = tunings[label]
             jax.clear_caches()  # traces of the step made under the other tuning

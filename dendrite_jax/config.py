@@ -225,8 +225,8 @@ class EngineConfig:
     # without sampling, and fed several to a row in the next step: fewer steps per structured
     # output, the same tokens (a masked sampler draws a lone allowed token with probability 1,
     # and sampling noise is keyed by position). Their raw-model logprobs are not computed:
-    # they add nothing to `cumulative_logprob`, and requests asking for logprobs sample every
-    # token as without it.
+    # they add nothing to `cumulative_logprob`, and requests asking for logprobs or ranked by
+    # them (best_of) sample every token as without it.
     forced_tokens: bool = False
 
     def __post_init__(self) -> None:

@@ -134,14 +134,16 @@ class Engine:
                              "generate")
 
     def make_request(self, prompt: str | None, prompt_ids: list[int],
-                     params: SamplingParams) -> Request:
-        """Validate a request at the boundary; raises ValueError naming the problem."""
+                     params: SamplingParams, ranked: bool = False) -> Request:
+        """Validate a request at the boundary; raises ValueError naming the problem. `ranked`:
+        one of `best_of` completions, which are ranked by cumulative logprob."""
         self.check_prompt(prompt_ids)
         n = len(prompt_ids)
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
         request = Request(str(self._next_id), prompt, [int(t) for t in prompt_ids], params,
                           seed % 2**32, self.max_model_len, self.model.tokenizer,
-                          self.model.tokenizer.stop_token_ids if self.model.tokenizer else ())
+                          self.model.tokenizer.stop_token_ids if self.model.tokenizer else (),
+                          ranked=ranked)
         needed = self.scheduler.pages_for(request.max_len)
         capacity = self.pool.num_pages - self.pool.headroom
         if needed > capacity:
@@ -169,12 +171,11 @@ class Engine:
             request.matcher = compiler.matcher(request.params)
         except GrammarError as e:
             request.fail(str(e))
-            return
-        if self.cfg.forced_tokens and request.logprobs is None:
-            request.fast_forward(self.max_model_len)  # what the constraint forces first
 
     def add(self, request: Request) -> None:
-        if request.finished:  # failed (or forced to its end) at admission: the next step says so
+        if self.cfg.forced_tokens and request.may_fast_forward and not request.finished:
+            request.fast_forward(self.max_model_len)  # what the constraint forces first
+        if request.finished:  # failed at admission, or forced to its end: the next step says so
             self._failed.append(request)
             return
         self.requests[request.request_id] = request
@@ -419,13 +420,13 @@ class Engine:
                     r.add_prompt_logprobs(start + j + 1, float(result.prompt_logprob[t]),
                                           int(result.prompt_rank[t]),
                                           result.prompt_top_logprobs[t], result.prompt_top_ids[t])
-            if (sample[row] and r.forced_positions  # a forced token holds the sample's position
-                    and int(plan.seq_lens[row]) in r.forced_positions):
-                r.forced_positions.discard(int(plan.seq_lens[row]))
+            position = int(plan.seq_lens[row])  # where a token sampled by this row goes
+            if sample[row] and position in r.forced_positions:  # a forced token is there
+                r.forced_positions.discard(position)
             elif sample[row]:
                 if r.logprobs is None:
                     r.append_token(tokens[row], self.max_model_len, logprob[row])
-                    if self.cfg.forced_tokens and r.matcher is not None:
+                    if self.cfg.forced_tokens and r.may_fast_forward:
                         r.fast_forward(self.max_model_len)
                 else:
                     r.append_token(tokens[row], self.max_model_len, logprob[row],

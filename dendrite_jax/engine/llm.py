@@ -82,7 +82,8 @@ class LLM:
     `forced_tokens` appends the tokens a constraint forces (its mask allows one token) without
     sampling them and feeds them several to a row in the next step: fewer steps for
     structured output, the same tokens; those tokens' logprobs are not computed, so they add
-    nothing to `cumulative_logprob`, and requests asking for logprobs sample every token.
+    nothing to `cumulative_logprob`, and requests asking for logprobs or ranked by them
+    (`best_of`) sample every token.
 
     `warmup` compiles every step bucket up front and then makes compiling a new one an error
     (default: on for accelerators, off on CPU where compiling on demand is cheaper).
@@ -253,7 +254,8 @@ class LLM:
                 child = params if params.num_sequences == 1 else dataclasses.replace(
                     params, n=1, best_of=None,
                     seed=None if params.seed is None else params.seed + i)
-                group.append(self.engine.make_request(text, ids, child))
+                group.append(self.engine.make_request(text, ids, child,
+                                                      ranked=bool(params.best_of)))
             for r in group[1:]:
                 r.donor = group[0]
             groups.append(group)

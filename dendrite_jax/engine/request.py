@@ -38,7 +38,8 @@ class Request:
 
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int],
                  params: SamplingParams, seed: int, max_len: int,
-                 tokenizer: Tokenizer | None, stop_token_ids: tuple[int, ...]) -> None:
+                 tokenizer: Tokenizer | None, stop_token_ids: tuple[int, ...],
+                 ranked: bool = False) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = prompt_ids
@@ -71,6 +72,7 @@ class Request:
         # constraint forced (`fast_forward`) filled them first.
         self.forced_positions: set[int] = set()
         self.donor: Request | None = None  # parallel sampling: the sibling computing the prompt
+        self.ranked = ranked  # one of best_of completions, ranked by cumulative logprob
         self.cumulative_logprob = 0.0  # raw-model logprobs of the generated tokens, summed
         self.error: str | None = None
         self.arrival = time.perf_counter()
@@ -195,6 +197,12 @@ class Request:
             self._finish("length", None)
         if self.finished:
             del ids[num_outputs:]  # placeholders of steps still in flight are dropped
+
+    @property
+    def may_fast_forward(self) -> bool:
+        """Whether forced tokens may skip sampling: constrained, and nothing reported per token
+        or ranked by logprob (logprobs requested, best_of) would miss their logprobs."""
+        return self.matcher is not None and self.logprobs is None and not self.ranked
 
     def fast_forward(self, max_model_len: int) -> int:
         """Append the tokens the constraint now forces (`grammar.forced_token`; never a stop

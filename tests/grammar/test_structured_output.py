@@ -257,4 +257,17 @@ def test_forced_tokens_give_the_same_outputs_in_fewer_steps(smollm, monkeypatch)
     for out, params in zip(forced[:12], requests[:12], strict=True):
         jsonschema.validate(json.loads(out.text), params.json_schema if isinstance(
             params.json_schema, dict) else json.loads(params.json_schema))
+    # best_of ranks completions by cumulative logprob, which forced tokens would not add to:
+    # such requests sample every token
+    appended.clear()
+    ranked = smollm.generate(prompt, SamplingParams(max_tokens=24, temperature=0.8, seed=5, n=1,
+                                                    best_of=2, json_schema=SCHEMAS[3]))[0]
+    assert len(ranked.samples) == 1 and not any(appended)
+    # a constraint that forces its whole output finishes at admission, as sampling would
+    whole = SamplingParams(max_tokens=8, temperature=0, grammar='start: "{"')
+    at_admission = smollm.generate(prompt, whole)[0]
+    assert sum(appended) == 1 and at_admission.text == "{"
+    assert at_admission.finish_reason == "stop"
+    monkeypatch.setattr(engine, "cfg", dataclasses.replace(engine.cfg, forced_tokens=False))
+    assert smollm.generate(prompt, whole)[0].token_ids == at_admission.token_ids
     assert smollm.stats().pool.used == 0
