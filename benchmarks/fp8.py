@@ -1,13 +1,14 @@
 """FP8 weights: quality on SmolLM2 (CPU) and speed on a GPU, each against the unquantized model
 in the same run.
 
-    python benchmarks/fp8.py --parts=quality                      # CPU, ~3 min
+    python benchmarks/fp8.py --parts=quality                      # CPU, ~8 min
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 python benchmarks/fp8.py --parts=matmul,decode \\
         --output=benchmarks/results/fp8_h100.json                  # GPU
 
 Parts:
-- quality: SmolLM2 float32 vs its projections in MXFP8 and per-channel FP8 (all layers, and
-  with `--keep_layers` unquantized): perplexity on a long English text (`quality.long_text`)
+- quality: SmolLM2 float32 vs its projections in MXFP8 and per-channel FP8 (all layers as LLM
+  quantizes them, the same with the other norm-folding choice, and with `--keep_layers`
+  unquantized): perplexity on a long English text (`quality.long_text`)
   and greedy agreement over 8 prompts x 32 tokens.
 - sensitivity: SmolLM2 perplexity with MXFP8 everywhere but one layer, for each layer (which
   layers `fp8_keep_layers` should keep).
@@ -68,12 +69,17 @@ DECODE_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # 8B
 def quality() -> dict:
     rows, reference = {}, None
     keep = [int(i) for i in FLAGS.keep_layers]
-    variants = [(None, []), *((s, []) for s in FLAGS.schemes),
-                *((s, keep) for s in FLAGS.schemes if keep)]
-    for scheme, kept in variants:
+    # Each scheme as LLM sets it up (norms folded or not: fp8.FOLD_NORMS), with the other
+    # choice, and with --keep_layers kept.
+    variants = [(None, [], None), *((s, [], None) for s in FLAGS.schemes),
+                *((s, [], not fp8.FOLD_NORMS[s]) for s in FLAGS.schemes),
+                *((s, keep, None) for s in FLAGS.schemes if keep)]
+    for scheme, kept, fold in variants:
         llm = LLM(model="smollm2-135m", dtype="float32", weights_dtype=scheme,
-                  fp8_keep_layers=kept, max_num_batched_tokens=512, max_model_len=2048)
-        name = (scheme or "float32") + (f" keep {','.join(map(str, kept))}" if kept else "")
+                  fp8_keep_layers=kept, fp8_fold_norms=fold, max_num_batched_tokens=512,
+                  max_model_len=2048)
+        name = ((scheme or "float32") + (f" keep {','.join(map(str, kept))}" if kept else "")
+                + ("" if fold is None else " norms folded" if fold else " norms apart"))
         row = {"perplexity": perplexity(llm, long_text(llm.tokenizer, FLAGS.perplexity_tokens))}
         got = [o.token_ids for o in llm.generate(GREEDY_PROMPTS,
                                                   SamplingParams(max_tokens=32, temperature=0))]

@@ -1,6 +1,6 @@
 """Flags the command lines share: `--engine_preset` fills in what no flag set explicitly;
 `--coordinator_address` / `--num_processes` / `--process_id` join a multi-host job;
-`--fp8_keep_layers` goes with `--weights_dtype`."""
+`--fp8_keep_layers` and `--fp8_fold_norms` go with `--weights_dtype`."""
 
 from __future__ import annotations
 
@@ -23,6 +23,16 @@ flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index (0 repor
 
 flags.DEFINE_list("fp8_keep_layers", [], "With --weights_dtype: layers (indices, negative from "
                   "the end) kept unquantized, e.g. 0,1,-1.")
+
+
+flags.DEFINE_enum("fp8_fold_norms", "auto", ["auto", "on", "off"],
+                  "With --weights_dtype: fold the RMS norms into q/k/v and gate/up (auto: for "
+                  "mxfp8, not fp8-channel; LLM's fp8_fold_norms).")
+
+
+def fp8_fold_norms() -> bool | None:
+    """--fp8_fold_norms as LLM's fp8_fold_norms."""
+    return {"auto": None, "on": True, "off": False}[flags.FLAGS.fp8_fold_norms]
 
 
 def fp8_keep_layers() -> list[int]:

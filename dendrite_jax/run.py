@@ -22,7 +22,7 @@ import sys  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 
-from dendrite_jax.engine_flags import fp8_keep_layers, join_processes, llm_kwargs  # noqa: E402
+from dendrite_jax.engine_flags import fp8_fold_norms, fp8_keep_layers, join_processes, llm_kwargs  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m",
@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
             dtype=FLAGS.dtype, max_model_len=FLAGS.max_model_len, tokenizer=FLAGS.tokenizer,
             attention_backend=FLAGS.attention_backend, layer_loop=FLAGS.layer_loop,
             kv_compression=FLAGS.kv_compression, weights_dtype=FLAGS.weights_dtype,
-            fp8_keep_layers=fp8_keep_layers(),
+            fp8_keep_layers=fp8_keep_layers(), fp8_fold_norms=fp8_fold_norms(),
             tensor_parallel_size=FLAGS.tensor_parallel_size))
         load_seconds = time.perf_counter() - load_start
         prompt = FLAGS.prompt

@@ -19,7 +19,7 @@ from dendrite_jax.model.loader import load_model
 from dendrite_jax.model.params import resolve_layer_loop, with_layer_loop
 from dendrite_jax.model.tokenizer import Tokenizer
 from dendrite_jax.parallel import tensor
-from dendrite_jax.quant.fp8 import quantize_weights, weight_scheme
+from dendrite_jax.quant.fp8 import FOLD_NORMS, quantize_weights, weight_scheme
 from dendrite_jax.search.beam import BeamSearchOutput, BeamSearchParams, beam_search
 from kernels_pallas import kv_compress
 from kernels_pallas.fp8_matmul import resolve_backend as resolve_fp8_matmul
@@ -57,12 +57,16 @@ class LLM:
 
     `weights_dtype` ("fp8" = "mxfp8", or "fp8-channel"; None keeps `dtype`) stores every layer's
     projections as FP8 with their scales (`quant.fp8`), quantized at load; activations, norms,
-    embeddings and the LM head stay in `dtype`. `fp8_matmul` picks how they are multiplied
-    (`kernels_pallas.fp8_matmul`: "auto" streams FP8 through the platform's Pallas kernel on
-    GPUs and TPUs for decode-sized matmuls, "reference" dequantizes then multiplies).
-    `fp8_keep_layers` (layer indices, negative from the end) stay in `dtype`: outliers that
-    arise in the first layers and the last layer's direct effect on the logits make them the
-    most sensitive (on SmolLM2, keeping layers 0, 1 and -1 halves the perplexity increase).
+    embeddings and the LM head stay in `dtype`. `fp8_fold_norms` folds the attention and MLP
+    norms' weights into q/k/v and gate/up, which then normalise their input themselves
+    (`quant.fp8`: on GPUs at batch 1 the norms cost no kernels); default (None): for MXFP8, not
+    for per-channel FP8, whose quality it costs (`quant.fp8.FOLD_NORMS`). `fp8_matmul` picks
+    how they are multiplied (`kernels_pallas.fp8_matmul`: "auto" streams FP8 through the
+    platform's Pallas kernel on GPUs and TPUs for decode-sized matmuls, "reference" dequantizes
+    then multiplies). `fp8_keep_layers` (layer indices, negative from the end) stay in `dtype`:
+    outliers that arise in the first layers and the last layer's direct effect on the logits
+    make them the most sensitive (on SmolLM2 with per-channel FP8, keeping layers 0, 1 and -1
+    halves the perplexity increase; MXFP8 with its norms folded gains nothing from it).
 
     `tensor_parallel_size` splits the model over that many devices (`parallel.tensor`): heads
     and MLP units per device, the KV cache on its heads, one all-reduce after each attention
@@ -83,7 +87,10 @@ class LLM:
     sampling them and feeds them several to a row in the next step: fewer steps for
     structured output, the same tokens; those tokens' logprobs are not computed, so they add
     nothing to `cumulative_logprob`, and requests asking for logprobs or ranked by them
-    (`best_of`) sample every token.
+    (`best_of`) sample every token. For small batches: on an H100 it took a JSON schema at batch
+    1 from 0.69x to 0.97x of unconstrained speed, and at batch 32 from 0.41x to 0.16x (a step
+    with a multi-token row is not split, so it loses the overlap of mask fill and model;
+    benchmarks/README.md).
 
     `warmup` compiles every step bucket up front and then makes compiling a new one an error
     (default: on for accelerators, off on CPU where compiling on demand is cheaper).
@@ -98,6 +105,7 @@ class LLM:
                  compilation_cache: bool = True, tokenizer: str | None = None,
                  kv_compression: str = "none", weights_dtype: str | None = None,
                  fp8_matmul: str = "auto", fp8_keep_layers: Sequence[int] = (),
+                 fp8_fold_norms: bool | None = None,
                  tensor_parallel_size: int = 1, split_constrained_steps: bool | None = None,
                  decode_burst: int | None = None, forced_tokens: bool = False,
                  devices: Sequence[jax.Device] | None = None) -> None:
@@ -114,13 +122,18 @@ class LLM:
         loaded = load_model(model, dtype, tokenizer)
         if fp8_keep_layers and weights_dtype is None:
             raise ValueError("fp8_keep_layers applies to FP8 weights: set weights_dtype too")
+        if fp8_fold_norms is not None and weights_dtype is None:
+            raise ValueError("fp8_fold_norms applies to FP8 weights: set weights_dtype too")
         if fp8_keep_layers and loop == "scan":
             raise ValueError("fp8_keep_layers needs layer_loop='unrolled' (a scanned stack "
                              "cannot mix FP8 and unquantized layers)")
         if weights_dtype is not None:
+            scheme = weight_scheme(weights_dtype)
+            fold = FOLD_NORMS[scheme] if fp8_fold_norms is None else fp8_fold_norms
             loaded = dataclasses.replace(loaded, params=quantize_weights(
-                loaded.params, weight_scheme(weights_dtype),
-                matmul=resolve_fp8_matmul(fp8_matmul), keep_layers=tuple(fp8_keep_layers)))
+                loaded.params, scheme, matmul=resolve_fp8_matmul(fp8_matmul),
+                keep_layers=tuple(fp8_keep_layers),
+                rms_norm_eps=loaded.config.rms_norm_eps if fold else None))
         backend = (resolve_backend(attention_backend) if kv_compression == "none" else
                    kv_compress.resolve_backend(attention_backend, kv_compression,
                                                loaded.config.head_dim))

@@ -18,6 +18,7 @@ from dendrite_jax.config import ModelConfig
 from dendrite_jax.model.linear import linear
 from dendrite_jax.model.params import LayerParams, Params
 from dendrite_jax.parallel.tensor import attention_specs, split_columns
+from dendrite_jax.quant.fp8 import Fp8Weight
 from kernels_pallas import kv_compress
 from kernels_pallas.paged_attention import write_and_attend
 
@@ -26,6 +27,15 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (normed * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def block_input(x: jax.Array, norm_weight: jax.Array, w: jax.Array | Fp8Weight,
+                eps: float) -> jax.Array:
+    """The input of a block whose first weight is `w`: rms_norm(x), or x itself where w has the
+    norm folded in and normalises x in its own matmul (`quant.fp8`, `input_rms_eps`)."""
+    if isinstance(w, Fp8Weight) and w.input_rms_eps is not None:
+        return x
+    return rms_norm(x, norm_weight, eps)
 
 
 def rotary_angles(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -113,14 +123,15 @@ def forward(params: Params, kv: PagedCache, input_ids: jax.Array, meta: Attentio
         x, kv = carry
         lp, layer = layer_inputs
         with jax.named_scope("attention"):
-            h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+            h = block_input(x, lp.attn_norm, lp.w_qkv, cfg.rms_norm_eps)
             attn, kv = attention_block(lp, h, kv, layer, meta, angles, cfg,
                                        num_decode=num_decode,
                                        max_q_len=max_q_len,
                                        attention_backend=attention_backend)
             x = x + attn
         with jax.named_scope("mlp"):
-            x = x + swiglu_mlp(lp, rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps), cfg.shards)
+            h = block_input(x, lp.mlp_norm, lp.w_gate_up, cfg.rms_norm_eps)
+            x = x + swiglu_mlp(lp, h, cfg.shards)
         return (x, kv), None
 
     with jax.named_scope("layers"):

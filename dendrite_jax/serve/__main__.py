@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from dendrite_jax.engine_flags import fp8_keep_layers, llm_kwargs
+from dendrite_jax.engine_flags import fp8_fold_norms, fp8_keep_layers, llm_kwargs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model preset, GGUF file or Hugging Face dir.")
@@ -44,6 +44,7 @@ def main(argv: list[str]) -> None:
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         attention_backend=FLAGS.attention_backend, kv_compression=FLAGS.kv_compression,
         weights_dtype=FLAGS.weights_dtype, fp8_keep_layers=fp8_keep_layers(),
+        fp8_fold_norms=fp8_fold_norms(),
         tensor_parallel_size=FLAGS.tensor_parallel_size))
     application = create_app(llm, model_name=FLAGS.served_model_name,
                              max_pending=FLAGS.max_pending)

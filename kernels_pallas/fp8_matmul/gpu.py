@@ -8,12 +8,15 @@ weight into memory first. The weight is stored output-major ([N, K], `quant.fp8`
   owns `gemv_block_n` output columns and one of `k_splits` slices of K; each step loads a
   [block_n, gemv_block_k] tile (16 contiguous E4M3 values per thread), multiplies it by the
   row's slice in float32 and reduces it along K (MXFP8: each 32-value group scaled first).
+  For a weight with a folded norm (`Fp8Weight.input_rms_eps`) it also sums the squares of the
+  row's slices, which it holds anyway, and the output is scaled by 1 / rms(x) after the kernel
+  (XLA fuses that into the output's consumer): the norm costs no kernel of its own.
 - Several rows (`_kernel`): the tensor cores. Each program owns `block_n` output columns of up
   to `block_m` rows and walks its slice of K in groups of 32 (one MXFP8 scale block): each
   group's weights are converted to the activations' dtype in registers, multiplied, and the
   partial product is scaled by that group's power-of-two scales before it is accumulated
   (per-channel weights: one scale at the end). Rows of x are padded to 16, the tensor cores'
-  smallest M.
+  smallest M. A folded norm's rows are normalised by XLA before the kernel.
 
 Splitting K gives a decode-sized matmul enough programs to keep every SM streaming (4096
 output columns are only 32 blocks of 128); the float32 partial sums are added after the kernel.
@@ -35,6 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from dendrite_jax.quant.fp8 import BLOCK, E8M0_BIAS, Fp8Weight
+from kernels_pallas.fp8_matmul.reference import rms_normalize
 from kernels_pallas.paged_attention.gpu import MIN_DOT_ROWS, dot
 
 TARGET_PROGRAMS = 528  # four per SM on an H100 (132 SMs): the best of the sweep in NOTES.md
@@ -113,27 +117,35 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, *, block_k: int, mx: bool):
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, block_k: int, mx: bool):
+def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *sq_ref, block_k: int, mx: bool):
     """One row of x: conversions and FMAs on [block_n, block_k] tiles, each reduced along K
     into the columns' float32 sums (no tensor-core operand layouts, which a single row
-    wastes)."""
+    wastes). With `sq_ref`, also the row's sum of x² over the slice (a folded norm's): from
+    the slices of x the product loads anyway."""
     block_n, slice_k = w_ref.shape
     groups = block_k // BLOCK
 
-    def body(i, acc):
+    def body(i, carry):
+        acc, sq = carry
         start = i * block_k
-        prod = (w_ref[:, pl.ds(start, block_k)].astype(jnp.float32)
-                * x_ref[0, pl.ds(start, block_k)].astype(jnp.float32)[None, :])
+        xs = x_ref[0, pl.ds(start, block_k)].astype(jnp.float32)
+        prod = w_ref[:, pl.ds(start, block_k)].astype(jnp.float32) * xs[None, :]
+        if sq_ref:  # elementwise: one reduction after the loop, not a barrier per step
+            sq += xs * xs
         if not mx:
-            return acc + prod.sum(axis=1)
+            return acc + prod.sum(axis=1), sq
         exponent = s_ref[:, pl.ds(i * groups, groups)].astype(jnp.float32) - E8M0_BIAS
         return acc + (prod.reshape(block_n, groups, BLOCK).sum(axis=2)
-                      * jnp.exp2(exponent)).sum(axis=1)
+                      * jnp.exp2(exponent)).sum(axis=1), sq
 
-    acc = lax.fori_loop(0, slice_k // block_k, body, jnp.zeros((block_n,), jnp.float32))
+    acc, sq = lax.fori_loop(0, slice_k // block_k, body,
+                            (jnp.zeros((block_n,), jnp.float32),
+                             jnp.zeros((block_k,), jnp.float32)))
     if not mx:
         acc = acc * s_ref[:, 0].astype(jnp.float32)
     o_ref[...] = acc[None, :].astype(o_ref.dtype)
+    if sq_ref:
+        sq_ref[0][...] = jnp.full((1, block_n), sq.sum(), jnp.float32)
 
 
 # The one-row kernel's best tuning per scheme by geometric mean over the 8B shape's projections
@@ -164,23 +176,36 @@ def fp8_matmul(x: jax.Array, w: Fp8Weight, *, tuning: Fp8Tuning | None = None,
     if rows != m:
         x2 = jnp.pad(x2, ((0, rows - m), (0, 0)))
     mx = w.scheme == "mxfp8"
+    # A folded norm: the one-row kernel sums x² itself; several rows are normalised first (on
+    # the tensor-core path, per-row sums of squares in the kernel made the 8B shape's batch-32
+    # step 5-6% slower on an H100: NOTES.md).
+    norm = w.input_rms_eps is not None and gemv
+    if w.input_rms_eps is not None and not gemv:
+        x2 = rms_normalize(x2, w.input_rms_eps)
     slice_k = k // splits
     if mx:
         scale_spec = pl.BlockSpec((block_n, slice_k // BLOCK), lambda i, j, s: (j, s))
     else:
         scale_spec = pl.BlockSpec((block_n, 1), lambda i, j, s: (j, 0))
-    out_dtype = x.dtype if splits == 1 else jnp.float32
-    out = pl.pallas_call(
+    # Float32 partial sums when there are several, or when the folded norm's 1 / rms(x) still
+    # has to scale them (one rounding, at the end).
+    out_dtype = x.dtype if splits == 1 and not norm else jnp.float32
+    out_spec = pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, i, j))
+    out_shape = jax.ShapeDtypeStruct((splits, rows, n), out_dtype)
+    outs = pl.pallas_call(
         functools.partial(_gemv_kernel if gemv else _kernel, block_k=block_k, mx=mx),
         grid=(rows // block_m, n // block_n, splits),
         in_specs=[pl.BlockSpec((block_m, slice_k), lambda i, j, s: (i, s)),
                   pl.BlockSpec((block_n, slice_k), lambda i, j, s: (j, s)), scale_spec],
-        out_specs=pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, i, j)),
-        out_shape=jax.ShapeDtypeStruct((splits, rows, n), out_dtype),
+        out_specs=[out_spec] * (1 + norm),
+        out_shape=[out_shape, jax.ShapeDtypeStruct((splits, rows, n), jnp.float32)][:1 + norm],
         compiler_params=pltriton.CompilerParams(
             num_warps=tuning.gemv_warps if gemv else tuning.num_warps,
             num_stages=1 if gemv else tuning.num_stages),
         interpret=interpret, name="fp8_matmul",
     )(x2, w.values, w.scales)
-    out = out[0] if splits == 1 else out.sum(0).astype(x.dtype)
-    return out[:m].reshape(*lead, n)
+    out = outs[0][0] if splits == 1 else outs[0].sum(0)
+    if norm:  # every column holds its row's sum of squares over a slice of K
+        sum_sq = outs[1][:, :, :1].sum(0)
+        out = out * lax.rsqrt(sum_sq / k + w.input_rms_eps)
+    return out.astype(x.dtype)[:m].reshape(*lead, n)

@@ -20,6 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from dendrite_jax.quant.fp8 import BLOCK, E8M0_BIAS, Fp8Weight
+from kernels_pallas.fp8_matmul.reference import rms_normalize
 
 
 def _kernel(x_ref, w_ref, s_ref, o_ref, acc_ref, *, mx: bool):
@@ -59,7 +60,10 @@ def _block(n: int, options: tuple[int, ...]) -> int:
 
 def fp8_matmul(x: jax.Array, w: Fp8Weight, *, block_n: int = 256, block_k: int = 512,
                interpret: bool = False) -> jax.Array:
-    """x [..., K] @ w [K, N] in x's dtype, reading the weight as FP8."""
+    """x [..., K] @ w [K, N] in x's dtype, reading the weight as FP8 (x normalised first, by
+    XLA, for a weight with a folded norm)."""
+    if w.input_rms_eps is not None:
+        x = rms_normalize(x, w.input_rms_eps)
     *lead, k = x.shape
     n = w.shape[-1]
     x2 = x.reshape(-1, k)

@@ -4,6 +4,8 @@ kernel compiled on a GPU and in interpret mode elsewhere, the TPU kernel in TPU 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +82,29 @@ def test_dispatch():
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
     with pytest.raises(ValueError, match="unknown FP8 matmul backend"):
         fp8_matmul(x, q, "cuda")
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("scheme", fp8.SCHEMES)
+@pytest.mark.parametrize("m,k,n", [(1, 1536, 576), (5, 96, 48)])
+def test_folded_norm_matches_definition(kernel, scheme, m, k, n):
+    """A weight with an RMS norm folded in (`input_rms_eps`) multiplies x / rms(x), however
+    its kernel computes it (the GPU kernels sum x² as they stream x; one row and several):
+    against numpy's definition, and the reference."""
+    rng = np.random.default_rng(m + k)
+    x, w = case(rng, m, k, n)
+    x = x * 30.0  # a residual stream's scale: the norm has something to do
+    norm = jnp.asarray(1 + 0.5 * rng.standard_normal(k), jnp.float32)
+    q = dataclasses.replace(fp8.quantize(w, scheme, row_scale=norm), input_rms_eps=1e-5)
+    x64 = np.asarray(x, np.float64)
+    normed = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5)
+    want = normed @ np.asarray(fp8.dequantize(q), np.float64)
+    with jax.default_matmul_precision("highest"):
+        ref = np.asarray(reference_fp8_matmul(x, q))
+        got = np.asarray(KERNELS[kernel](x, q))
+    for out in (ref, got):
+        np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # and the fold itself: the stored weight is the norm's weight times the original's rows
+    unfolded = np.asarray(fp8.dequantize(fp8.quantize(w, scheme)), np.float64)
+    folded = np.asarray(fp8.dequantize(q), np.float64) / np.asarray(norm, np.float64)[:, None]
+    assert np.abs(folded - unfolded).mean() < 0.05 * np.abs(unfolded).mean()

@@ -17,6 +17,7 @@ from dendrite_jax.model.linear import linear
 from dendrite_jax.model.loader import load_model
 from dendrite_jax.model.params import with_layer_loop
 from dendrite_jax.quant import fp8
+from tests.helpers import paged_logits
 
 
 def numpy_mxfp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -154,6 +155,31 @@ def test_quantized_params_stacked_and_unrolled(smollm2):
     assert 0.5 < fp8_bytes / bf16_bytes < 0.52  # one uint8 scale per 32 elements
 
 
+def test_folded_norms_keep_the_model(smollm2):
+    """With the model's epsilon, quantize_weights folds the attention and MLP norms into q/k/v
+    and gate/up (what LLM does) and marks exactly those; SmolLM2's logits on real text stay as
+    close to float32's as with the norms left apart (the same argmax almost everywhere)."""
+    cfg = smollm2.config
+    ids = smollm2.tokenizer.encode(
+        "The history of the printing press begins in the fifteenth century, when Johannes "
+        "Gutenberg combined movable metal type with an oil-based ink and a screw press. Books "
+        "became cheaper, literacy spread, and ideas moved across Europe faster than before.")
+    full = paged_logits(smollm2.params, cfg, ids)
+    apart = paged_logits(fp8.quantize_weights(smollm2.params), cfg, ids)
+    folded_params = fp8.quantize_weights(smollm2.params, rms_norm_eps=cfg.rms_norm_eps)
+    assert [getattr(folded_params.layers, n).input_rms_eps for n in fp8.PROJECTIONS] == [
+        cfg.rms_norm_eps, None, cfg.rms_norm_eps, None]
+    folded = paged_logits(folded_params, cfg, ids)
+
+    def error(logits):
+        return np.abs(logits - full).mean() / np.abs(full).mean()
+
+    assert error(folded) < 0.15 and error(folded) < 1.25 * error(apart), (error(folded),
+                                                                          error(apart))
+    agree = (folded.argmax(-1) == full.argmax(-1)).mean()
+    assert agree >= 0.9 * (apart.argmax(-1) == full.argmax(-1)).mean() and agree > 0.8
+
+
 def test_llm_with_fp8_weights_runs_and_mostly_agrees():
     """LLM(weights_dtype=...) quantizes at load; greedy continuations start like float32's."""
     prompts = ["The capital of France is", "def fibonacci(n):"]
@@ -188,13 +214,16 @@ def test_random_weight_preset_quantizes_at_load():
 
 
 def test_kernel_decode_matches_reference():
-    """Decode at batch 1 through the GPU kernel's one-row path (interpret mode here) gives the
-    reference path's tokens and logprobs."""
+    """Decode at batch 1 through the GPU kernel's one-row path (interpret mode here; q/k/v and
+    gate/up with their norms folded in, so the kernel sums x² too) gives the reference path's
+    tokens and logprobs. Float32 dots at full precision: on a GPU XLA's default is TF32, ~1e-3
+    off the kernel's float32 FMAs."""
     base = dict(model="tiny-random", dtype="float32", weights_dtype="fp8",
                 compilation_cache=False, warmup=False)
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=2)
-    outs = [LLM(**base, fp8_matmul=m).generate([[5, 6, 7, 8, 9]], params)[0]
-            for m in ("reference", "pallas_gpu")]
+    with jax.default_matmul_precision("highest"):
+        outs = [LLM(**base, fp8_matmul=m).generate([[5, 6, 7, 8, 9]], params)[0]
+                for m in ("reference", "pallas_gpu")]
     assert outs[0].token_ids == outs[1].token_ids
     def table(out):  # every position's top-2 logprobs, by token
         return [[pos[t].logprob for t in sorted(pos)] for pos in out.logprobs]
@@ -244,3 +273,20 @@ def test_llm_keep_layers_settings():
         LLM(**base, fp8_keep_layers=[0])
     with pytest.raises(ValueError, match="layer_loop='unrolled'"):
         LLM(**base, weights_dtype="fp8", fp8_keep_layers=[0], layer_loop="scan")
+
+
+def test_llm_folds_norms_by_scheme():
+    """LLM folds the norms into q/k/v and gate/up for MXFP8 and not for per-channel FP8 (whose
+    quality it costs) unless asked; asking without FP8 weights is an error."""
+    base = dict(model="tiny-random", dtype="float32", compilation_cache=False, warmup=False)
+
+    def folded(**kwargs):
+        layer = LLM(**base, **kwargs).model.params.layers[0]  # unrolled
+        return [getattr(layer, n).input_rms_eps is not None for n in fp8.PROJECTIONS]
+
+    assert folded(weights_dtype="fp8") == [True, False, True, False]
+    assert folded(weights_dtype="fp8-channel") == [False] * 4
+    assert folded(weights_dtype="fp8-channel", fp8_fold_norms=True) == [True, False, True, False]
+    assert folded(weights_dtype="mxfp8", fp8_fold_norms=False) == [False] * 4
+    with pytest.raises(ValueError, match="fp8_fold_norms applies to FP8 weights"):
+        LLM(**base, fp8_fold_norms=True)
