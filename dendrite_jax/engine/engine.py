@@ -242,11 +242,10 @@ class Engine:
         """A step while a constrained row's next mask depends on the token in flight.
 
         The step is planned as usual, but its mask can be filled only once the step in flight
-        is applied. Where `splits` says so, a decode-only step is launched in two
-        halves: the forward first, so the device runs the model while the host reads back the
-        previous step, advances the matchers and fills the mask, then the sampling with that
-        mask. Other steps (prefill chunks, and every step without the split) wait for the
-        previous step before launching whole.
+        is applied. Where `splits` says so, the step is launched in two halves: the forward
+        first, so the device runs the model while the host reads back the previous step,
+        advances the matchers and fills the mask, then the sampling with that mask. Other
+        steps wait for the previous step before launching whole.
         """
         batch = self.scheduler.schedule()
         forward = None
@@ -275,12 +274,15 @@ class Engine:
         """Whether a constrained step of this shape launches in two halves. By default always
         on accelerators; on a CPU, where the model and the mask fill share the cores, only for
         steps of up to `CPU_SPLIT_MAX_ROWS` rows, which leave a core free to overlap
-        (SmolLM2 on 2 cores: split steps are 6% faster at 1 row, 5% slower at 32)."""
-        if not splittable(shape):
+        (SmolLM2 on 2 cores: split steps are 6% faster at 1 row, 5% slower at 32). Mixed steps
+        (prefill rows) split only with `forced_tokens`, whose multi-token rows make most
+        constrained steps mixed; otherwise they are rare, and splitting them would compile two
+        more executables for every prefill bucket at warm-up."""
+        if not splittable(shape) or (shape.num_prefill and not self.cfg.forced_tokens):
             return False
         if self.cfg.split_constrained_steps is not None:
             return self.cfg.split_constrained_steps
-        return self.platform != "cpu" or shape.num_decode <= CPU_SPLIT_MAX_ROWS
+        return self.platform != "cpu" or shape.num_seqs <= CPU_SPLIT_MAX_ROWS
 
     def drain(self) -> list[Request]:
         """Apply the step in flight, if any, launching nothing new."""

@@ -87,10 +87,10 @@ class LLM:
     sampling them and feeds them several to a row in the next step: fewer steps for
     structured output, the same tokens; those tokens' logprobs are not computed, so they add
     nothing to `cumulative_logprob`, and requests asking for logprobs or ranked by them
-    (`best_of`) sample every token. For small batches: on an H100 it took a JSON schema at batch
-    1 from 0.69x to 0.97x of unconstrained speed, and at batch 32 from 0.41x to 0.16x (a step
-    with a multi-token row is not split, so it loses the overlap of mask fill and model;
-    benchmarks/README.md).
+    (`best_of`) sample every token. Its multi-token rows make constrained steps mixed, so with
+    it mixed steps launch split too (`Engine.splits`; warm-up compiles their halves). On an
+    H100, before mixed steps split, it took a JSON schema at batch 1 from 0.69x to 0.97x of
+    unconstrained speed and at batch 32 from 0.41x to 0.16x (benchmarks/README.md).
 
     `warmup` compiles every step bucket up front and then makes compiling a new one an error
     (default: on for accelerators, off on CPU where compiling on demand is cheaper).

@@ -81,9 +81,9 @@ STEP, FORWARD, SAMPLE = "step", "forward", "sample"
 
 
 def splittable(shape: StepShape) -> bool:
-    """Buckets that also compile as a split step: decode-only single steps, no prompt
-    logprobs."""
-    return shape.num_prefill == 0 and not shape.prompt_logprobs and shape.burst == 1
+    """Buckets that also compile as a split step: single steps (decode-only or mixed) without
+    prompt logprobs."""
+    return not shape.prompt_logprobs and shape.burst == 1
 
 
 class ModelRunner:

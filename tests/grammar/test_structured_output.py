@@ -244,6 +244,8 @@ def test_forced_tokens_give_the_same_outputs_in_fewer_steps(smollm, monkeypatch)
         forwards.clear()
         forced, forced_steps = run(True, split)
         assert bool(forwards) == split
+        # forced runs make mixed steps (multi-token rows), which split as decode steps do
+        assert any(plan.shape.num_prefill for plan in forwards) == split
         assert [o.token_ids for o in forced] == [o.token_ids for o in sampled], split
         assert [o.text for o in forced] == [o.text for o in sampled]
         constrained_tokens = sum(len(o.token_ids) for o in forced[:12])
