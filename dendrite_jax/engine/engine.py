@@ -173,13 +173,18 @@ class Engine:
             request.fail(str(e))
 
     def add(self, request: Request) -> None:
-        if self.cfg.forced_tokens and request.may_fast_forward and not request.finished:
-            request.fast_forward(self.max_model_len)  # what the constraint forces first
+        if not request.finished:
+            self._fast_forward(request)  # what the constraint forces first
         if request.finished:  # failed at admission, or forced to its end: the next step says so
             self._failed.append(request)
             return
         self.requests[request.request_id] = request
         self.scheduler.add(request)
+
+    def _fast_forward(self, request: Request) -> None:
+        """Append what the request's constraint forces, where `forced_tokens` allows it."""
+        if self.cfg.forced_tokens and request.may_fast_forward:
+            request.fast_forward(self.max_model_len)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its pages. False if it is unknown or done."""
@@ -428,8 +433,7 @@ class Engine:
             elif sample[row]:
                 if r.logprobs is None:
                     r.append_token(tokens[row], self.max_model_len, logprob[row])
-                    if self.cfg.forced_tokens and r.may_fast_forward:
-                        r.fast_forward(self.max_model_len)
+                    self._fast_forward(r)
                 else:
                     r.append_token(tokens[row], self.max_model_len, logprob[row],
                                    int(result.rank[row]), result.top_logprobs[row],

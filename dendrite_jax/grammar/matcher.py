@@ -74,8 +74,9 @@ class GrammarCompiler:
 
 
 def forced_token(matcher: llguidance.LLMatcher) -> int | None:
-    """The one token `matcher` allows next, or None where it allows several (or only EOS).
-    The forced-bytes check first is cheap and rules out most positions without a mask."""
+    """The one token `matcher` allows next (which may be EOS: the caller decides), or None
+    where it allows several. The forced-bytes check first is cheap and rules out most
+    positions without a mask."""
     if not matcher.compute_ff_bytes():
         return None
     bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")

@@ -179,9 +179,10 @@ def fp8_matmul(x: jax.Array, w: Fp8Weight, *, tuning: Fp8Tuning | None = None,
     # A folded norm: the one-row kernel sums x² itself; several rows are normalised first (on
     # the tensor-core path, per-row sums of squares in the kernel made the 8B shape's batch-32
     # step 5-6% slower on an H100: NOTES.md).
-    norm = w.input_rms_eps is not None and gemv
-    if w.input_rms_eps is not None and not gemv:
+    folded = w.input_rms_eps is not None
+    if folded and not gemv:
         x2 = rms_normalize(x2, w.input_rms_eps)
+    norm = folded and gemv  # the kernel also writes each row's sum of x²
     slice_k = k // splits
     if mx:
         scale_spec = pl.BlockSpec((block_n, slice_k // BLOCK), lambda i, j, s: (j, s))
