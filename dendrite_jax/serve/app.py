@@ -83,6 +83,8 @@ def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 25
             raise ApiError(503, str(e), kind="server_error", code="queue_full") from e
         except ValueError as e:
             raise ApiError(400, str(e)) from e
+        except RuntimeError as e:  # the engine has stopped (/health says why)
+            raise ApiError(503, str(e), kind="server_error", code="engine_stopped") from e
 
     def endpoint(parse: Callable, full_body: Callable, chunk: Callable, prefix: str,
                  chat: bool):

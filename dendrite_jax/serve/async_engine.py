@@ -4,9 +4,11 @@ The engine is not thread-safe, so one thread owns it: it takes new requests and 
 inbox, steps while anything is unfinished, and hands each request's new text to the coroutine
 waiting on it (an asyncio queue per request, filled with `call_soon_threadsafe`). Requests are
 validated on the engine thread too (`Engine.make_request`), and the caller awaits the verdict,
-so a bad request fails alone with the engine's message. Invariant: a request id is in
-`_streams` from its admission until its final delta is queued; `pending` counts those plus
-submissions not yet admitted, and `submit` refuses past `max_pending` (`QueueFull`).
+so a bad request fails alone with the engine's message. Invariant: a submission counts in
+`_submitting` until the engine thread admits or rejects it, and an admitted request's id is in
+`_streams` until its final delta is queued; both change under `_cv`'s lock, admission moving a
+request from one to the other at once, so `pending` (their sum) counts each request once and
+`submit` refuses past `max_pending` (`QueueFull`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ STATS_PERIOD_S = 0.25
 
 class QueueFull(RuntimeError):
     """More requests pending than the server admits."""
+
+
+def _settle(verdict: asyncio.Future, request_id: str | None, error: BaseException | None
+            ) -> None:
+    """On the event loop: the submission's verdict, its id or its error (the first one wins)."""
+    if not verdict.done():
+        verdict.set_exception(error) if error else verdict.set_result(request_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +90,8 @@ class AsyncEngine:
 
     @property
     def pending(self) -> int:
-        return len(self._streams) + self._submitting
+        with self._cv:
+            return len(self._streams) + self._submitting
 
     @property
     def alive(self) -> bool:
@@ -98,21 +108,21 @@ class AsyncEngine:
     async def submit(self, prompt: str | None, prompt_ids: list[int],
                      params: SamplingParams) -> tuple[str, AsyncIterator[Delta]]:
         """Admit a request; returns its id and its deltas. Raises ValueError (a bad request,
-        the engine's message) or QueueFull."""
-        if not self.alive:
-            raise RuntimeError(f"the engine has stopped: {self.error!r}")
-        if self.pending >= self.max_pending:
-            raise QueueFull(f"{self.pending} requests pending (the limit is "
-                            f"{self.max_pending}); retry later")
+        the engine's message), QueueFull, or RuntimeError once the engine has stopped."""
         loop = asyncio.get_running_loop()
         verdict: asyncio.Future = loop.create_future()
         stream = _Stream(loop, asyncio.Queue())
-        self._submitting += 1
-        try:
-            self._post(("add", (prompt, prompt_ids, params, stream, verdict)))
-            request_id = await verdict
-        finally:
-            self._submitting -= 1
+        with self._cv:  # the engine thread drains the inbox for good under this lock
+            if self.error is not None or self._stopped or not self._thread.is_alive():
+                raise RuntimeError(f"the engine has stopped: {self.error!r}")
+            pending = len(self._streams) + self._submitting
+            if pending >= self.max_pending:
+                raise QueueFull(f"{pending} requests pending (the limit is "
+                                f"{self.max_pending}); retry later")
+            self._submitting += 1  # until _add admits or rejects it
+            self._inbox.append(("add", (prompt, prompt_ids, params, stream, verdict)))
+            self._cv.notify()
+        request_id = await verdict
         return request_id, self._deltas(stream)
 
     def abort(self, request_id: str) -> None:
@@ -134,6 +144,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         engine = self.llm.engine
+        items: list = []
         try:
             while True:
                 with self._cv:
@@ -145,8 +156,10 @@ class AsyncEngine:
                         return
                     items = list(self._inbox)
                     self._inbox.clear()
-                for kind, payload in items:
+                while items:
+                    kind, payload = items[0]
                     self._add(*payload) if kind == "add" else self._abort(payload)
+                    items.pop(0)  # only once handled: a crash in it still settles its verdict
                 if engine.has_unfinished():
                     start = time.perf_counter()
                     changed = engine.step()
@@ -154,30 +167,41 @@ class AsyncEngine:
                     for request in changed:
                         self._emit(request)
         except BaseException as e:  # noqa: BLE001 - reported by /health and every waiter
-            self.error = e
+            with self._cv:  # submissions not yet admitted must not wait forever
+                self.error = e
+                items += list(self._inbox)
+                self._inbox.clear()
             for request_id in list(self._streams):
                 self._finish(request_id, Delta("", [], "error", None))
+            failure = RuntimeError(f"the engine has stopped: {e!r}")
+            for kind, payload in items:
+                if kind == "add":
+                    stream, verdict = payload[3], payload[4]
+                    stream.loop.call_soon_threadsafe(_settle, verdict, None, failure)
             raise
 
     def _add(self, prompt, prompt_ids, params, stream: _Stream, verdict) -> None:
-        def settle(result=None, error=None):
-            if not verdict.done():
-                verdict.set_exception(error) if error else verdict.set_result(result)
         try:
             request = self.llm.engine.make_request(prompt, prompt_ids, params)
         except ValueError as e:
-            self.counters.requests["rejected"] += 1
-            stream.loop.call_soon_threadsafe(settle, None, e)
+            self._reject(stream, verdict, e)
             return
         if request.finished:  # a constraint that does not compile: fails alone
-            self.counters.requests["rejected"] += 1
-            error = ValueError(request.output().error or "the request failed at admission")
-            stream.loop.call_soon_threadsafe(settle, None, error)
+            self._reject(stream, verdict, ValueError(request.output().error
+                                                     or "the request failed at admission"))
             return
         self.llm.engine.add(request)
-        self._streams[request.request_id] = stream
+        with self._cv:
+            self._submitting -= 1
+            self._streams[request.request_id] = stream
         self.counters.prompt_tokens += len(prompt_ids)
-        stream.loop.call_soon_threadsafe(settle, request.request_id)
+        stream.loop.call_soon_threadsafe(_settle, verdict, request.request_id, None)
+
+    def _reject(self, stream: _Stream, verdict, error: ValueError) -> None:
+        with self._cv:
+            self._submitting -= 1
+        self.counters.requests["rejected"] += 1
+        stream.loop.call_soon_threadsafe(_settle, verdict, None, error)
 
     def _abort(self, request_id: str) -> None:
         if request_id in self._streams and self.llm.engine.abort(request_id):
@@ -202,7 +226,8 @@ class AsyncEngine:
                                              Delta(text, new_tokens, None, None))
 
     def _finish(self, request_id: str, delta: Delta) -> None:
-        stream = self._streams.pop(request_id)
+        with self._cv:
+            stream = self._streams.pop(request_id)
         self.counters.requests[delta.finish_reason] += 1
         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)
 
