@@ -11,10 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def smollm():
-    """SmolLM2-135M-Instruct in float32 through dendrite_jax (one instance per test session)."""
+    """SmolLM2-135M-Instruct in float32 through dendrite_jax (one instance per test session;
+    scanned layers: `tests.helpers.SMOLLM`)."""
     from dendrite_jax import LLM
+    from tests.helpers import SMOLLM
 
-    return LLM(model="smollm2-135m", dtype="float32")
+    return LLM(**SMOLLM)
 
 
 @pytest.fixture(scope="session")

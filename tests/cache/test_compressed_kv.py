@@ -17,6 +17,7 @@ from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.kv import KVCache, copy_pages
 from dendrite_jax.search.beam import BeamSearchParams
 from kernels_pallas.kv_compress.reference import _read, write_codes
+from tests.helpers import SMOLLM
 
 TINY = dict(model="tiny-random", page_size=16, max_num_seqs=4, max_num_batched_tokens=32,
             max_model_len=256, compilation_cache=False, warmup=False,
@@ -97,7 +98,7 @@ def test_real_model_near_lossless(smollm):
     the plain cache's."""
     prompts = ["The capital of France is", "def fibonacci(n):"]
     params = SamplingParams(max_tokens=8, temperature=0)
-    llm = LLM(model="smollm2-135m", dtype="float32", kv_compression="polarquant-8",
+    llm = LLM(**SMOLLM, kv_compression="polarquant-8",
               max_num_seqs=2)
     assert tokens(llm, prompts, params) == tokens(smollm, prompts, params)
 

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from dendrite_jax import LLM, SamplingParams
+from tests.helpers import SMOLLM
 from tests.model.test_smollm_parity import LONG_TEXT
 
 PROMPT = "Once upon a time, in a small village,"
@@ -36,7 +37,7 @@ def test_best_of_returns_the_most_likely(smollm):
 
 
 def test_siblings_share_the_prompt_pages():
-    llm = LLM(model="smollm2-135m", dtype="float32", max_num_seqs=4,
+    llm = LLM(**SMOLLM, max_num_seqs=4,
               max_num_batched_tokens=512)
     prompt = llm.tokenizer.encode(LONG_TEXT)[:320]  # 20 full pages
     llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.8, seed=1, n=4))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dendrite_jax import LLM, SamplingParams
+from tests.helpers import SMOLLM
 from tests.model.test_smollm_parity import LONG_TEXT
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
@@ -14,14 +15,14 @@ QUESTIONS = ["Who invented it?", "When did it start?", "Why did it matter?", "Na
 
 @pytest.fixture(scope="module")
 def cached_llm():
-    return LLM(model="smollm2-135m", dtype="float32", enable_prefix_caching=True,
+    return LLM(**SMOLLM, enable_prefix_caching=True,
                max_num_seqs=16, max_num_batched_tokens=512, num_pages=1024)
 
 
 def test_shared_system_prompt_is_computed_once(smollm, cached_llm):
-    # 8 questions after a 512-token system prompt (the uncached reference run below prefills
+    # 8 questions after a 256-token system prompt (the uncached reference run below prefills
     # every prompt in full: its cost sets this test's length)
-    n, length = len(QUESTIONS), 512
+    n, length = len(QUESTIONS), 256
     system = cached_llm.tokenizer.encode(LONG_TEXT * 2)[:length]
     prompts = [system + cached_llm.tokenizer.encode("\nQuestion: " + q + "\nAnswer:")
                for q in QUESTIONS]

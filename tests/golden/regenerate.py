@@ -9,10 +9,11 @@ import sys
 
 from dendrite_jax import LLM
 from tests.golden.cases import CASES, dumps, golden_path, run_case
+from tests.helpers import SMOLLM
 
 
 def main(names: list[str]) -> None:
-    llm = LLM(model="smollm2-135m", dtype="float32")
+    llm = LLM(**SMOLLM)  # the `smollm` fixture's engine
     for name in names or sorted(CASES):
         golden_path(name).write_text(dumps(run_case(llm, name)))
         print(f"wrote {golden_path(name)}")

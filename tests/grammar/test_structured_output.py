@@ -13,6 +13,7 @@ import pytest
 from dendrite_jax import SamplingParams
 from dendrite_jax.engine.request import Request
 from tests.grammar.schemas import SCHEMAS
+from tests.helpers import SMOLLM
 
 MAX_TOKENS = 120
 
@@ -146,8 +147,8 @@ def test_preemption_and_aborts_keep_constraints_aligned(forced_tokens):
     output still satisfies its own constraint, and no page leaks; with forced tokens too."""
     from dendrite_jax import LLM
 
-    llm = LLM(model="smollm2-135m", dtype="float32", max_num_seqs=6, num_pages=14,
-              page_size=16, compilation_cache=False, forced_tokens=forced_tokens)
+    llm = LLM(**SMOLLM, max_num_seqs=6, num_pages=14, page_size=16, compilation_cache=False,
+              forced_tokens=forced_tokens)
     prompt = chat(llm, "Give an example of a small JSON object.")
     schemas = [SCHEMAS[1], SCHEMAS[7], SCHEMAS[15], SCHEMAS[23]]
     ids = [llm.add_request(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, seed=i,

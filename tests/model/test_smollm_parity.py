@@ -1,4 +1,6 @@
-"""SmolLM2-135M-Instruct (the real GGUF) against Hugging Face transformers, both float32."""
+"""SmolLM2-135M-Instruct (the real GGUF) against Hugging Face transformers, both float32: the
+default engine (unrolled layers) end to end, and both layer loops' logits (the other tests'
+`smollm` scans its layers)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dendrite_jax import SamplingParams
+from dendrite_jax import LLM, SamplingParams
+from dendrite_jax.model.params import with_layer_loop
 from tests.helpers import paged_logits
 
 LONG_TEXT = " ".join([
@@ -74,32 +77,43 @@ def test_chat_template_matches_transformers(smollm, hf_smollm):
             assert ours == theirs
 
 
-def test_last_position_logits_match(smollm, hf_smollm, prompts):
+@pytest.fixture(scope="module")
+def default_llm():
+    """The engine as users get it: every setting at its default (layer_loop "auto": unrolled)."""
+    return LLM(model="smollm2-135m", dtype="float32")
+
+
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
+def test_last_position_logits_match(smollm, hf_smollm, prompts, layer_loop):
     hf_model, _ = hf_smollm
     model = smollm.model
+    params = with_layer_loop(model.params, layer_loop)
     for text in prompts[:4] + prompts[-2:]:
         ids = smollm.tokenizer.encode(text)
-        ours = paged_logits(model.params, model.config, ids)[-1]
+        ours = paged_logits(params, model.config, ids)[-1]
         theirs = _hf_logits(hf_model, ids)[-1]
         spread = theirs.max() - theirs.min()
         assert np.abs(ours - theirs).max() <= 1e-3 * spread, text[:40]
         assert ours.argmax() == theirs.argmax()
 
 
-def test_greedy_continuations_match(smollm, hf_smollm, prompts):
+def test_greedy_continuations_match(default_llm, hf_smollm, prompts):
     """Greedy tokens identical to transformers on 12 prompts (plain and chat, one over 500
-    tokens), at least 10 of them 32+ tokens long, run as one batch through the paged engine."""
+    tokens), at least 10 of them 32+ tokens long, run as one batch through the default
+    engine."""
     hf_model, _ = hf_smollm
-    encoded = [smollm.tokenizer.encode(p) for p in prompts]
+    llm = default_llm
+    assert isinstance(llm.model.params.layers, tuple)  # unrolled layers
+    encoded = [llm.tokenizer.encode(p) for p in prompts]
     assert len(encoded) >= 12 and max(len(e) for e in encoded) > 500
-    outputs = smollm.generate(prompts, SamplingParams(max_tokens=40, temperature=0))
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0))
     long_enough = 0
     for ids, out in zip(encoded, outputs, strict=True):
         with torch.no_grad():
             generated = hf_model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False,
                                           attention_mask=torch.ones(1, len(ids), dtype=torch.long))
         reference = generated[0, len(ids):].tolist()
-        assert out.token_ids == reference, smollm.tokenizer.decode(ids)[-60:]
+        assert out.token_ids == reference, llm.tokenizer.decode(ids)[-60:]
         long_enough += len(reference) >= 32
     assert long_enough >= 10  # a few may end early with <|im_end|>; all must match
 

@@ -30,6 +30,13 @@ def check_same(report: dict) -> None:
 
 
 def test_smollm2_three_ways():
+    """Scanned layers: a third of the unrolled model's compile time (which the slow run
+    checks below)."""
+    check_same(run_worker("smollm2-135m", "1,3", layer_loop="scan"))
+
+
+@pytest.mark.slow  # compile-heavy: `make test-slow` (the default run must fit 20 minutes cold)
+def test_smollm2_three_ways_unrolled():
     check_same(run_worker("smollm2-135m", "1,3"))
 
 

@@ -17,10 +17,11 @@ from dendrite_jax.parallel.replicas import DataParallelLLM  # noqa: E402
 
 
 def main(model: str, sizes: list[int], replicas: list[tuple[int, int]],
-         backend: str = "auto") -> None:
+         backend: str = "auto", layer_loop: str = "auto") -> None:
     report = {}
     for tp in sizes:
-        llm = LLM(model=model, **ENGINE, tensor_parallel_size=tp, attention_backend=backend)
+        llm = LLM(model=model, **ENGINE, tensor_parallel_size=tp, attention_backend=backend,
+                  layer_loop=layer_loop)
         head = llm.model.params.lm_head
         report[tp] = {**greedy_report(llm),
                       "devices": len(llm.engine.runner.kv.k.sharding.device_set),
@@ -42,4 +43,4 @@ if __name__ == "__main__":
     replicas = [tuple(int(x) for x in r.split("x")) for r in sys.argv[3].split(",")
                 if r] if len(sys.argv) > 3 else []
     main(sys.argv[1], [int(s) for s in sys.argv[2].split(",")], replicas,
-         *(sys.argv[4:5] or ["auto"]))
+         *sys.argv[4:6])

@@ -180,12 +180,13 @@ def test_folded_norms_keep_the_model(smollm2):
     assert agree >= 0.9 * (apart.argmax(-1) == full.argmax(-1)).mean() and agree > 0.8
 
 
-def test_llm_with_fp8_weights_runs_and_mostly_agrees():
-    """LLM(weights_dtype=...) quantizes at load; greedy continuations start like float32's."""
+def test_llm_with_fp8_weights_runs_and_mostly_agrees(smollm):
+    """LLM(weights_dtype=...) quantizes at load; greedy continuations start like float32's
+    (`smollm`: the same model in float32)."""
     prompts = ["The capital of France is", "def fibonacci(n):"]
     params = SamplingParams(max_tokens=4, temperature=0)
     base = dict(model="smollm2-135m", dtype="float32", compilation_cache=False)
-    want = [o.token_ids for o in LLM(**base).generate(prompts, params)]
+    want = [o.token_ids for o in smollm.generate(prompts, params)]
     llm = LLM(**base, weights_dtype="fp8")
     w_qkv = llm.model.params.layers[0].w_qkv
     assert isinstance(w_qkv, fp8.Fp8Weight) and w_qkv.matmul == "reference"  # auto, on CPU

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dendrite_jax import LLM, SamplingParams
 from dendrite_jax.serve import create_app
+from tests.helpers import SMOLLM
 
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Name a fruit."}]
@@ -33,7 +34,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server():
-    llm = LLM(model="smollm2-135m", dtype="float32", max_num_seqs=4,
+    llm = LLM(**SMOLLM, max_num_seqs=4,
               max_num_batched_tokens=256, max_model_len=1024, enable_prefix_caching=True,
               compilation_cache=False)
     greedy = SamplingParams(max_tokens=8, temperature=0)
