@@ -63,7 +63,8 @@ flags.DEFINE_list("decode_models", ["llama-3.2-1b:1/16/64", "llama-3.1-8b:1/32"]
                   "preset:batch/batch/... for the decode and transformers sections.")
 flags.DEFINE_list("tunings", ["4:2:1:1", "4:4:1:1", "8:8:1:1", "4:2:1:2"],
                   "Decode-kernel tunings swept per attention shape, each pages_per_block:"
-                  "num_warps:num_stages:splits (splits as a multiple of the default).")
+                  "num_warps:num_stages:splits (splits as a multiple of the default, or "
+                  "=N for exactly N splits: 4:4:1:=1 reads each sequence in one program).")
 flags.DEFINE_integer("prompt_len", 128, "Prompt tokens for decode timing.")
 flags.DEFINE_integer("max_num_batched_tokens", 8192, "The engine's token budget per step (prefill "
                      "chunk size) in the decode section.")
@@ -142,9 +143,11 @@ def attention_row(batch: int, context: int, limits: dict | None) -> dict:
         sm_scale=scale).astype(jnp.float32)
     sweep = []
     for entry in FLAGS.tunings:
-        pages_per_block, warps, stages, split_factor = (int(x) for x in entry.split(":"))
+        *fields, split_field = entry.split(":")
+        pages_per_block, warps, stages = (int(x) for x in fields)
         blocks = tables.shape[1] // pages_per_block
-        splits = split_factor * gpu.default_num_splits(batch, k.shape[3], blocks)
+        splits = (int(split_field[1:]) if split_field.startswith("=") else
+                  int(split_field) * gpu.default_num_splits(batch, k.shape[3], blocks))
         tuning = gpu.DecodeTuning(pages_per_block, min(splits, blocks), warps, stages)
         def ours(x, k, v, tables, lens, tuning=tuning):
             return gpu.decode(x, k, v, 0, lens, tables, sm_scale=scale, tuning=tuning)

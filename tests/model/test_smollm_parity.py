@@ -1,6 +1,6 @@
-"""SmolLM2-135M-Instruct (the real GGUF) against Hugging Face transformers, both float32: the
-default engine (unrolled layers) end to end, and both layer loops' logits (the other tests'
-`smollm` scans its layers)."""
+"""SmolLM2-135M-Instruct (the real GGUF) against Hugging Face transformers, both float32: greedy
+continuations through the default engine (unrolled layers), logits and prompt logprobs through
+`smollm`, the other tests' engine (scanned layers)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from dendrite_jax import LLM, SamplingParams
-from dendrite_jax.model.params import with_layer_loop
 from tests.helpers import paged_logits
 
 LONG_TEXT = " ".join([
@@ -83,14 +82,13 @@ def default_llm():
     return LLM(model="smollm2-135m", dtype="float32")
 
 
-@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
-def test_last_position_logits_match(smollm, hf_smollm, prompts, layer_loop):
+def test_last_position_logits_match(smollm, hf_smollm, prompts):
     hf_model, _ = hf_smollm
     model = smollm.model
-    params = with_layer_loop(model.params, layer_loop)
+    assert not isinstance(model.params.layers, tuple)  # scanned layers
     for text in prompts[:4] + prompts[-2:]:
         ids = smollm.tokenizer.encode(text)
-        ours = paged_logits(params, model.config, ids)[-1]
+        ours = paged_logits(model.params, model.config, ids)[-1]
         theirs = _hf_logits(hf_model, ids)[-1]
         spread = theirs.max() - theirs.min()
         assert np.abs(ours - theirs).max() <= 1e-3 * spread, text[:40]
