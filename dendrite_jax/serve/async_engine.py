@@ -37,13 +37,6 @@ class QueueFull(RuntimeError):
     """More requests pending than the server admits."""
 
 
-def _settle(verdict: asyncio.Future, request_id: str | None, error: BaseException | None
-            ) -> None:
-    """On the event loop: the submission's verdict, its id or its error (the first one wins)."""
-    if not verdict.done():
-        verdict.set_exception(error) if error else verdict.set_result(request_id)
-
-
 @dataclasses.dataclass(frozen=True)
 class Delta:
     text: str
@@ -122,7 +115,12 @@ class AsyncEngine:
             self._submitting += 1  # until _add admits or rejects it
             self._inbox.append(("add", (prompt, prompt_ids, params, stream, verdict)))
             self._cv.notify()
-        request_id = await verdict
+        try:
+            request_id = await verdict
+        except asyncio.CancelledError:  # the caller left (a disconnect) while admitting
+            if verdict.done() and not verdict.cancelled() and verdict.exception() is None:
+                self.abort(verdict.result())
+            raise
         return request_id, self._deltas(stream)
 
     def abort(self, request_id: str) -> None:
@@ -134,6 +132,16 @@ class AsyncEngine:
             yield delta
             if delta.finish_reason is not None:
                 return
+
+    def _settle(self, verdict: asyncio.Future, request_id: str | None,
+                error: BaseException | None) -> None:
+        """On the event loop: a submission's verdict, its id or its error (the first one
+        wins). An admitted request whose caller has left is aborted, not left running."""
+        if verdict.cancelled():
+            if request_id is not None:
+                self.abort(request_id)
+        elif not verdict.done():
+            verdict.set_exception(error) if error else verdict.set_result(request_id)
 
     def _post(self, item) -> None:
         with self._cv:
@@ -177,7 +185,7 @@ class AsyncEngine:
             for kind, payload in items:
                 if kind == "add":
                     stream, verdict = payload[3], payload[4]
-                    stream.loop.call_soon_threadsafe(_settle, verdict, None, failure)
+                    stream.loop.call_soon_threadsafe(self._settle, verdict, None, failure)
             raise
 
     def _add(self, prompt, prompt_ids, params, stream: _Stream, verdict) -> None:
@@ -195,13 +203,13 @@ class AsyncEngine:
             self._submitting -= 1
             self._streams[request.request_id] = stream
         self.counters.prompt_tokens += len(prompt_ids)
-        stream.loop.call_soon_threadsafe(_settle, verdict, request.request_id, None)
+        stream.loop.call_soon_threadsafe(self._settle, verdict, request.request_id, None)
 
     def _reject(self, stream: _Stream, verdict, error: ValueError) -> None:
         with self._cv:
             self._submitting -= 1
         self.counters.requests["rejected"] += 1
-        stream.loop.call_soon_threadsafe(_settle, verdict, None, error)
+        stream.loop.call_soon_threadsafe(self._settle, verdict, None, error)
 
     def _abort(self, request_id: str) -> None:
         if request_id in self._streams and self.llm.engine.abort(request_id):

@@ -73,3 +73,28 @@ def test_a_crashed_engine_thread_fails_waiting_submissions(llm, monkeypatch):
         finally:
             engine.stop()
     asyncio.run(scenario())
+
+
+def test_a_caller_that_leaves_while_admitting_aborts_its_request(llm):
+    """A submission cancelled before its verdict (a client that disconnects at once): the
+    request, admitted or not, does not run on without anyone to read it."""
+    async def scenario():
+        engine = AsyncEngine(llm)
+        try:
+            before = engine.counters.requests["abort"]
+            task = asyncio.ensure_future(engine.submit(None, [1, 2, 3], SamplingParams(
+                max_tokens=50, temperature=0, ignore_eos=True)))
+            await asyncio.sleep(0)  # the submission is in the inbox
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            deadline = time.time() + 30
+            while engine.pending:
+                assert time.time() < deadline, "the request was left running"
+                await asyncio.sleep(0.01)
+            assert engine.counters.requests["abort"] == before + 1
+            assert engine.counters.requests["length"] == 0
+            assert llm.engine.pool.stats().used == 0
+        finally:
+            engine.stop()
+    asyncio.run(scenario())
