@@ -106,7 +106,7 @@ class AsyncEngine:
         verdict: asyncio.Future = loop.create_future()
         stream = _Stream(loop, asyncio.Queue())
         with self._cv:  # the engine thread drains the inbox for good under this lock
-            if self.error is not None or self._stopped or not self._thread.is_alive():
+            if not self.alive or self._stopped:
                 raise RuntimeError(f"the engine has stopped: {self.error!r}")
             pending = len(self._streams) + self._submitting
             if pending >= self.max_pending:

@@ -17,7 +17,7 @@ from dendrite_jax.model.linear import linear
 from dendrite_jax.model.loader import load_model
 from dendrite_jax.model.params import with_layer_loop
 from dendrite_jax.quant import fp8
-from tests.helpers import paged_logits
+from tests.helpers import SMOLLM, paged_logits
 
 
 def numpy_mxfp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -185,10 +185,10 @@ def test_llm_with_fp8_weights_runs_and_mostly_agrees(smollm):
     (`smollm`: the same model in float32)."""
     prompts = ["The capital of France is", "def fibonacci(n):"]
     params = SamplingParams(max_tokens=4, temperature=0)
-    base = dict(model="smollm2-135m", dtype="float32", compilation_cache=False)
+    base = dict(**SMOLLM, compilation_cache=False)
     want = [o.token_ids for o in smollm.generate(prompts, params)]
     llm = LLM(**base, weights_dtype="fp8")
-    w_qkv = llm.model.params.layers[0].w_qkv
+    w_qkv = llm.model.params.layers.w_qkv  # scanned layers: one stacked weight
     assert isinstance(w_qkv, fp8.Fp8Weight) and w_qkv.matmul == "reference"  # auto, on CPU
     got = [o.token_ids for o in llm.generate(prompts, params)]
     assert all(g[0] == w[0] for g, w in zip(got, want, strict=True))

@@ -20,7 +20,7 @@ def llm():
     return LLM(model="tiny-random", max_num_seqs=4, num_pages=64, compilation_cache=False)
 
 
-def _finish(deltas) -> str | None:
+def _last_finish_reason(deltas) -> str | None:
     async def last():
         reason = None
         async for delta in deltas:
@@ -46,8 +46,8 @@ def test_admission_counts_a_request_once(llm):
             with pytest.raises(QueueFull, match="2 requests pending"):
                 await engine.submit(None, [6], PARAMS)
             _, deltas = await first
-            assert await _finish(deltas) == "length"
-            assert await _finish(second[1]) == "length"
+            assert await _last_finish_reason(deltas) == "length"
+            assert await _last_finish_reason(second[1]) == "length"
             assert engine.pending == 0
         finally:
             engine.stop()
@@ -60,7 +60,7 @@ def test_a_crashed_engine_thread_fails_waiting_submissions(llm, monkeypatch):
         engine = AsyncEngine(llm)
         try:
             _, deltas = await engine.submit(None, [1, 2, 3], PARAMS)
-            assert await _finish(deltas) == "length"
+            assert await _last_finish_reason(deltas) == "length"
 
             def broken(*args, **kwargs):
                 raise KeyError("not a validation error")
