@@ -108,3 +108,15 @@ def test_folded_norm_matches_definition(kernel, scheme, m, k, n):
     unfolded = np.asarray(fp8.dequantize(fp8.quantize(w, scheme)), np.float64)
     folded = np.asarray(fp8.dequantize(q), np.float64) / np.asarray(norm, np.float64)[:, None]
     assert np.abs(folded - unfolded).mean() < 0.05 * np.abs(unfolded).mean()
+
+
+def test_kernel_package_imports_first():
+    """`kernels_pallas.fp8_matmul` imported before anything of `dendrite_jax` (a fresh
+    interpreter): the package's lazy exports keep `dendrite_jax.quant.fp8` from importing the
+    engine, whose model imports this package back (an ImportError before)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", "import kernels_pallas.fp8_matmul"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
