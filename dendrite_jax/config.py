@@ -216,6 +216,11 @@ class EngineConfig:
     # while the host fills the token mask; None: `Engine.splits` decides per step (always on
     # accelerators, small steps on a CPU, whose cores the model and the mask fill share).
     split_constrained_steps: bool | None = None
+    # Constrained steps' device calls are made from a worker thread (`engine.launcher`), so
+    # the host's executable calls overlap its mask and matcher work. None: `Engine.threads`
+    # decides per step (on accelerators, steps of many rows; never on a CPU, where calls are
+    # cheap and the thread would take a core from the model).
+    threaded_launch: bool | None = None
     # Decode steps run per launch when every running request is decoding freely (no waiting
     # admission, no constraint, prompt logprobs or beam): the host's per-step cost (planning,
     # launching, applying) is paid once per burst. None: `default_decode_burst` (4 on

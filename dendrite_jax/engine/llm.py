@@ -78,6 +78,11 @@ class LLM:
     the model; default (None): always on accelerators, on a CPU only for steps of a few rows
     (`Engine.splits`: the model and the mask fill share its cores).
 
+    `threaded_launch` makes constrained steps' executable calls from a worker thread, which
+    overlaps them with the host's matcher and mask work; default (None): on accelerators for
+    steps of 16 rows or more, where a call costs the host about as long as a small model's
+    step and the host's work outlasts the device's (`Engine.threads`); never on a CPU.
+
     `decode_burst` runs that many decode steps per launch while every running request decodes
     freely (no constraint, none waiting to be admitted, that many tokens left to each):
     the host's per-step work is paid once per burst; a request that stops mid-burst drops
@@ -108,6 +113,7 @@ class LLM:
                  fp8_fold_norms: bool | None = None,
                  tensor_parallel_size: int = 1, split_constrained_steps: bool | None = None,
                  decode_burst: int | None = None, forced_tokens: bool = False,
+                 threaded_launch: bool | None = None,
                  devices: Sequence[jax.Device] | None = None) -> None:
         engine_cfg = EngineConfig(dtype=dtype, page_size=page_size, num_pages=num_pages,
                                   max_num_seqs=max_num_seqs,
@@ -115,7 +121,8 @@ class LLM:
                                   max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
                                   seed=seed, kv_compression=kv_compression,
                                   split_constrained_steps=split_constrained_steps,
-                                  decode_burst=decode_burst, forced_tokens=forced_tokens)
+                                  decode_burst=decode_burst, forced_tokens=forced_tokens,
+                                  threaded_launch=threaded_launch)
         loop = resolve_layer_loop(layer_loop)
         if compilation_cache:
             enable_compilation_cache()

@@ -161,10 +161,13 @@ class Request:
             self.params.prompt_logprobs))
 
     def append_token(self, token: int, max_model_len: int, logprob: float = 0.0, rank: int = 0,
-                     top_lp: np.ndarray | None = None, top_ids: np.ndarray | None = None) -> None:
+                     top_lp: np.ndarray | None = None, top_ids: np.ndarray | None = None, *,
+                     accepted: bool | None = None) -> None:
         """Add a sampled token (filling the oldest pending placeholder if there is one), then
         decide whether the request is finished. `logprob` (the token's raw-model logprob) adds
-        to the cumulative logprob; the rest matter only when the request asked for logprobs."""
+        to the cumulative logprob; the rest matter only when the request asked for logprobs.
+        `accepted`: the matcher has already consumed this (non-stop) token, with this result
+        (the engine advances a step's matchers in parallel)."""
         self.last_token_time = time.perf_counter()
         if self.first_token_time is None:
             self.first_token_time = self.last_token_time
@@ -186,7 +189,8 @@ class Request:
         num_outputs = index + 1
         if token in self.stop_token_ids:
             self._finish("stop", token)
-        elif self.matcher is not None and not self.matcher.consume_token(token):
+        elif self.matcher is not None and not (self.matcher.consume_token(token)
+                                               if accepted is None else accepted):
             self.fail(f"sampled token {token} broke the constraint: {self.matcher.get_error()}")
         elif self.matcher is not None and self.matcher.is_stopped():
             self._finish("stop", None)  # the constraint is complete: nothing more can follow

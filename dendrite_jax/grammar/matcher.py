@@ -72,6 +72,12 @@ class GrammarCompiler:
             llguidance.numpy.fill_next_token_bitmask_par(self._executor, rows, mask)
         return mask
 
+    def consume(self, pairs: list[tuple[llguidance.LLMatcher, int]]) -> list[bool]:
+        """Advance each matcher by its token, in parallel; False where the token breaks the
+        matcher's constraint (the matcher is then in its error state, as `consume_token`
+        leaves it)."""
+        return self._executor.consume_token_par(pairs)
+
 
 def forced_token(matcher: llguidance.LLMatcher) -> int | None:
     """The one token `matcher` allows next (which may be EOS: the caller decides), or None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
 
 import jsonschema
 import pytest
@@ -178,33 +179,45 @@ def test_preemption_and_aborts_keep_constraints_aligned(forced_tokens):
 
 def test_split_steps_equal_whole_steps(smollm, monkeypatch):
     """While constrained requests decode, each step launches as two executables (forward, then
-    sampling once the mask is filled): same tokens as whole steps that wait for the mask."""
+    sampling once the mask is filled): same tokens as whole steps that wait for the mask,
+    whether the launcher makes the calls inline or from its worker thread (as on GPUs)."""
     from dendrite_jax.engine.runner import FORWARD
 
     prompt = chat(smollm, "Give an example of a small JSON object.")
     requests = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0, json_schema=SCHEMAS[3]),
                 SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, seed=4, regex=r"[a-z ]{5,60}"),
                 SamplingParams(max_tokens=24, temperature=0.7, seed=2)]
-    runner = smollm.engine.runner
-    forwards = []  # split steps launched
+    engine = smollm.engine
+    runner = engine.runner
+    forwards, threads = [], set()  # split steps launched, threads that launched them
     launch_forward = runner.launch_forward
-    monkeypatch.setattr(runner, "launch_forward",
-                        lambda plan: forwards.append(plan) or launch_forward(plan))
 
-    def run(split: bool):  # split every step, or none, whatever the platform's default
-        monkeypatch.setattr(smollm.engine, "cfg", dataclasses.replace(
-            smollm.engine.cfg, split_constrained_steps=split))
+    def recording(plan):
+        forwards.append(plan)
+        threads.add(threading.current_thread().name)
+        return launch_forward(plan)
+
+    monkeypatch.setattr(runner, "launch_forward", recording)
+
+    def run(split: bool, threaded: bool = False):  # split every step, or none
+        monkeypatch.setattr(engine, "cfg", dataclasses.replace(
+            engine.cfg, split_constrained_steps=split, threaded_launch=threaded))
         forwards.clear()
+        threads.clear()
         outputs = smollm.generate([prompt] * 3, requests)
+        assert not engine.has_unfinished() and smollm.stats().pool.used == 0
         return outputs, len(forwards)
 
     split, split_steps = run(True)
     assert split_steps > 0 and any(kind == FORWARD for _, kind in runner._compiled)
-    whole, split_steps = run(False)
+    assert threads == {threading.current_thread().name}
+    threaded, threaded_steps = run(True, threaded=True)
+    assert threaded_steps == split_steps and threads == {"dendrite-launch_0"}
+    whole, split_steps = run(False, threaded=True)
     assert split_steps == 0
     assert [o.token_ids for o in split] == [o.token_ids for o in whole]
-    assert smollm.stats().pool.used == 0
-
+    assert [o.token_ids for o in threaded] == [o.token_ids for o in whole]
+    assert [o.cumulative_logprob for o in threaded] == [o.cumulative_logprob for o in split]
 
 
 def test_forced_tokens_give_the_same_outputs_in_fewer_steps(smollm, monkeypatch):
