@@ -73,8 +73,11 @@ def test_matches_reference(compression, q_lens, ctx_lens):
                            num_heads=8, num_kv_heads=2, pad_decode=2, pad_prefill=1))
 
 
+# The default run keeps one geometry (a group of 3, head_dim 64); the other two, 12 s each
+# interpreted, run with `make test-slow` (the default run must fit 20 minutes cold).
 @pytest.mark.parametrize("page_size,head_dim,num_heads,num_kv_heads", [
-    (32, 128, 4, 1), (8, 128, 8, 2), (16, 64, 9, 3)])
+    pytest.param(32, 128, 4, 1, marks=pytest.mark.slow),
+    pytest.param(8, 128, 8, 2, marks=pytest.mark.slow), (16, 64, 9, 3)])
 def test_page_sizes_head_dims_and_groups(page_size, head_dim, num_heads, num_kv_heads):
     rng = np.random.default_rng(page_size + num_heads)
     check(*compressed_case(rng, [1, 20, 1], [90, 60, 129], "turboquant-4", head_dim=head_dim,
@@ -145,11 +148,18 @@ def test_write_and_attend_matches_reference():
                                atol=ATOL)
 
 
-@pytest.mark.parametrize("compression", ["turboquant-mse-4", "turboquant-mse-2"])
-@pytest.mark.parametrize("q_lens,ctx_lens,head_dim,page_size,heads", [
+TPU_CASES = [
     ([1, 1, 1], [15, 16, 17], 64, 16, (8, 2)),  # decodes straddling a page boundary
     ([13, 1, 5, 1], [13, 70, 21, 33], 128, 8, (9, 3)),  # ragged mix, a group of 3
-])
+]
+
+
+# Both cases at both bit widths; the ragged mix at 4 bits (16 s interpreted) runs with
+# `make test-slow` (the default run must fit 20 minutes cold).
+@pytest.mark.parametrize("compression,q_lens,ctx_lens,head_dim,page_size,heads", [
+    pytest.param(compression, *case, marks=pytest.mark.slow)
+    if (compression, case) == ("turboquant-mse-4", TPU_CASES[1]) else (compression, *case)
+    for compression in ("turboquant-mse-4", "turboquant-mse-2") for case in TPU_CASES])
 def test_tpu_kernel_matches_reference(compression, q_lens, ctx_lens, head_dim, page_size,
                                       heads):
     rng = np.random.default_rng(len(q_lens) + head_dim)
