@@ -268,9 +268,9 @@ class Engine:
         filled, its sampling with that mask. The next step is planned and its forward launched
         right behind that sampling, so the device runs the model while the host reads back,
         advances the matchers and fills the next mask. Steps that do not split launch whole
-        once the step before is applied. The launcher (`engine.launcher`) makes the calls, on a
-        worker thread on accelerators, where each costs the host about as long as a small
-        model's step.
+        once the step before is applied. The launcher (`engine.launcher`) makes the calls in
+        order, from its worker thread for the steps `threads` selects (wide steps on
+        accelerators, where a call costs the host about as long as a small model's step).
         """
         if self._ahead is None:
             self._ahead = self._schedule_ahead()
