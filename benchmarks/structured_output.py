@@ -40,10 +40,10 @@ flags.DEFINE_string("output", "benchmarks/results/structured_output_cpu.json", "
 flags.DEFINE_enum("split_constrained_steps", "auto", ["auto", "on", "off"],
                   "Launch constrained decode steps as two executables (forward, then sampling "
                   "with the mask): the engine's default (auto) or forced either way.")
-SPLIT = {"auto": None, "on": True, "off": False}
+SETTING = {"auto": None, "on": True, "off": False}  # an engine default, or forced
 flags.DEFINE_enum("threaded_launch", "auto", ["auto", "on", "off"],
                   "Make constrained steps' executable calls from a worker thread: the engine's "
-                  "default (auto: on accelerators) or forced either way.")
+                  "default (auto: accelerators, steps of 16+ rows) or forced either way.")
 flags.DEFINE_bool("forced_tokens", False, "Append tokens a constraint forces without sampling "
                   "them (`LLM(forced_tokens=...)`).")
 
@@ -97,8 +97,8 @@ def main(argv: list[str]) -> None:
     for batch in (int(b) for b in FLAGS.batches):
         llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_num_seqs=batch, warmup=False,
                   tokenizer=FLAGS.tokenizer,
-                  split_constrained_steps=SPLIT[FLAGS.split_constrained_steps],
-                  threaded_launch=SPLIT[FLAGS.threaded_launch],
+                  split_constrained_steps=SETTING[FLAGS.split_constrained_steps],
+                  threaded_launch=SETTING[FLAGS.threaded_launch],
                   forced_tokens=FLAGS.forced_tokens)
         prompt = llm.tokenizer.apply_chat_template(
             [{"role": "user", "content": "List some fruit names as a JSON array."}])

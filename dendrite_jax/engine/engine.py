@@ -493,9 +493,8 @@ class Engine:
                     r.add_prompt_logprobs(start + j + 1, float(result.prompt_logprob[t]),
                                           int(result.prompt_rank[t]),
                                           result.prompt_top_logprobs[t], result.prompt_top_ids[t])
-            position = int(plan.seq_lens[row])  # where a token sampled by this row goes
-            if sample[row] and position in r.forced_positions:  # a forced token is there
-                r.forced_positions.discard(position)
+            if sample[row] and not self._appends_sample(r, plan, row):
+                r.forced_positions.discard(int(plan.seq_lens[row]))  # a forced token is there
             elif sample[row]:
                 if r.logprobs is None:
                     r.append_token(tokens[row], self.max_model_len, logprob[row],
@@ -523,13 +522,19 @@ class Engine:
         for i, (r, _) in enumerate(batch.rows):
             row = self._row(plan, batch, i)
             if (r.matcher is not None and sample[row] and not r.finished
-                    and tokens[row] not in r.stop_token_ids
-                    and int(plan.seq_lens[row]) not in r.forced_positions):
+                    and self._appends_sample(r, plan, row)
+                    and tokens[row] not in r.stop_token_ids):  # a stop token is not consumed
                 pairs.append((r.matcher, tokens[row]))
                 ids.append(r.request_id)
         if len(pairs) < 2:
             return {}
         return dict(zip(ids, self.grammar.consume(pairs), strict=True))
+
+    @staticmethod
+    def _appends_sample(r: Request, plan: StepPlan, row: int) -> bool:
+        """Whether the token a sampling row drew is appended to `r`: not where a forced token
+        already sits (`forced_tokens`), whose draw is dropped."""
+        return int(plan.seq_lens[row]) not in r.forced_positions
 
     def _commit_full_pages(self, r: Request) -> None:
         """Full pages enter the prefix cache as soon as they are computed."""

@@ -49,8 +49,3 @@ class Launcher:
         if self._last is not None:
             concurrent.futures.wait([self._last])
             self._last = None
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None

@@ -241,10 +241,11 @@ class ModelRunner:
         return out
 
     def _host_input(self, array: np.ndarray) -> np.ndarray | jax.Array:
-        """A step's host input as the executable takes it. On one device the numpy array goes
-        into the call as it is and the executable copies it in C++; `jax.device_put` first
-        cost 0.05-0.2 ms per array (a 2-core CPU host and an H200's host), paid twice per
-        constrained step. On a mesh it is placed replicated first."""
+        """A step's host input read by one executable call, as the call takes it. On one
+        device the numpy array goes into the call as it is and the executable copies it in
+        C++; `jax.device_put` first cost 0.05-0.2 ms per array (a 2-core CPU host and an
+        H200's host). On a mesh it is placed replicated first. (An input two calls read, the
+        split step's plan, is placed once instead: `launch_forward`.)"""
         return array if self.mesh is None else jax.device_put(array, self._replicated)
 
     def _device_mask(self, rows: int, token_mask: np.ndarray | None) -> np.ndarray | jax.Array:

@@ -29,7 +29,6 @@ def test_calls_run_in_submission_order_whichever_way_each_is_made():
     launcher.sync()
     assert order == [0, 1, 2, 3] and [f.result() for f in futures] == [0, 1, 2, 3]
     assert threads == {"dendrite-launch_0", threading.current_thread().name}
-    launcher.close()
 
 
 def test_errors_stay_with_their_calls():
@@ -44,4 +43,3 @@ def test_errors_stay_with_their_calls():
         with pytest.raises(RuntimeError, match="device call failed"):
             failed.result()
         assert after.result() == "next"
-    launcher.close()
