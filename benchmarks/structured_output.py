@@ -44,6 +44,10 @@ SETTING = {"auto": None, "on": True, "off": False}  # an engine default, or forc
 flags.DEFINE_enum("threaded_launch", "auto", ["auto", "on", "off"],
                   "Make constrained steps' executable calls from a worker thread: the engine's "
                   "default (auto: accelerators, steps of 16+ rows) or forced either way.")
+flags.DEFINE_enum("device_automata", "auto", ["auto", "on", "off"],
+                  "Run regular constraints (the regex) as automata on the device: the engine's "
+                  "default (auto: accelerators) or forced either way.")
+flags.DEFINE_integer("automaton_states", 4096, "States in the device's automaton table.")
 flags.DEFINE_bool("forced_tokens", False, "Append tokens a constraint forces without sampling "
                   "them (`LLM(forced_tokens=...)`).")
 
@@ -93,13 +97,16 @@ def main(argv: list[str]) -> None:
                     max_tokens=FLAGS.max_tokens,
                     split_constrained_steps=FLAGS.split_constrained_steps,
                     threaded_launch=FLAGS.threaded_launch,
-                    forced_tokens=FLAGS.forced_tokens, rows=[])
+                    forced_tokens=FLAGS.forced_tokens, device_automata=FLAGS.device_automata,
+                    rows=[])
     for batch in (int(b) for b in FLAGS.batches):
         llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_num_seqs=batch, warmup=False,
                   tokenizer=FLAGS.tokenizer,
                   split_constrained_steps=SETTING[FLAGS.split_constrained_steps],
                   threaded_launch=SETTING[FLAGS.threaded_launch],
-                  forced_tokens=FLAGS.forced_tokens)
+                  forced_tokens=FLAGS.forced_tokens,
+                  device_automata=SETTING[FLAGS.device_automata],
+                  automaton_states=FLAGS.automaton_states)
         prompt = llm.tokenizer.apply_chat_template(
             [{"role": "user", "content": "List some fruit names as a JSON array."}])
         prompts = [prompt] * batch
@@ -113,7 +120,8 @@ def main(argv: list[str]) -> None:
         for _ in range(FLAGS.repeats):  # interleaved, so drifts in machine speed hit all alike
             for name, params in variants.items():
                 runs[name] = run(llm, prompts, params, runs[name])
-        row = {"batch": batch, **{name: finish(r) for name, r in runs.items()}}
+        row = {"batch": batch, **{name: finish(r) for name, r in runs.items()},
+               "host_matchers": dict(llm.engine.automaton_reasons)}
         base = row["unconstrained"]["tokens_per_s"]
         for name in CONSTRAINED:
             row[name]["vs_unconstrained"] = row[name]["tokens_per_s"] / base

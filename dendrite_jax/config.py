@@ -233,8 +233,19 @@ class EngineConfig:
     # they add nothing to `cumulative_logprob`, and requests asking for logprobs or ranked by
     # them (best_of) sample every token as without it.
     forced_tokens: bool = False
+    # Regular constraints (regex, choice) run as automata on the device
+    # (`grammar.device_automaton`): the step masks and advances them itself, so their rows
+    # decode like free ones (bursts included) with the masks llguidance would give. None:
+    # on accelerators, not on a CPU (where the host's masks cost the model no time). Other
+    # constraints, and ones past `automaton_states`, keep llguidance's matchers on the host.
+    device_automata: bool | None = None
+    # States in the device's automaton table (one block per grammar in use); the table
+    # takes automaton_states x vocabulary x 2 bytes of device memory.
+    automaton_states: int = 4096
 
     def __post_init__(self) -> None:
+        if self.automaton_states < 2:
+            raise ValueError(f"automaton_states must be at least 2, got {self.automaton_states}")
         if self.decode_burst is not None and not 1 <= self.decode_burst <= 64:
             raise ValueError(f"decode_burst must be in [1, 64], got {self.decode_burst}")
         if self.dtype not in DTYPES:

@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import math
 import time
+import weakref
 from concurrent.futures import Future
 
 import jax
@@ -27,6 +28,8 @@ from dendrite_jax.engine.scheduler import ScheduledBatch, Scheduler
 from dendrite_jax.engine.step_output import StepResult
 from dendrite_jax.engine.step_plan import StepPlan, StepShape
 from dendrite_jax.grammar import GrammarCompiler, GrammarError
+from dendrite_jax.grammar.automaton import AutomatonArena, AutomatonCursor
+from dendrite_jax.grammar.device_automaton import FROM_SLOT, NO_AUTOMATON
 from dendrite_jax.model.loader import LoadedModel
 from dendrite_jax.quant import fp8
 
@@ -113,6 +116,16 @@ class Engine:
         self.page_table = HostPageTable(cfg.max_num_seqs, widest_pages(self.max_pages_per_seq))
         self.requests: dict[str, Request] = {}
         self.grammar: GrammarCompiler | None = None
+        # Device automata (`EngineConfig.device_automata`): where each grammar sits in the
+        # device's table, the requests using one, and why constraints kept their matchers.
+        self.arena: AutomatonArena | None = None
+        self._automaton_requests: weakref.WeakSet[Request] = weakref.WeakSet()
+        self.automaton_reasons: collections.Counter[str] = collections.Counter()
+        if self._uses_automata(mesh):
+            vocabulary = self.grammar_compiler().vocabulary
+            self.runner.enable_automata(cfg.automaton_states, vocabulary.token_bytes,
+                                        vocabulary.end_tokens)
+            self.arena = AutomatonArena(cfg.automaton_states)
         self._failed: list[Request] = []  # failed at admission, not yet returned by step()
         self.mask_fills: collections.deque[tuple[float, int]] = collections.deque(maxlen=10_000)
         # ^ (seconds, constrained rows) of each recent token-mask fill
@@ -175,13 +188,45 @@ class Engine:
         return self.grammar
 
     def _compile_constraint(self, request: Request) -> None:
-        """Give a constrained request its matcher; a constraint llguidance rejects fails that
-        request alone (finish_reason "error", llguidance's message in `error`)."""
-        compiler = self.grammar_compiler()
+        """Give a constrained request a cursor in its device automaton, where the device can
+        step its constraint, else its llguidance matcher. A constraint llguidance rejects
+        fails that request alone (finish_reason "error", llguidance's message in `error`)."""
         try:
-            request.matcher = compiler.matcher(request.params)
+            if self.arena is None or not self._place_automaton(request):
+                request.matcher = self.grammar_compiler().matcher(request.params)
         except GrammarError as e:
             request.fail(str(e))
+
+    def _uses_automata(self, mesh) -> bool:
+        """Whether constraints may run as device automata (`EngineConfig.device_automata`):
+        by default on accelerators, for models with a tokenizer, on one device."""
+        wanted = self.cfg.device_automata
+        if wanted is None:
+            wanted = self.platform != "cpu" and mesh is None
+        return bool(wanted) and self.model.tokenizer is not None
+
+    def _place_automaton(self, request: Request) -> bool:
+        """Give the request a cursor in its constraint's device automaton where it has one
+        that fits the table; False where not (the reason is counted in `automaton_reasons`)."""
+        automaton = self.grammar.automaton(request.params)
+        if isinstance(automaton, str):
+            self.automaton_reasons[automaton] += 1
+            return False
+        placed = self.arena.place(automaton, self._automata_in_use)
+        if placed is None:
+            self.automaton_reasons[f"no room: {automaton.dfa.num_states} states and "
+                                   f"automaton_states={self.cfg.automaton_states}"] += 1
+            return False
+        base, new = placed
+        if new:
+            self.launcher.sync()  # no queued call may hold the table being replaced
+            self.runner.write_automaton(base, automaton)
+        request.automaton = AutomatonCursor(automaton, base)
+        self._automaton_requests.add(request)
+        return True
+
+    def _automata_in_use(self) -> set[str]:
+        return {r.automaton.automaton.key for r in self._automaton_requests if not r.finished}
 
     def add(self, request: Request) -> None:
         if not request.finished:
@@ -440,6 +485,11 @@ class Engine:
         plan.prompt_lens[rows] = [len(r.prompt_ids) for r in reqs]
         plan.sample[rows] = [s == r.num_tokens for s, r in zip(seq_lens, reqs, strict=True)]
         plan.reset[rows] = [r.new_in_slot for r in reqs]
+        if self.arena is not None:
+            # A row whose input is still on device takes the state its slot's sample left.
+            plan.automaton_state[rows] = [
+                NO_AUTOMATON if r.automaton is None else
+                FROM_SLOT if r.num_pending else r.automaton.device_state for r in reqs]
         for r in reqs:
             r.new_in_slot = False
         ints = np.array([r.plan_ints for r in reqs], np.int32)

@@ -97,6 +97,14 @@ class LLM:
     H100, before mixed steps split, it took a JSON schema at batch 1 from 0.69x to 0.97x of
     unconstrained speed and at batch 32 from 0.41x to 0.16x (benchmarks/README.md).
 
+    `device_automata` runs regular constraints (regex, choice) as automata on the device
+    (`grammar.device_automaton`): the step masks and advances them itself, so their rows need
+    no host round trip per token and decode in bursts like free rows, with the masks
+    llguidance gives. `automaton_states` sizes its table (states of all grammars in use;
+    states x vocabulary x 2 bytes). Default (None): on accelerators, not on a CPU. JSON
+    schemas, Lark grammars, patterns outside `grammar.regex_syntax` and grammars past the
+    table's room keep llguidance's matchers on the host (`Engine.automaton_reasons` says why).
+
     `warmup` compiles every step bucket up front and then makes compiling a new one an error
     (default: on for accelerators, off on CPU where compiling on demand is cheaper).
     """
@@ -113,7 +121,8 @@ class LLM:
                  fp8_fold_norms: bool | None = None,
                  tensor_parallel_size: int = 1, split_constrained_steps: bool | None = None,
                  decode_burst: int | None = None, forced_tokens: bool = False,
-                 threaded_launch: bool | None = None,
+                 threaded_launch: bool | None = None, device_automata: bool | None = None,
+                 automaton_states: int = EngineConfig.automaton_states,
                  devices: Sequence[jax.Device] | None = None) -> None:
         engine_cfg = EngineConfig(dtype=dtype, page_size=page_size, num_pages=num_pages,
                                   max_num_seqs=max_num_seqs,
@@ -122,7 +131,9 @@ class LLM:
                                   seed=seed, kv_compression=kv_compression,
                                   split_constrained_steps=split_constrained_steps,
                                   decode_burst=decode_burst, forced_tokens=forced_tokens,
-                                  threaded_launch=threaded_launch)
+                                  threaded_launch=threaded_launch,
+                                  device_automata=device_automata,
+                                  automaton_states=automaton_states)
         loop = resolve_layer_loop(layer_loop)
         if compilation_cache:
             enable_compilation_cache()

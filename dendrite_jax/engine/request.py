@@ -10,6 +10,7 @@ import numpy as np
 from dendrite_jax.engine.outputs import Logprob, PositionLogprobs, RequestOutput
 from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.engine.step import FROM_LAST_TOKEN
+from dendrite_jax.grammar.automaton import BROKEN, AutomatonCursor
 from dendrite_jax.grammar.matcher import forced_token
 from dendrite_jax.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -68,6 +69,8 @@ class Request:
         self.prompt_logprobs: list[PositionLogprobs | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
         self.matcher = None  # llguidance matcher of a constrained request (grammar package)
+        # Or, for a constraint the device steps, its place in the automaton (host's copy).
+        self.automaton: AutomatonCursor | None = None
         # Positions whose launched samples are discarded when read back: tokens the
         # constraint forced (`fast_forward`) filled them first.
         self.forced_positions: set[int] = set()
@@ -194,6 +197,11 @@ class Request:
             self.fail(f"sampled token {token} broke the constraint: {self.matcher.get_error()}")
         elif self.matcher is not None and self.matcher.is_stopped():
             self._finish("stop", None)  # the constraint is complete: nothing more can follow
+        elif self.automaton is not None and (verdict := self.automaton.advance(token)):
+            if verdict == BROKEN:
+                self.fail(f"sampled token {token} broke the constraint")
+            else:
+                self._finish("stop", None)  # as a matcher stops (above)
         elif self._check_stop_strings(previous_len):
             pass
         elif (num_outputs >= self.params.max_tokens

@@ -31,6 +31,14 @@ from dendrite_jax.engine import step_output
 from dendrite_jax.engine.step import SlotState, forward_step, sample_step, step
 from dendrite_jax.engine.step_output import StepResult
 from dendrite_jax.engine.step_plan import StepPlan, StepShape, field_sizes
+from dendrite_jax.grammar.automaton import TokenAutomaton, padded_byte_table
+from dendrite_jax.grammar.device_automaton import (
+    FILL_ROWS,
+    PAD_BYTE,
+    AutomatonTables,
+    Vocabulary,
+    fill_token_table,
+)
 from dendrite_jax.grammar.mask import allow_all, mask_words
 from dendrite_jax.model.params import Params
 from dendrite_jax.parallel.tensor import kv_sharding
@@ -132,6 +140,10 @@ class ModelRunner:
             SAMPLE: jax.jit(sample_step, static_argnames=("shape",), donate_argnames=("slots",),
                             **outs[SAMPLE]),
         }
+        # Device automata (`enable_automata`): the table steps read, and how it is written.
+        self.automata: AutomatonTables | None = None
+        self._vocabulary: Vocabulary | None = None
+        self._fill = jax.jit(fill_token_table, donate_argnames=("tables",))
         self._compiled: collections.OrderedDict[tuple[StepShape, str], Any] = (
             collections.OrderedDict())
         # (shape, seconds) per compilation, loads from the persistent cache included.
@@ -166,8 +178,8 @@ class ModelRunner:
             logits = jax.ShapeDtypeStruct((shape.num_seqs, self.cfg.vocab_size), jnp.float32,
                                           **rep)
             model = (self.params, self.kv, self.slots, buffer)
-            args = {STEP: (*model, mask), FORWARD: model,
-                    SAMPLE: (logits, self.slots, buffer, mask)}[kind]
+            args = {STEP: (*model, mask, self.automata), FORWARD: model,
+                    SAMPLE: (logits, self.slots, buffer, mask, self.automata)}[kind]
             statics = dict(shape=shape) if kind == SAMPLE else dict(
                 cfg=self.cfg, shape=shape, attention_backend=self.attention_backend)
             with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
@@ -217,7 +229,8 @@ class ModelRunner:
         compiled = self.compile(plan.shape)
         buffer = self._host_input(plan.pack())
         mask = self._device_mask(plan.shape.num_seqs, token_mask)
-        out, self.kv, self.slots = compiled(self.params, self.kv, self.slots, buffer, mask)
+        out, self.kv, self.slots = compiled(self.params, self.kv, self.slots, buffer, mask,
+                                            self.automata)
         out.copy_to_host_async()
         return out
 
@@ -236,7 +249,8 @@ class ModelRunner:
         compiled = self.compile(plan.shape, SAMPLE)
         logits, buffer = forward
         out, self.slots = compiled(logits, self.slots, buffer,
-                                   self._device_mask(plan.shape.num_seqs, token_mask))
+                                   self._device_mask(plan.shape.num_seqs, token_mask),
+                                   self.automata)
         out.copy_to_host_async()
         return out
 
@@ -255,6 +269,34 @@ class ModelRunner:
             self._allow_all[rows] = jax.device_put(allow_all(rows, self.cfg.vocab_size),
                                                    self._replicated)
         return self._allow_all[rows]
+
+    def enable_automata(self, capacity: int, token_bytes: list[bytes],
+                        end_tokens: frozenset[int]) -> None:
+        """Give the steps a table of `capacity` automaton states (before warm-up: the steps
+        compile with it). Compiles the table's writer now, with a write of nothing."""
+        if self.mesh is not None:
+            raise ValueError("device automata with tensor_parallel_size > 1 are not supported")
+        is_end = np.zeros(self.cfg.vocab_size, bool)
+        is_end[sorted(end_tokens)] = True
+        self.automata = AutomatonTables.create(capacity, is_end)
+        self._vocabulary = Vocabulary.create(token_bytes)
+        self.automata = self._fill(self.automata, self._vocabulary,
+                                   np.zeros((capacity, PAD_BYTE + 1), np.int32),
+                                   np.zeros(capacity, bool), np.full(FILL_ROWS, -1, np.int32),
+                                   np.full(FILL_ROWS, -1, np.int32), np.int32(0))
+
+    def write_automaton(self, base: int, automaton: TokenAutomaton) -> None:
+        """Walk the vocabulary from every state of `automaton` into the table at `base`
+        (asynchronously: the steps after it read the new rows)."""
+        capacity = self.automata.accepting.shape[0]
+        table, accepting = padded_byte_table(automaton.dfa, capacity)
+        table, accepting = jnp.asarray(table), jnp.asarray(accepting)
+        for start in range(0, automaton.dfa.num_states, FILL_ROWS):
+            rows = np.arange(start, start + FILL_ROWS, dtype=np.int32)
+            rows[rows >= automaton.dfa.num_states] = -1
+            forced = np.array([automaton.forced.get(int(r), -1) for r in rows], np.int32)
+            self.automata = self._fill(self.automata, self._vocabulary, table, accepting, rows,
+                                       forced, np.int32(base))
 
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         """Device half of copy-on-write: duplicate pages src[i] into dst[i]."""

@@ -19,6 +19,12 @@ from dendrite_jax.config import ModelConfig
 from dendrite_jax.engine import step_output
 from dendrite_jax.engine.sampling import apply_penalties, sample, top_logprobs
 from dendrite_jax.engine.step_plan import DevicePlan, StepShape, unpack
+from dendrite_jax.grammar.device_automaton import (
+    FROM_SLOT,
+    NO_AUTOMATON,
+    AutomatonTables,
+    automaton_step,
+)
 from dendrite_jax.grammar.mask import allowed_tokens
 from dendrite_jax.model.llama import compute_logits, forward
 from dendrite_jax.model.params import Params
@@ -36,26 +42,30 @@ class SlotState:
     prompt_mask: jax.Array  # [num_slots, V] bool: token occurs in the prompt
     output_counts: jax.Array  # [num_slots, V] int32: times generated (and fed back) so far
     last_token: jax.Array  # [num_slots] int32: the token sampled in the slot's last step
+    # [num_slots] int32: the device-automaton state after that token (NO_AUTOMATON: none)
+    automaton_state: jax.Array
 
     @classmethod
     def create(cls, num_slots: int, vocab_size: int) -> SlotState:
         return cls(prompt_mask=jnp.zeros((num_slots, vocab_size), bool),
                    output_counts=jnp.zeros((num_slots, vocab_size), jnp.int32),
-                   last_token=jnp.zeros((num_slots,), jnp.int32))
+                   last_token=jnp.zeros((num_slots,), jnp.int32),
+                   automaton_state=jnp.full((num_slots,), NO_AUTOMATON, jnp.int32))
 
 
 def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array,
-         token_mask: jax.Array, *, cfg: ModelConfig, shape: StepShape,
-         attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
+         token_mask: jax.Array, automata: AutomatonTables | None, *, cfg: ModelConfig,
+         shape: StepShape, attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
     """One step (or a burst of `shape.burst` decode steps); returns its outputs packed as
     `step_output.output_layout(shape)`, one such buffer per step of a burst, in order.
-    `token_mask` [S, ceil(V/32)] holds each row's allowed next tokens (`grammar.mask`)."""
+    `token_mask` [S, ceil(V/32)] holds each row's allowed next tokens (`grammar.mask`);
+    `automata` (None: not in use) constrain the rows the plan gives an automaton state."""
     plan = unpack(plan_buffer, shape)
     if shape.burst > 1:
-        return _burst(params, kv, slots, plan, token_mask, cfg=cfg, shape=shape,
+        return _burst(params, kv, slots, plan, token_mask, automata, cfg=cfg, shape=shape,
                       attention_backend=attention_backend)
-    out, hidden, kv, slots = _model_and_sample(params, kv, slots, plan, token_mask, cfg=cfg,
-                                               shape=shape,
+    out, hidden, kv, slots = _model_and_sample(params, kv, slots, plan, token_mask, automata,
+                                               cfg=cfg, shape=shape,
                                                attention_backend=attention_backend)
     if shape.prompt_logprobs:
         with jax.named_scope("prompt_logprobs"):
@@ -67,22 +77,25 @@ def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array,
 
 
 def _burst(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan,
-           token_mask: jax.Array, *, cfg: ModelConfig, shape: StepShape,
-           attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
+           token_mask: jax.Array, automata: AutomatonTables | None, *, cfg: ModelConfig,
+           shape: StepShape, attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
     """`shape.burst` decode steps in one executable, each the single step `plan` describes one
     position further on: step j feeds every row the token step j - 1 sampled (from the
-    slots' last-token buffer). The same tokens as that many steps launched one by one."""
+    slots' last-token buffer, and its automaton state from the slot's). The same tokens as
+    that many steps launched one by one."""
     single = dataclasses.replace(shape, burst=1)
     live = plan.q_lens > 0  # padding rows stay empty (seq_len 0: no attention, no write)
+    later_states = jnp.where(plan.automaton_state == NO_AUTOMATON, NO_AUTOMATON, FROM_SLOT)
 
     def one_step(j, carry):
         kv, slots, outs = carry
         p = dataclasses.replace(
             plan, seq_lens=jnp.where(live, plan.seq_lens + j, 0),
             input_ids=jnp.where(j == 0, plan.input_ids, FROM_LAST_TOKEN),
-            reset=jnp.where(j == 0, plan.reset, 0))
-        out, _, kv, slots = _model_and_sample(params, kv, slots, p, token_mask, cfg=cfg,
-                                              shape=single,
+            reset=jnp.where(j == 0, plan.reset, 0),
+            automaton_state=jnp.where(j == 0, plan.automaton_state, later_states))
+        out, _, kv, slots = _model_and_sample(params, kv, slots, p, token_mask, automata,
+                                              cfg=cfg, shape=single,
                                               attention_backend=attention_backend)
         return kv, slots, outs.at[j].set(step_output.pack(single, out))
 
@@ -109,10 +122,12 @@ def forward_step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax
 
 
 def sample_step(logits: jax.Array, slots: SlotState, plan_buffer: jax.Array,
-                token_mask: jax.Array, *, shape: StepShape) -> tuple[jax.Array, SlotState]:
+                token_mask: jax.Array, automata: AutomatonTables | None, *,
+                shape: StepShape) -> tuple[jax.Array, SlotState]:
     """The sampling half of a split step: the same packed outputs as `step`."""
     assert not shape.prompt_logprobs, "a split step has no prompt logprobs"
-    out, slots = _sample(logits, slots, unpack(plan_buffer, shape), token_mask, shape)
+    out, slots = _sample(logits, slots, unpack(plan_buffer, shape), token_mask, automata,
+                         shape)
     return step_output.pack(shape, out), slots
 
 
@@ -134,14 +149,14 @@ def _run_model(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan, 
 
 
 def _model_and_sample(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan,
-                      token_mask: jax.Array, *, cfg: ModelConfig, shape: StepShape,
-                      attention_backend: str):
+                      token_mask: jax.Array, automata: AutomatonTables | None, *,
+                      cfg: ModelConfig, shape: StepShape, attention_backend: str):
     """The model over the step's tokens, then each row's next token: (sampled outputs,
     hidden states, kv, slots)."""
     hidden, kv, slots = _run_model(params, kv, slots, plan, cfg=cfg, shape=shape,
                                    attention_backend=attention_backend)
     out, slots = _sample(_last_token_logits(params, hidden, plan, shape), slots, plan,
-                         token_mask, shape)
+                         token_mask, automata, shape)
     return out, hidden, kv, slots
 
 
@@ -154,9 +169,10 @@ def _last_token_logits(params: Params, hidden: jax.Array, plan: DevicePlan,
 
 
 def _sample(logits: jax.Array, slots: SlotState, plan: DevicePlan, token_mask: jax.Array,
+            automata: AutomatonTables | None,
             shape: StepShape) -> tuple[dict[str, jax.Array], SlotState]:
-    """Penalties, the token mask, sampling and logprobs; the sampled tokens go to the slots'
-    last-token buffer."""
+    """Penalties, the token mask (and the automata's), sampling and logprobs; the sampled
+    tokens (and the automaton states they lead to) go to the slots' buffers."""
     with jax.named_scope("sampling"):
         raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
         b = plan.sampling
@@ -164,12 +180,22 @@ def _sample(logits: jax.Array, slots: SlotState, plan: DevicePlan, token_mask: j
         logits = apply_penalties(logits, slots.prompt_mask[plan.slot_ids],
                                  slots.output_counts[plan.slot_ids], b)
         allowed = allowed_tokens(token_mask, logits.shape[-1])
+        if automata is not None:
+            states = jnp.where(plan.automaton_state == FROM_SLOT,
+                               slots.automaton_state[plan.slot_ids], plan.automaton_state)
+            by_automaton, next_states = automaton_step(automata, states)
+            allowed = allowed & by_automaton
         logits = jnp.where(allowed, logits, -jnp.inf)
         # The sampled token will sit at position seq_len: noise depends on (seed, position).
         tokens = sample(logits, b, plan.seq_lens, truncate=shape.needs_sort)
         sampled_rows = jnp.where(plan.sample > 0, plan.slot_ids, slots.last_token.shape[0])
         slots = dataclasses.replace(
             slots, last_token=slots.last_token.at[sampled_rows].set(tokens, mode="drop"))
+        if automata is not None:
+            reached = jnp.take_along_axis(next_states, tokens[:, None], axis=1)[:, 0]
+            reached = jnp.where(states >= 0, reached, NO_AUTOMATON)
+            slots = dataclasses.replace(slots, automaton_state=slots.automaton_state.at[
+                sampled_rows].set(reached, mode="drop"))
         # Ranks and top alternatives are among the tokens the row's constraint allows (all,
         # unconstrained): beam search takes its candidates from them.
         logprob, rank, top_lp, top_ids = top_logprobs(raw_logprobs, tokens,

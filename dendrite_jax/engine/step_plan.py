@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dendrite_jax.engine.sampling import SamplingBatch
+from dendrite_jax.grammar.device_automaton import NO_AUTOMATON
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -52,7 +53,7 @@ class StepShape:
 
 
 _INT_FIELDS = ("input_ids", "targets", "q_lens", "seq_lens", "page_tables", "slot_ids",
-               "prompt_lens", "sample", "reset", "top_k", "seed")
+               "prompt_lens", "sample", "reset", "automaton_state", "top_k", "seed")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty")
 
@@ -79,6 +80,9 @@ class StepPlan:
     prompt_lens: np.ndarray  # [S]
     sample: np.ndarray  # [S] 1 where the row's last token is sampled this step
     reset: np.ndarray  # [S] 1 where the row's request is new to its slot: clear the slot first
+    # [S] the row's state in the device automata (`grammar.device_automaton`), or
+    # NO_AUTOMATON, or FROM_SLOT (the state its slot's last sample left)
+    automaton_state: np.ndarray
     top_k: np.ndarray
     seed: np.ndarray
     temperature: np.ndarray
@@ -95,6 +99,7 @@ class StepPlan:
         arrays.update({n: np.zeros(sizes[n], np.float32) for n in _FLOAT_FIELDS})
         for name in ("top_p", "repetition_penalty"):
             arrays[name][:] = 1.0
+        arrays["automaton_state"][:] = NO_AUTOMATON
         arrays["page_tables"] = arrays["page_tables"].reshape(shape.num_seqs, shape.pages_per_seq)
         return cls(shape=shape, **arrays)
 
@@ -119,6 +124,7 @@ class DevicePlan:
     prompt_lens: jax.Array
     sample: jax.Array
     reset: jax.Array
+    automaton_state: jax.Array
     sampling: SamplingBatch
 
 

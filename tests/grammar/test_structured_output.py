@@ -287,3 +287,38 @@ def test_forced_tokens_give_the_same_outputs_in_fewer_steps(smollm, monkeypatch)
     monkeypatch.setattr(engine, "cfg", dataclasses.replace(engine.cfg, forced_tokens=False))
     assert smollm.generate(prompt, whole)[0].token_ids == at_admission.token_ids
     assert smollm.stats().pool.used == 0
+
+
+def test_device_automata_give_the_same_outputs(smollm):
+    """Regexes and choices stepped on the device (`grammar.device_automaton`, in bursts of
+    four) give the tokens llguidance's host matchers give, in a batch mixed with a JSON schema
+    (which keeps its matcher) and free rows; nothing stays in use."""
+    from dendrite_jax import LLM
+
+    prompt = chat(smollm, "Give me a phone number and a color.")
+    params = [SamplingParams(max_tokens=24, temperature=0, regex=r"[0-9]{3}-[0-9]{4}"),
+              SamplingParams(max_tokens=24, temperature=0, choice=["red", "green", "blue"]),
+              SamplingParams(max_tokens=24, temperature=0.8, seed=3,
+                             regex=r"[A-Z][a-z]{2,8}( [a-z]{2,8}){2,5}\."),
+              SamplingParams(max_tokens=24, temperature=0),
+              SamplingParams(max_tokens=24, temperature=0, regex=r"(?s:.)*", ignore_eos=True),
+              SamplingParams(max_tokens=6, temperature=0, json_schema={
+                  "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}),
+              SamplingParams(max_tokens=24, temperature=0.7, top_p=0.9, seed=5,
+                             regex=r'\{"name":"[a-z]{1,8}","count":[0-9]{1,2}\}')]
+    expected = smollm.generate([prompt] * len(params), params)
+    llm = LLM(**SMOLLM, max_num_seqs=8, device_automata=True, automaton_states=512,
+              decode_burst=4)
+    steps_before = llm.engine.num_steps
+    got = llm.generate([prompt] * len(params), params)
+    for e, g in zip(expected, got, strict=True):
+        assert (g.text, g.token_ids, g.finish_reason, g.error) == (
+            e.text, e.token_ids, e.finish_reason, e.error)
+        assert g.cumulative_logprob == pytest.approx(e.cumulative_logprob, abs=1e-3)
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", got[0].text) and got[1].text in ("red", "green",
+                                                                                 "blue")
+    assert dict(llm.engine.automaton_reasons) == {"json_schema constraints run with llguidance": 1}
+    # Once the JSON row (whose matcher needs each token) is done, the rest decode in bursts.
+    assert llm.engine.num_steps - steps_before < 20
+    assert llm.engine.stats().pool.used == 0
+    assert not llm.engine.has_unfinished()
