@@ -19,6 +19,7 @@ from dendrite_jax.engine.sampling_params import CONSTRAINTS, SamplingParams
 from dendrite_jax.grammar import regex_syntax
 from dendrite_jax.grammar.automaton import TokenAutomaton, TokenBytes
 from dendrite_jax.grammar.byte_dfa import compile_tree
+from dendrite_jax.grammar.json_regex import schema_tree
 from dendrite_jax.grammar.mask import allow_all
 from dendrite_jax.model.tokenizer import Tokenizer
 
@@ -108,6 +109,11 @@ class GrammarCompiler:
                 return f"regex: {e}"
         elif params.choice is not None:
             tree = ("alt", [regex_syntax.literal(c) for c in params.choice])
+        elif params.json_schema is not None:
+            try:
+                tree = schema_tree(params.json_schema)
+            except regex_syntax.UnsupportedPattern as e:
+                return f"json_schema: {e}"
         else:
             return f"{constraint_name(params)} constraints run with llguidance"
         try:

@@ -4,6 +4,8 @@ and the text complete exactly where llguidance stops its matcher."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,7 @@ from dendrite_jax.grammar.device_automaton import (
     automaton_step,
     fill_token_table,
 )
+from tests.grammar.schemas import SCHEMAS
 
 CONSTRAINTS = [dict(regex=r"(?s:.)*"), dict(regex=r"[0-9]{3}-[0-9]{4}|\s+[^\s]"),
                dict(regex=r"[a-zé ]{2,10}!"),
@@ -34,6 +37,23 @@ CONSTRAINTS = [dict(regex=r"(?s:.)*"), dict(regex=r"[0-9]{3}-[0-9]{4}|\s+[^\s]")
                dict(choice=["red", "green", "blue", "réd 🚀"]),
                dict(choice=["alpha", "alphabet", "beta"])]
 CAPACITY = 2048
+JSON_SCHEMAS = (0, 5, 7, 9, 13, 14, 15, 25)  # of tests.grammar.schemas.SCHEMAS, in the default run
+JSON_EXTRAS = [{"type": "integer", "minimum": -5, "maximum": 5},
+               {"type": "integer", "minimum": -120, "maximum": -7},
+               {"type": "integer", "exclusiveMinimum": 16},
+               {"type": "array", "items": {"type": "number"}, "maxItems": 3},
+               {"type": "string", "minLength": 2, "maxLength": 3},
+               {"enum": ["red", "gr\u00e9en", 3, None, True]},
+               {"type": ["string", "null"]},
+               {"anyOf": [{"type": "integer"}, {"type": "boolean"}]}]
+BENCHMARK_SCHEMAS = [  # benchmarks/structured_output.py's SCHEMA and RECORDS
+    {"type": "array", "items": {"type": "string", "minLength": 3, "maxLength": 12},
+     "minItems": 40, "maxItems": 40},
+    {"type": "array", "minItems": 20, "maxItems": 20, "items": {
+        "type": "object", "additionalProperties": False, "required": ["name", "color", "count"],
+        "properties": {"name": {"type": "string", "minLength": 3, "maxLength": 12},
+                       "color": {"enum": ["red", "green", "blue"]},
+                       "count": {"type": "integer", "minimum": 0, "maximum": 99}}}}]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +66,7 @@ def device(smollm):
 
 
 def write(tables, vocab, fill, automaton, base):
-    table, accepting = padded_byte_table(automaton.dfa, CAPACITY)
+    table, accepting = padded_byte_table(automaton.dfa, tables.accepting.shape[0])
     for start in range(0, automaton.dfa.num_states, FILL_ROWS):
         rows = np.arange(start, start + FILL_ROWS, dtype=np.int32)
         rows[rows >= automaton.dfa.num_states] = -1
@@ -57,21 +77,47 @@ def write(tables, vocab, fill, automaton, base):
 
 @pytest.mark.parametrize("constraint", CONSTRAINTS, ids=lambda c: str(next(iter(c.values()))))
 def test_masks_equal_llguidance_along_random_walks(device, constraint):
+    assert_walks_match(device, SamplingParams(max_tokens=8, **constraint))
+
+
+@pytest.mark.parametrize("schema", [SCHEMAS[i] for i in JSON_SCHEMAS] + JSON_EXTRAS,
+                         ids=lambda s: json.dumps(s)[:60])
+def test_json_schema_masks_equal_llguidance_along_random_walks(device, schema):
+    assert_walks_match(device, SamplingParams(max_tokens=8, json_schema=schema), steps=60)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schema", [s for i, s in enumerate(SCHEMAS) if i not in JSON_SCHEMAS]
+                         + BENCHMARK_SCHEMAS, ids=lambda s: json.dumps(s)[:60])
+def test_every_regular_schema_masks_equal_llguidance(device, schema):
+    """The rest of the structured-output tests' schemas and the benchmark's (up to 13,562
+    states); those outside `json_regex`'s subset are skipped."""
+    automaton = device[0].automaton(SamplingParams(max_tokens=8, json_schema=schema))
+    if isinstance(automaton, str):
+        pytest.skip(automaton)
+    assert_walks_match(device, SamplingParams(max_tokens=8, json_schema=schema), steps=80,
+                       capacity=16384)
+
+
+def assert_walks_match(device, params, walks: int = 4, steps: int = 40,
+                       capacity: int = CAPACITY) -> None:
+    """Random walks through the constraint, biased to long tokens: at every position the
+    device's mask equals llguidance's, host and device agree on the next state, and the text
+    is complete exactly where llguidance stops its matcher."""
     compiler, vocab, is_end, fill, step = device
-    params = SamplingParams(max_tokens=8, **constraint)
     automaton = compiler.automaton(params)
     assert not isinstance(automaton, str), automaton
-    arena = AutomatonArena(CAPACITY)
+    arena = AutomatonArena(capacity)
     arena.place(compiler.automaton(SamplingParams(max_tokens=8, regex="x+y")), set)
     base, new = arena.place(automaton, set)  # a second block: states are offset
     assert new and base > 1
-    tables = write(AutomatonTables.create(CAPACITY, is_end), vocab, fill, automaton, base)
+    tables = write(AutomatonTables.create(capacity, is_end), vocab, fill, automaton, base)
     token_bytes = compiler.vocabulary.token_bytes
     rng = np.random.default_rng(0)
     checked = 0
-    for _ in range(4):
+    for _ in range(walks):
         matcher, cursor = compiler.matcher(params), AutomatonCursor(automaton, base)
-        for _ in range(40):
+        for _ in range(steps):
             expected = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8),
                                      bitorder="little")[:len(is_end)].astype(bool)
             allowed, ends = step(tables, jnp.asarray([cursor.device_state], jnp.int32))
@@ -107,7 +153,11 @@ def test_a_token_off_the_constraint_breaks_the_cursor(device):
 
 def test_unsupported_constraints_say_why(device):
     compiler = device[0]
-    assert "llguidance" in compiler.automaton(SamplingParams(max_tokens=8, json_schema={}))
+    assert "any JSON" in compiler.automaton(SamplingParams(max_tokens=8, json_schema={}))
+    assert "additionalProperties" in compiler.automaton(
+        SamplingParams(max_tokens=8, json_schema={"type": "object", "properties": {}}))
+    assert "minimum" in compiler.automaton(
+        SamplingParams(max_tokens=8, json_schema={"type": "number", "minimum": 0}))
     assert "anchor" in compiler.automaton(SamplingParams(max_tokens=8, regex=r"^a"))
     assert "escape" in compiler.automaton(SamplingParams(max_tokens=8, regex=r"\d+"))
     assert "llguidance" in compiler.automaton(SamplingParams(max_tokens=8, grammar='start: "a"'))

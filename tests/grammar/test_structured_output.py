@@ -290,9 +290,10 @@ def test_forced_tokens_give_the_same_outputs_in_fewer_steps(smollm, monkeypatch)
 
 
 def test_device_automata_give_the_same_outputs(smollm):
-    """Regexes and choices stepped on the device (`grammar.device_automaton`, in bursts of
-    four) give the tokens llguidance's host matchers give, in a batch mixed with a JSON schema
-    (which keeps its matcher) and free rows; nothing stays in use."""
+    """Regexes, choices and JSON schemas stepped on the device (`grammar.device_automaton`, in
+    bursts of four) give the tokens llguidance's host matchers give, in a batch mixed with a
+    Lark grammar and a schema with number bounds (which keep their matchers) and free rows;
+    nothing stays in use."""
     from dendrite_jax import LLM
 
     prompt = chat(smollm, "Give me a phone number and a color.")
@@ -302,12 +303,18 @@ def test_device_automata_give_the_same_outputs(smollm):
                              regex=r"[A-Z][a-z]{2,8}( [a-z]{2,8}){2,5}\."),
               SamplingParams(max_tokens=24, temperature=0),
               SamplingParams(max_tokens=24, temperature=0, regex=r"(?s:.)*", ignore_eos=True),
+              SamplingParams(max_tokens=24, temperature=0, json_schema={
+                  "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+                  "additionalProperties": False}),
+              SamplingParams(max_tokens=24, temperature=0.9, seed=7, json_schema=SCHEMAS[15]),
+              SamplingParams(max_tokens=6, temperature=0, grammar='start: "yes" | "no" | NUM\n'
+                                                                   'NUM: /[0-9]+/'),
               SamplingParams(max_tokens=6, temperature=0, json_schema={
-                  "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}),
+                  "type": "number", "minimum": 0, "maximum": 10}),
               SamplingParams(max_tokens=24, temperature=0.7, top_p=0.9, seed=5,
                              regex=r'\{"name":"[a-z]{1,8}","count":[0-9]{1,2}\}')]
     expected = smollm.generate([prompt] * len(params), params)
-    llm = LLM(**SMOLLM, max_num_seqs=8, device_automata=True, automaton_states=512,
+    llm = LLM(**SMOLLM, max_num_seqs=8, device_automata=True, automaton_states=2048,
               decode_burst=4)
     steps_before = llm.engine.num_steps
     got = llm.generate([prompt] * len(params), params)
@@ -317,8 +324,10 @@ def test_device_automata_give_the_same_outputs(smollm):
         assert g.cumulative_logprob == pytest.approx(e.cumulative_logprob, abs=1e-3)
     assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", got[0].text) and got[1].text in ("red", "green",
                                                                                  "blue")
-    assert dict(llm.engine.automaton_reasons) == {"json_schema constraints run with llguidance": 1}
-    # Once the JSON row (whose matcher needs each token) is done, the rest decode in bursts.
+    assert sorted(llm.engine.automaton_reasons) == [
+        "grammar constraints run with llguidance",
+        "json_schema: schema keywords ['maximum', 'minimum']"]
+    # Once the rows whose matchers need each token are done, the rest decode in bursts.
     assert llm.engine.num_steps - steps_before < 20
     assert llm.engine.stats().pool.used == 0
     assert not llm.engine.has_unfinished()
