@@ -222,7 +222,8 @@ class EngineConfig:
     # cheap and the thread would take a core from the model).
     threaded_launch: bool | None = None
     # Decode steps run per launch when every running request is decoding freely (no waiting
-    # admission, no constraint, prompt logprobs or beam): the host's per-step cost (planning,
+    # admission, no host-matched constraint, prompt logprobs or beam; device automata are
+    # free here): the host's per-step cost (planning,
     # launching, applying) is paid once per burst. None: `default_decode_burst` (4 on
     # accelerators, 1 on a CPU).
     decode_burst: int | None = None
@@ -233,11 +234,12 @@ class EngineConfig:
     # they add nothing to `cumulative_logprob`, and requests asking for logprobs or ranked by
     # them (best_of) sample every token as without it.
     forced_tokens: bool = False
-    # Regular constraints (regex, choice) run as automata on the device
-    # (`grammar.device_automaton`): the step masks and advances them itself, so their rows
-    # decode like free ones (bursts included) with the masks llguidance would give. None:
-    # on accelerators, not on a CPU (where the host's masks cost the model no time). Other
-    # constraints, and ones past `automaton_states`, keep llguidance's matchers on the host.
+    # Regular constraints (regex, choice, and JSON schemas that `grammar.json_regex` reads)
+    # run as automata on the device (`grammar.device_automaton`): the step masks and advances
+    # them itself, so their rows decode like free ones (bursts included) with the masks
+    # llguidance would give. None: on accelerators, not on a CPU (where the host's masks cost
+    # the model no time). Lark grammars, other constraints, and ones past `automaton_states`
+    # keep llguidance's matchers on the host.
     device_automata: bool | None = None
     # States in the device's automaton table (one block per grammar in use); the table
     # takes automaton_states x vocabulary x 2 bytes of device memory.

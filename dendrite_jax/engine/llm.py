@@ -84,7 +84,8 @@ class LLM:
     step and the host's work outlasts the device's (`Engine.threads`); never on a CPU.
 
     `decode_burst` runs that many decode steps per launch while every running request decodes
-    freely (no constraint, none waiting to be admitted, that many tokens left to each):
+    freely (no host-matched constraint (device automata decode freely), none waiting to be
+    admitted, that many tokens left to each):
     the host's per-step work is paid once per burst; a request that stops mid-burst drops
     the rest. Default (None): 4 on accelerators, 1 on a CPU (`engine.default_decode_burst`).
 
@@ -97,13 +98,14 @@ class LLM:
     H100, before mixed steps split, it took a JSON schema at batch 1 from 0.69x to 0.97x of
     unconstrained speed and at batch 32 from 0.41x to 0.16x (benchmarks/README.md).
 
-    `device_automata` runs regular constraints (regex, choice) as automata on the device
-    (`grammar.device_automaton`): the step masks and advances them itself, so their rows need
-    no host round trip per token and decode in bursts like free rows, with the masks
-    llguidance gives. `automaton_states` sizes its table (states of all grammars in use;
-    states x vocabulary x 2 bytes). Default (None): on accelerators, not on a CPU. JSON
-    schemas, Lark grammars, patterns outside `grammar.regex_syntax` and grammars past the
-    table's room keep llguidance's matchers on the host (`Engine.automaton_reasons` says why).
+    `device_automata` runs regular constraints (regex, choice, JSON schemas in
+    `grammar.json_regex`'s subset) as automata on the device (`grammar.device_automaton`): the
+    step masks and advances them itself, so their rows need no host round trip per token and
+    decode in bursts like free rows, with the masks llguidance gives. `automaton_states` sizes
+    its table (states of all grammars in use; states x vocabulary x 2 bytes). Default (None):
+    on accelerators, not on a CPU. Lark grammars, patterns outside `grammar.regex_syntax`,
+    other schemas and grammars past the table's room keep llguidance's matchers on the host
+    (`Engine.automaton_reasons` says why).
 
     `warmup` compiles every step bucket up front and then makes compiling a new one an error
     (default: on for accelerators, off on CPU where compiling on demand is cheaper).

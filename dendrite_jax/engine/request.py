@@ -122,8 +122,9 @@ class Request:
         self.output_ids.extend([PENDING] * steps)
 
     def can_burst(self, steps: int) -> bool:
-        """Whether its next `steps` tokens may be sampled in one launch: decoding, free of a
-        constraint (whose mask needs each token first), with that many tokens left."""
+        """Whether its next `steps` tokens may be sampled in one launch: decoding, without a
+        host matcher (whose mask needs each token first; a device automaton steps on the
+        device), with that many tokens left."""
         return (self.matcher is None and self.num_uncomputed == 1
                 and self.num_tokens + steps <= self.max_len)
 

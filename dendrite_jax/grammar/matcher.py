@@ -82,8 +82,8 @@ class GrammarCompiler:
 
     def automaton(self, params: SamplingParams) -> TokenAutomaton | str:
         """The constraint as a token automaton the device can step (`device_automaton`), or
-        the reason it has none: Lark grammars, JSON schemas and patterns outside
-        `regex_syntax` stay with llguidance. Built once per constraint, after llguidance
+        the reason it has none: Lark grammars, patterns outside `regex_syntax` and schemas
+        outside `json_regex` stay with llguidance. Built once per constraint, after llguidance
         accepts it (else GrammarError, as `matcher`): requests that use it need no matcher."""
         key = constraint_key(params)
         found = self._automata.pop(key, None)

@@ -141,15 +141,17 @@ def test_online_request_with_a_bad_constraint_is_reported_by_the_next_step(smoll
     assert {good, digits} <= done and smollm.stats().pool.used == 0
 
 
-@pytest.mark.parametrize("forced_tokens", [False, True])
-def test_preemption_and_aborts_keep_constraints_aligned(forced_tokens):
+@pytest.mark.parametrize("forced_tokens,device_automata",
+                         [(False, False), (True, False), (False, True)])
+def test_preemption_and_aborts_keep_constraints_aligned(forced_tokens, device_automata):
     """A pool too small for the batch forces preemption (constrained requests are recomputed
-    with their matchers intact) and one constrained request is aborted mid-run: every other
-    output still satisfies its own constraint, and no page leaks; with forced tokens too."""
+    with their matchers, or automaton cursors, intact) and one constrained request is aborted
+    mid-run: every other output still satisfies its own constraint, and no page leaks; with
+    forced tokens too, and with the schemas on device automata."""
     from dendrite_jax import LLM
 
     llm = LLM(**SMOLLM, max_num_seqs=6, num_pages=14, page_size=16, compilation_cache=False,
-              forced_tokens=forced_tokens)
+              forced_tokens=forced_tokens, device_automata=device_automata)
     prompt = chat(llm, "Give an example of a small JSON object.")
     schemas = [SCHEMAS[1], SCHEMAS[7], SCHEMAS[15], SCHEMAS[23]]
     ids = [llm.add_request(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, seed=i,
@@ -170,6 +172,7 @@ def test_preemption_and_aborts_keep_constraints_aligned(forced_tokens):
             if r.finished:
                 outputs[r.request_id] = r.output()
     assert llm.stats().preemptions > 0
+    assert not llm.engine.automaton_reasons  # with automata, every schema ran on the device
     for rid, schema in zip(ids, schemas, strict=True):
         assert outputs[rid].finish_reason == "stop", outputs[rid].text
         jsonschema.validate(json.loads(outputs[rid].text), schema)
