@@ -4,7 +4,9 @@ Steps are compiled ahead of time (`jit(...).lower(...).compile()`) per `StepShap
 runner knows exactly how many compilations serving has caused. The KV cache and the per-slot
 state are donated to every step and replaced by the step's outputs. Decode-only buckets also
 compile as a split step (a forward executable, then a sampling one), which constrained
-decoding uses to fill its token mask while the forward runs.
+decoding uses to fill its token mask while the forward runs. With device automata
+(`enable_automata`) the steps also read the automaton table, which `write_automaton` fills once
+per grammar.
 """
 
 from __future__ import annotations
