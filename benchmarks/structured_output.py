@@ -15,7 +15,10 @@ fixed keys, whose key names and punctuation the grammar forces: what `--forced_t
 engine's `forced_tokens`, appends without sampling). Every run generates `--max_tokens` tokens
 per request (EOS ignored where the constraint allows it); throughput is generated tokens per
 second of the fastest of `--repeats` interleaved runs. The mask fill time per constrained row
-(p50/p99) comes from the engine's log of fills.
+(p50/p99) comes from the engine's log of fills: rows on the host's llguidance matchers only.
+On accelerators the three constraints run as device automata by default
+(`--device_automata`), whose masks are part of the step; each row records which constraints
+stayed on the host and why (`host_matchers`).
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ flags.DEFINE_enum("threaded_launch", "auto", ["auto", "on", "off"],
                   "Make constrained steps' executable calls from a worker thread: the engine's "
                   "default (auto: accelerators, steps of 16+ rows) or forced either way.")
 flags.DEFINE_enum("device_automata", "auto", ["auto", "on", "off"],
-                  "Run regular constraints (the regex) as automata on the device: the engine's "
-                  "default (auto: accelerators) or forced either way.")
+                  "Run regular constraints (here the regex and both JSON schemas) as automata on "
+                  "the device: the engine's default (auto: accelerators) or forced either way.")
 flags.DEFINE_integer("automaton_states", 24576, "States in the device's automaton table: room for both "
                      "JSON schemas (13,562 and 7,782 states) and the regex at once.")
 flags.DEFINE_bool("forced_tokens", False, "Append tokens a constraint forces without sampling "
@@ -99,7 +102,7 @@ def main(argv: list[str]) -> None:
                     split_constrained_steps=FLAGS.split_constrained_steps,
                     threaded_launch=FLAGS.threaded_launch,
                     forced_tokens=FLAGS.forced_tokens, device_automata=FLAGS.device_automata,
-                    rows=[])
+                    automaton_states=FLAGS.automaton_states, rows=[])
     for batch in (int(b) for b in FLAGS.batches):
         llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_num_seqs=batch, warmup=False,
                   tokenizer=FLAGS.tokenizer,

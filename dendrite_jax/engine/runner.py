@@ -33,7 +33,7 @@ from dendrite_jax.engine import step_output
 from dendrite_jax.engine.step import SlotState, forward_step, sample_step, step
 from dendrite_jax.engine.step_output import StepResult
 from dendrite_jax.engine.step_plan import StepPlan, StepShape, field_sizes
-from dendrite_jax.grammar.automaton import TokenAutomaton, padded_byte_table
+from dendrite_jax.grammar.automaton import TokenAutomaton, write_automaton
 from dendrite_jax.grammar.device_automaton import (
     FILL_ROWS,
     PAD_BYTE,
@@ -278,9 +278,7 @@ class ModelRunner:
         compile with it). Compiles the table's writer now, with a write of nothing."""
         if self.mesh is not None:
             raise ValueError("device automata with tensor_parallel_size > 1 are not supported")
-        is_end = np.zeros(self.cfg.vocab_size, bool)
-        is_end[sorted(end_tokens)] = True
-        self.automata = AutomatonTables.create(capacity, is_end)
+        self.automata = AutomatonTables.create(capacity, self.cfg.vocab_size, end_tokens)
         self._vocabulary = Vocabulary.create(token_bytes)
         self.automata = self._fill(self.automata, self._vocabulary,
                                    np.zeros((capacity, PAD_BYTE + 1), np.int32),
@@ -290,15 +288,8 @@ class ModelRunner:
     def write_automaton(self, base: int, automaton: TokenAutomaton) -> None:
         """Walk the vocabulary from every state of `automaton` into the table at `base`
         (asynchronously: the steps after it read the new rows)."""
-        capacity = self.automata.accepting.shape[0]
-        table, accepting = padded_byte_table(automaton.dfa, capacity)
-        table, accepting = jnp.asarray(table), jnp.asarray(accepting)
-        for start in range(0, automaton.dfa.num_states, FILL_ROWS):
-            rows = np.arange(start, start + FILL_ROWS, dtype=np.int32)
-            rows[rows >= automaton.dfa.num_states] = -1
-            forced = np.array([automaton.forced.get(int(r), -1) for r in rows], np.int32)
-            self.automata = self._fill(self.automata, self._vocabulary, table, accepting, rows,
-                                       forced, np.int32(base))
+        self.automata = write_automaton(self.automata, self._vocabulary, self._fill, automaton,
+                                        base)
 
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         """Device half of copy-on-write: duplicate pages src[i] into dst[i]."""

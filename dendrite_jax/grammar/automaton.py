@@ -12,10 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax.numpy as jnp
 import numpy as np
 
 from dendrite_jax.grammar.byte_dfa import ByteDfa
-from dendrite_jax.grammar.device_automaton import DEAD, PAD_BYTE
+from dendrite_jax.grammar.device_automaton import (
+    DEAD,
+    FILL_ROWS,
+    PAD_BYTE,
+    AutomatonTables,
+    Vocabulary,
+)
 
 COMPLETE, BROKEN = "complete", "broken"
 MAX_FORCED_BYTES = 1024
@@ -171,7 +178,21 @@ class AutomatonArena:
         return start if self.capacity - start >= size else None
 
 
-def padded_byte_table(dfa: ByteDfa, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+def write_automaton(tables: AutomatonTables, vocab: Vocabulary, fill,
+                    automaton: TokenAutomaton, base: int) -> AutomatonTables:
+    """`tables` with `automaton`'s states written at `base`: `fill` (the jitted
+    `device_automaton.fill_token_table`) walks the vocabulary from FILL_ROWS states a call."""
+    capacity = tables.accepting.shape[0]
+    table, accepting = (jnp.asarray(a) for a in _padded_byte_table(automaton.dfa, capacity))
+    for start in range(0, automaton.dfa.num_states, FILL_ROWS):
+        rows = np.arange(start, start + FILL_ROWS, dtype=np.int32)
+        rows[rows >= automaton.dfa.num_states] = -1
+        forced = np.array([automaton.forced.get(int(r), -1) for r in rows], np.int32)
+        tables = fill(tables, vocab, table, accepting, rows, forced, np.int32(base))
+    return tables
+
+
+def _padded_byte_table(dfa: ByteDfa, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     """`dfa` as `device_automaton.fill_token_table` reads it: [capacity, 257] transitions and
     [capacity] accepting, local state s at row s + 1, row 0 dead."""
     n = dfa.num_states
@@ -184,4 +205,4 @@ def padded_byte_table(dfa: ByteDfa, capacity: int) -> tuple[np.ndarray, np.ndarr
 
 
 __all__ = ["BROKEN", "COMPLETE", "AutomatonArena", "AutomatonCursor", "TokenAutomaton", "TokenBytes",
-           "padded_byte_table"]
+           "write_automaton"]

@@ -39,9 +39,13 @@ class AutomatonTables:
     is_end: jax.Array  # [V] bool: the end-of-text tokens, allowed where the state accepts
 
     @classmethod
-    def create(cls, capacity: int, is_end: np.ndarray) -> AutomatonTables:
+    def create(cls, capacity: int, vocab_size: int,
+               end_tokens: frozenset[int]) -> AutomatonTables:
+        """An empty table (every state dead) of `capacity` states."""
         dtype = jnp.int16 if capacity <= np.iinfo(np.int16).max else jnp.int32
-        return cls(token_next=jnp.zeros((capacity, len(is_end)), dtype),
+        is_end = np.zeros(vocab_size, bool)
+        is_end[sorted(end_tokens)] = True
+        return cls(token_next=jnp.zeros((capacity, vocab_size), dtype),
                    accepting=jnp.zeros((capacity,), bool), is_end=jnp.asarray(is_end))
 
 

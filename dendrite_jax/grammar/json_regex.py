@@ -233,7 +233,7 @@ def _array(schema: dict, depth: int) -> tuple:
         raise UnsupportedPattern("an array without one items schema")
     item = _value(schema["items"], depth + 1)
     lo, hi = schema.get("minItems", 0), schema.get("maxItems")
-    if hi is not None and hi < lo or max(lo, hi or 0) > regex_syntax.MAX_REPEAT:
+    if (hi is not None and hi < lo) or max(lo, hi or 0) > regex_syntax.MAX_REPEAT:
         raise UnsupportedPattern("array length bounds")
     more = ("repeat", ("cat", [literal(","), item]), max(lo - 1, 0),
             None if hi is None else hi - 1)

@@ -101,26 +101,19 @@ class GrammarCompiler:
         return found
 
     def _build_automaton(self, key: str, params: SamplingParams) -> TokenAutomaton | str:
-        if params.regex is not None:
-            source = params.regex
-            try:
-                tree = regex_syntax.parse(source)
-            except regex_syntax.UnsupportedPattern as e:
-                return f"regex: {e}"
-        elif params.choice is not None:
-            tree = ("alt", [regex_syntax.literal(c) for c in params.choice])
-        elif params.json_schema is not None:
-            try:
-                tree = schema_tree(params.json_schema)
-            except regex_syntax.UnsupportedPattern as e:
-                return f"json_schema: {e}"
-        else:
-            return f"{constraint_name(params)} constraints run with llguidance"
+        name = constraint_name(params)
         try:
-            dfa = compile_tree(tree)
+            if params.regex is not None:
+                tree = regex_syntax.parse(params.regex)
+            elif params.choice is not None:
+                tree = ("alt", [regex_syntax.literal(c) for c in params.choice])
+            elif params.json_schema is not None:
+                tree = schema_tree(params.json_schema)
+            else:
+                return f"{name} constraints run with llguidance"
+            return TokenAutomaton(key, compile_tree(tree), self.vocabulary)
         except regex_syntax.UnsupportedPattern as e:
-            return f"{constraint_name(params)}: {e}"
-        return TokenAutomaton(key, dfa, self.vocabulary)
+            return f"{name}: {e}"
 
     def mask(self, num_rows: int, rows: list[tuple[llguidance.LLMatcher, int]]) -> np.ndarray:
         """A step's token mask [num_rows, words]: each (matcher, row)'s allowed next tokens,

@@ -17,10 +17,9 @@ from dendrite_jax.grammar.automaton import (
     COMPLETE,
     AutomatonArena,
     AutomatonCursor,
-    padded_byte_table,
+    write_automaton,
 )
 from dendrite_jax.grammar.device_automaton import (
-    FILL_ROWS,
     AutomatonTables,
     Vocabulary,
     automaton_step,
@@ -60,19 +59,8 @@ BENCHMARK_SCHEMAS = [  # benchmarks/structured_output.py's SCHEMA and RECORDS
 def device(smollm):
     compiler = smollm.engine.grammar_compiler()
     vocab = Vocabulary.create(compiler.vocabulary.token_bytes)
-    is_end = np.zeros(smollm.model.config.vocab_size, bool)
-    is_end[list(compiler.vocabulary.end_tokens)] = True
-    return compiler, vocab, is_end, jax.jit(fill_token_table), jax.jit(automaton_step)
-
-
-def write(tables, vocab, fill, automaton, base):
-    table, accepting = padded_byte_table(automaton.dfa, tables.accepting.shape[0])
-    for start in range(0, automaton.dfa.num_states, FILL_ROWS):
-        rows = np.arange(start, start + FILL_ROWS, dtype=np.int32)
-        rows[rows >= automaton.dfa.num_states] = -1
-        forced = np.array([automaton.forced.get(int(r), -1) for r in rows], np.int32)
-        tables = fill(tables, vocab, table, accepting, rows, forced, np.int32(base))
-    return tables
+    return (compiler, vocab, smollm.model.config.vocab_size, jax.jit(fill_token_table),
+            jax.jit(automaton_step))
 
 
 @pytest.mark.parametrize("constraint", CONSTRAINTS, ids=lambda c: str(next(iter(c.values()))))
@@ -104,14 +92,16 @@ def assert_walks_match(device, params, walks: int = 4, steps: int = 40,
     """Random walks through the constraint, biased to long tokens: at every position the
     device's mask equals llguidance's, host and device agree on the next state, and the text
     is complete exactly where llguidance stops its matcher."""
-    compiler, vocab, is_end, fill, step = device
+    compiler, vocab, vocab_size, fill, step = device
     automaton = compiler.automaton(params)
     assert not isinstance(automaton, str), automaton
     arena = AutomatonArena(capacity)
     arena.place(compiler.automaton(SamplingParams(max_tokens=8, regex="x+y")), set)
     base, new = arena.place(automaton, set)  # a second block: states are offset
     assert new and base > 1
-    tables = write(AutomatonTables.create(capacity, is_end), vocab, fill, automaton, base)
+    tables = write_automaton(
+        AutomatonTables.create(capacity, vocab_size, compiler.vocabulary.end_tokens), vocab,
+        fill, automaton, base)
     token_bytes = compiler.vocabulary.token_bytes
     rng = np.random.default_rng(0)
     checked = 0
@@ -119,7 +109,7 @@ def assert_walks_match(device, params, walks: int = 4, steps: int = 40,
         matcher, cursor = compiler.matcher(params), AutomatonCursor(automaton, base)
         for _ in range(steps):
             expected = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8),
-                                     bitorder="little")[:len(is_end)].astype(bool)
+                                     bitorder="little")[:vocab_size].astype(bool)
             allowed, ends = step(tables, jnp.asarray([cursor.device_state], jnp.int32))
             np.testing.assert_array_equal(np.asarray(allowed[0]), expected)
             checked += 1
