@@ -51,7 +51,7 @@ from trace_events import device_seconds
 
 from dendrite_jax import LLM, SamplingParams
 from dendrite_jax.config import load_preset
-from kernels_pallas.paged_attention import gpu, reference_ragged_paged_attention
+from kernels_pallas.paged_attention import gpu, ragged_rows, reference_ragged_paged_attention
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sections", ["ceilings", "attention", "decode", "transformers"],
@@ -138,9 +138,8 @@ def attention_row(batch: int, context: int, limits: dict | None) -> dict:
             out["wall_fraction_of_copy"] = kv_bytes / wall / (limits["copy_gb_per_s"] * 1e9)
         return out
 
-    ref = reference_ragged_paged_attention(
-        q, k, v, 0, jnp.ones_like(lens), lens, tables, num_decode=batch, max_q_len=1,
-        sm_scale=scale).astype(jnp.float32)
+    rows = ragged_rows(jnp.ones_like(lens), lens, tables, num_tokens=batch, decode_only=True)
+    ref = reference_ragged_paged_attention(q, k, v, 0, rows, sm_scale=scale).astype(jnp.float32)
     sweep = []
     for entry in FLAGS.tunings:
         *fields, split_field = entry.split(":")
@@ -163,9 +162,9 @@ def attention_row(batch: int, context: int, limits: dict | None) -> dict:
     row["sweep"] = sweep
 
     def reference(x, k, v, tables, lens):
-        return reference_ragged_paged_attention(
-            x, k, v, 0, jnp.ones_like(lens), lens, tables, num_decode=batch, max_q_len=1,
-            sm_scale=scale)
+        rows = ragged_rows(jnp.ones_like(lens), lens, tables, num_tokens=batch,
+                           decode_only=True)
+        return reference_ragged_paged_attention(x, k, v, 0, rows, sm_scale=scale)
     row["reference"] = rate(seconds_per_call(reference, q, k, v, tables, lens, n=3, repeats=3))
     try:
         from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged

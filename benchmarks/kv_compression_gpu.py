@@ -159,8 +159,8 @@ def attention_row(batch: int, context: int, compressions: list[str]) -> dict:
 
 def decode_plan(batch: int, context: int) -> StepPlan:
     pages_per_seq = context // PAGE_SIZE + 1
-    plan = StepPlan.empty(StepShape(num_decode=batch, num_prefill=0, max_q_len=1,
-                                    pages_per_seq=pages_per_seq))
+    plan = StepPlan.empty(StepShape(num_tokens=batch, num_seqs=batch,
+                                    pages_per_seq=pages_per_seq, decode_only=True))
     plan.input_ids[:] = np.random.default_rng(batch).integers(3, 30000, batch)
     plan.q_lens[:] = 1
     plan.seq_lens[:] = context

@@ -35,7 +35,7 @@ def decode_plan(llm: LLM, batch: int):
     launch = runner.launch
 
     def recording(plan, mask=None):
-        if plan.shape.num_prefill == 0 and plan.shape.num_decode >= batch:
+        if plan.shape.decode_only and plan.shape.num_seqs >= batch:
             seen.append(plan)
         return launch(plan, mask)
 
@@ -69,11 +69,11 @@ def main(argv: list[str]) -> None:
     host_buffer = plan.pack()
     mask = runner._device_mask(plan.shape.num_seqs, None)
     fixed_buffer = jax.device_put(host_buffer)
-    leaves = len(jax.tree.leaves((runner.params, runner.kv, runner.slots)))
+    leaves = len(jax.tree.leaves((runner.params, runner.kv, runner.slots, runner.automata)))
 
     def call(buffer):
         out, runner.kv, runner.slots = compiled(runner.params, runner.kv, runner.slots, buffer,
-                                                mask)
+                                                mask, runner.automata)
         return out
 
     rows = {}

@@ -146,9 +146,9 @@ def main(argv: list[str]) -> None:
     if FLAGS.explain:
         explain = {}
         # Op names repeat across executables: explain the widest decode-only step's.
-        decode = [(shape.num_decode, kind, compiled)
+        decode = [(shape.num_seqs, kind, compiled)
                   for (shape, kind), compiled in llm.engine.runner._compiled.items()
-                  if shape.num_prefill == 0]
+                  if shape.decode_only]
         for _, _, compiled in sorted(decode, key=lambda d: d[0]):
             explain.update(hlo_ops(compiled.as_text()))
     summarize(FLAGS.trace_dir, FLAGS.top, explain)

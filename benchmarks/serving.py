@@ -11,12 +11,21 @@ leaves PyTorch room for its batch-64 prefill.
 Prints a table and writes JSON. With --transformers (a CUDA GPU and a random-weight preset),
 Hugging Face transformers `generate` with a static, compiled cache runs the decode and
 shared-prefix workloads in the same process for a ratio.
+
+Each timed workload also records the tokens its steps computed against the tokens they
+scheduled (`computed_over_scheduled`: a step computes its bucket's `num_tokens`, padding
+included, for `q_lens.sum()` real ones; a decode burst counts each of its steps), read from
+every plan the runner launches, and the runner's compilations before and after it and during it
+(`compiles_during`: with `--warmup=on` anything but 0 is a shape warm-up missed, which the
+runner refuses with RecompileError).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+import weakref
 
 import numpy as np
 from absl import app, flags, logging
@@ -37,6 +46,9 @@ flags.DEFINE_integer("shared_requests", 16, "Requests sharing the system prompt.
 flags.DEFINE_integer("max_num_batched_tokens", 512, "Token budget per step.")
 flags.DEFINE_float("kv_cache_gb", 1.0, "KV cache size in GiB.")
 flags.DEFINE_boolean("transformers", False, "Also run Hugging Face transformers (CUDA).")
+flags.DEFINE_enum("warmup", "off", ["on", "off", "auto"], "LLM(warmup=...): compile every step "
+                  "shape up front (on; a new shape then raises), on demand (off), or the "
+                  "platform's default (auto).")
 flags.DEFINE_string("output", "benchmarks/results/serving_cpu.json", "JSON output path.")
 
 
@@ -45,11 +57,69 @@ def token_prompts(n: int, length: int, vocab: int, salt: int = 0) -> list[list[i
     return [[int(t) for t in rng.integers(3, min(vocab, 30000), length)] for _ in range(n)]
 
 
+TOKEN_KEYS = ("computed_tokens", "scheduled_tokens", "launches")
+RUN_TOTALS = dict.fromkeys(TOKEN_KEYS, 0)  # the timed workloads'
+ALL_LAUNCHES = dict.fromkeys(TOKEN_KEYS, 0)  # every launched step, untimed ones included
+
+
+class TokenCounter:
+    """Tokens the runner's launched steps compute (their bucket's `num_tokens`) and schedule
+    (`q_lens.sum()`), each times the steps of a burst; read from the plans `launch` and
+    `launch_forward` receive (a split step's `launch_sample` reads the same plan again)."""
+
+    def __init__(self, runner) -> None:
+        self.totals = dict.fromkeys(TOKEN_KEYS, 0)
+        for name in ("launch", "launch_forward"):
+            setattr(runner, name, self._counting(getattr(runner, name)))
+
+    def _counting(self, launch):
+        def counted(plan, *args, **kwargs):
+            burst = plan.shape.burst
+            step = {"computed_tokens": plan.shape.num_tokens * burst,
+                    "scheduled_tokens": int(plan.q_lens.sum()) * burst, "launches": 1}
+            for totals in (self.totals, ALL_LAUNCHES):
+                for key, value in step.items():
+                    totals[key] += value
+            return launch(plan, *args, **kwargs)
+        return counted
+
+
+COUNTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LLM -> its TokenCounter
+
+
+def token_ratio(totals: dict) -> float | None:
+    return (totals["computed_tokens"] / totals["scheduled_tokens"]
+            if totals["scheduled_tokens"] else None)
+
+
+@contextlib.contextmanager
+def measured(llm: LLM, into: dict):
+    """Add to `into` the computed and scheduled tokens of the steps launched inside the
+    block, and the runner's compilations before, after and during it."""
+    runner, counter = llm.engine.runner, COUNTERS[llm]
+    compilations, logged = runner.compilations, len(runner.compile_log)
+    before = dict(counter.totals)
+    yield
+    new = runner.compile_log[logged:]
+    for key in TOKEN_KEYS:
+        value = counter.totals[key] - before[key]
+        into[key] = into.get(key, 0) + value
+        RUN_TOTALS[key] += value
+    into["computed_over_scheduled"] = token_ratio(into)
+    into.setdefault("compilations_before", compilations)
+    into["compilations_after"] = runner.compilations
+    into["compiles_during"] = into.get("compiles_during", 0) + len(new)
+    into["compile_s_during"] = into.get("compile_s_during", 0.0) + sum(t for _, t in new)
+
+
 def make_llm(prefix_caching: bool, num_seqs: int, max_model_len: int) -> LLM:
-    return LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_num_seqs=num_seqs,
-               max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_model_len=max_model_len,
-               enable_prefix_caching=prefix_caching, warmup=False,
-               kv_cache_bytes=int(FLAGS.kv_cache_gb * 2**30))
+    llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_num_seqs=num_seqs,
+              max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_model_len=max_model_len,
+              enable_prefix_caching=prefix_caching,
+              warmup={"on": True, "off": False, "auto": None}[FLAGS.warmup],
+              kv_cache_bytes=int(FLAGS.kv_cache_gb * 2**30))
+    COUNTERS[llm] = TokenCounter(llm.engine.runner)
+    return llm
 
 
 def timed_generate(llm: LLM, prompts, params) -> tuple[float, list]:
@@ -65,7 +135,9 @@ def decode_throughput(llm: LLM) -> dict:
     engine = llm.engine
     host0, wait0, steps0 = engine.host_seconds, engine.wait_seconds, engine.num_steps
     launch0 = engine.launch_seconds
-    seconds, _ = timed_generate(llm, prompts, params)
+    tokens: dict = {}
+    with measured(llm, tokens):
+        seconds, _ = timed_generate(llm, prompts, params)
     steps = engine.num_steps - steps0
     host, wait = engine.host_seconds - host0, engine.wait_seconds - wait0
     launch = engine.launch_seconds - launch0
@@ -73,7 +145,7 @@ def decode_throughput(llm: LLM) -> dict:
             "tokens_per_s": FLAGS.batch * FLAGS.max_tokens / seconds,
             "steps": steps, "ms_per_step": 1e3 * seconds / steps,
             "host_ms_per_step": 1e3 * host / steps, "launch_ms_per_step": 1e3 * launch / steps,
-            "wait_ms_per_step": 1e3 * wait / steps}
+            "wait_ms_per_step": 1e3 * wait / steps, **tokens}
 
 
 def prefill_latency(llm: LLM) -> list[dict]:
@@ -82,9 +154,11 @@ def prefill_latency(llm: LLM) -> list[dict]:
         prompt = token_prompts(1, length, llm.config.vocab_size, salt=length)
         params = SamplingParams(max_tokens=1, temperature=0)
         timed_generate(llm, prompt, params)  # warm-up
-        seconds = min(timed_generate(llm, prompt, params)[0] for _ in range(2))
+        tokens: dict = {}
+        with measured(llm, tokens):
+            seconds = min(timed_generate(llm, prompt, params)[0] for _ in range(2))
         rows.append({"prompt_tokens": length, "seconds": seconds,
-                     "tokens_per_s": length / seconds})
+                     "tokens_per_s": length / seconds, **tokens})
     return rows
 
 
@@ -113,7 +187,9 @@ def shared_prefix(prefix_caching: bool, max_model_len: int) -> dict:
     llm.generate(token_prompts(2, 40, vocab, salt=3), params)  # compile small shapes
     computed = sum(len(p) for p in prompts)
     compiles_before = len(llm.engine.runner.compile_log)
-    seconds, outputs = timed_generate(llm, prompts, params)
+    tokens: dict = {}
+    with measured(llm, tokens):
+        seconds, outputs = timed_generate(llm, prompts, params)
     compiles = llm.engine.runner.compile_log[compiles_before:]
     saved = llm.stats().prefix_cache.tokens_saved if prefix_caching else 0
     ttft = [o.time_to_first_token for o in outputs]
@@ -121,7 +197,8 @@ def shared_prefix(prefix_caching: bool, max_model_len: int) -> dict:
             "prefill_tokens_computed": computed - saved, "tokens_saved": saved,
             "seconds": seconds, "ttft_mean_s": statistics.mean(ttft),
             "ttft_max_s": max(ttft), "compilations": len(compiles),
-            "compile_s": sum(t for _, t in compiles), "tokens": [o.token_ids for o in outputs]}
+            "compile_s": sum(t for _, t in compiles), **tokens,
+            "tokens": [o.token_ids for o in outputs]}
 
 
 def transformers_baseline(max_model_len: int) -> dict:
@@ -152,7 +229,7 @@ def main(argv: list[str]) -> None:
                    *(int(n) + 8 for n in FLAGS.prefill_lens)])
     max_model_len = 1 << (longest - 1).bit_length()
     llm = make_llm(False, FLAGS.batch, max_model_len)
-    report = header("serving", model=FLAGS.model, dtype=FLAGS.dtype)
+    report = header("serving", model=FLAGS.model, dtype=FLAGS.dtype, warmup=FLAGS.warmup)
     report["decode_throughput"] = decode_throughput(llm)
     report["prefill_latency"] = prefill_latency(llm)
     report["add_request"] = add_request_cost(llm)
@@ -162,6 +239,9 @@ def main(argv: list[str]) -> None:
     report["shared_prefix"] = {"system_prompt_tokens": FLAGS.shared_prefix,
                                "without_cache": without, "with_cache": with_cache,
                                "same_greedy_tokens": same}
+    report["token_efficiency"] = {
+        **RUN_TOTALS, "computed_over_scheduled": token_ratio(RUN_TOTALS),
+        "all_launches": {**ALL_LAUNCHES, "computed_over_scheduled": token_ratio(ALL_LAUNCHES)}}
     if FLAGS.transformers:
         try:
             report["transformers"] = transformers_baseline(max_model_len)
@@ -186,6 +266,24 @@ def main(argv: list[str]) -> None:
               f"TTFT mean {row['ttft_mean_s']:.3f} s max {row['ttft_max_s']:.3f} s "
               f"(includes {row['compilations']} compilations, {row['compile_s']:.2f} s)")
     print(f"  same greedy tokens: {same}")
+    print("computed / scheduled tokens, and compilations during each timed workload "
+          "(before -> after):")
+    for name, row in [("decode_throughput", d),
+                      *((f"prefill_latency {r['prompt_tokens']}", r)
+                        for r in report["prefill_latency"]),
+                      ("shared_prefix cache off", without), ("shared_prefix cache on", with_cache)]:
+        ratio = row["computed_over_scheduled"]
+        print(f"  {name:26} {row['computed_tokens']:>8} / {row['scheduled_tokens']:<8} = "
+              f"{'-' if ratio is None else f'{ratio:.3f}'}   compiles {row['compiles_during']} "
+              f"({row['compilations_before']} -> {row['compilations_after']})")
+    e = report["token_efficiency"]
+    for name, row in [("all timed workloads", e), ("every launched step", e["all_launches"])]:
+        print(f"  {name:26} {row['computed_tokens']:>8} / {row['scheduled_tokens']:<8} = "
+              f"{row['computed_over_scheduled'] or float('nan'):.3f}")
+    if FLAGS.warmup == "on":
+        missed = sum(row["compiles_during"] for row in
+                     [d, *report["prefill_latency"], without, with_cache])
+        print(f"  warm-up on: {missed} compilations during timed workloads (expected 0)")
     if FLAGS.transformers:
         t = report["transformers"]
         if "error" in t:

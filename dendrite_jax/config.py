@@ -213,8 +213,8 @@ class EngineConfig:
     seed: int = 0
     kv_compression: str = "none"  # `cache.compress.make_kv_compression`
     # Constrained decoding launches decode steps in two halves so the device runs the model
-    # while the host fills the token mask; None: `Engine.splits` decides per step (always on
-    # accelerators, small steps on a CPU, whose cores the model and the mask fill share).
+    # while the host fills the token mask (`Engine.splits`); None or False: off (the halves
+    # are two more programs per step shape at warm-up).
     split_constrained_steps: bool | None = None
     # Constrained steps' device calls are made from a worker thread (`engine.launcher`), so
     # the host's executable calls overlap its mask and matcher work. None: `Engine.threads`

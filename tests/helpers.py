@@ -33,9 +33,10 @@ def _paged_logits(params, ids, cfg: ModelConfig, page_size: int, num_tokens: int
     # Pages in reverse order: logical order must come from the page table, not page ids.
     table = jnp.arange(pages, 0, -1, dtype=jnp.int32)[None]
     meta = AttentionMetadata.build(jnp.array([num_tokens], jnp.int32),
-                                   jnp.array([num_tokens], jnp.int32), table, num_decode=0,
-                                   max_q_len=num_tokens, page_size=page_size, num_pages=pages + 1)
-    hidden, _ = forward(params, kv, ids, meta, cfg, num_decode=0, max_q_len=num_tokens)
+                                   jnp.array([num_tokens], jnp.int32), table,
+                                   num_tokens=num_tokens, decode_only=num_tokens == 1,
+                                   page_size=page_size, num_pages=pages + 1)
+    hidden, _ = forward(params, kv, ids, meta, cfg)
     return compute_logits(params, hidden)
 
 

@@ -49,9 +49,10 @@ def _prefill_kv(params, ids, cfg: ModelConfig, num_tokens: int):
     kv = KVCache.create(cfg, pages, page_size, params.embed.dtype)
     table = jnp.arange(pages, dtype=jnp.int32)[None]
     meta = AttentionMetadata.build(jnp.array([num_tokens], jnp.int32),
-                                   jnp.array([num_tokens], jnp.int32), table, num_decode=0,
-                                   max_q_len=num_tokens, page_size=page_size, num_pages=pages)
-    _, kv = forward(params, kv, ids, meta, cfg, num_decode=0, max_q_len=num_tokens)
+                                   jnp.array([num_tokens], jnp.int32), table,
+                                   num_tokens=num_tokens, decode_only=num_tokens == 1,
+                                   page_size=page_size, num_pages=pages)
+    _, kv = forward(params, kv, ids, meta, cfg)
     shape = (cfg.num_layers, pages * page_size, cfg.num_kv_heads, cfg.head_dim)
     return kv.k.reshape(shape)[:, :num_tokens], kv.v.reshape(shape)[:, :num_tokens]
 

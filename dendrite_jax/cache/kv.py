@@ -14,9 +14,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dendrite_jax.config import ModelConfig
+from kernels_pallas.paged_attention.ragged import RaggedRows, ragged_rows
 
 
 @jax.tree_util.register_dataclass
@@ -51,17 +51,16 @@ class KVCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AttentionMetadata:
-    """Where each token of a step lives (layout: see `engine.step_plan`).
+    """Where each token of a step lives (layout: `kernels_pallas.paged_attention.ragged`).
 
-    Uploaded per row: `q_lens` [S] (query tokens), `seq_lens` [S] (context length after this
-    step, new tokens included), `page_tables` [S, P]. Derived once per step on device:
-    `positions`, `token_seq`, `valid` and where each new K/V is written (`slot_pages`,
-    `slot_offsets`; padding tokens get page `num_pages`, out of range, and write nowhere).
+    Derived once per step on device from the uploaded per-sequence arrays: the attention rows
+    (`rows`), each token's sequence (`token_seq`; padding tokens: any row, `valid` False),
+    `positions`, `valid`, and
+    where each new K/V is written (`slot_pages`, `slot_offsets`; padding tokens get page
+    `num_pages`, out of range, and write nowhere).
     """
 
-    q_lens: jax.Array
-    seq_lens: jax.Array
-    page_tables: jax.Array
+    rows: RaggedRows
     positions: jax.Array  # [T]
     token_seq: jax.Array  # [T]
     valid: jax.Array  # [T] bool
@@ -70,19 +69,24 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *,
-              num_decode: int, max_q_len: int, page_size: int,
+              num_tokens: int, decode_only: bool, page_size: int,
               num_pages: int) -> AttentionMetadata:
-        num_prefill = page_tables.shape[0] - num_decode
-        token_seq = np.concatenate([np.arange(num_decode),
-                                    num_decode + np.repeat(np.arange(num_prefill), max_q_len)])
-        token_index = np.concatenate([np.zeros(num_decode, np.int32),
-                                      np.tile(np.arange(max_q_len), num_prefill)])
-        token_seq, token_index = jnp.asarray(token_seq, jnp.int32), jnp.asarray(token_index)
-        valid = token_index < q_lens[token_seq]
-        positions = jnp.where(valid, (seq_lens - q_lens)[token_seq] + token_index, 0)
-        page = page_tables[token_seq, positions // page_size]
-        return cls(q_lens=q_lens, seq_lens=seq_lens, page_tables=page_tables,
-                   positions=positions, token_seq=token_seq, valid=valid,
+        rows = ragged_rows(q_lens, seq_lens, page_tables, num_tokens=num_tokens,
+                           decode_only=decode_only)
+        t = jnp.arange(num_tokens, dtype=jnp.int32)
+        num_rows = rows.num_rows
+        if decode_only:  # token r is row r's
+            token_seq, valid = t, rows.q_lens > 0
+        else:
+            token_seq = jnp.searchsorted(jnp.cumsum(rows.q_lens), t, side="right")
+            valid = token_seq < num_rows
+        seq = jnp.minimum(token_seq, num_rows - 1)
+        # A token's index within its row (a decode-only step's token is its row's only one).
+        starts = jnp.cumsum(rows.q_lens) - rows.q_lens
+        offset = jnp.zeros_like(t) if decode_only else t - starts[seq]
+        positions = jnp.where(valid, rows.seq_lens[seq] - rows.q_lens[seq] + offset, 0)
+        page = rows.page_tables[seq, positions // page_size]
+        return cls(rows=rows, positions=positions, token_seq=seq, valid=valid,
                    slot_pages=jnp.where(valid, page, num_pages),
                    slot_offsets=positions % page_size)
 

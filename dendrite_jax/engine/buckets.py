@@ -1,20 +1,25 @@
-"""Bucket policy: round a step's sizes up to powers of two so few shapes ever compile.
+"""Bucket policy: the few step shapes an engine ever compiles.
 
-A step has `num_decode` one-token rows and `num_prefill` rows padded to `max_q_len`
-(see `step_plan`). Each count is a power of two (or 0), the decode count at least
-`min_decode_rows` (`decode_rows_floor`), `max_q_len` a power of two of at least MIN_Q_LEN, the
-prefill block at most `token_cap` tokens, and the page-table width a power of two of at least
-MIN_PAGES. `all_shapes` enumerates the set for warm-up.
+A step's token count is rounded up to a power of two (`StepShape.num_tokens`), its row count
+follows from it, and the page table always has its full width, so the shape set is a short
+ladder of token counts times a few variants:
+
+- decode-only steps (every row one token): `num_tokens` = rows, a power of two from
+  `min_decode_rows` up to `max_num_seqs` rounded up; each with and without the logit sort,
+  and as a burst of decode steps (without the sort) where bursts are on;
+- mixed steps (any prefill chunk): a power of two from `MIN_MIXED_TOKENS` up to the token
+  budget rounded up, `min(max_num_seqs, num_tokens)` rows; with and without the sort;
+- prompt-logprob steps: mixed steps that also score every input token, on a sparser ladder
+  (`prompt_logprob_ladder`), always sorted.
+
+`all_shapes` enumerates the set for warm-up; `bucket_shape` picks a step's member of it.
 """
 
 from __future__ import annotations
 
-import itertools
-
 from dendrite_jax.engine.step_plan import StepShape
 
-MIN_Q_LEN = 16
-MIN_PAGES = 4
+MIN_MIXED_TOKENS = 16  # the smallest step with prefill rows (the GPU prefill kernel's tile)
 
 
 def decode_rows_floor(platform: str, fp8_kernel: bool = False) -> int:
@@ -37,60 +42,79 @@ def next_power_of_two(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _count_bucket(n: int, minimum: int = 1) -> int:
-    return 0 if n == 0 else next_power_of_two(n, minimum)
-
-
-def bucket_shape(num_decode: int, prefill_lens: list[int], context_pages: int, *,
-                 max_pages_per_seq: int, prompt_logprobs: bool, needs_sort: bool = False,
-                 bucket_pages: bool = True, min_decode_rows: int = 1,
-                 burst: int = 1) -> StepShape:
-    """The bucket for `num_decode` decode rows, prefill rows of these lengths, and a widest
-    row of `context_pages` pages. Without `bucket_pages` the page table always has its full
-    width: kernels that stop at each row's length pay nothing for it, and it divides the
-    number of shapes by the number of page buckets."""
-    max_q_len = next_power_of_two(max(prefill_lens), MIN_Q_LEN) if prefill_lens else 1
-    widest = widest_pages(max_pages_per_seq)
-    pages = min(next_power_of_two(context_pages, MIN_PAGES), widest) if bucket_pages else widest
-    return StepShape(num_decode=_count_bucket(num_decode, min_decode_rows),
-                     num_prefill=_count_bucket(len(prefill_lens)), max_q_len=max_q_len,
-                     pages_per_seq=max(pages, context_pages), prompt_logprobs=prompt_logprobs,
-                     needs_sort=needs_sort, burst=burst)
-
-
-def widest_pages(max_pages_per_seq: int) -> int:
-    """The widest page-table bucket (the full width the kernel backends always use)."""
-    return next_power_of_two(max_pages_per_seq, MIN_PAGES)
-
-
 def token_cap(max_num_batched_tokens: int) -> int:
-    """The most padded prefill-block tokens a step may have."""
-    return next_power_of_two(max_num_batched_tokens, MIN_Q_LEN)
+    """The largest step's token count."""
+    return next_power_of_two(max_num_batched_tokens, MIN_MIXED_TOKENS)
 
 
-def all_shapes(*, max_num_seqs: int, max_num_batched_tokens: int, max_pages_per_seq: int,
-               bucket_pages: bool = True, min_decode_rows: int = 1,
-               burst: int = 1) -> list[StepShape]:
-    """Every bucket the scheduler can produce (prompt-logprob and sorting variants included,
-    and with `burst` > 1 the decode-only shapes' bursts)."""
+def decode_ladder(max_num_seqs: int, min_decode_rows: int) -> list[int]:
+    top = next_power_of_two(max_num_seqs, min_decode_rows)
+    return [t for t in (1 << i for i in range(top.bit_length())) if min_decode_rows <= t]
+
+
+def mixed_ladder(max_num_batched_tokens: int) -> list[int]:
     cap = token_cap(max_num_batched_tokens)
-    counts = [0] + [1 << i for i in range(next_power_of_two(max_num_seqs).bit_length())]
-    q_lens = [q for q in (1 << i for i in range(cap.bit_length())) if MIN_Q_LEN <= q <= cap]
-    widest = widest_pages(max_pages_per_seq)
-    pages = [p for p in (1 << i for i in range(widest.bit_length()))
-             if MIN_PAGES <= p <= widest] if bucket_pages else [widest]
-    decode_counts = sorted({_count_bucket(n, min_decode_rows) for n in counts})
+    return [t for t in (1 << i for i in range(cap.bit_length())) if t >= MIN_MIXED_TOKENS]
+
+
+def prompt_logprob_ladder(max_num_batched_tokens: int) -> list[int]:
+    """Token counts of prompt-logprob steps: the cap and every eighth of it down to
+    MIN_MIXED_TOKENS (prompt logprobs are rare: a step pads further rather than add shapes)."""
+    ladder, t = [], token_cap(max_num_batched_tokens)
+    while t >= MIN_MIXED_TOKENS:
+        ladder.append(t)
+        t //= 8
+    if ladder[-1] > MIN_MIXED_TOKENS and ladder[-1] // 8 < MIN_MIXED_TOKENS:
+        ladder.append(MIN_MIXED_TOKENS)
+    return sorted(ladder)
+
+
+def mixed_rows(num_tokens: int, max_num_seqs: int) -> int:
+    return min(max_num_seqs, num_tokens)
+
+
+def bucket_shape(num_tokens: int, num_rows: int, *, decode_only: bool, max_num_seqs: int,
+                 max_num_batched_tokens: int, pages_per_seq: int, prompt_logprobs: bool = False,
+                 needs_sort: bool = False, min_decode_rows: int = 1,
+                 burst: int = 1) -> StepShape:
+    """The shape for a step of `num_tokens` tokens over `num_rows` rows. `decode_only`: every
+    row computes one token (token r is row r's)."""
+    if decode_only and not prompt_logprobs:
+        if burst > 1 and needs_sort:
+            raise ValueError("a burst has no rows that need the logit sort")
+        t = next_power_of_two(num_rows, min_decode_rows)
+        return StepShape(t, t, pages_per_seq, decode_only=True, needs_sort=needs_sort,
+                         burst=burst)
+    if burst > 1:
+        raise ValueError("a burst is for decode-only steps without prompt logprobs")
+    cap = token_cap(max_num_batched_tokens)
+    if num_tokens > cap or num_rows > max_num_seqs:
+        raise ValueError(f"a step of {num_tokens} tokens over {num_rows} rows exceeds "
+                         f"max_num_batched_tokens={max_num_batched_tokens} or "
+                         f"max_num_seqs={max_num_seqs}")
+    if prompt_logprobs:
+        t = min(x for x in prompt_logprob_ladder(max_num_batched_tokens) if x >= num_tokens)
+        needs_sort = True
+    else:
+        t = next_power_of_two(num_tokens, MIN_MIXED_TOKENS)
+    return StepShape(t, mixed_rows(t, max_num_seqs), pages_per_seq,
+                     prompt_logprobs=prompt_logprobs, needs_sort=needs_sort)
+
+
+def all_shapes(*, max_num_seqs: int, max_num_batched_tokens: int, pages_per_seq: int,
+               min_decode_rows: int = 1, burst: int = 1) -> list[StepShape]:
+    """Every shape `bucket_shape` can produce (bursts of `burst` steps, if > 1)."""
     shapes = set()
-    flags = (False, True)
-    for num_decode, num_prefill, p, lp, srt in itertools.product(decode_counts, counts, pages,
-                                                                 flags, flags):
-        if num_prefill == 0:
-            if num_decode:
-                shapes.add(StepShape(num_decode, 0, 1, p, lp, srt))
-                if burst > 1 and not lp:
-                    shapes.add(StepShape(num_decode, 0, 1, p, lp, srt, burst))
-            continue
-        for q in q_lens:
-            if num_prefill * q <= cap:
-                shapes.add(StepShape(num_decode, num_prefill, q, p, lp, srt))
+    for t in decode_ladder(max_num_seqs, min_decode_rows):
+        for needs_sort in (False, True):
+            shapes.add(StepShape(t, t, pages_per_seq, decode_only=True, needs_sort=needs_sort))
+        if burst > 1:
+            shapes.add(StepShape(t, t, pages_per_seq, decode_only=True, burst=burst))
+    for t in mixed_ladder(max_num_batched_tokens):
+        for needs_sort in (False, True):
+            shapes.add(StepShape(t, mixed_rows(t, max_num_seqs), pages_per_seq,
+                                 needs_sort=needs_sort))
+    for t in prompt_logprob_ladder(max_num_batched_tokens):
+        shapes.add(StepShape(t, mixed_rows(t, max_num_seqs), pages_per_seq,
+                             prompt_logprobs=True, needs_sort=True))
     return sorted(shapes)

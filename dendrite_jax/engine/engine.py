@@ -18,9 +18,10 @@ from dendrite_jax.cache.kv import KVCache
 from dendrite_jax.cache.pool import PagePool, PoolStats
 from dendrite_jax.cache.prefix_cache import PrefixCache, PrefixCacheStats
 from dendrite_jax.config import EngineConfig
-from dendrite_jax.engine.buckets import all_shapes, bucket_shape, decode_rows_floor, widest_pages
+from dendrite_jax.engine.buckets import all_shapes, decode_rows_floor
 from dendrite_jax.engine.launcher import Launcher
 from dendrite_jax.engine.page_table import HostPageTable
+from dendrite_jax.engine.plan_builder import PlanBuilder, sampling_fields
 from dendrite_jax.engine.request import PENDING, Request, RequestStatus
 from dendrite_jax.engine.runner import ModelRunner, splittable, to_host
 from dendrite_jax.engine.sampling_params import SamplingParams
@@ -33,7 +34,6 @@ from dendrite_jax.grammar.device_automaton import FROM_SLOT, NO_AUTOMATON
 from dendrite_jax.model.loader import LoadedModel
 from dendrite_jax.quant import fp8
 
-CPU_SPLIT_MAX_ROWS = 4  # see `Engine.splits`
 THREADED_MIN_ROWS = 16  # see `Engine.threads`
 
 
@@ -48,12 +48,6 @@ def default_decode_burst(platform: str) -> int:
     host's work.
     """
     return 1 if platform == "cpu" else 4
-
-
-def _needs_sort(params: SamplingParams) -> bool:
-    """Whether a request's sampling needs the sorted logits (the step's costly variant)."""
-    truncates = params.top_k > 0 or params.top_p < 1 or params.min_p > 0
-    return (params.temperature > 0 and truncates) or params.logprobs is not None
 
 
 def _result(x):
@@ -75,6 +69,7 @@ class EngineStats:
     pool: PoolStats
     prefix_cache: PrefixCacheStats | None
     compilations: int
+    compile_seconds: float  # summed over warm-up's threads; persistent-cache loads included
     preemptions: int
     steps: int
     waiting: int
@@ -105,15 +100,18 @@ class Engine:
                                   calibration=None if cfg.kv_compression == "none" else
                                   calibration_ids(model.tokenizer, model.config.vocab_size),
                                   mesh=mesh)
+        # Every step's page tables have this full width: every backend reads only the pages
+        # each row's context holds.
         self.max_pages_per_seq = math.ceil(self.max_model_len / cfg.page_size)
-        # The reference attention gathers the whole page table, so its width is bucketed;
-        # the kernels read only each row's pages, so one full width serves every step.
-        self.bucket_pages = attention_backend == "reference"
         self.platform = jax.devices()[0].platform
         self.min_decode_rows = decode_rows_floor(
             self.platform, fp8_kernel=fp8.multiplied_by(model.params, "pallas_gpu"))
         self.burst = cfg.decode_burst or default_decode_burst(self.platform)
-        self.page_table = HostPageTable(cfg.max_num_seqs, widest_pages(self.max_pages_per_seq))
+        self.page_table = HostPageTable(cfg.max_num_seqs, self.max_pages_per_seq)
+        self.plans = PlanBuilder(max_num_seqs=cfg.max_num_seqs,
+                                 max_num_batched_tokens=cfg.max_num_batched_tokens,
+                                 pages_per_seq=self.max_pages_per_seq,
+                                 min_decode_rows=self.min_decode_rows)
         self.requests: dict[str, Request] = {}
         self.grammar: GrammarCompiler | None = None
         # Device automata (`EngineConfig.device_automata`): where each grammar sits in the
@@ -377,18 +375,15 @@ class Engine:
         return self.platform != "cpu" and shape.num_seqs >= THREADED_MIN_ROWS
 
     def splits(self, shape: StepShape) -> bool:
-        """Whether a constrained step of this shape launches in two halves. By default always
-        on accelerators; on a CPU, where the model and the mask fill share the cores, only for
-        steps of up to `CPU_SPLIT_MAX_ROWS` rows, which leave a core free to overlap
-        (SmolLM2 on 2 cores: split steps are 6% faster at 1 row, 5% slower at 32). Mixed steps
-        (prefill rows) split only with `forced_tokens`, whose multi-token rows make most
-        constrained steps mixed; otherwise they are rare, and splitting them would compile two
-        more executables for every prefill bucket at warm-up."""
-        if not splittable(shape) or (shape.num_prefill and not self.cfg.forced_tokens):
+        """Whether a constrained step of this shape launches in two halves
+        (`EngineConfig.split_constrained_steps`, off by default). Split steps compile two more
+        programs per step shape at warm-up, and the constraints that decode at length on
+        accelerators (regular ones) run as device automata, which need no host mask to
+        overlap. Mixed steps split only with `forced_tokens`, whose multi-token rows make most
+        constrained steps mixed."""
+        if not self.cfg.split_constrained_steps or not splittable(shape):
             return False
-        if self.cfg.split_constrained_steps is not None:
-            return self.cfg.split_constrained_steps
-        return self.platform != "cpu" or shape.num_seqs <= CPU_SPLIT_MAX_ROWS
+        return shape.decode_only or self.cfg.forced_tokens
 
     def drain(self) -> list[Request]:
         """Apply the step in flight and finish a step already planned (its forward may be
@@ -425,80 +420,75 @@ class Engine:
 
     @staticmethod
     def _row(plan: StepPlan, batch: ScheduledBatch, i: int) -> int:
-        num_decode = batch.num_decode
-        return i if i < num_decode else plan.shape.num_decode + (i - num_decode)
+        """The plan row of the batch's i-th row: rows keep the batch's order."""
+        return i
 
-    def warmup(self) -> int:
-        """Compile every bucket the scheduler can produce (and the split steps constrained
-        decoding uses, if the model has a tokenizer); afterwards a new shape raises."""
-        shapes = all_shapes(max_num_seqs=self.cfg.max_num_seqs,
-                            max_num_batched_tokens=self.cfg.max_num_batched_tokens,
-                            max_pages_per_seq=self.max_pages_per_seq,
-                            bucket_pages=self.bucket_pages, min_decode_rows=self.min_decode_rows,
-                            burst=self.burst)
+    def warmup(self, shapes: list[StepShape] | None = None, freeze: bool = True) -> int:
+        """Compile every shape the scheduler can produce (and the split steps constrained
+        decoding uses, where they are on), in parallel; afterwards a new shape raises. With
+        `shapes`, compile those and keep compiling on demand unless `freeze`. Returns the
+        number of step shapes."""
+        if shapes is None:
+            shapes = self.step_shapes()
         self.runner.warmup(shapes, split=self.splits if self.model.tokenizer is not None
-                           else lambda shape: False)
+                           else lambda shape: False, freeze=freeze)
         return len(shapes)
 
+    def step_shapes(self) -> list[StepShape]:
+        """Every step shape this engine's scheduler can produce."""
+        return all_shapes(max_num_seqs=self.cfg.max_num_seqs,
+                          max_num_batched_tokens=self.cfg.max_num_batched_tokens,
+                          pages_per_seq=self.max_pages_per_seq,
+                          min_decode_rows=self.min_decode_rows, burst=self.burst)
+
+    def shapes_for(self, prompt_len: int, params: SamplingParams) -> list[StepShape]:
+        """The shapes one request alone on the engine runs through: its prompt's chunks, then
+        its decode steps (and bursts). A one-shot run compiles just these, in parallel."""
+        budget = self.cfg.max_num_batched_tokens
+        sort, prompt_lp = params.needs_sort, params.prompt_logprobs is not None
+        shapes = {self.plans.shape([n], prompt_logprobs=prompt_lp, needs_sort=sort)
+                  for n in {min(budget, prompt_len), prompt_len % budget or budget}}
+        shapes.add(self.plans.shape([1], needs_sort=sort))
+        if self.burst > 1 and not sort and not params.constrained:
+            shapes.add(self.plans.shape([1], burst=self.burst))
+        return sorted(shapes)
+
     def build_plan(self, batch: ScheduledBatch) -> StepPlan:
-        """The step's host arrays, filled column by column (one numpy write per field, not
-        per row: at 64 rows the per-row version cost as much host time as a GPU step)."""
-        num_decode = batch.num_decode
+        """The step's host arrays (`PlanBuilder`). Row i is the batch's i-th row; a pending
+        token (launched, not read back) is PENDING == FROM_LAST_TOKEN: the device reads it
+        from the slot's last-token buffer."""
         reqs = [r for r, _ in batch.rows]
         q_lens = [n for _, n in batch.rows]
         wants_prompt_lp = any(r.prompt_logprobs is not None and r.num_computed < len(r.prompt_ids)
                               for r in reqs)
-        seq_lens = [r.num_computed + n for r, n in batch.rows]
-        shape = bucket_shape(
-            # A burst's last step reaches steps - 1 positions further than its first.
-            num_decode, q_lens[num_decode:],
-            self.scheduler.pages_for(max(seq_lens) + batch.steps - 1),
-            max_pages_per_seq=self.max_pages_per_seq, prompt_logprobs=wants_prompt_lp,
-            needs_sort=any(_needs_sort(r.params) for r in reqs),
-            bucket_pages=self.bucket_pages, min_decode_rows=self.min_decode_rows,
-            burst=batch.steps)
-        plan = StepPlan.empty(shape)
-        rows = np.arange(len(reqs))
-        rows[num_decode:] += shape.num_decode - num_decode
-        # Decode rows own tokens 0..num_decode-1; a pending token (launched, not read back) is
-        # PENDING == FROM_LAST_TOKEN: the device reads it from the slot's last-token buffer.
-        plan.input_ids[:num_decode] = [r.token_at(r.num_computed) for r in reqs[:num_decode]]
-        for i in range(num_decode, len(reqs)):
-            r, n = reqs[i], q_lens[i]
-            offset, start = shape.row_start(int(rows[i])), r.num_computed
-            plan.input_ids[offset:offset + n] = r.tokens[start:start + n]
-            if wants_prompt_lp:
-                plan.targets[offset:offset + n] = [
-                    r.prompt_ids[p + 1] if p + 1 < len(r.prompt_ids) else 0
-                    for p in range(start, start + n)]
-        if wants_prompt_lp and num_decode:
-            plan.targets[:num_decode] = [
-                r.prompt_ids[r.num_computed + 1] if r.num_computed + 1 < len(r.prompt_ids) else 0
-                for r in reqs[:num_decode]]
+        shape = self.plans.shape(q_lens, prompt_logprobs=wants_prompt_lp,
+                                 needs_sort=any(r.params.needs_sort for r in reqs),
+                                 burst=batch.steps)
+        inputs = [r.tokens[r.num_computed:r.num_computed + n] if n > 1
+                  else [r.token_at(r.num_computed)] for r, n in batch.rows]
+        targets = None
+        if wants_prompt_lp:
+            targets = [[r.prompt_ids[p + 1] if p + 1 < len(r.prompt_ids) else 0
+                        for p in range(r.num_computed, r.num_computed + n)]
+                       for r, n in batch.rows]
         slots = [r.slot for r in reqs]
         for r in reqs:
             self.page_table.sync(r)
-        plan.page_tables[rows] = self.page_table.rows(slots, shape.pages_per_seq)
-        plan.q_lens[rows] = q_lens
-        plan.seq_lens[rows] = seq_lens
-        plan.slot_ids[rows] = slots
-        plan.prompt_lens[rows] = [len(r.prompt_ids) for r in reqs]
-        plan.sample[rows] = [s == r.num_tokens for s, r in zip(seq_lens, reqs, strict=True)]
-        plan.reset[rows] = [r.new_in_slot for r in reqs]
+        seq_lens = [r.num_computed + n for r, n in batch.rows]
+        columns = dict(seq_lens=seq_lens, slot_ids=slots,
+                       prompt_lens=[len(r.prompt_ids) for r in reqs],
+                       sample=[s == r.num_tokens for s, r in zip(seq_lens, reqs, strict=True)],
+                       reset=[r.new_in_slot for r in reqs],
+                       **sampling_fields([r.sampling_columns for r in reqs]))
         if self.arena is not None:
             # A row whose input is still on device takes the state its slot's sample left.
-            plan.automaton_state[rows] = [
+            columns["automaton_state"] = [
                 NO_AUTOMATON if r.automaton is None else
                 FROM_SLOT if r.num_pending else r.automaton.device_state for r in reqs]
         for r in reqs:
             r.new_in_slot = False
-        ints = np.array([r.plan_ints for r in reqs], np.int32)
-        floats = np.array([r.plan_floats for r in reqs], np.float32)
-        plan.top_k[rows], plan.seed[rows] = ints.T
-        for j, name in enumerate(("temperature", "top_p", "min_p", "repetition_penalty",
-                                  "presence_penalty", "frequency_penalty")):
-            getattr(plan, name)[rows] = floats[:, j]
-        return plan
+        return self.plans.build(shape, inputs, self.page_table.rows(slots, shape.pages_per_seq),
+                                columns, targets)
 
     def token_mask(self, batch: ScheduledBatch, plan: StepPlan) -> np.ndarray | None:
         """The step's token mask [S, words] if a constrained row samples, else None (all
@@ -532,12 +522,13 @@ class Engine:
         logprob = result.logprob.tolist()
         sample = plan.sample.tolist()
         accepted = self._consume_sampled(batch, plan, tokens, sample)
+        row_starts = plan.row_starts()
         for i, (r, n) in enumerate(batch.rows):
             if r.finished:  # ended (stop, abort) after this step was launched
                 continue
             row = self._row(plan, batch, i)
             if r.prompt_logprobs is not None:
-                start, offset = int(plan.seq_lens[row]) - n, plan.shape.row_start(row)
+                start, offset = int(plan.seq_lens[row]) - n, int(row_starts[row])
                 for j in range(n if start < len(r.prompt_ids) else 0):
                     t = offset + j
                     r.add_prompt_logprobs(start + j + 1, float(result.prompt_logprob[t]),
@@ -601,6 +592,7 @@ class Engine:
         return EngineStats(pool=self.pool.stats(),
                            prefix_cache=self.prefix_cache.stats() if self.prefix_cache else None,
                            compilations=self.runner.compilations,
+                           compile_seconds=self.runner.compile_seconds,
                            preemptions=self.scheduler.num_preemptions, steps=self.num_steps,
                            waiting=len(self.scheduler.waiting),
                            running=len(self.scheduler.running))

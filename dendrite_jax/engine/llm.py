@@ -75,8 +75,8 @@ class LLM:
 
     `split_constrained_steps` launches decode steps with constrained rows as two executables
     (model, then sampling with the token mask) so the host fills the mask while the device runs
-    the model; default (None): always on accelerators, on a CPU only for steps of a few rows
-    (`Engine.splits`: the model and the mask fill share its cores).
+    the model; default (None): off, as False (`Engine.splits`: the halves are two more
+    programs per step shape at warm-up, and regular constraints run as device automata).
 
     `threaded_launch` makes constrained steps' executable calls from a worker thread, which
     overlaps them with the host's matcher and mask work; default (None): on accelerators for

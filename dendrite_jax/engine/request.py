@@ -10,6 +10,7 @@ import numpy as np
 from dendrite_jax.engine.outputs import Logprob, PositionLogprobs, RequestOutput
 from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.engine.step import FROM_LAST_TOKEN
+from dendrite_jax.engine.step_plan import sampling_columns
 from dendrite_jax.grammar.automaton import BROKEN, AutomatonCursor
 from dendrite_jax.grammar.matcher import forced_token
 from dendrite_jax.model.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -81,11 +82,8 @@ class Request:
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
-        # This request's sampling columns of every StepPlan (fixed for its life).
-        self.plan_ints = (params.top_k, int(np.uint32(seed).view(np.int32)))
-        self.plan_floats = (params.temperature, params.top_p, params.min_p,
-                            params.repetition_penalty, params.presence_penalty,
-                            params.frequency_penalty)
+        # This request's values of every StepPlan's sampling fields (fixed for its life).
+        self.sampling_columns = sampling_columns(params, seed)
 
     # ----------------------------------------------------------------------------- state
 
@@ -124,8 +122,9 @@ class Request:
     def can_burst(self, steps: int) -> bool:
         """Whether its next `steps` tokens may be sampled in one launch: decoding, without a
         host matcher (whose mask needs each token first; a device automaton steps on the
-        device), with that many tokens left."""
-        return (self.matcher is None and self.num_uncomputed == 1
+        device), without the logit sort (bursts are compiled without it), with that many
+        tokens left."""
+        return (self.matcher is None and self.num_uncomputed == 1 and not self.params.needs_sort
                 and self.num_tokens + steps <= self.max_len)
 
     @property

@@ -1,10 +1,12 @@
-"""ModelRunner: device state (params, KV pages, per-slot state) and one compiled step per bucket.
+"""ModelRunner: device state (params, KV pages, per-slot state) and one compiled step per shape.
 
 Steps are compiled ahead of time (`jit(...).lower(...).compile()`) per `StepShape`, so the
-runner knows exactly how many compilations serving has caused. The KV cache and the per-slot
-state are donated to every step and replaced by the step's outputs. Decode-only buckets also
+runner knows exactly how many compilations serving has caused; `warmup` compiles a whole set on
+a thread pool (XLA compiles outside the GIL) and then refuses new ones; a second start loads
+them from disk (`program_cache`). The KV cache and the
+per-slot state are donated to every step and replaced by the step's outputs. A shape can also
 compile as a split step (a forward executable, then a sampling one), which constrained
-decoding uses to fill its token mask while the forward runs. With device automata
+decoding may use to fill its token mask while the forward runs. With device automata
 (`enable_automata`) the steps also read the automaton table, which `write_automaton` fills once
 per grammar.
 """
@@ -12,9 +14,11 @@ per grammar.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import gc
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,9 +34,10 @@ from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.kv import KVCache, copy_pages
 from dendrite_jax.config import ModelConfig
 from dendrite_jax.engine import step_output
+from dendrite_jax.engine.program_cache import ProgramCache, default_program_cache
 from dendrite_jax.engine.step import SlotState, forward_step, sample_step, step
 from dendrite_jax.engine.step_output import StepResult
-from dendrite_jax.engine.step_plan import StepPlan, StepShape, field_sizes
+from dendrite_jax.engine.step_plan import StepPlan, StepShape, buffer_size
 from dendrite_jax.grammar.automaton import TokenAutomaton, write_automaton
 from dendrite_jax.grammar.device_automaton import (
     FILL_ROWS,
@@ -150,6 +155,11 @@ class ModelRunner:
             collections.OrderedDict())
         # (shape, seconds) per compilation, loads from the persistent cache included.
         self.compile_log: list[tuple[StepShape, float]] = []
+        self._log_lock = threading.Lock()
+        # Compiled programs on disk (beside JAX's persistent cache, where one is configured):
+        # a second start loads them without tracing.
+        self.programs: ProgramCache | None = default_program_cache()
+        self.loaded_programs = 0  # of compile_log's entries, those loaded from `programs`
         self.frozen = False  # after warm-up: compiling a new shape raises RecompileError
         self._allow_all: dict[int, jax.Array] = {}  # rows -> all-ones token mask on device
 
@@ -169,25 +179,49 @@ class ModelRunner:
         else:
             if self.frozen:
                 raise RecompileError(f"step shape {shape} ({kind}) was not compiled at warm-up")
-            if kind != STEP and not splittable(shape):
-                raise ValueError(f"step shape {shape} has no split step")
             self._relieve_map_pressure()
-            start = time.perf_counter()
-            rep = dict(sharding=self._replicated) if self.mesh is not None else {}
-            buffer = jax.ShapeDtypeStruct((sum(field_sizes(shape).values()),), jnp.int32, **rep)
-            mask = jax.ShapeDtypeStruct((shape.num_seqs, mask_words(self.cfg.vocab_size)),
-                                        jnp.int32, **rep)
-            logits = jax.ShapeDtypeStruct((shape.num_seqs, self.cfg.vocab_size), jnp.float32,
-                                          **rep)
-            model = (self.params, self.kv, self.slots, buffer)
-            args = {STEP: (*model, mask, self.automata), FORWARD: model,
-                    SAMPLE: (logits, self.slots, buffer, mask, self.automata)}[kind]
-            statics = dict(shape=shape) if kind == SAMPLE else dict(
-                cfg=self.cfg, shape=shape, attention_backend=self.attention_backend)
-            with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-                self._compiled[key] = self._jitted[kind].lower(*args, **statics).compile()
-            self.compile_log.append((shape, time.perf_counter() - start))
+            self._compiled[key] = self._build(shape, kind)
         return self._compiled[key]
+
+    def _build(self, shape: StepShape, kind: str) -> Any:
+        """Lower and compile one program (thread-safe: XLA compiles outside the GIL)."""
+        if kind != STEP and not splittable(shape):
+            raise ValueError(f"step shape {shape} has no split step")
+        start = time.perf_counter()
+        rep = dict(sharding=self._replicated) if self.mesh is not None else {}
+        buffer = jax.ShapeDtypeStruct((buffer_size(shape),), jnp.int32, **rep)
+        mask = jax.ShapeDtypeStruct((shape.num_seqs, mask_words(self.cfg.vocab_size)),
+                                    jnp.int32, **rep)
+        logits = jax.ShapeDtypeStruct((shape.num_seqs, self.cfg.vocab_size), jnp.float32,
+                                      **rep)
+        model = (self.params, self.kv, self.slots, buffer)
+        args = {STEP: (*model, mask, self.automata), FORWARD: model,
+                SAMPLE: (logits, self.slots, buffer, mask, self.automata)}[kind]
+        statics = dict(shape=shape) if kind == SAMPLE else dict(
+            cfg=self.cfg, shape=shape, attention_backend=self.attention_backend)
+
+        def compile_program():
+            with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+                return self._jitted[kind].lower(*args, **statics).compile()
+
+        if self.programs is None:
+            compiled, loaded = compile_program(), False
+        else:
+            compiled, loaded = self.programs.load_or_compile(
+                self.programs.key(args, statics, kind), compile_program)
+        with self._log_lock:
+            self.compile_log.append((shape, time.perf_counter() - start))
+            self.loaded_programs += loaded
+        return compiled
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling programs (summed over threads; cache loads included)."""
+        return sum(seconds for _, seconds in self.compile_log)
+
+    def memory_analysis(self) -> dict[tuple[StepShape, str], Any]:
+        """Each compiled program's `memory_analysis()` (None where the backend gives none)."""
+        return {key: compiled.memory_analysis() for key, compiled in self._compiled.items()}
 
     def _relieve_map_pressure(self) -> None:
         """Before compiling: if the process nears its memory-mapping limit, drop the least
@@ -200,29 +234,39 @@ class ModelRunner:
         jax.clear_caches()
 
     def warmup(self, shapes: list[StepShape], *,
-               split: Callable[[StepShape], bool] = lambda shape: False) -> None:
-        """Compile every shape (and the split step of each one `split` selects), then refuse
-        to compile anything else. A progress line shows on stderr when this takes
-        more than a few seconds (hundreds of shapes can take many minutes on a GPU)."""
+               split: Callable[[StepShape], bool] = lambda shape: False,
+               threads: int | None = None, freeze: bool = True) -> None:
+        """Compile every shape (and the split step of each one `split` selects) ahead of time
+        on a pool of `threads` (default: the machine's cores), then (with `freeze`) refuse to
+        compile anything else. A progress line shows on stderr when this takes more than a few
+        seconds."""
         work = [(shape, STEP) for shape in shapes]
         work += [(shape, kind) for shape in shapes if split(shape) for kind in (FORWARD, SAMPLE)]
-        progress = Progress("warm-up: compiling step shapes", len(work))
-        for i, (shape, kind) in enumerate(work):
-            pressure = memory_map_pressure()
-            if pressure is not None and pressure > MAP_PRESSURE_LIMIT:
-                # Programs of engines no longer in use may live on in JAX's caches only.
-                gc.collect()
-                jax.clear_caches()
-                pressure = memory_map_pressure()
-            if pressure is not None and pressure > MAP_PRESSURE_LIMIT:
-                raise RuntimeError(
-                    f"warm-up compiled {i} of {len(work)} step programs and this process is at "
-                    f"{pressure:.0%} of its memory-mapping limit (vm.max_map_count); lower "
-                    "max_num_seqs, max_num_batched_tokens or max_model_len, or use warmup=False")
-            self.compile(shape, kind)
-            progress.update(i + 1)
+        work = [key for key in work if key not in self._compiled]
+        progress = Progress("warm-up: compiling step programs", len(work))
+        threads = threads or os.cpu_count() or 1
+        self._check_map_pressure(0, len(work))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+            futures = {pool.submit(self._build, *key): key for key in work}
+            for i, future in enumerate(concurrent.futures.as_completed(futures)):
+                self._compiled[futures[future]] = future.result()
+                progress.update(i + 1)
+                self._check_map_pressure(i + 1, len(work))
         progress.close()
-        self.frozen = True
+        self.frozen = freeze
+
+    def _check_map_pressure(self, done: int, total: int) -> None:
+        pressure = memory_map_pressure()
+        if pressure is not None and pressure > MAP_PRESSURE_LIMIT:
+            # Programs of engines no longer in use may live on in JAX's caches only.
+            gc.collect()
+            jax.clear_caches()
+            pressure = memory_map_pressure()
+        if pressure is not None and pressure > MAP_PRESSURE_LIMIT:
+            raise RuntimeError(
+                f"warm-up compiled {done} of {total} step programs and this process is at "
+                f"{pressure:.0%} of its memory-mapping limit (vm.max_map_count); lower "
+                "max_num_seqs, max_num_batched_tokens or max_model_len, or use warmup=False")
 
     def launch(self, plan: StepPlan, token_mask: np.ndarray | None = None) -> jax.Array:
         """Start a step and return its packed outputs on device, without waiting for them.

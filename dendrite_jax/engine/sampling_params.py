@@ -93,6 +93,13 @@ class SamplingParams:
         return self.best_of or self.n
 
     @property
+    def needs_sort(self) -> bool:
+        """Whether sampling needs the sorted logits (the step's costly variant): truncation
+        (top-k, top-p, min-p) of a sampled row, or top logprobs."""
+        truncates = self.top_k > 0 or self.top_p < 1 or self.min_p > 0
+        return (self.temperature > 0 and truncates) or self.logprobs is not None
+
+    @property
     def constrained(self) -> bool:
         return any(getattr(self, n) is not None for n in CONSTRAINTS)
 

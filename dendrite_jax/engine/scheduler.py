@@ -20,7 +20,6 @@ from collections import deque
 
 from dendrite_jax.cache.pool import PagePool
 from dendrite_jax.cache.prefix_cache import PrefixCache
-from dendrite_jax.engine.buckets import MIN_Q_LEN, next_power_of_two, token_cap
 from dendrite_jax.engine.request import Request, RequestStatus
 
 
@@ -102,8 +101,8 @@ class Scheduler:
 
     def _plan_prefill(self, budget: int) -> list[tuple[Request, int]]:
         """Prefill rows for this step: (request, tokens). Running requests mid-prompt come
-        first, then admissible waiting ones; the row length bucket is chosen to fit the most
-        tokens while the padded prefill block stays within the token cap."""
+        first, then admissible waiting ones, each taking what is left of the token budget
+        (the step's tokens lie on one flat axis: a chunk costs its own tokens, nothing more)."""
         candidates = [(r, r.num_uncomputed) for r in self.running
                       if r.num_uncomputed > 1 and not r.exhausted]
         # Pages reach the cache when a step's results are applied, one step after launch:
@@ -126,22 +125,14 @@ class Scheduler:
             free_slots -= 1
         if not candidates or budget <= 0:
             return []
-        cap = token_cap(self.max_num_batched_tokens)
-        best: list[tuple[Request, int]] = []
-        best_tokens = 0
-        q = MIN_Q_LEN
-        while q <= cap:
-            rows, tokens = [], 0
-            for r, remaining in candidates:
-                n = min(remaining, q, budget - tokens)
-                if n <= 0 or next_power_of_two(len(rows) + 1) * q > cap:
-                    break
-                rows.append((r, n))
-                tokens += n
-            if tokens >= best_tokens:  # on a tie, fewer and longer chunks: first come, first served
-                best, best_tokens = rows, tokens
-            q *= 2
-        return best
+        rows: list[tuple[Request, int]] = []
+        for r, remaining in candidates:
+            n = min(remaining, budget)
+            if n <= 0:
+                break
+            rows.append((r, n))
+            budget -= n
+        return rows
 
     def _usable_hit(self, r: Request) -> int:
         """Tokens of r's sequence the prefix cache already holds (whole pages), keeping at least

@@ -32,6 +32,7 @@ from dendrite_jax.model.params import Params
 # An input id of FROM_LAST_TOKEN means "the token this slot sampled in its previous step",
 # read from the device-side buffer: the host can launch a step before it has read the last.
 FROM_LAST_TOKEN = -1
+PROMPT_LOGPROB_CHUNK = 64  # tokens whose logits a prompt-logprob step holds at once
 
 
 @jax.tree_util.register_dataclass
@@ -56,7 +57,8 @@ class SlotState:
 def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array,
          token_mask: jax.Array, automata: AutomatonTables | None, *, cfg: ModelConfig,
          shape: StepShape, attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
-    """One step (or a burst of `shape.burst` decode steps); returns its outputs packed as
+    """One step (or a burst of `shape.burst` decode steps) over the plan's flat tokens
+    (`step_plan`); returns its outputs packed as
     `step_output.output_layout(shape)`, one such buffer per step of a burst, in order.
     `token_mask` [S, ceil(V/32)] holds each row's allowed next tokens (`grammar.mask`);
     `automata` (None: not in use) constrain the rows the plan gives an automaton state."""
@@ -68,12 +70,28 @@ def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array,
                                                cfg=cfg, shape=shape,
                                                attention_backend=attention_backend)
     if shape.prompt_logprobs:
-        with jax.named_scope("prompt_logprobs"):
-            all_logprobs = jax.nn.log_softmax(compute_logits(params, hidden), axis=-1)
-            out.update(zip(("prompt_logprob", "prompt_rank", "prompt_top_logprobs",
-                            "prompt_top_ids"), top_logprobs(all_logprobs, plan.targets),
-                           strict=True))
+        out.update(zip(("prompt_logprob", "prompt_rank", "prompt_top_logprobs",
+                        "prompt_top_ids"), _prompt_logprobs(params, hidden, plan.targets),
+                       strict=True))
     return step_output.pack(shape, out), kv, slots
+
+
+def _prompt_logprobs(params: Params, hidden: jax.Array,
+                     targets: jax.Array) -> tuple[jax.Array, ...]:
+    """`top_logprobs` of every token's target, PROMPT_LOGPROB_CHUNK tokens at a time: a step's
+    whole [T, V] logits would be the largest temporary of any program (4 GB at 8,192 tokens
+    and a 128k vocabulary)."""
+    num_tokens = hidden.shape[0]
+    chunk = min(PROMPT_LOGPROB_CHUNK, num_tokens)
+
+    def one(args):
+        h, t = args
+        return top_logprobs(jax.nn.log_softmax(compute_logits(params, h), axis=-1), t)
+
+    with jax.named_scope("prompt_logprobs"):
+        outs = jax.lax.map(one, (hidden.reshape(-1, chunk, hidden.shape[-1]),
+                                 targets.reshape(-1, chunk)))
+    return tuple(o.reshape(num_tokens, *o.shape[2:]) for o in outs)
 
 
 def _burst(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan,
@@ -136,13 +154,12 @@ def _run_model(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan, 
                attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
     """The decoder over the step's tokens (K/V written), and the inputs' penalty statistics."""
     meta = AttentionMetadata.build(plan.q_lens, plan.seq_lens, plan.page_tables,
-                                   num_decode=shape.num_decode, max_q_len=shape.max_q_len,
+                                   num_tokens=shape.num_tokens, decode_only=shape.decode_only,
                                    page_size=kv.page_size, num_pages=kv.num_pages)
     token_slots = plan.slot_ids[meta.token_seq]
     input_ids = jnp.where(plan.input_ids == FROM_LAST_TOKEN, slots.last_token[token_slots],
                           plan.input_ids)
-    hidden, kv = forward(params, kv, input_ids, meta, cfg, num_decode=shape.num_decode,
-                         max_q_len=shape.max_q_len, attention_backend=attention_backend)
+    hidden, kv = forward(params, kv, input_ids, meta, cfg, attention_backend=attention_backend)
     with jax.named_scope("slot_state"):
         slots = _record_inputs(slots, plan, meta, input_ids, token_slots)
     return hidden, kv, slots
@@ -162,10 +179,12 @@ def _model_and_sample(params: Params, kv: KVCache, slots: SlotState, plan: Devic
 
 def _last_token_logits(params: Params, hidden: jax.Array, plan: DevicePlan,
                        shape: StepShape) -> jax.Array:
+    """Float32 logits [R, V] of each row's last token (padding rows: any token's)."""
     with jax.named_scope("sampling"):
-        row_starts = jnp.asarray([shape.row_start(r) for r in range(shape.num_seqs)], jnp.int32)
-        last_token = row_starts + jnp.maximum(plan.q_lens - 1, 0)
-        return compute_logits(params, hidden[last_token])  # [S, V] float32
+        if shape.decode_only:
+            return compute_logits(params, hidden)
+        last_token = jnp.maximum(jnp.cumsum(plan.q_lens) - 1, 0)
+        return compute_logits(params, hidden[last_token])
 
 
 def _sample(logits: jax.Array, slots: SlotState, plan: DevicePlan, token_mask: jax.Array,

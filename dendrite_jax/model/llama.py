@@ -64,8 +64,7 @@ def rotary_qk(q: jax.Array, k: jax.Array, cos: jax.Array,
 
 def attention_block(lp: LayerParams, x: jax.Array, kv: PagedCache, layer: jax.Array,
                     meta: AttentionMetadata, angles: tuple[jax.Array, jax.Array],
-                    cfg: ModelConfig, *, num_decode: int,
-                    max_q_len: int, attention_backend: str) -> tuple[jax.Array, PagedCache]:
+                    cfg: ModelConfig, *, attention_backend: str) -> tuple[jax.Array, PagedCache]:
     num_tokens = x.shape[0]
     with jax.named_scope("qkv_proj"):
         qkv = linear(x, lp.w_qkv)
@@ -82,10 +81,9 @@ def attention_block(lp: LayerParams, x: jax.Array, kv: PagedCache, layer: jax.Ar
     with jax.named_scope("rotary"):
         q, k = rotary_qk(q, k, *angles)
     with jax.named_scope("paged_attention"):
-        kwargs = dict(num_decode=num_decode, max_q_len=max_q_len, sm_scale=cfg.head_dim ** -0.5,
-                      sliding_window=cfg.sliding_window, backend=attention_backend)
-        where = (layer, meta.q_lens, meta.seq_lens, meta.page_tables, meta.slot_pages,
-                 meta.slot_offsets)
+        kwargs = dict(sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window,
+                      backend=attention_backend)
+        where = (layer, meta.rows, meta.slot_pages, meta.slot_offsets)
         if isinstance(kv, CompressedKVCache):
             out, kv = kv_compress.write_and_attend(q, k, v, kv, *where, **kwargs)
         else:
@@ -93,7 +91,7 @@ def attention_block(lp: LayerParams, x: jax.Array, kv: PagedCache, layer: jax.Ar
             if cfg.shards > 1:  # each device attends with its own heads and KV pages
                 # check_vma=False: Pallas kernels' outputs carry no varying-axis type.
                 heads, pages, rest = attention_specs()
-                attend = jax.shard_map(attend, in_specs=(heads,) * 3 + (pages,) * 2 + (rest,) * 6,
+                attend = jax.shard_map(attend, in_specs=(heads,) * 3 + (pages,) * 2 + (rest,) * 4,
                                        out_specs=(heads, pages, pages), check_vma=False)
             out, k_pages, v_pages = attend(q, k, v, kv.k, kv.v, *where)
             kv = KVCache(k=k_pages, v=v_pages)
@@ -109,10 +107,32 @@ def swiglu_mlp(lp: LayerParams, x: jax.Array, shards: int = 1) -> jax.Array:
     return linear(jax.nn.silu(gate) * up, lp.w_down)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "attention_backend"))
+def decoder_layer(lp: LayerParams, layer: jax.Array, x: jax.Array, kv: PagedCache,
+                  meta: AttentionMetadata, angles: tuple[jax.Array, jax.Array], *,
+                  cfg: ModelConfig, attention_backend: str) -> tuple[jax.Array, PagedCache]:
+    """One decoder layer: attention (its K/V written into `kv` at `layer`), then the MLP.
+
+    Jitted on its own so that a step's unrolled layers, which share its shapes, are traced and
+    lowered once and called per layer: Python's tracing and lowering (Pallas kernels
+    included) of every layer was most of a GPU warm-up's time, and it holds the GIL, so
+    compiling programs on several threads did not hide it. XLA inlines the calls: the step
+    runs as the unrolled layers did."""
+    with jax.named_scope("attention"):
+        h = block_input(x, lp.attn_norm, lp.w_qkv, cfg.rms_norm_eps)
+        attn, kv = attention_block(lp, h, kv, layer, meta, angles, cfg,
+                                   attention_backend=attention_backend)
+        x = x + attn
+    with jax.named_scope("mlp"):
+        h = block_input(x, lp.mlp_norm, lp.w_gate_up, cfg.rms_norm_eps)
+        x = x + swiglu_mlp(lp, h, cfg.shards)
+    return x, kv
+
+
 def forward(params: Params, kv: PagedCache, input_ids: jax.Array, meta: AttentionMetadata,
-            cfg: ModelConfig, *, num_decode: int, max_q_len: int,
+            cfg: ModelConfig, *,
             attention_backend: str = "reference") -> tuple[jax.Array, PagedCache]:
-    """Run the decoder over a step's tokens (layout: `engine.step_plan`). Returns final hidden
+    """Run the decoder over a step's flat tokens (`AttentionMetadata`). Returns final hidden
     states [T, D] and the cache with this step's keys/values written."""
     with jax.named_scope("embed"):
         x = params.embed[input_ids]
@@ -122,17 +142,8 @@ def forward(params: Params, kv: PagedCache, input_ids: jax.Array, meta: Attentio
     def layer_step(carry, layer_inputs):
         x, kv = carry
         lp, layer = layer_inputs
-        with jax.named_scope("attention"):
-            h = block_input(x, lp.attn_norm, lp.w_qkv, cfg.rms_norm_eps)
-            attn, kv = attention_block(lp, h, kv, layer, meta, angles, cfg,
-                                       num_decode=num_decode,
-                                       max_q_len=max_q_len,
-                                       attention_backend=attention_backend)
-            x = x + attn
-        with jax.named_scope("mlp"):
-            h = block_input(x, lp.mlp_norm, lp.w_gate_up, cfg.rms_norm_eps)
-            x = x + swiglu_mlp(lp, h, cfg.shards)
-        return (x, kv), None
+        return decoder_layer(lp, layer, x, kv, meta, angles, cfg=cfg,
+                             attention_backend=attention_backend), None
 
     with jax.named_scope("layers"):
         if isinstance(params.layers, LayerParams):  # stacked: one scan

@@ -31,12 +31,10 @@ import math
 
 import numpy as np
 
-from dendrite_jax.engine.buckets import bucket_shape
 from dendrite_jax.engine.runner import to_host
 from dendrite_jax.engine.sampling import MAX_LOGPROBS
 from dendrite_jax.engine.sampling_params import CONSTRAINTS, check_constraint
 from dendrite_jax.engine.step_output import StepResult
-from dendrite_jax.engine.step_plan import StepPlan
 from dendrite_jax.search.tree import TreeState
 
 DEAD = -1.0e9  # transformers' score for "not a candidate"
@@ -297,31 +295,21 @@ def _prefill(engine, prompt: list[int], pages: list[int], matcher) -> StepResult
 def _run(engine, rows: list[tuple[list[int], int, list[int], int]],
          matchers: list) -> StepResult:
     """One synchronous step over rows of (input tokens, position of the first, pages, prompt
-    length), decode rows (one token) first, each reading back its top logprobs among the
-    tokens its matcher (None: unconstrained) allows."""
-    num_decode = sum(1 for tokens, *_ in rows if len(tokens) == 1)
-    assert all(len(r[0]) == 1 for r in rows[:num_decode]), "decode rows come first"
+    length), each reading back its top logprobs among the tokens its matcher (None:
+    unconstrained) allows."""
     pages_for = engine.scheduler.pages_for
-    shape = bucket_shape(num_decode, [len(r[0]) for r in rows[num_decode:]],
-                         max(pages_for(start + len(tokens)) for tokens, start, *_ in rows),
-                         max_pages_per_seq=engine.max_pages_per_seq, prompt_logprobs=False,
-                         needs_sort=True, bucket_pages=engine.bucket_pages,
-                         min_decode_rows=engine.min_decode_rows)
-    plan = StepPlan.empty(shape)
-    constrained = []
-    for i, ((tokens, start, pages, prompt_len), matcher) in enumerate(zip(rows, matchers,
-                                                                          strict=True)):
-        row = i if i < num_decode else shape.num_decode + i - num_decode
-        offset, n = shape.row_start(row), len(tokens)
-        plan.input_ids[offset:offset + n] = tokens
-        plan.q_lens[row], plan.seq_lens[row] = n, start + n
-        width = pages_for(start + n)
-        plan.page_tables[row, :width] = pages[:width]
-        plan.slot_ids[row] = row  # the engine is idle: every slot is free
-        plan.prompt_lens[row] = prompt_len
-        plan.sample[row] = plan.reset[row] = 1
-        if matcher is not None:
-            constrained.append((matcher, row))
+    shape = engine.plans.shape([len(tokens) for tokens, *_ in rows], needs_sort=True)
+    page_tables = np.zeros((len(rows), shape.pages_per_seq), np.int32)
+    for row, (tokens, start, pages, _) in enumerate(rows):
+        width = pages_for(start + len(tokens))
+        page_tables[row, :width] = pages[:width]
+    plan = engine.plans.build(
+        shape, [tokens for tokens, *_ in rows], page_tables,
+        dict(seq_lens=[start + len(tokens) for tokens, start, *_ in rows],
+             slot_ids=range(len(rows)),  # the engine is idle: every slot is free
+             prompt_lens=[prompt_len for *_, prompt_len in rows],
+             sample=[1] * len(rows), reset=[1] * len(rows)))
+    constrained = [(matcher, row) for row, matcher in enumerate(matchers) if matcher is not None]
     mask = engine.grammar.mask(shape.num_seqs, constrained) if constrained else None
     out = engine.runner.launch(plan, mask)
     (result,) = to_host(shape, out)

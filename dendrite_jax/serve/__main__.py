@@ -25,6 +25,9 @@ flags.DEFINE_string("kv_compression", "none", "KV cache compression (see --helpf
 flags.DEFINE_enum("weights_dtype", None, ["fp8", "mxfp8", "fp8-channel"],
                   "Store the layers' projections as FP8.")
 flags.DEFINE_integer("tensor_parallel_size", 1, "Devices the model is split over.")
+flags.DEFINE_bool("warmup", True, "Compile every step program before serving (in parallel, "
+                  "read from the persistent compilation cache on a second start); a new "
+                  "program while serving is then an error.")
 
 
 def main(argv: list[str]) -> None:
@@ -45,7 +48,7 @@ def main(argv: list[str]) -> None:
         attention_backend=FLAGS.attention_backend, kv_compression=FLAGS.kv_compression,
         weights_dtype=FLAGS.weights_dtype, fp8_keep_layers=fp8_keep_layers(),
         fp8_fold_norms=fp8_fold_norms(),
-        tensor_parallel_size=FLAGS.tensor_parallel_size))
+        tensor_parallel_size=FLAGS.tensor_parallel_size, warmup=FLAGS.warmup))
     application = create_app(llm, model_name=FLAGS.served_model_name,
                              max_pending=FLAGS.max_pending)
     logging.info("serving %s on http://%s:%d/v1", FLAGS.served_model_name or llm.config.name,

@@ -1,7 +1,8 @@
 """Paged attention over a compressed KV cache (`dendrite_jax.cache.compressed_kv`).
 
 `write_and_attend(q, k, v, kv, ...)` mirrors `kernels_pallas.paged_attention.write_and_attend`:
-it encodes the step's keys/values into their pages, then attends over the rows' pages of codes.
+it encodes the step's keys/values into their pages, then attends over the pages of codes of the
+step's decode rows and prefill blocks (`kernels_pallas.paged_attention.ragged`).
 Backends:
 
 - "reference": pure JAX (`reference.py`), every compression, every platform; the oracle.
@@ -21,6 +22,7 @@ from dendrite_jax.cache.compress import make_kv_compression
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from kernels_pallas.kv_compress import gpu, tpu
 from kernels_pallas.kv_compress.reference import ragged_paged_attention, write_codes
+from kernels_pallas.paged_attention.ragged import RaggedRows
 
 BACKENDS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
 _KERNELS = {"pallas_gpu": ("gpu", gpu.kernel_supports), "pallas_tpu": ("tpu", tpu.kernel_supports)}
@@ -49,27 +51,26 @@ def resolve_backend(backend: str, compression: str, head_dim: int,
 
 
 def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedKVCache,
-                     layer: jax.Array, q_lens: jax.Array, seq_lens: jax.Array,
-                     page_tables: jax.Array, slot_pages: jax.Array, slot_offsets: jax.Array, *,
-                     num_decode: int, max_q_len: int, sm_scale: float,
+                     layer: jax.Array, rows: RaggedRows, slot_pages: jax.Array,
+                     slot_offsets: jax.Array, *, sm_scale: float,
                      sliding_window: int | None = None, soft_cap: float | None = None,
                      backend: str = "reference") -> tuple[jax.Array, CompressedKVCache]:
-    """Encode this step's k, v [T, Hkv, hd] into their slots and attend; returns (out
-    [T, Hq, hd], the cache). The GPU kernels store decode tokens' codes inside the decode
-    kernel (in place); the reference scatters them first."""
-    kwargs = dict(num_decode=num_decode, max_q_len=max_q_len, sm_scale=sm_scale,
-                  sliding_window=sliding_window, soft_cap=soft_cap)
+    """Encode this step's k, v [T, Hkv, hd] into their slots (slot_pages, slot_offsets [T]; a
+    page outside the cache writes nowhere), then attend over the step's rows (`ragged`);
+    returns (out [T, Hq, hd], the cache). Every backend scatters the codes first
+    (`reference.write_codes`) and its kernels read them back from the pages (a GPU decode
+    kernel storing them itself was slower: `gpu.write_and_attend`)."""
+    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if backend == "pallas_gpu":
-        return gpu.write_and_attend(q, k, v, kv, layer, q_lens, seq_lens, page_tables,
-                                    slot_pages, slot_offsets,
+        return gpu.write_and_attend(q, k, v, kv, layer, rows, slot_pages, slot_offsets,
                                     interpret=jax.default_backend() != "gpu", **kwargs)
     if backend == "pallas_tpu":
         kv = write_codes(kv, layer, k, v, slot_pages, slot_offsets)
-        out = tpu.ragged_paged_attention(q, kv, layer, q_lens, seq_lens, page_tables,
+        out = tpu.ragged_paged_attention(q, kv, layer, rows,
                                          interpret=jax.default_backend() != "tpu", **kwargs)
     elif backend == "reference":
         kv = write_codes(kv, layer, k, v, slot_pages, slot_offsets)
-        out = ragged_paged_attention(q, kv, layer, q_lens, seq_lens, page_tables, **kwargs)
+        out = ragged_paged_attention(q, kv, layer, rows, **kwargs)
     else:
         raise ValueError(f"compressed-cache attention backend {backend!r}: resolve it first "
                          "(`resolve_backend`)")

@@ -15,7 +15,8 @@ to unpack them; nothing of head_dim x context size is ever written.
 
 Layout and grid as `kernels_pallas.paged_attention.gpu`: `decode` is one program per (decode
 row, KV head, context split) with the KV head's query heads as matrix rows; `prefill` one per
-(prefill row, query head, block of queries). The step's keys and values are encoded and
+(prefill block, query head, tile of the block's queries), the rows of both being the step's
+(`paged_attention.ragged`). The step's keys and values are encoded and
 scattered into their pages first (`reference.write_codes`, in place). Why Triton and not
 Mosaic GPU: the same as the plain kernels (the kernel bodies run under Pallas' interpret mode
 in the CPU tests).
@@ -39,7 +40,6 @@ from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.turboquant import TurboQuantCompressor
 from kernels_pallas.kv_compress.reference import write_codes
 from kernels_pallas.kv_compress.rotated import rotated_queries, values_out
-from kernels_pallas.paged_attention.blocks import attend_by_block, join_blocks, prefill_rows
 from kernels_pallas.paged_attention.gpu import (
     MASK_VALUE,
     MIN_DOT_ROWS,
@@ -50,7 +50,9 @@ from kernels_pallas.paged_attention.gpu import (
     group_rows,
     layer_array,
     pad_columns,
+    query_tiles,
 )
+from kernels_pallas.paged_attention.ragged import RaggedRows, attend_ragged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,18 +355,16 @@ def prefill(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: Compress
             interpret: bool = False) -> jax.Array:
     """Rows of up to Q queries: q_rot [R, Q, Hq, hd], q_sketch [R, Q, Hq, m], bias [R, Q, Hq]
     -> rotated-domain outputs [R, Q, Hq, hd] float32 (garbage past q_len: mask it)."""
-    rows, max_q_len, num_heads, head_dim = q_rot.shape
-    if max_q_len < MIN_DOT_ROWS:  # the engine's buckets never do this; small test cases do
-        pad = ((0, 0), (0, MIN_DOT_ROWS - max_q_len))
+    rows, width, num_heads, head_dim = q_rot.shape
+    block_q, padded = query_tiles(width, tuning.block_q)
+    if padded != width:  # Triton's tiles: a power of two of at least 16 queries
+        pad = ((0, 0), (0, padded - width))
         return prefill(*(jnp.pad(a, pad + ((0, 0),) * (a.ndim - 2))
                          for a in (q_rot, q_sketch, bias)), kv, layer, q_lens, seq_lens,
                        page_tables, sm_scale=sm_scale, sliding_window=sliding_window,
-                       soft_cap=soft_cap, tuning=tuning, interpret=interpret)[:, :max_q_len]
+                       soft_cap=soft_cap, tuning=tuning, interpret=interpret)[:, :width]
     page_size, num_kv_heads = kv.page_size, kv.k["norm"].shape[3]
     group = num_heads // num_kv_heads
-    block_q = min(tuning.block_q, max_q_len)
-    if max_q_len % block_q:
-        raise ValueError(f"max_q_len {max_q_len} is not a multiple of block_q {block_q}")
     block_k = max(tuning.pages_per_block * page_size, page_size)
     page_tables = pad_columns(page_tables, block_k // page_size)
     arrays = _code_arrays(kv, q_rot.dtype)
@@ -375,7 +375,7 @@ def prefill(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: Compress
     kernel = functools.partial(_prefill_kernel, num_pages=kv.num_pages,
                                **_kernel_kwargs(kv, sm_scale, sliding_window, soft_cap, block_k))
     return pl.pallas_call(
-        kernel, grid=(rows, num_heads, max_q_len // block_q),
+        kernel, grid=(rows, num_heads, width // block_q),
         in_specs=[
             pl.BlockSpec((1,), lambda r, h, b: (0,)), pl.BlockSpec((1,), lambda r, h, b: (r,)),
             pl.BlockSpec((1,), lambda r, h, b: (r,)),
@@ -415,9 +415,8 @@ def _prefill_values(rows: jax.Array, kv: CompressedKVCache, layer: jax.Array,
 
 
 def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedKVCache,
-                     layer: jax.Array, q_lens: jax.Array, seq_lens: jax.Array,
-                     page_tables: jax.Array, slot_pages: jax.Array, slot_offsets: jax.Array, *,
-                     num_decode: int, max_q_len: int, sm_scale: float,
+                     layer: jax.Array, rows: RaggedRows, slot_pages: jax.Array,
+                     slot_offsets: jax.Array, *, sm_scale: float,
                      sliding_window: int | None = None, soft_cap: float | None = None,
                      tuning: CodeTuning = CodeTuning(), interpret: bool = False
                      ) -> tuple[jax.Array, CompressedKVCache]:
@@ -425,25 +424,15 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedKVC
     every token's codes are scattered into their pages (in place, the cache donated), then
     the kernels read them with the rest of the context. (A decode kernel that stored its row's
     codes itself, as the plain one does, ran 1.4-1.6x slower per call on an H100: NOTES.md.)"""
-    _check_supported(kv)
-    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                  tuning=tuning, interpret=interpret)
-    d = num_decode
+    _check_supported(kv)  # before the cache is written
     kv = write_codes(kv, layer, k, v, slot_pages, slot_offsets)
-    decode_out = prefill_out = None
-    if page_tables.shape[0] > d:
-        prefill_out = _prefill_values(prefill_rows(q, d, max_q_len), kv, layer, q_lens[d:],
-                                      seq_lens[d:], page_tables[d:], **kwargs)
-    if d:
-        out = decode(*rotated_queries(q[:d], kv, layer), kv, layer, seq_lens[:d],
-                     page_tables[:d], **kwargs)
-        decode_out = _decode_values(out, kv, layer, q_lens[:d])
-    return join_blocks(decode_out, prefill_out).astype(q.dtype), kv
+    return ragged_paged_attention(q, kv, layer, rows, sm_scale=sm_scale,
+                                  sliding_window=sliding_window, soft_cap=soft_cap,
+                                  tuning=tuning, interpret=interpret), kv
 
 
 def ragged_paged_attention(q: jax.Array, kv: CompressedKVCache, layer: jax.Array,
-                           q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *,
-                           num_decode: int, max_q_len: int, sm_scale: float,
+                           rows: RaggedRows, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            tuning: CodeTuning = CodeTuning(),
                            interpret: bool = False) -> jax.Array:
@@ -452,15 +441,14 @@ def ragged_paged_attention(q: jax.Array, kv: CompressedKVCache, layer: jax.Array
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   tuning=tuning, interpret=interpret)
 
-    def attend_decode(rows, row_q_lens, row_seq_lens, row_tables):
-        out = decode(*rotated_queries(rows[:, 0], kv, layer), kv, layer, row_seq_lens,
+    def attend_decode(row_q, row_q_lens, row_seq_lens, row_tables):
+        out = decode(*rotated_queries(row_q[:, 0], kv, layer), kv, layer, row_seq_lens,
                      row_tables, **kwargs)
         return _decode_values(out, kv, layer, row_q_lens)[:, None]
 
-    def attend_prefill(rows, row_q_lens, row_seq_lens, row_tables):
-        return _prefill_values(rows, kv, layer, row_q_lens, row_seq_lens, row_tables, **kwargs)
+    def attend_prefill(row_q, row_q_lens, row_seq_lens, row_tables):
+        return _prefill_values(row_q, kv, layer, row_q_lens, row_seq_lens, row_tables,
+                               **kwargs)
 
-    out = attend_by_block(q, q_lens, seq_lens, page_tables, num_decode=num_decode,
-                          max_q_len=max_q_len, attend_prefill=attend_prefill,
-                          attend_decode=attend_decode)
+    out = attend_ragged(q, rows, attend_prefill=attend_prefill, attend_decode=attend_decode)
     return out.astype(q.dtype)

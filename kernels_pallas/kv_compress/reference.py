@@ -1,11 +1,12 @@
 """Pure-JAX paged attention over a compressed cache: the oracle and the CPU path.
 
 The step's new keys/values, minus their layer's calibrated means, are encoded as they are
-written (one scatter per code array). Attention gathers each row's pages of codes, decodes only
-those and adds the means back (`KvCompressor.decode`: for TurboQuant and QJL keys the unbiased
-estimate, so scores are the papers' estimators), then attends as the plain reference does.
-The decoded context is a per-step temporary of the rows being served; the cache itself stays
-in codes.
+written (one scatter per code array). Attention runs on the step's decode rows and prefill
+blocks (`paged_attention.ragged`) as the plain reference does, gathering each row's pages of
+codes a chunk at a time, decoding only those and adding the means back (`KvCompressor.decode`:
+for TurboQuant and QJL keys the unbiased estimate, so scores are the papers' estimators). The
+decoded context is a per-step temporary of one chunk of the rows being served; the cache itself
+stays in codes.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import jax.numpy as jnp
 
 from dendrite_jax.cache.compress import Codes, KvCompressor
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
-from kernels_pallas.paged_attention.blocks import attend_by_block
-from kernels_pallas.paged_attention.reference import attend_context
+from kernels_pallas.paged_attention.ragged import RaggedRows, attend_ragged
+from kernels_pallas.paged_attention.reference import attend_pages
 from kernels_pallas.paged_attention.write import scatter_slots
 
 
@@ -51,17 +52,17 @@ def _read(codes: Codes, compressor: KvCompressor, mean: jax.Array, layer: jax.Ar
 
 
 def ragged_paged_attention(q: jax.Array, kv: CompressedKVCache, layer: jax.Array,
-                           q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *,
-                           num_decode: int, max_q_len: int, sm_scale: float,
+                           rows: RaggedRows, *, sm_scale: float,
                            sliding_window: int | None = None,
                            soft_cap: float | None = None) -> jax.Array:
-    """Attention output [T, Hq, hd] of a step's queries (layout: `engine.step_plan`)."""
-    def attend(rows, row_q_lens, row_seq_lens, row_tables):
-        k = _read(kv.k, kv.key_compressor, kv.k_mean, layer, row_tables)
-        v = _read(kv.v, kv.value_compressor, kv.v_mean, layer, row_tables)
-        return attend_context(rows, k, v, row_q_lens, row_seq_lens, sm_scale=sm_scale,
-                              sliding_window=sliding_window, soft_cap=soft_cap)
+    """Attention output [T, Hq, hd] of a step's queries (their rows: `ragged`)."""
+    def read(tables: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return (_read(kv.k, kv.key_compressor, kv.k_mean, layer, tables),
+                _read(kv.v, kv.value_compressor, kv.v_mean, layer, tables))
 
-    out = attend_by_block(q, q_lens, seq_lens, page_tables, num_decode=num_decode,
-                          max_q_len=max_q_len, attend_prefill=attend)
-    return out.astype(q.dtype)
+    def attend(row_q, row_q_lens, row_seq_lens, row_tables):
+        return attend_pages(row_q, row_q_lens, row_seq_lens, row_tables, read,
+                            page_size=kv.page_size, sm_scale=sm_scale,
+                            sliding_window=sliding_window, soft_cap=soft_cap)
+
+    return attend_ragged(q, rows, attend_prefill=attend).astype(q.dtype)

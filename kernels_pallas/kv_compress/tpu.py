@@ -36,7 +36,7 @@ from dendrite_jax.cache.compress import KvCompressor
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.turboquant import TurboQuantCompressor
 from kernels_pallas.kv_compress.rotated import rotated_queries, values_out
-from kernels_pallas.paged_attention.blocks import attend_by_block
+from kernels_pallas.paged_attention.ragged import RaggedRows, attend_ragged
 from kernels_pallas.paged_attention.tpu import (
     init_scratch,
     needed_pages,
@@ -178,8 +178,7 @@ def attend_rows(q: jax.Array, kv: CompressedKVCache, layer: jax.Array, q_lens: j
 
 
 def ragged_paged_attention(q: jax.Array, kv: CompressedKVCache, layer: jax.Array,
-                           q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *,
-                           num_decode: int, max_q_len: int, sm_scale: float,
+                           rows: RaggedRows, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            interpret: bool = False) -> jax.Array:
     """The step's attention [T, Hq, hd] over codes (contract: `reference.ragged_paged_attention`)."""
@@ -187,11 +186,10 @@ def ragged_paged_attention(q: jax.Array, kv: CompressedKVCache, layer: jax.Array
     if reason:
         raise ValueError(reason)
 
-    def attend(rows, row_q_lens, row_seq_lens, row_tables):
-        return attend_rows(rows, kv, layer, row_q_lens, row_seq_lens, row_tables,
+    def attend(row_q, row_q_lens, row_seq_lens, row_tables):
+        return attend_rows(row_q, kv, layer, row_q_lens, row_seq_lens, row_tables,
                            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                            interpret=interpret)
 
-    out = attend_by_block(q, q_lens, seq_lens, page_tables, num_decode=num_decode,
-                          max_q_len=max_q_len, attend_prefill=attend)
+    out = attend_ragged(q, rows, attend_prefill=attend)
     return out.astype(q.dtype)

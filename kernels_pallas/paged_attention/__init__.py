@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 
 from kernels_pallas.paged_attention import gpu, tpu
+from kernels_pallas.paged_attention.ragged import RaggedRows, ragged_rows
 from kernels_pallas.paged_attention.reference import (
     ragged_paged_attention as reference_ragged_paged_attention,
 )
@@ -36,17 +37,14 @@ def resolve_backend(backend: str, platform: str | None = None) -> str:
 
 
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                           layer: jax.Array, q_lens: jax.Array, seq_lens: jax.Array,
-                           page_tables: jax.Array, *, num_decode: int, max_q_len: int,
-                           sm_scale: float, sliding_window: int | None = None,
-                           soft_cap: float | None = None,
+                           layer: jax.Array, rows: RaggedRows, *, sm_scale: float,
+                           sliding_window: int | None = None, soft_cap: float | None = None,
                            backend: str = "reference") -> jax.Array:
-    """Attention for a step's query tokens [T, Hq, hd] (layout: `engine.step_plan`) over
-    the paged cache [L, N, page_size, Hkv, hd] of layer `layer`."""
+    """Attention for a step's query tokens [T, Hq, hd] (their rows: `ragged`) over the paged
+    cache [L, N, page_size, Hkv, hd] of layer `layer`."""
     backend = resolve_backend(backend)
-    kwargs = dict(num_decode=num_decode, max_q_len=max_q_len, sm_scale=sm_scale,
-                  sliding_window=sliding_window, soft_cap=soft_cap)
-    args = (q, k_pages, v_pages, layer, q_lens, seq_lens, page_tables)
+    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    args = (q, k_pages, v_pages, layer, rows)
     if backend == "pallas_gpu":
         return gpu.ragged_paged_attention(*args, interpret=jax.default_backend() != "gpu",
                                           **kwargs)
@@ -57,28 +55,24 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
 
 def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array,
-                     v_pages: jax.Array, layer: jax.Array, q_lens: jax.Array,
-                     seq_lens: jax.Array, page_tables: jax.Array, slot_pages: jax.Array,
-                     slot_offsets: jax.Array, *, num_decode: int, max_q_len: int,
-                     sm_scale: float, sliding_window: int | None = None,
-                     soft_cap: float | None = None,
+                     v_pages: jax.Array, layer: jax.Array, rows: RaggedRows,
+                     slot_pages: jax.Array, slot_offsets: jax.Array, *, sm_scale: float,
+                     sliding_window: int | None = None, soft_cap: float | None = None,
                      backend: str = "reference") -> tuple[jax.Array, jax.Array, jax.Array]:
     """Write this step's keys/values k, v [T, Hkv, hd] of layer `layer` into their slots
     (slot_pages, slot_offsets [T]; a page outside the cache writes nowhere), then attend as
     `ragged_paged_attention`. Returns (out [T, Hq, hd], k_pages, v_pages). The GPU backend
-    writes decode tokens inside its decode kernel; the others scatter first."""
+    writes a decode-only step's tokens inside its decode kernel; the others scatter first."""
     backend = resolve_backend(backend)
-    kwargs = dict(num_decode=num_decode, max_q_len=max_q_len, sm_scale=sm_scale,
-                  sliding_window=sliding_window, soft_cap=soft_cap)
+    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if backend == "pallas_gpu":
-        return gpu.write_and_attend(q, k, v, k_pages, v_pages, layer, q_lens, seq_lens,
-                                    page_tables, slot_pages, slot_offsets,
-                                    interpret=jax.default_backend() != "gpu", **kwargs)
+        return gpu.write_and_attend(q, k, v, k_pages, v_pages, layer, rows, slot_pages,
+                                    slot_offsets, interpret=jax.default_backend() != "gpu",
+                                    **kwargs)
     k_pages, v_pages = write_pages(k_pages, v_pages, layer, k, v, slot_pages, slot_offsets)
-    out = ragged_paged_attention(q, k_pages, v_pages, layer, q_lens, seq_lens, page_tables,
-                                 backend=backend, **kwargs)
+    out = ragged_paged_attention(q, k_pages, v_pages, layer, rows, backend=backend, **kwargs)
     return out, k_pages, v_pages
 
 
-__all__ = ["BACKENDS", "ragged_paged_attention", "reference_ragged_paged_attention",
-           "resolve_backend", "write_and_attend", "write_pages"]
+__all__ = ["BACKENDS", "RaggedRows", "ragged_paged_attention", "ragged_rows",
+           "reference_ragged_paged_attention", "resolve_backend", "write_and_attend", "write_pages"]

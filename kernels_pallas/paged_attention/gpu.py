@@ -1,6 +1,6 @@
 """Ragged paged attention for NVIDIA GPUs: Pallas kernels lowered through Triton.
 
-Two kernels follow the step's two blocks (`dendrite_jax.engine.step_plan`):
+Two kernels follow the step's two kinds of rows (`ragged`):
 
 - `decode`: one program per (decode row, KV head, context split). The row's query heads of one
   KV head form the matrix rows, read with masked loads as 16 rows for the tensor cores (no
@@ -8,18 +8,20 @@ Two kernels follow the step's two blocks (`dendrite_jax.engine.step_plan`):
   through an online softmax. One split stores the final output straight into its heads' rows;
   several write unnormalised partial results, which `combine_splits` merges. Splitting the
   context keeps every SM busy at small batch and long context.
-- `prefill`: one program per (prefill row, query head, block of `block_q` query tokens), a
-  flash-attention loop over the pages up to the block's causal limit.
+- `prefill`: one program per (prefill block, query head, tile of `PrefillTuning.block_q` of the
+  block's queries), a flash-attention loop over the pages up to the tile's causal limit.
 
 Both read K/V straight from the paged cache `[L, N, page_size, Hkv, hd]` through the page table
 (flattened to `[L * N, ...]`; the kernels add layer * N to the page ids), so nothing is gathered or
-copied outside the kernel. Why Triton, which JAX has deprecated, and not Mosaic GPU: this
-lowering's kernels run under Pallas' public interpret mode (`interpret=True`), so the exact
-kernel bodies run in the CPU tests and CI; Mosaic GPU's interpreter (TMA copies, barriers,
-wgmma) lives only in JAX's private modules (`jax._src.pallas.mosaic_gpu.interpret`, not exported
-by 0.10.2), and a kernel tested only on a GPU would be unchecked in CI. The interface is
-the dispatcher's, so a Mosaic GPU kernel can replace either function without touching the
-model.
+copied outside the kernel. The step's queries reach the rows by a gather and their outputs come
+back by a scatter (`ragged.attend_ragged`); a decode-only step's tokens are its decode rows.
+
+Why Triton, which JAX has deprecated, and not Mosaic GPU: this lowering's kernels run under
+Pallas' public interpret mode (`interpret=True`), so the exact kernel bodies run in the CPU
+tests and CI; Mosaic GPU's interpreter (TMA copies, barriers, wgmma) lives only in JAX's
+private modules (`jax._src.pallas.mosaic_gpu.interpret`, not exported by 0.10.2), and a kernel
+tested only on a GPU would be unchecked in CI. The interface is the dispatcher's, so a Mosaic
+GPU kernel can replace either function without touching the model.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels_pallas.paged_attention.blocks import attend_by_block, join_blocks, prefill_rows
+from kernels_pallas.paged_attention.ragged import RaggedRows, attend_ragged
 from kernels_pallas.paged_attention.write import write_pages
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -233,6 +235,17 @@ def pad_columns(page_tables: jax.Array, multiple: int) -> jax.Array:
     return jnp.pad(page_tables, ((0, 0), (0, pad))) if pad else page_tables
 
 
+def query_tiles(width: int, block_q: int) -> tuple[int, int]:
+    """(queries per program, padded row width) for rows of `width` queries: Triton's tiles are
+    powers of two of at least `MIN_DOT_ROWS` rows, so a row width that is not one (a step's
+    prefill blocks hold `block_q_for(T)` queries, T any token count in tests) is padded up to
+    the next, and to a multiple of the tile. The engine's steps (T a power of two >= 16) never
+    pad."""
+    padded = max(MIN_DOT_ROWS, 1 << (width - 1).bit_length())
+    block_q = min(block_q, padded)
+    return block_q, -(-padded // block_q) * block_q
+
+
 def default_num_splits(num_rows: int, num_kv_heads: int, num_blocks: int) -> int:
     """Enough context splits for about four programs per SM of a large GPU."""
     target = 512
@@ -360,18 +373,17 @@ def prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Arr
             sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
             tuning: PrefillTuning = PrefillTuning(), interpret: bool = False) -> jax.Array:
     """Rows of up to Q query tokens (the last q_len of each row's context): q [R, Q, Hq, hd]
-    -> [R, Q, Hq, hd], zeros past q_len."""
-    rows, max_q_len, num_heads, head_dim = q.shape
-    if max_q_len < MIN_DOT_ROWS:  # the engine's buckets never do this; small test cases do
-        q = jnp.pad(q, ((0, 0), (0, MIN_DOT_ROWS - max_q_len), (0, 0), (0, 0)))
+    -> [R, Q, Hq, hd], zeros past q_len. The rows are the step's prefill blocks (`ragged`:
+    Q = `block_q_for(T)`), or any rows of queries."""
+    rows, width, num_heads, head_dim = q.shape
+    block_q, padded = query_tiles(width, tuning.block_q)
+    if padded != width:
+        q = jnp.pad(q, ((0, 0), (0, padded - width), (0, 0), (0, 0)))
         return prefill(q, k_pages, v_pages, layer, q_lens, seq_lens, page_tables,
                        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                       tuning=tuning, interpret=interpret)[:, :max_q_len]
+                       tuning=tuning, interpret=interpret)[:, :width]
     num_layers, num_pages, page_size, num_kv_heads, _ = k_pages.shape
     group = num_heads // num_kv_heads
-    block_q = min(tuning.block_q, max_q_len)
-    if max_q_len % block_q:
-        raise ValueError(f"max_q_len {max_q_len} is not a multiple of block_q {block_q}")
     block_k = max(tuning.block_k, page_size)
     if block_k % page_size:
         raise ValueError(f"block_k {block_k} is not a multiple of the page size {page_size}")
@@ -386,7 +398,7 @@ def prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Arr
                                num_pages=num_pages)
     return pl.pallas_call(
         kernel,
-        grid=(rows, num_heads, max_q_len // block_q),
+        grid=(rows, num_heads, width // block_q),
         in_specs=[
             pl.BlockSpec((1,), lambda r, h, b: (0,)),
             pl.BlockSpec((1,), lambda r, h, b: (r,)),
@@ -405,10 +417,8 @@ def prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Arr
 
 
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                           layer: jax.Array, q_lens: jax.Array, seq_lens: jax.Array,
-                           page_tables: jax.Array, *, num_decode: int, max_q_len: int,
-                           sm_scale: float, sliding_window: int | None = None,
-                           soft_cap: float | None = None,
+                           layer: jax.Array, rows: RaggedRows, *, sm_scale: float,
+                           sliding_window: int | None = None, soft_cap: float | None = None,
                            decode_tuning: DecodeTuning = DecodeTuning(),
                            prefill_tuning: PrefillTuning = PrefillTuning(),
                            interpret: bool = False) -> jax.Array:
@@ -416,45 +426,35 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   interpret=interpret)
 
-    def attend_decode(rows, _, row_seq_lens, row_tables):
-        return decode(rows[:, 0], k_pages, v_pages, layer, row_seq_lens, row_tables,
+    def attend_decode(row_q, _, row_seq_lens, row_tables):
+        return decode(row_q[:, 0], k_pages, v_pages, layer, row_seq_lens, row_tables,
                       tuning=decode_tuning, **kwargs)[:, None]
 
-    def attend_prefill(rows, row_q_lens, row_seq_lens, row_tables):
-        return prefill(rows, k_pages, v_pages, layer, row_q_lens, row_seq_lens, row_tables,
+    def attend_prefill(row_q, row_q_lens, row_seq_lens, row_tables):
+        return prefill(row_q, k_pages, v_pages, layer, row_q_lens, row_seq_lens, row_tables,
                        tuning=prefill_tuning, **kwargs)
 
-    return attend_by_block(q, q_lens, seq_lens, page_tables, num_decode=num_decode,
-                           max_q_len=max_q_len, attend_prefill=attend_prefill,
-                           attend_decode=attend_decode)
+    return attend_ragged(q, rows, attend_prefill=attend_prefill, attend_decode=attend_decode)
 
 
 def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array,
-                     v_pages: jax.Array, layer: jax.Array, q_lens: jax.Array,
-                     seq_lens: jax.Array, page_tables: jax.Array, slot_pages: jax.Array,
-                     slot_offsets: jax.Array, *, num_decode: int, max_q_len: int,
-                     sm_scale: float, sliding_window: int | None = None,
-                     soft_cap: float | None = None,
+                     v_pages: jax.Array, layer: jax.Array, rows: RaggedRows,
+                     slot_pages: jax.Array, slot_offsets: jax.Array, *, sm_scale: float,
+                     sliding_window: int | None = None, soft_cap: float | None = None,
                      decode_tuning: DecodeTuning = DecodeTuning(),
                      prefill_tuning: PrefillTuning = PrefillTuning(),
                      interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The step's attention with its K/V writes (contract: the dispatcher's
-    `write_and_attend`). Prefill tokens are scattered into their pages before the prefill
-    kernel reads them; decode tokens are written by the decode kernel itself, so a decode-only
-    step has no separate write at all."""
+    `write_and_attend`). A decode-only step's tokens are written by the decode kernel itself,
+    so it has no separate write at all; a step with prefill blocks scatters every token into
+    its page first, then the kernels read them with the rest of the context."""
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   interpret=interpret)
-    decode_out = prefill_out = None
-    if page_tables.shape[0] > num_decode:
-        d = num_decode
-        k_pages, v_pages = write_pages(k_pages, v_pages, layer, k[d:], v[d:], slot_pages[d:],
-                                       slot_offsets[d:])
-        prefill_out = prefill(prefill_rows(q, d, max_q_len), k_pages, v_pages, layer,
-                              q_lens[d:], seq_lens[d:], page_tables[d:],
-                              tuning=prefill_tuning, **kwargs)
-    if num_decode:
-        d = num_decode
-        decode_out, k_pages, v_pages = decode_and_write(
-            q[:d], k[:d], v[:d], k_pages, v_pages, layer, seq_lens[:d], page_tables[:d],
-            slot_pages[:d], slot_offsets[:d], tuning=decode_tuning, **kwargs)
-    return join_blocks(decode_out, prefill_out), k_pages, v_pages
+    if rows.decode_only:
+        return decode_and_write(q, k, v, k_pages, v_pages, layer, rows.decode_seq_lens,
+                                rows.page_tables, slot_pages, slot_offsets,
+                                tuning=decode_tuning, **kwargs)
+    k_pages, v_pages = write_pages(k_pages, v_pages, layer, k, v, slot_pages, slot_offsets)
+    out = ragged_paged_attention(q, k_pages, v_pages, layer, rows, decode_tuning=decode_tuning,
+                                 prefill_tuning=prefill_tuning, **kwargs)
+    return out, k_pages, v_pages

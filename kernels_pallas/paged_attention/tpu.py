@@ -1,12 +1,12 @@
 """Ragged paged attention for TPUs: a Pallas Mosaic TPU kernel.
 
-One kernel serves both blocks of a step (`dendrite_jax.engine.step_plan`): rows of Q query
-tokens (Q = 1 for the decode block, max_q_len for the prefill block). Grid (row, page): the
-page axis is the reduction, and each grid step's K/V block is one page of every KV head,
-`[page_size, Hkv, hd]`, chosen by the page table through scalar prefetch, so Pallas' pipeline
-streams a row's pages from HBM while the previous one is computed. Pages past a row's length
-(or before its sliding window) map to the last (first) needed page: an unchanged block index
-issues no copy, and their compute is skipped. Queries are laid out per KV head as
+One kernel serves both kinds of rows of a step (`ragged`): rows of Q query tokens (Q = 1 for
+the decode rows, `block_q_for(T)` for the prefill blocks of a step of T tokens). Grid (row,
+page): the page axis is the reduction, and each grid step's K/V block is one page of every KV
+head, `[page_size, Hkv, hd]`, chosen by the page table through scalar prefetch, so Pallas'
+pipeline streams a row's pages from HBM while the previous one is computed. Pages past a row's
+length (or before its sliding window) map to the last (first) needed page: an unchanged block
+index issues no copy, and their compute is skipped. Queries are laid out per KV head as
 `[Hkv, Q * group, hd]`, so one matmul per KV head scores every query head of its group.
 
 Tested on CPU in TPU interpret mode (`interpret=True` uses `pltpu.InterpretParams`, which also
@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.paged_attention.blocks import attend_by_block
+from kernels_pallas.paged_attention.ragged import RaggedRows, attend_ragged
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
@@ -163,15 +163,13 @@ def attend_rows(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax
 
 
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                           layer: jax.Array, q_lens: jax.Array, seq_lens: jax.Array,
-                           page_tables: jax.Array, *, num_decode: int, max_q_len: int,
-                           sm_scale: float, sliding_window: int | None = None,
-                           soft_cap: float | None = None, interpret: bool = False) -> jax.Array:
+                           layer: jax.Array, rows: RaggedRows, *, sm_scale: float,
+                           sliding_window: int | None = None, soft_cap: float | None = None,
+                           interpret: bool = False) -> jax.Array:
     """The step's attention [T, Hq, hd] (same contract as the reference)."""
-    def attend(rows, row_q_lens, row_seq_lens, row_tables):
-        return attend_rows(rows, k_pages, v_pages, layer, row_q_lens, row_seq_lens, row_tables,
+    def attend(row_q, row_q_lens, row_seq_lens, row_tables):
+        return attend_rows(row_q, k_pages, v_pages, layer, row_q_lens, row_seq_lens, row_tables,
                            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                            interpret=interpret)
 
-    return attend_by_block(q, q_lens, seq_lens, page_tables, num_decode=num_decode,
-                           max_q_len=max_q_len, attend_prefill=attend)
+    return attend_ragged(q, rows, attend_prefill=attend)

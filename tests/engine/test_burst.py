@@ -46,7 +46,9 @@ def test_bursts_give_the_tokens_of_single_steps(llms):
                                    rtol=1e-5)
     for single, burst in zip(outputs[1][2].logprobs, outputs[4][2].logprobs, strict=True):
         assert burst.keys() == single.keys()
-    assert launches[4] <= launches[1] / 2  # most decode steps ran four to a launch
+    # Bursts start once the top-k request (the logit sort: no burst variant) has finished; its
+    # 17 tokens run one per launch, the long request's last 23 mostly four to a launch.
+    assert launches[4] <= launches[1] - 10
 
 
 def test_a_stop_token_mid_burst_ends_the_request_there(llms):
@@ -110,12 +112,10 @@ def test_pending_placeholders_of_two_bursts_fill_in_order(llms):
 
 def test_burst_shapes_are_decode_only_and_warmed():
     with pytest.raises(ValueError, match="decode-only"):
-        StepShape(num_decode=2, num_prefill=1, max_q_len=16, pages_per_seq=4, burst=4)
-    shapes = all_shapes(max_num_seqs=4, max_num_batched_tokens=32, max_pages_per_seq=8,
-                        bucket_pages=False, burst=4)
+        StepShape(num_tokens=16, num_seqs=4, pages_per_seq=4, burst=4)
+    kwargs = dict(max_num_seqs=4, max_num_batched_tokens=32, pages_per_seq=8)
+    shapes = all_shapes(**kwargs, burst=4)
     bursts = {s for s in shapes if s.burst == 4}
-    assert bursts and all(s.num_prefill == 0 and not s.prompt_logprobs for s in bursts)
-    assert {(s.num_decode, s.needs_sort) for s in bursts} == {
-        (n, srt) for n in (1, 2, 4) for srt in (False, True)}
-    assert len(shapes) == len(all_shapes(max_num_seqs=4, max_num_batched_tokens=32,
-                                         max_pages_per_seq=8, bucket_pages=False)) + 6
+    assert all(s.decode_only and not s.prompt_logprobs and not s.needs_sort for s in bursts)
+    assert {s.num_seqs for s in bursts} == {1, 2, 4}
+    assert len(shapes) == len(all_shapes(**kwargs)) + 3

@@ -141,7 +141,7 @@ def test_warmup_then_guard_raises_on_new_shapes(warmed):
     from dendrite_jax.engine.step_plan import StepShape
 
     with pytest.raises(RecompileError, match="not compiled at warm-up"):
-        warmed[False].engine.runner.compile(StepShape(num_decode=3, num_prefill=0, max_q_len=1,
+        warmed[False].engine.runner.compile(StepShape(num_tokens=24, num_seqs=3,
                                                       pages_per_seq=4))
 
 

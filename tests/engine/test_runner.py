@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from dendrite_jax import LLM, SamplingParams
 from dendrite_jax.engine.buckets import bucket_shape
@@ -28,37 +29,69 @@ def test_each_bucket_compiles_once():
     assert llm.compilations == first
 
 
-def test_bucket_shapes_are_powers_of_two():
+def test_bucket_shapes_follow_the_token_ladder():
     from dendrite_jax.engine.buckets import all_shapes, decode_rows_floor
 
-    shape = bucket_shape(3, [5, 13], 3, max_pages_per_seq=64, prompt_logprobs=False)
-    dims = lambda s: (s.num_decode, s.num_prefill, s.max_q_len, s.pages_per_seq)  # noqa: E731
-    assert dims(shape) == (4, 2, 16, 4)
-    decode = bucket_shape(5, [], 9, max_pages_per_seq=64, prompt_logprobs=False)
-    assert dims(decode) == (8, 0, 1, 16)
-    assert decode.num_tokens == 8
+    kwargs = dict(max_num_seqs=8, max_num_batched_tokens=512, pages_per_seq=64)
+    mixed = bucket_shape(3 + 5 + 13, 5, decode_only=False, **kwargs)
+    assert (mixed.num_tokens, mixed.num_seqs, mixed.decode_only) == (32, 8, False)
+    assert bucket_shape(3, 2, decode_only=False, **kwargs).num_tokens == 16  # MIN_MIXED_TOKENS
+    decode = bucket_shape(5, 5, decode_only=True, **kwargs)
+    assert (decode.num_tokens, decode.num_seqs, decode.decode_only) == (8, 8, True)
+    assert decode.pages_per_seq == 64  # always the full width
     # On a GPU one decode row still makes a two-row step: XLA's GPU compiler turns a one-row
     # projection into multiply + reduce (buckets.decode_rows_floor).
-    single = bucket_shape(1, [], 1, max_pages_per_seq=64, prompt_logprobs=False,
-                          min_decode_rows=decode_rows_floor("gpu"))
-    assert dims(single) == (2, 0, 1, 4)
+    single = bucket_shape(1, 1, decode_only=True, min_decode_rows=decode_rows_floor("gpu"),
+                          **kwargs)
+    assert (single.num_tokens, single.num_seqs) == (2, 2)
     assert decode_rows_floor("cpu") == 1
     assert decode_rows_floor("gpu", fp8_kernel=True) == 1  # the FP8 kernel's one-row path
-    assert single in all_shapes(max_num_seqs=1, max_num_batched_tokens=16, max_pages_per_seq=4,
-                                min_decode_rows=2)
+    lp = bucket_shape(40, 2, decode_only=False, prompt_logprobs=True, **kwargs)
+    assert (lp.num_tokens, lp.needs_sort) == (64, True)  # the sparser prompt-logprob ladder
+    shapes = all_shapes(**kwargs)
+    assert {mixed, decode, lp} <= set(shapes)
+    assert single in all_shapes(**kwargs, min_decode_rows=2)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        bucket_shape(600, 2, decode_only=False, **kwargs)
 
 
-def test_full_width_page_tables_for_kernels():
-    """Kernels read only each row's pages: one page-table width serves every step."""
+def test_few_shapes_cover_every_step():
+    """The token ladder times a few variants: tens of programs, not hundreds."""
     from dendrite_jax.engine.buckets import all_shapes
 
-    wide = bucket_shape(5, [], 9, max_pages_per_seq=40, prompt_logprobs=False,
-                        bucket_pages=False)
-    assert wide.pages_per_seq == 64
-    kwargs = dict(max_num_seqs=8, max_num_batched_tokens=512, max_pages_per_seq=40)
-    fixed = all_shapes(**kwargs, bucket_pages=False)
-    assert {s.pages_per_seq for s in fixed} == {64}
-    assert len(all_shapes(**kwargs)) == 5 * len(fixed)  # page buckets 4, 8, 16, 32, 64
-    # A context limit under MIN_PAGES pages still lands on a warmed-up bucket.
-    tiny = bucket_shape(1, [], 1, max_pages_per_seq=2, prompt_logprobs=False)
-    assert tiny in all_shapes(max_num_seqs=1, max_num_batched_tokens=16, max_pages_per_seq=2)
+    cpu = all_shapes(max_num_seqs=8, max_num_batched_tokens=512, pages_per_seq=512)
+    # decode-only 1, 2, 4, 8 x sort; mixed 16 .. 512 x sort; prompt logprobs at 16, 64, 512
+    assert len(cpu) == 4 * 2 + 6 * 2 + 3
+    serving = all_shapes(max_num_seqs=64, max_num_batched_tokens=2048, pages_per_seq=8192,
+                         min_decode_rows=2, burst=4)
+    assert len(serving) <= 40
+    assert {s.pages_per_seq for s in serving} == {8192}
+
+
+def test_program_cache_loads_what_an_earlier_engine_compiled(tmp_path):
+    """A second engine loads its programs from disk (no tracing) and runs them as compiled;
+    another setting is another key, and an unreadable entry is compiled again."""
+    from dendrite_jax.engine.program_cache import ProgramCache
+
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    outputs = []
+    for _ in range(2):
+        llm = LLM(model="tiny-random", num_pages=32, max_num_seqs=2, compilation_cache=False,
+                  warmup=False)
+        llm.engine.runner.programs = ProgramCache(tmp_path)
+        outputs.append([o.token_ids for o in llm.generate([[1, 2, 3], [4, 5]], params)])
+    runner = llm.engine.runner
+    assert runner.loaded_programs == runner.compilations >= 2 and outputs[0] == outputs[1]
+    files = sorted(tmp_path.glob("*.program"))
+    assert len(files) == runner.compilations
+    for f in files:
+        f.write_bytes(b"not a program")
+    other = LLM(model="tiny-random", num_pages=32, max_num_seqs=4, compilation_cache=False,
+                warmup=False)
+    other.engine.runner.programs = ProgramCache(tmp_path)
+    llm.engine.runner.programs = ProgramCache(tmp_path)
+    llm.engine.runner._compiled.clear()
+    again = [o.token_ids for o in llm.generate([[1, 2, 3], [4, 5]], params)]
+    assert again == outputs[0] and llm.engine.runner.loaded_programs == runner.compilations
+    other.generate([[1, 2, 3]], params)
+    assert other.engine.runner.loaded_programs == 0  # max_num_seqs=4: other shapes, other keys

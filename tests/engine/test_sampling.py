@@ -128,7 +128,7 @@ def test_sampled_tokens_respect_the_mask_and_temperature():
     positions = jnp.zeros(n, jnp.int32)
     assert set(np.asarray(sample(logits, b, positions, truncate=True)).tolist()) == {0, 1}
     # Without the (static) truncation variant, top-k is not applied: the engine picks the
-    # variant from the batch's requests (`engine._needs_sort`).
+    # variant from the batch's requests (`SamplingParams.needs_sort`).
     assert len(set(np.asarray(sample(logits, b, positions, truncate=False)).tolist())) > 2
     hot = SamplingBatch(**{**batch(n, temperature=0.05).__dict__, "seed": seeds})
     assert np.mean(np.asarray(sample(logits, hot, positions, truncate=False)) == 0) > 0.99
@@ -167,7 +167,8 @@ def test_neutral_penalties_leave_logits_bit_identical():
 
 
 def test_needs_sort_picks_the_costly_variant_only_when_used():
-    from dendrite_jax.engine.engine import _needs_sort
+    def _needs_sort(params):
+        return params.needs_sort
 
     assert not _needs_sort(SamplingParams(temperature=0, top_k=5))  # greedy ignores top-k
     assert not _needs_sort(SamplingParams(temperature=0.8))

@@ -18,7 +18,7 @@ from dendrite_jax.cache.compress import make_kv_compression
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from kernels_pallas import kv_compress
 from kernels_pallas.kv_compress import gpu, reference, tpu
-from tests.kernels.paged_attention_cases import make_case
+from tests.kernels.paged_attention_cases import make_case, token_slots
 
 INTERPRET = jax.default_backend() != "gpu"
 # float32 queries: the kernels' online softmax and rotated-domain sums differ from the
@@ -63,14 +63,30 @@ compressions = pytest.mark.parametrize("compression",
 
 
 @compressions
-@pytest.mark.parametrize("q_lens,ctx_lens", [
-    ([1, 1, 1], [15, 16, 17]),  # decodes straddling a page boundary (page 16)
-    ([13, 1, 5, 1], [13, 70, 21, 33]),  # ragged mix: full prefill, decode, chunk, decode
+@pytest.mark.parametrize("q_lens,ctx_lens,decode_only", [
+    # decode-only step: decodes straddling a page boundary (page 16), a row without a token
+    pytest.param([1, 1, 0, 1], [15, 16, 40, 17], True, id="decode-only"),
+    # ragged mix: full prefill, decode, chunk, decode
+    pytest.param([13, 1, 5, 1], [13, 70, 21, 33], None, id="mix"),
+    # unsorted mix: full prefill, decode, chunk deep into a long context, decode, chunk
+    pytest.param([5, 1, 13, 1, 3], [5, 150, 120, 47, 200], None, id="mix-unsorted-long"),
 ])
-def test_matches_reference(compression, q_lens, ctx_lens):
+def test_matches_reference(compression, q_lens, ctx_lens, decode_only):
     rng = np.random.default_rng(sum(ctx_lens))
     check(*compressed_case(rng, q_lens, ctx_lens, compression, head_dim=64, page_size=16,
-                           num_heads=8, num_kv_heads=2, pad_decode=2, pad_prefill=1))
+                           num_heads=8, num_kv_heads=2, pad_decode=2, pad_prefill=1,
+                           decode_only=decode_only))
+
+
+def test_prefill_chunk_of_several_blocks():
+    """A chunk of more than one prefill block (64 queries) deep into its context, among
+    decodes, a row of context without tokens and a full prefill."""
+    rng = np.random.default_rng(70)
+    inputs, kv, valid = compressed_case(rng, [3, 1, 70, 0, 1], [3, 150, 200, 60, 47],
+                                        "turboquant-4", head_dim=64, page_size=16,
+                                        num_heads=4, num_kv_heads=2)
+    assert int((np.asarray(inputs["rows"].block_q_lens) > 0).sum()) == 3
+    check(inputs, kv, valid)
 
 
 # The default run keeps one geometry (a group of 3, head_dim 64); the other two, 12 s each
@@ -114,51 +130,58 @@ def test_bfloat16_queries():
     assert np.abs(out[valid] - ref[valid]).max() < 0.03 * scale
 
 
-def test_write_and_attend_matches_reference():
+@pytest.mark.parametrize("backend,compression", [("pallas_gpu", "turboquant-4"),
+                                                 ("pallas_tpu", "turboquant-mse-4")])
+@pytest.mark.parametrize("q_lens,ctx_lens,decode_only", [
+    pytest.param([1, 0, 1, 1], [33, 20, 16, 1], True, id="decode-only"),
+    pytest.param([1, 7, 1, 2], [33, 20, 16, 70], None, id="mix"),
+])
+def test_write_and_attend_matches_reference(backend, compression, q_lens, ctx_lens,
+                                            decode_only):
     """The step's new keys/values are encoded into their slots identically, and the kernels
-    read them back with the rest of the context."""
+    read them back with the rest of the context; padding tokens write nowhere."""
     rng = np.random.default_rng(3)
-    inputs, kv, valid = compressed_case(rng, [1, 7, 1], [33, 20, 16], "turboquant-4",
-                                        head_dim=64, page_size=16, num_heads=4,
-                                        num_kv_heads=2)
+    inputs, kv, valid = compressed_case(rng, q_lens, ctx_lens, compression, head_dim=64,
+                                        page_size=16, num_heads=4, num_kv_heads=2,
+                                        decode_only=decode_only)
     tokens = inputs["q"].shape[0]
     k = jnp.asarray(rng.standard_normal((tokens, 2, 64)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((tokens, 2, 64)), jnp.float32)
     # Each real token writes its own slot (its position in its row); padding writes nowhere.
-    slot_pages = np.full(tokens, kv.num_pages, np.int32)
-    slot_offsets = np.zeros(tokens, np.int32)
-    num_decode, max_q_len = inputs["num_decode"], inputs["max_q_len"]
-    for row, (q_len, seq_len) in enumerate(zip(np.asarray(inputs["q_lens"]),
-                                               np.asarray(inputs["seq_lens"]), strict=True)):
-        start = row if row < num_decode else num_decode + (row - num_decode) * max_q_len
-        for i, pos in enumerate(range(seq_len - q_len, seq_len)):
-            slot_pages[start + i] = inputs["page_tables"][row, pos // 16]
-            slot_offsets[start + i] = pos % 16
-    args = dict(q=inputs["q"], k=k, v=v, kv=kv, layer=inputs["layer"], q_lens=inputs["q_lens"],
-                seq_lens=inputs["seq_lens"], page_tables=inputs["page_tables"],
+    slot_pages, slot_offsets, real = token_slots(dict(inputs, k_pages=kv.k["norm"]))
+    np.testing.assert_array_equal(real, valid)
+    args = dict(q=inputs["q"], k=k, v=v, kv=kv, layer=inputs["layer"], rows=inputs["rows"],
                 slot_pages=jnp.asarray(slot_pages), slot_offsets=jnp.asarray(slot_offsets),
-                num_decode=num_decode, max_q_len=max_q_len, sm_scale=inputs["sm_scale"])
+                sm_scale=inputs["sm_scale"])
     with jax.default_matmul_precision("highest"):  # both encode the same codes
         ref, ref_kv = kv_compress.write_and_attend(**args, backend="reference")
-        out, out_kv = kv_compress.write_and_attend(**args, backend="pallas_gpu")
+        out, out_kv = kv_compress.write_and_attend(**args, backend=backend)
     for a, b in zip(jax.tree.leaves(ref_kv), jax.tree.leaves(out_kv), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert not np.array_equal(np.asarray(ref_kv.k["norm"]), np.asarray(kv.k["norm"]))
+    # Exactly the real tokens' slots changed.
+    layer = int(inputs["layer"])
+    changed = np.any(np.asarray(ref_kv.k["norm"]) != np.asarray(kv.k["norm"]), axis=-1)
+    expected = np.zeros_like(changed)
+    expected[layer, slot_pages[valid], slot_offsets[valid]] = True
+    np.testing.assert_array_equal(changed, expected)
     np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], rtol=RTOL,
                                atol=ATOL)
+    assert np.all(np.asarray(out)[~valid] == 0)
 
 
 TPU_CASES = [
-    ([1, 1, 1], [15, 16, 17], 64, 16, (8, 2)),  # decodes straddling a page boundary
+    ([1, 1, 1], [15, 16, 17], 64, 16, (8, 2)),  # decode-only: decodes straddling a page
     ([13, 1, 5, 1], [13, 70, 21, 33], 128, 8, (9, 3)),  # ragged mix, a group of 3
+    # unsorted mix: full prefill, decodes, chunks deep into long contexts
+    ([5, 1, 13, 1, 3], [5, 150, 120, 47, 200], 64, 16, (8, 2)),
 ]
 
 
-# Both cases at both bit widths; the ragged mix at 4 bits (16 s interpreted) runs with
+# Every case at both bit widths; the mixes at 4 bits (16 s interpreted) run with
 # `make test-slow` (the default run must fit 20 minutes cold).
 @pytest.mark.parametrize("compression,q_lens,ctx_lens,head_dim,page_size,heads", [
     pytest.param(compression, *case, marks=pytest.mark.slow)
-    if (compression, case) == ("turboquant-mse-4", TPU_CASES[1]) else (compression, *case)
+    if compression == "turboquant-mse-4" and case is not TPU_CASES[0] else (compression, *case)
     for compression in ("turboquant-mse-4", "turboquant-mse-2") for case in TPU_CASES])
 def test_tpu_kernel_matches_reference(compression, q_lens, ctx_lens, head_dim, page_size,
                                       heads):

@@ -20,7 +20,7 @@ from kernels_pallas.paged_attention import (
     tpu,
     write_and_attend,
 )
-from tests.kernels.paged_attention_cases import make_case
+from tests.kernels.paged_attention_cases import make_case, token_slots
 
 KERNELS = {
     "pallas_gpu": functools.partial(gpu.ragged_paged_attention,
@@ -43,16 +43,35 @@ def check(kernel: str, case, **tuning) -> None:
     assert np.all(out[~valid] == 0)  # padding query slots and empty rows give zeros
 
 
+# Every case lies on one flat token axis (`ragged`): decode rows, full prefills and prefill
+# chunks in the order given, then padding rows and tokens.
+STEPS = [
+    # decode-only step (token r is row r's): decodes straddling a page boundary (page 16)
+    pytest.param([1, 1, 1], [15, 16, 17], None, id="decode-only"),
+    # decode-only with a row of context but no token between decodes, as a step may have
+    pytest.param([1, 0, 1, 1], [15, 40, 16, 33], True, id="decode-only-gap"),
+    # one-token rows on a mixed step's axis (prompts' last single-token chunks)
+    pytest.param([1, 1, 1], [15, 16, 17], False, id="single-tokens-mixed"),
+    # ragged mix: full prefill, decode, chunk, decode
+    pytest.param([13, 1, 5, 1], [13, 70, 21, 33], None, id="mix"),
+    # unsorted mix: full prefill, decode, chunk deep into a long context, decode, chunk
+    pytest.param([5, 1, 13, 1, 3], [5, 150, 120, 47, 200], None, id="mix-unsorted-long"),
+    # a chunk of more than one prefill block (64 queries) deep into its context, a row of
+    # context without tokens, among decodes and a full prefill
+    pytest.param([3, 1, 70, 0, 1, 2], [3, 150, 200, 60, 47, 220], None, id="mix-multi-block"),
+    # prompt exactly filling a page; chunk deep into a context
+    pytest.param([16, 32], [16, 100], None, id="prefill-only"),
+]
+
+
 @kernel_names
-@pytest.mark.parametrize("q_lens,ctx_lens", [
-    ([1, 1, 1], [15, 16, 17]),  # decodes straddling a page boundary (page 16)
-    ([13, 1, 5, 1], [13, 70, 21, 33]),  # ragged mix: full prefill, decode, chunk, decode
-    ([16, 32], [16, 100]),  # prompt exactly filling a page; chunk deep into a context
-])
-def test_matches_reference(kernel, q_lens, ctx_lens):
+@pytest.mark.parametrize("q_lens,ctx_lens,decode_only", STEPS)
+def test_matches_reference(kernel, q_lens, ctx_lens, decode_only):
     rng = np.random.default_rng(sum(ctx_lens))
-    check(kernel, make_case(rng, q_lens, ctx_lens, head_dim=64, page_size=16, num_heads=8,
-                            num_kv_heads=2, pad_decode=2, pad_prefill=1))
+    case = make_case(rng, q_lens, ctx_lens, head_dim=64, page_size=16, num_heads=8,
+                     num_kv_heads=2, pad_decode=2, pad_prefill=1, decode_only=decode_only)
+    assert case[0]["rows"].decode_only == (decode_only is not False and max(q_lens) == 1)
+    check(kernel, case)
 
 
 # The default run keeps the group-of-3 geometry; the other two run with `make test-slow` (the
@@ -77,16 +96,21 @@ def test_sliding_window_and_soft_cap(kernel):
 
 @kernel_names
 def test_random_ragged_batches(kernel):
-    """Random mixes of decode rows and prefill chunks with odd lengths and padding rows."""
+    """Random flat axes: decode rows, prefill chunks of odd lengths and rows of context without
+    tokens in random order, padding rows and tokens; the first batch is a decode-only step."""
     rng = np.random.default_rng(2026)
-    for _ in range(4):
+    for i in range(4):
         n = int(rng.integers(1, 6))
-        q_lens = [int(x) for x in rng.choice([1, 1, 2, 7, 19, 33], n)]
+        decode_only = i == 0
+        q_lens = [int(x) for x in rng.choice([0, 1, 1] if decode_only
+                                             else [0, 1, 1, 2, 7, 19, 33], n)]
+        if not decode_only and not any(q_lens):
+            q_lens[0] = 2
         ctx_lens = [q + int(rng.integers(0, 90)) for q in q_lens]
         check(kernel, make_case(rng, q_lens, ctx_lens, head_dim=64,
                                 page_size=int(rng.choice([16, 32])), num_heads=6,
                                 num_kv_heads=2, pad_decode=int(rng.integers(0, 3)),
-                                pad_prefill=int(rng.integers(0, 3))))
+                                pad_prefill=int(rng.integers(0, 3)), decode_only=decode_only))
 
 
 @kernel_names
@@ -132,23 +156,16 @@ def test_dispatch():
 
 def split_new_tokens(inputs: dict, valid: np.ndarray) -> dict:
     """The case as a step that still has to write its tokens: each query token's K/V is taken
-    out of its slot (which is overwritten with NaN-free junk) and passed as the new k, v."""
-    page_size = inputs["k_pages"].shape[2]
-    num_pages = inputs["k_pages"].shape[1]
-    rows = np.concatenate([np.arange(inputs["num_decode"]), inputs["num_decode"] + np.repeat(
-        np.arange(len(inputs["q_lens"]) - inputs["num_decode"]), inputs["max_q_len"])])
-    index = np.concatenate([np.zeros(inputs["num_decode"], int), np.tile(
-        np.arange(inputs["max_q_len"]), len(inputs["q_lens"]) - inputs["num_decode"])])
-    positions = (inputs["seq_lens"] - inputs["q_lens"])[rows] + index
-    pages = np.where(valid, inputs["page_tables"][rows, np.where(valid, positions, 0)
-                                                  // page_size], num_pages)
-    offsets = np.where(valid, positions % page_size, 0)
+    out of its slot (which is overwritten with NaN-free junk) and passed as the new k, v;
+    padding tokens carry junk too, and a slot page outside the cache."""
+    pages, offsets, real = token_slots(inputs)
+    np.testing.assert_array_equal(real, valid)
     layer = int(inputs["layer"])
-    out = dict(inputs, slot_pages=pages.astype(np.int32), slot_offsets=offsets.astype(np.int32))
+    out = dict(inputs, slot_pages=pages, slot_offsets=offsets)
     new = {}
     for name in ("k_pages", "v_pages"):
         cache = inputs[name].copy()
-        new[name] = np.zeros((len(valid),) + cache.shape[3:], np.float32)
+        new[name] = np.full((len(valid),) + cache.shape[3:], 3.0, np.float32)
         new[name][valid] = cache[layer, pages[valid], offsets[valid]]
         cache[layer, pages[valid], offsets[valid]] = 7.0  # the step must overwrite these
         out[name] = cache
@@ -156,20 +173,38 @@ def split_new_tokens(inputs: dict, valid: np.ndarray) -> dict:
     return {n: jnp.asarray(x) if isinstance(x, np.ndarray) else x for n, x in out.items()}
 
 
+WRITE_STEPS = [
+    # decode-only: decodes at a page's end and start, a one-token prompt, a gap row
+    pytest.param([1, 1, 0, 1], [15, 16, 30, 1], True, id="decode-only"),
+    # decode rows and prefill chunks in one step
+    pytest.param([13, 1, 5, 1], [13, 70, 21, 33], None, id="mix"),
+    # unsorted: full prefill, decodes and chunks deep into long contexts
+    pytest.param([5, 1, 13, 1, 3], [5, 150, 120, 47, 200], None, id="mix-unsorted-long"),
+]
+
+
 @pytest.mark.parametrize("backend", ["reference", "pallas_gpu", "pallas_tpu"])
-@pytest.mark.parametrize("q_lens,ctx_lens", [
-    ([1, 1, 1], [15, 16, 1]),  # decodes at a page's end and start, a one-token prompt
-    ([13, 1, 5, 1], [13, 70, 21, 33]),  # decode rows and prefill chunks in one step
-])
-def test_write_and_attend(backend, q_lens, ctx_lens):
-    """The step's K/V land in their slots (and nowhere else) and attention sees them: the
-    GPU decode kernel stores them itself and attends to them from registers."""
+@pytest.mark.parametrize("q_lens,ctx_lens,decode_only", WRITE_STEPS)
+def test_write_and_attend(backend, q_lens, ctx_lens, decode_only, monkeypatch):
+    """The step's K/V land in their slots (and nowhere else) and attention sees them. On the
+    GPU backend a decode-only step is one decode kernel that stores its rows' K/V itself and
+    attends to them from registers (no scatter at all); a mixed step scatters first."""
     rng = np.random.default_rng(len(q_lens))
     inputs, expected, valid = make_case(rng, q_lens, ctx_lens, head_dim=64, page_size=16,
-                                        num_heads=8, num_kv_heads=2, pad_decode=1)
+                                        num_heads=8, num_kv_heads=2, pad_decode=1,
+                                        decode_only=decode_only)
     step = split_new_tokens(inputs, valid)
+    if backend == "pallas_gpu" and step["rows"].decode_only:
+        def no_scatter(*args, **kwargs):
+            raise AssertionError("a decode-only step's writes belong to the decode kernel")
+        monkeypatch.setattr(gpu, "write_pages", no_scatter)
     out, k_pages, v_pages = write_and_attend(**step, backend=backend)
     np.testing.assert_allclose(np.asarray(out)[valid], expected[valid], rtol=1e-4, atol=1e-4)
     assert np.all(np.asarray(out)[~valid] == 0)
     np.testing.assert_array_equal(np.asarray(k_pages), inputs["k_pages"])
     np.testing.assert_array_equal(np.asarray(v_pages), inputs["v_pages"])
+    if backend != "reference":  # the same step through the reference write + attend
+        ref, ref_k, ref_v = write_and_attend(**step, backend="reference")
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=RTOL, atol=ATOL)
+        np.testing.assert_array_equal(np.asarray(k_pages), np.asarray(ref_k))
+        np.testing.assert_array_equal(np.asarray(v_pages), np.asarray(ref_v))
