@@ -413,15 +413,10 @@ class Engine:
 
     def _advance(self, batch: ScheduledBatch, plan: StepPlan) -> None:
         """Host bookkeeping at launch: tokens are computed, samples are pending."""
-        for i, (r, n) in enumerate(batch.rows):
+        for row, (r, n) in enumerate(batch.rows):  # plan row i is the batch's i-th row
             r.num_computed += n * batch.steps
-            if plan.sample[self._row(plan, batch, i)]:
+            if plan.sample[row]:
                 r.add_pending(batch.steps)
-
-    @staticmethod
-    def _row(plan: StepPlan, batch: ScheduledBatch, i: int) -> int:
-        """The plan row of the batch's i-th row: rows keep the batch's order."""
-        return i
 
     def warmup(self, shapes: list[StepShape] | None = None, freeze: bool = True) -> int:
         """Compile every shape the scheduler can produce (and the split steps constrained
@@ -493,9 +488,8 @@ class Engine:
     def token_mask(self, batch: ScheduledBatch, plan: StepPlan) -> np.ndarray | None:
         """The step's token mask [S, words] if a constrained row samples, else None (all
         allowed). Rows follow the plan's rows, so mixed batches cannot misalign."""
-        rows = [(r.matcher, row) for i, (r, _) in enumerate(batch.rows)
-                if r.matcher is not None and not r.finished
-                and plan.sample[row := self._row(plan, batch, i)]
+        rows = [(r.matcher, row) for row, (r, _) in enumerate(batch.rows)
+                if r.matcher is not None and not r.finished and plan.sample[row]
                 and int(plan.seq_lens[row]) not in r.forced_positions]
         if not rows:
             return None
@@ -523,10 +517,9 @@ class Engine:
         sample = plan.sample.tolist()
         accepted = self._consume_sampled(batch, plan, tokens, sample)
         row_starts = plan.row_starts()
-        for i, (r, n) in enumerate(batch.rows):
+        for row, (r, n) in enumerate(batch.rows):
             if r.finished:  # ended (stop, abort) after this step was launched
                 continue
-            row = self._row(plan, batch, i)
             if r.prompt_logprobs is not None:
                 start, offset = int(plan.seq_lens[row]) - n, int(row_starts[row])
                 for j in range(n if start < len(r.prompt_ids) else 0):
@@ -560,8 +553,7 @@ class Engine:
         host's step). Returns request id -> accepted, for `Request.append_token`; rows it
         leaves out (stop tokens, forced positions, finished requests) append as before."""
         pairs, ids = [], []
-        for i, (r, _) in enumerate(batch.rows):
-            row = self._row(plan, batch, i)
+        for row, (r, _) in enumerate(batch.rows):
             if (r.matcher is not None and sample[row] and not r.finished
                     and self._appends_sample(r, plan, row)
                     and tokens[row] not in r.stop_token_ids):  # a stop token is not consumed

@@ -15,14 +15,13 @@ import uuid
 from typing import Any
 
 from dendrite_jax.engine.sampling_params import SamplingParams
+from dendrite_jax.engine.step_plan import SAMPLING_FIELDS
 from dendrite_jax.model.tokenizer import Tokenizer
 
-_SAMPLING_FIELDS = {  # request field -> SamplingParams field
-    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-    "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop",
-    "ignore_eos": "ignore_eos", "regex": "regex", "choice": "choice", "grammar": "grammar",
-}
+# request field -> SamplingParams field: every per-row sampling field of the step plan
+# (declared once, `step_plan.SAMPLING_FIELDS`), then the ones the host handles.
+_SAMPLING_FIELDS = {f.name: f.name for f in SAMPLING_FIELDS} | {
+    name: name for name in ("stop", "ignore_eos", "regex", "choice", "grammar")}
 _UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "logit_bias": None,
                 "tools": None, "functions": None}
 
