@@ -7,7 +7,9 @@ cache stores each serialized executable (`jax.experimental.serialize_executable`
 of everything that shapes it: the package's own source, JAX's version, the devices, the
 arguments' tree, shapes, dtypes and shardings, and the static arguments. Loading one is a
 file read. Any change of code or setting is a new key, so a stale program is never loaded;
-an unreadable entry is compiled again and rewritten.
+an unreadable entry is compiled again and rewritten. A program stored here is always compiled
+afresh, bypassing JAX's persistent cache: on XLA:CPU an executable that cache served and that
+is serialized again loses its code ("Function ... not found" when run).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from jax._src import config as jax_config
 from jax.experimental import serialize_executable
 
 _PACKAGES = ("dendrite_jax", "kernels_pallas")
@@ -79,7 +82,10 @@ class ProgramCache:
                                                                  out_tree), True
             except Exception:  # an unreadable entry is compiled again
                 path.unlink(missing_ok=True)
-        compiled = compile_fn()
+        # Thread-local: warm-up's other threads keep JAX's persistent cache. JAX has no public
+        # switch for it (jax.config.update is process-wide).
+        with jax_config.enable_compilation_cache(False):
+            compiled = compile_fn()
         try:
             data = pickle.dumps(serialize_executable.serialize(compiled))
         except Exception:  # a backend that cannot serialize keeps no entry

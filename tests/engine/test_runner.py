@@ -95,3 +95,39 @@ def test_program_cache_loads_what_an_earlier_engine_compiled(tmp_path):
     assert again == outputs[0] and llm.engine.runner.loaded_programs == runner.compilations
     other.generate([[1, 2, 3]], params)
     assert other.engine.runner.loaded_programs == 0  # max_num_seqs=4: other shapes, other keys
+
+
+PROGRAM_CACHE_RUN = """
+import sys
+import jax
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from dendrite_jax import LLM, SamplingParams
+from dendrite_jax.engine.program_cache import ProgramCache
+llm = LLM(model="tiny-random", num_pages=32, compilation_cache=False, warmup=False)
+llm.engine.runner.programs = ProgramCache(sys.argv[2]) if sys.argv[2] != "-" else None
+out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0))
+print(out[0].token_ids, llm.engine.runner.loaded_programs)
+"""
+
+
+def test_stored_programs_are_compiled_afresh(tmp_path):
+    """A program JAX's persistent cache already holds is compiled again before it is stored:
+    on XLA:CPU the cache's executable, serialized again, loses its code and fails when run.
+    Three processes: one fills JAX's cache, one stores programs, one loads and runs them."""
+    import subprocess
+    import sys
+
+    jax_cache, programs = str(tmp_path / "jax"), str(tmp_path / "programs")
+
+    def run(program_dir: str) -> str:
+        done = subprocess.run([sys.executable, "-c", PROGRAM_CACHE_RUN, jax_cache, program_dir],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip()
+
+    tokens, _ = run("-").rsplit(" ", 1)
+    assert run(programs) == f"{tokens} 0"  # compiled (JAX's cache had them), then stored
+    loaded_tokens, loaded = run(programs).rsplit(" ", 1)
+    assert loaded_tokens == tokens and int(loaded) > 0
