@@ -98,8 +98,10 @@ class ProgramCache:
 
 
 def default_program_cache() -> ProgramCache | None:
-    """A cache beside JAX's persistent compilation cache, if that one is configured."""
+    """A cache beside JAX's persistent compilation cache, if that one is configured, on
+    accelerators. Not on a CPU: XLA:CPU executables loaded in another process failed to run
+    ("Function wrapped_iota not found") in CI, also when compiled afresh."""
     directory = jax.config.jax_compilation_cache_dir
-    if not directory:
+    if not directory or jax.default_backend() == "cpu":
         return None
     return ProgramCache(Path(directory) / "dendrite_programs")
