@@ -65,6 +65,9 @@ def test_few_shapes_cover_every_step():
     serving = all_shapes(max_num_seqs=64, max_num_batched_tokens=2048, pages_per_seq=8192,
                          min_decode_rows=2, burst=4)
     assert len(serving) <= 40
+    # decode-only 2 .. 64 x (sort, no sort, burst); mixed 16 .. 2048 x sort; prompt logprobs
+    # at 16, 32, 256, 2048
+    assert len(serving) == 6 * 3 + 8 * 2 + 4
     assert {s.pages_per_seq for s in serving} == {8192}
 
 
@@ -75,4 +78,10 @@ def test_no_program_cache_on_a_cpu(tmp_path):
 
     from dendrite_jax.engine.program_cache import default_program_cache
 
-    assert jax.default_backend() == "cpu" and default_program_cache() is None
+    configured = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))  # where one would be made
+    try:
+        assert jax.default_backend() == "cpu" and default_program_cache() is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", configured)
+    assert not (tmp_path / "dendrite_programs").exists()
