@@ -2,8 +2,8 @@
 
 Steps are compiled ahead of time (`jit(...).lower(...).compile()`) per `StepShape`, so the
 runner knows exactly how many compilations serving has caused; `warmup` compiles a whole set on
-a thread pool (XLA compiles outside the GIL) and then refuses new ones; a second start loads
-them from disk (`program_cache`). The KV cache and the
+a thread pool (XLA compiles outside the GIL) and then refuses new ones; on accelerators a second
+start loads them from disk (`program_cache`). The KV cache and the
 per-slot state are donated to every step and replaced by the step's outputs. A shape can also
 compile as a split step (a forward executable, then a sampling one), which constrained
 decoding may use to fill its token mask while the forward runs. With device automata
@@ -156,8 +156,8 @@ class ModelRunner:
         # (shape, seconds) per compilation, loads from the persistent cache included.
         self.compile_log: list[tuple[StepShape, float]] = []
         self._log_lock = threading.Lock()
-        # Compiled programs on disk (beside JAX's persistent cache, where one is configured):
-        # a second start loads them without tracing.
+        # Compiled programs on disk (on accelerators, beside JAX's persistent cache where one is
+        # configured): a second start loads them without tracing.
         self.programs: ProgramCache | None = default_program_cache()
         self.loaded_programs = 0  # of compile_log's entries, those loaded from `programs`
         self.frozen = False  # after warm-up: compiling a new shape raises RecompileError
