@@ -1,7 +1,10 @@
 """Serving benchmarks: decode throughput, prefill latency, host overhead per step, the host
-cost of admitting a request, and a shared system prompt with and without prefix caching.
+cost of admitting a request, a shared system prompt with and without prefix caching, and a
+mixed stream (requests of random prompt and output lengths and sampling settings, arriving
+together, so prefill chunks and decode rows share steps).
 
     python benchmarks/serving.py                                     # SmolLM2 on CPU
+    python benchmarks/serving.py --workloads=mixed                   # one workload
     python benchmarks/serving.py --model=llama-3.2-1b --dtype=bfloat16 --batch=64 \\
         --shared_prefix=4096 --shared_requests=64 --transformers      # on a GPU
 
@@ -14,8 +17,9 @@ shared-prefix workloads in the same process for a ratio.
 
 Each timed workload also records the tokens its steps computed against the tokens they
 scheduled (`computed_over_scheduled`: a step computes its bucket's `num_tokens`, padding
-included, for `q_lens.sum()` real ones; a decode burst counts each of its steps), read from
-every plan the runner launches, and the runner's compilations before and after it and during it
+included, for `q_lens.sum()` real ones; a decode burst counts each of its steps; also split
+into mixed steps, which carry prefill chunks, and decode-only ones), read from every plan the
+runner launches, and the runner's compilations before and after it and during it
 (`compiles_during`: with `--warmup=on` anything but 0 is a shape warm-up missed, which the
 runner refuses with RecompileError).
 """
@@ -45,6 +49,13 @@ flags.DEFINE_integer("shared_prefix", 1024, "System-prompt tokens shared by ever
 flags.DEFINE_integer("shared_requests", 16, "Requests sharing the system prompt.")
 flags.DEFINE_integer("max_num_batched_tokens", 512, "Token budget per step.")
 flags.DEFINE_float("kv_cache_gb", 1.0, "KV cache size in GiB.")
+flags.DEFINE_list("workloads", ["decode", "prefill", "add_request", "shared_prefix", "mixed"],
+                  "Workloads to run.")
+flags.DEFINE_integer("mixed_requests", 32, "Requests in the mixed workload.")
+flags.DEFINE_integer("mixed_max_prompt", 1024, "Longest prompt of the mixed workload (each "
+                     "is uniform between 16 and this).")
+flags.DEFINE_integer("mixed_max_tokens", 128, "Most new tokens per mixed-workload request "
+                     "(each is uniform between 8 and this).")
 flags.DEFINE_boolean("transformers", False, "Also run Hugging Face transformers (CUDA).")
 flags.DEFINE_enum("warmup", "off", ["on", "off", "auto"], "LLM(warmup=...): compile every step "
                   "shape up front (on; a new shape then raises), on demand (off), or the "
@@ -57,7 +68,8 @@ def token_prompts(n: int, length: int, vocab: int, salt: int = 0) -> list[list[i
     return [[int(t) for t in rng.integers(3, min(vocab, 30000), length)] for _ in range(n)]
 
 
-TOKEN_KEYS = ("computed_tokens", "scheduled_tokens", "launches")
+TOKEN_KEYS = ("computed_tokens", "scheduled_tokens", "launches", "mixed_computed_tokens",
+              "mixed_scheduled_tokens")
 RUN_TOTALS = dict.fromkeys(TOKEN_KEYS, 0)  # the timed workloads'
 ALL_LAUNCHES = dict.fromkeys(TOKEN_KEYS, 0)  # every launched step, untimed ones included
 
@@ -75,8 +87,11 @@ class TokenCounter:
     def _counting(self, launch):
         def counted(plan, *args, **kwargs):
             burst = plan.shape.burst
-            step = {"computed_tokens": plan.shape.num_tokens * burst,
-                    "scheduled_tokens": int(plan.q_lens.sum()) * burst, "launches": 1}
+            computed, scheduled = plan.shape.num_tokens * burst, int(plan.q_lens.sum()) * burst
+            mixed = not plan.shape.decode_only
+            step = {"computed_tokens": computed, "scheduled_tokens": scheduled, "launches": 1,
+                    "mixed_computed_tokens": computed * mixed,
+                    "mixed_scheduled_tokens": scheduled * mixed}
             for totals in (self.totals, ALL_LAUNCHES):
                 for key, value in step.items():
                     totals[key] += value
@@ -87,9 +102,15 @@ class TokenCounter:
 COUNTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LLM -> its TokenCounter
 
 
-def token_ratio(totals: dict) -> float | None:
-    return (totals["computed_tokens"] / totals["scheduled_tokens"]
-            if totals["scheduled_tokens"] else None)
+def token_ratio(totals: dict, kind: str = "") -> float | None:
+    """Computed over scheduled tokens of every step (`kind` ""), or of mixed steps ("mixed_")."""
+    scheduled = totals[f"{kind}scheduled_tokens"]
+    return totals[f"{kind}computed_tokens"] / scheduled if scheduled else None
+
+
+def with_ratios(totals: dict) -> dict:
+    return {**totals, "computed_over_scheduled": token_ratio(totals),
+            "mixed_computed_over_scheduled": token_ratio(totals, "mixed_")}
 
 
 @contextlib.contextmanager
@@ -105,7 +126,7 @@ def measured(llm: LLM, into: dict):
         value = counter.totals[key] - before[key]
         into[key] = into.get(key, 0) + value
         RUN_TOTALS[key] += value
-    into["computed_over_scheduled"] = token_ratio(into)
+    into.update(with_ratios(into))
     into.setdefault("compilations_before", compilations)
     into["compilations_after"] = runner.compilations
     into["compiles_during"] = into.get("compiles_during", 0) + len(new)
@@ -201,6 +222,28 @@ def shared_prefix(prefix_caching: bool, max_model_len: int) -> dict:
             "tokens": [o.token_ids for o in outputs]}
 
 
+def mixed_stream(llm: LLM) -> dict:
+    """Requests of random prompt lengths, output lengths and sampling settings (greedy; top-p;
+    top-k with logprobs), submitted together."""
+    rng = np.random.default_rng(11)
+    n, vocab = FLAGS.mixed_requests, llm.config.vocab_size
+    lengths = rng.integers(16, FLAGS.mixed_max_prompt + 1, n)
+    prompts = [token_prompts(1, int(length), vocab, salt=100 + i)[0]
+               for i, length in enumerate(lengths)]
+    kinds = [dict(temperature=0), dict(temperature=0.8, top_p=0.95),
+             dict(temperature=0.7, top_k=40, logprobs=2)]
+    params = [SamplingParams(max_tokens=int(m), ignore_eos=True, seed=i, **kinds[i % 3])
+              for i, m in enumerate(rng.integers(8, FLAGS.mixed_max_tokens + 1, n))]
+    llm.generate(token_prompts(3, 40, vocab, salt=5), params[:3])  # compile small shapes
+    tokens: dict = {}
+    with measured(llm, tokens):
+        seconds, outputs = timed_generate(llm, prompts, params)
+    generated = sum(len(o.token_ids) for o in outputs)
+    return {"requests": n, "prompt_tokens": int(lengths.sum()), "generated_tokens": generated,
+            "seconds": seconds, "tokens_per_s": (generated + int(lengths.sum())) / seconds,
+            "ttft_mean_s": statistics.mean(o.time_to_first_token for o in outputs), **tokens}
+
+
 def transformers_baseline(max_model_len: int) -> dict:
     """HF generate (static cache, compiled) on the decode and shared-prefix workloads."""
     import torch
@@ -222,73 +265,107 @@ def transformers_baseline(max_model_len: int) -> dict:
                               "seconds": shared, "ttft_s": first_token}}
 
 
+WORKLOADS = ("decode", "prefill", "add_request", "shared_prefix", "mixed")
+
+
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
+    unknown = set(FLAGS.workloads) - set(WORKLOADS)
+    if unknown:
+        raise app.UsageError(f"unknown workloads {sorted(unknown)}; choose from {WORKLOADS}")
+    run = set(FLAGS.workloads)
     longest = max([FLAGS.prompt_len + FLAGS.max_tokens, FLAGS.shared_prefix + 64,
+                   FLAGS.mixed_max_prompt + FLAGS.mixed_max_tokens,
                    *(int(n) + 8 for n in FLAGS.prefill_lens)])
     max_model_len = 1 << (longest - 1).bit_length()
-    llm = make_llm(False, FLAGS.batch, max_model_len)
-    report = header("serving", model=FLAGS.model, dtype=FLAGS.dtype, warmup=FLAGS.warmup)
-    report["decode_throughput"] = decode_throughput(llm)
-    report["prefill_latency"] = prefill_latency(llm)
-    report["add_request"] = add_request_cost(llm)
-    del llm
-    without, with_cache = shared_prefix(False, max_model_len), shared_prefix(True, max_model_len)
-    same = without.pop("tokens") == with_cache.pop("tokens")
-    report["shared_prefix"] = {"system_prompt_tokens": FLAGS.shared_prefix,
-                               "without_cache": without, "with_cache": with_cache,
-                               "same_greedy_tokens": same}
-    report["token_efficiency"] = {
-        **RUN_TOTALS, "computed_over_scheduled": token_ratio(RUN_TOTALS),
-        "all_launches": {**ALL_LAUNCHES, "computed_over_scheduled": token_ratio(ALL_LAUNCHES)}}
-    if FLAGS.transformers:
+    report = header("serving", model=FLAGS.model, dtype=FLAGS.dtype, warmup=FLAGS.warmup,
+                    workloads=sorted(run))
+    timed: list[tuple[str, dict]] = []  # (name, row) of each timed workload
+    if run & {"decode", "prefill", "add_request", "mixed"}:
+        llm = make_llm(False, FLAGS.batch, max_model_len)
+        if "decode" in run:
+            report["decode_throughput"] = decode_throughput(llm)
+            timed.append(("decode_throughput", report["decode_throughput"]))
+        if "prefill" in run:
+            report["prefill_latency"] = prefill_latency(llm)
+            timed += [(f"prefill_latency {r['prompt_tokens']}", r)
+                      for r in report["prefill_latency"]]
+        if "add_request" in run:
+            report["add_request"] = add_request_cost(llm)
+        if "mixed" in run:
+            report["mixed"] = mixed_stream(llm)
+            timed.append(("mixed", report["mixed"]))
+        del llm
+    if "shared_prefix" in run:
+        without = shared_prefix(False, max_model_len)
+        with_cache = shared_prefix(True, max_model_len)
+        same = without.pop("tokens") == with_cache.pop("tokens")
+        report["shared_prefix"] = {"system_prompt_tokens": FLAGS.shared_prefix,
+                                   "without_cache": without, "with_cache": with_cache,
+                                   "same_greedy_tokens": same}
+        timed += [("shared_prefix cache off", without), ("shared_prefix cache on", with_cache)]
+    report["token_efficiency"] = {**with_ratios(RUN_TOTALS),
+                                  "all_launches": with_ratios(ALL_LAUNCHES)}
+    if FLAGS.transformers and "decode" in run and "shared_prefix" in run:
         try:
             report["transformers"] = transformers_baseline(max_model_len)
         except Exception as e:  # reported, not hidden: the JSON says why there is no ratio
             report["transformers"] = {"error": f"{type(e).__name__}: {e}"}
 
-    d = report["decode_throughput"]
     print(f"\nserving, {FLAGS.model} {FLAGS.dtype} on {report['device']}")
-    print(f"decode_throughput  batch {d['batch']}: {d['tokens_per_s']:.1f} tok/s, "
-          f"{d['ms_per_step']:.2f} ms/step")
-    print(f"mixed_step_overhead  host {d['host_ms_per_step']:.2f} ms/step (of which launch "
-          f"{d['launch_ms_per_step']:.2f}), blocked reading results {d['wait_ms_per_step']:.2f} "
-          "ms/step")
-    for row in report["prefill_latency"]:
+    if "decode" in run:
+        d = report["decode_throughput"]
+        print(f"decode_throughput  batch {d['batch']}: {d['tokens_per_s']:.1f} tok/s, "
+              f"{d['ms_per_step']:.2f} ms/step")
+        print(f"mixed_step_overhead  host {d['host_ms_per_step']:.2f} ms/step (of which launch "
+              f"{d['launch_ms_per_step']:.2f}), blocked reading results "
+              f"{d['wait_ms_per_step']:.2f} ms/step")
+    for row in report.get("prefill_latency", []):
         print(f"prefill_latency  {row['prompt_tokens']} tokens: {row['seconds'] * 1e3:.1f} ms "
               f"({row['tokens_per_s']:.0f} tok/s)")
-    print(f"add_request  {report['add_request']['us_per_request']:.1f} us per request")
-    print(f"shared_prefix  {FLAGS.shared_prefix}-token system prompt x {FLAGS.shared_requests}:")
-    for row in (without, with_cache):
-        print(f"  cache {'on ' if row['prefix_caching'] else 'off'}: "
-              f"{row['prefill_tokens_computed']:>7} prefill tokens, {row['seconds']:.2f} s, "
-              f"TTFT mean {row['ttft_mean_s']:.3f} s max {row['ttft_max_s']:.3f} s "
-              f"(includes {row['compilations']} compilations, {row['compile_s']:.2f} s)")
-    print(f"  same greedy tokens: {same}")
-    print("computed / scheduled tokens, and compilations during each timed workload "
-          "(before -> after):")
-    for name, row in [("decode_throughput", d),
-                      *((f"prefill_latency {r['prompt_tokens']}", r)
-                        for r in report["prefill_latency"]),
-                      ("shared_prefix cache off", without), ("shared_prefix cache on", with_cache)]:
-        ratio = row["computed_over_scheduled"]
+    if "add_request" in run:
+        print(f"add_request  {report['add_request']['us_per_request']:.1f} us per request")
+    if "mixed" in run:
+        m = report["mixed"]
+        print(f"mixed  {m['requests']} requests, {m['prompt_tokens']} prompt + "
+              f"{m['generated_tokens']} generated tokens in {m['seconds']:.2f} s "
+              f"({m['tokens_per_s']:.0f} tok/s), TTFT mean {m['ttft_mean_s']:.3f} s")
+    if "shared_prefix" in run:
+        print(f"shared_prefix  {FLAGS.shared_prefix}-token system prompt x "
+              f"{FLAGS.shared_requests}:")
+        for row in (without, with_cache):
+            print(f"  cache {'on ' if row['prefix_caching'] else 'off'}: "
+                  f"{row['prefill_tokens_computed']:>7} prefill tokens, {row['seconds']:.2f} s, "
+                  f"TTFT mean {row['ttft_mean_s']:.3f} s max {row['ttft_max_s']:.3f} s "
+                  f"(includes {row['compilations']} compilations, {row['compile_s']:.2f} s)")
+        print(f"  same greedy tokens: {same}")
+
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    print("computed / scheduled tokens (all steps; mixed steps), and compilations during each "
+          "timed workload (before -> after):")
+    for name, row in timed:
         print(f"  {name:26} {row['computed_tokens']:>8} / {row['scheduled_tokens']:<8} = "
-              f"{'-' if ratio is None else f'{ratio:.3f}'}   compiles {row['compiles_during']} "
-              f"({row['compilations_before']} -> {row['compilations_after']})")
+              f"{ratio(row['computed_over_scheduled'])}; mixed "
+              f"{ratio(row['mixed_computed_over_scheduled'])}   compiles "
+              f"{row['compiles_during']} ({row['compilations_before']} -> "
+              f"{row['compilations_after']})")
     e = report["token_efficiency"]
     for name, row in [("all timed workloads", e), ("every launched step", e["all_launches"])]:
         print(f"  {name:26} {row['computed_tokens']:>8} / {row['scheduled_tokens']:<8} = "
-              f"{row['computed_over_scheduled'] or float('nan'):.3f}")
+              f"{ratio(row['computed_over_scheduled'])}; mixed "
+              f"{ratio(row['mixed_computed_over_scheduled'])}")
     if FLAGS.warmup == "on":
-        missed = sum(row["compiles_during"] for row in
-                     [d, *report["prefill_latency"], without, with_cache])
+        missed = sum(row["compiles_during"] for _, row in timed)
         print(f"  warm-up on: {missed} compilations during timed workloads (expected 0)")
-    if FLAGS.transformers:
+    if "transformers" in report:
         t = report["transformers"]
         if "error" in t:
             print(f"transformers baseline failed: {t['error']}")
         else:
+            d = report["decode_throughput"]
             td, ts = t["decode"], t["shared_prefix"]
             td["ours_over_transformers"] = d["tokens_per_s"] / td["tokens_per_s"]
             ts["ours_cache_on_ttft_over_transformers"] = with_cache["ttft_mean_s"] / ts["ttft_s"]

@@ -52,9 +52,8 @@ flags.DEFINE_string("kv_compression", "none",
                     "codes, a TPU kernel turboquant-mse-<1|2|4|8>; the rest run on the "
                     "reference attention backend).")
 flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unrolled"],
-                  "How the forward pass iterates layers (auto: scan on a CPU, where this "
-                  "one-shot run would spend longer compiling unrolled layers than generating; "
-                  "unrolled elsewhere).")
+                  "How the forward pass iterates layers (auto: LLM's default, a scan on a CPU "
+                  "and unrolled elsewhere).")
 flags.DEFINE_integer("max_model_len", None, "Context limit; defaults to the model's.")
 flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace of generation here.")
 
@@ -72,14 +71,9 @@ def main(argv: list[str]) -> int:
                                 top_p=FLAGS.top_p, top_k=FLAGS.top_k, min_p=FLAGS.min_p,
                                 repetition_penalty=FLAGS.repetition_penalty, seed=FLAGS.seed)
         load_start = time.perf_counter()
-        layer_loop = FLAGS.layer_loop
-        if layer_loop == "auto":
-            import jax
-
-            layer_loop = "scan" if jax.default_backend() == "cpu" else "unrolled"
         llm = LLM(model=FLAGS.model, **llm_kwargs(
             dtype=FLAGS.dtype, max_model_len=FLAGS.max_model_len, tokenizer=FLAGS.tokenizer,
-            attention_backend=FLAGS.attention_backend, layer_loop=layer_loop,
+            attention_backend=FLAGS.attention_backend, layer_loop=FLAGS.layer_loop,
             kv_compression=FLAGS.kv_compression, weights_dtype=FLAGS.weights_dtype,
             fp8_keep_layers=fp8_keep_layers(), fp8_fold_norms=fp8_fold_norms(),
             tensor_parallel_size=FLAGS.tensor_parallel_size, warmup=False))

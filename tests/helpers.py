@@ -16,9 +16,9 @@ from dendrite_jax.model.llama import compute_logits, forward
 from dendrite_jax.model.params import Params
 
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# SmolLM2 as the tests' engines run it: float32, layers as one scan, which compiles in a third
-# of the time of the default (unrolled) and runs the same model. Both loops are checked against
-# transformers in `tests/model/test_smollm_parity.py`, the default end to end.
+# SmolLM2 as the tests' engines run it: float32, layers as one scan (the CPU's default; the
+# unrolled loop of accelerators compiles in three times as long). Both loops are checked against
+# transformers in `tests/model/test_smollm_parity.py`.
 SMOLLM = dict(model="smollm2-135m", dtype="float32", layer_loop="scan")
 
 

@@ -136,7 +136,8 @@ class LLM:
                                   threaded_launch=threaded_launch,
                                   device_automata=device_automata,
                                   automaton_states=automaton_states)
-        loop = resolve_layer_loop(layer_loop)
+        platform = (devices[0] if devices else jax.devices()[0]).platform
+        loop = resolve_layer_loop(layer_loop, platform, mixed_layers=bool(fp8_keep_layers))
         if compilation_cache:
             enable_compilation_cache()
         loaded = load_model(model, dtype, tokenizer)

@@ -4,7 +4,8 @@ Iteration-level (Orca-style) continuous batching. Each step it:
 1. gives every running request with one token left a decode row (oldest first);
 2. fills the rest of the token budget with prefill chunks: running requests mid-prompt first,
    then waiting requests it can admit (slots free, pages available), longest prompts split
-   into chunks;
+   into chunks, the last chunk cut where that sizes the step to a compiled token count
+   instead of padding it (`buckets.prefill_to_fit`);
 3. finds pages for all of them, allocating lazily; when the pool runs dry it evicts unused
    prefix-cache pages, then preempts the youngest running request (it is recomputed later).
 With a prefix cache, an admitted request shares the cached pages of its prompt's prefix and
@@ -20,6 +21,7 @@ from collections import deque
 
 from dendrite_jax.cache.pool import PagePool
 from dendrite_jax.cache.prefix_cache import PrefixCache
+from dendrite_jax.engine.buckets import prefill_to_fit
 from dendrite_jax.engine.request import Request, RequestStatus
 
 
@@ -66,6 +68,8 @@ class Scheduler:
         decodes = [r for r in self.running if r.num_uncomputed == 1 and not r.exhausted]
         budget = self.max_num_batched_tokens - len(decodes)
         prefills = self._plan_prefill(budget)
+        prefills = _first_tokens(prefills, prefill_to_fit(
+            len(decodes), sum(n for _, n in prefills), self.max_num_batched_tokens))
         rows: list[tuple[Request, int]] = []
         for r in decodes:
             if r.status is RequestStatus.RUNNING and self._grow(r, r.num_computed + 1):
@@ -275,3 +279,14 @@ def _feeds_whole_prompt(r: Request) -> bool:
     """Prompt logprobs need every prompt token's logits, and a repetition penalty needs every
     prompt token fed to mark it seen: such a request cannot skip shared prompt tokens."""
     return r.params.prompt_logprobs is not None or r.params.repetition_penalty != 1
+
+
+def _first_tokens(rows: list[tuple[Request, int]], tokens: int) -> list[tuple[Request, int]]:
+    """The rows' first `tokens` tokens, in row order."""
+    kept = []
+    for r, n in rows:
+        if tokens <= 0:
+            break
+        kept.append((r, min(n, tokens)))
+        tokens -= n
+    return kept

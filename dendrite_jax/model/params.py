@@ -46,17 +46,22 @@ class Params:
 
 
 # How the forward pass iterates layers. "scan": one lax.scan over stacked weights; compile
-# time independent of depth. "unrolled": a Python loop over per-layer arrays. XLA copies each
-# layer's slice out of a stacked array before its matmul: on 2 CPU cores that tripled the
-# weight traffic of a SmolLM2 decode step (30 vs 20 ms/step), and on an H200 the Llama-3.2-1B
-# shape decoded 1.3-1.6x faster unrolled (benchmarks/layer_loop.py). So "auto" unrolls.
+# time independent of depth. "unrolled": a Python loop over per-layer arrays. On an H200 the
+# Llama-3.2-1B shape decoded 1.3-1.6x faster unrolled (benchmarks/layer_loop.py); on a 2-core
+# CPU, with `decoder_layer` jitted once, the scan decodes SmolLM2 as fast or faster, compiles
+# ~3x faster and needs a third of the temporaries (XLA:CPU keeps buffers of consecutive unrolled
+# layers apart). So "auto" scans on CPUs and unrolls elsewhere, and unrolls wherever layers
+# differ in kind (FP8 layers beside unquantized ones).
 LAYER_LOOPS = ("auto", "scan", "unrolled")
 
 
-def resolve_layer_loop(layer_loop: str) -> str:
+def resolve_layer_loop(layer_loop: str, platform: str, *, mixed_layers: bool = False) -> str:
+    """"scan" or "unrolled" for `layer_loop` on `platform` ("cpu", "gpu", "tpu")."""
     if layer_loop not in LAYER_LOOPS:
         raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
-    return "unrolled" if layer_loop == "auto" else layer_loop
+    if layer_loop != "auto":
+        return layer_loop
+    return "scan" if platform == "cpu" and not mixed_layers else "unrolled"
 
 
 def with_layer_loop(params: Params, layer_loop: str, *, consume: bool = False) -> Params:

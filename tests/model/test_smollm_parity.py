@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct (the real GGUF) against Hugging Face transformers, both float32: greedy
-continuations through the default engine (unrolled layers), logits and prompt logprobs through
-`smollm`, the other tests' engine (scanned layers)."""
+continuations through the default engine, logits (scanned and unrolled layers) and prompt
+logprobs through `smollm`, the other tests' engine."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dendrite_jax import LLM, SamplingParams
+from dendrite_jax.model.params import with_layer_loop
 from tests.helpers import paged_logits
 
 LONG_TEXT = " ".join([
@@ -78,7 +79,8 @@ def test_chat_template_matches_transformers(smollm, hf_smollm):
 
 @pytest.fixture(scope="module")
 def default_llm():
-    """The engine as users get it: every setting at its default (layer_loop "auto": unrolled)."""
+    """The engine as users get it: every setting at its default (on a CPU, layer_loop "auto" is
+    a scan)."""
     return LLM(model="smollm2-135m", dtype="float32")
 
 
@@ -95,13 +97,25 @@ def test_last_position_logits_match(smollm, hf_smollm, prompts):
         assert ours.argmax() == theirs.argmax()
 
 
+def test_unrolled_layers_logits_match(smollm, hf_smollm, prompts):
+    """The unrolled layer loop (the default on accelerators) gives transformers' logits too."""
+    hf_model, _ = hf_smollm
+    model = smollm.model
+    params = with_layer_loop(model.params, "unrolled")
+    assert isinstance(params.layers, tuple)
+    for text in (prompts[0], prompts[-1]):
+        ids = smollm.tokenizer.encode(text)
+        ours = paged_logits(params, model.config, ids)[-1]
+        theirs = _hf_logits(hf_model, ids)[-1]
+        assert np.abs(ours - theirs).max() <= 1e-3 * (theirs.max() - theirs.min()), text[:40]
+
+
 def test_greedy_continuations_match(default_llm, hf_smollm, prompts):
     """Greedy tokens identical to transformers on 12 prompts (plain and chat, one over 500
     tokens), at least 10 of them 32+ tokens long, run as one batch through the default
     engine."""
     hf_model, _ = hf_smollm
     llm = default_llm
-    assert isinstance(llm.model.params.layers, tuple)  # unrolled layers
     encoded = [llm.tokenizer.encode(p) for p in prompts]
     assert len(encoded) >= 12 and max(len(e) for e in encoded) > 500
     outputs = llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0))

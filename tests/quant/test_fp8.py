@@ -208,7 +208,7 @@ def test_fp8_params_are_a_pytree_of_arrays(smollm2):
 def test_random_weight_preset_quantizes_at_load():
     llm = LLM(model="tiny-random", dtype="float32", weights_dtype="fp8-channel",
               compilation_cache=False, warmup=False)
-    assert llm.model.params.layers[0].w_down.scheme == "fp8-channel"
+    assert llm.model.params.layers.w_down.scheme == "fp8-channel"  # a scan on a CPU
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0,
                                                     ignore_eos=True))
     assert len(out[0].token_ids) == 3
@@ -282,7 +282,7 @@ def test_llm_folds_norms_by_scheme():
     base = dict(model="tiny-random", dtype="float32", compilation_cache=False, warmup=False)
 
     def folded(**kwargs):
-        layer = LLM(**base, **kwargs).model.params.layers[0]  # unrolled
+        layer = LLM(**base, layer_loop="unrolled", **kwargs).model.params.layers[0]
         return [getattr(layer, n).input_rms_eps is not None for n in fp8.PROJECTIONS]
 
     assert folded(weights_dtype="fp8") == [True, False, True, False]

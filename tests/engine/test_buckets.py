@@ -1,0 +1,35 @@
+"""The bucket policy's step sizing: the scheduler cuts a mixed step's last prefill chunk to a
+compiled token count rather than pad it past `PAD_SLACK`, and never starves prefill."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dendrite_jax.engine.buckets import PAD_SLACK, mixed_ladder, prefill_to_fit
+
+
+@given(budget=st.sampled_from([16, 48, 512, 600, 2048]), data=st.data())
+def test_prefill_to_fit(budget, data):
+    num_decode = data.draw(st.integers(0, budget - 1))
+    num_prefill = data.draw(st.integers(0, budget - num_decode))
+    ladder = mixed_ladder(budget)
+    total = num_decode + num_prefill
+    rung = min(t for t in ladder if t >= total)
+    kept = prefill_to_fit(num_decode, num_prefill, budget)
+    if num_prefill == 0:
+        assert kept == 0
+        return
+    assert 1 <= kept <= num_prefill
+    if kept < num_prefill:  # cut: the step fills a rung exactly, where padding would be large
+        assert num_decode + kept in ladder and rung > total * (1 + PAD_SLACK)
+    else:  # whole: the padding is small, or no rung below leaves room for a prefill token
+        assert rung <= total * (1 + PAD_SLACK) or all(
+            t <= num_decode for t in ladder if t < total)
+
+
+def test_prefill_to_fit_examples():
+    assert prefill_to_fit(5, 300, 512) == 256 - 5  # 305 tokens would pad to 512
+    assert prefill_to_fit(5, 470, 512) == 470  # 475 pads to 512 by under 10%
+    assert prefill_to_fit(40, 10, 64) == 10  # the rung below (32) holds no prefill token
+    assert prefill_to_fit(0, 9, 512) == 9  # under the smallest rung
