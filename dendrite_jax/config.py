@@ -162,11 +162,21 @@ def load_preset(name_or_path: str) -> Preset:
             data = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: invalid TOML: {e}") from None
-    if "checkpoint" not in data:
+    checkpoint, model = data.get("checkpoint"), data.get("model")
+    if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: a model preset needs a [checkpoint] table")
-    model = ModelConfig.from_dict({"name": path.stem, **data["model"]}) if "model" in data else None
-    return Preset(name=path.stem, checkpoint=CheckpointSpec(**data["checkpoint"]), model=model,
-                  install_hint=data.get("install_hint", ""))
+    if model is not None and not isinstance(model, dict):
+        raise ValueError(f"{path}: [model] must be a table")
+    unknown = sorted(set(checkpoint) - {f.name for f in dataclasses.fields(CheckpointSpec)})
+    if unknown:
+        raise ValueError(f"{path}: unknown [checkpoint] keys {unknown}")
+    try:
+        return Preset(name=path.stem, checkpoint=CheckpointSpec(**checkpoint),
+                      model=None if model is None else ModelConfig.from_dict(
+                          {"name": path.stem, **model}),
+                      install_hint=str(data.get("install_hint", "")))
+    except (TypeError, ValueError) as e:  # wrong value types reach the dataclasses as TypeError
+        raise ValueError(f"{path}: {e}") from None
 
 
 ENGINE_CONFIG_DIR = CONFIG_DIR / "engine"

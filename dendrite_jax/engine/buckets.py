@@ -24,6 +24,9 @@ from dendrite_jax.engine.step_plan import StepShape
 
 MIN_MIXED_TOKENS = 16  # the smallest step with prefill rows (the GPU prefill kernel's tile)
 PAD_SLACK = 0.1  # the padding a mixed step may carry, as a fraction of its tokens, rather than wait
+# Steps below this many tokens are bound by reading the weights, not by compute (on an H100 a
+# bf16 step turns compute-bound near 300 tokens): padding them costs little, a cut chunk a step.
+CUT_MIN_TOKENS = 256
 
 
 def decode_rows_floor(platform: str, fp8_kernel: bool = False) -> int:
@@ -64,16 +67,18 @@ def mixed_ladder(max_num_batched_tokens: int) -> list[int]:
 def prefill_to_fit(num_decode: int, num_prefill: int, max_num_batched_tokens: int) -> int:
     """How many of `num_prefill` schedulable prefill tokens a step beside `num_decode` decode
     tokens computes: all of them where the step's rung pads them by at most PAD_SLACK, else
-    what fills the rung below exactly (the rest wait for the next step), while that rung leaves
-    a prefill token. Padding is compute spent on nothing; once a step is compute-bound it is
-    time every running request waits."""
+    what fills the rung below exactly (the rest wait for the next step), where that rung has
+    at least CUT_MIN_TOKENS and leaves a prefill token. Padding a compute-bound step is time
+    every running request waits; cutting a chunk delays its request's first token a step."""
     total = num_decode + num_prefill
     ladder = mixed_ladder(max_num_batched_tokens)
     rung = min((t for t in ladder if t >= total), default=total)
     if num_prefill == 0 or rung <= total * (1 + PAD_SLACK):
         return num_prefill
     below = max((t for t in ladder if t < total), default=0)
-    return below - num_decode if below > num_decode else num_prefill
+    if below < CUT_MIN_TOKENS or below <= num_decode:
+        return num_prefill
+    return below - num_decode
 
 
 def prompt_logprob_ladder(max_num_batched_tokens: int) -> list[int]:

@@ -33,6 +33,7 @@ from dendrite_jax.grammar.automaton import AutomatonArena, AutomatonCursor
 from dendrite_jax.grammar.device_automaton import FROM_SLOT, NO_AUTOMATON
 from dendrite_jax.model.loader import LoadedModel
 from dendrite_jax.quant import fp8
+from dendrite_jax.validation import is_int
 
 THREADED_MIN_ROWS = 16  # see `Engine.threads`
 
@@ -147,7 +148,7 @@ class Engine:
         n, vocab = len(prompt_ids), self.model.config.vocab_size
         if n == 0:
             raise ValueError("prompt is empty: give at least one token")
-        bad = [t for t in prompt_ids if not (isinstance(t, int | np.integer) and 0 <= t < vocab)]
+        bad = [t for t in prompt_ids if not (is_int(t) and 0 <= t < vocab)]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
         if n >= self.max_model_len:

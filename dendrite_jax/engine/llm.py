@@ -21,6 +21,7 @@ from dendrite_jax.model.tokenizer import Tokenizer
 from dendrite_jax.parallel import tensor
 from dendrite_jax.quant.fp8 import FOLD_NORMS, quantize_weights, weight_scheme
 from dendrite_jax.search.beam import BeamSearchOutput, BeamSearchParams, beam_search
+from dendrite_jax.validation import check_text, is_int
 from kernels_pallas import kv_compress
 from kernels_pallas.fp8_matmul import resolve_backend as resolve_fp8_matmul
 from kernels_pallas.paged_attention import resolve_backend
@@ -203,11 +204,16 @@ class LLM:
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> str:
         """Queue one request without running it; returns its request id."""
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
+        prompts = _as_prompt_list(prompt)
+        if len(prompts) != 1:
+            raise ValueError(f"add_request takes one prompt, got {len(prompts)}")
         if params.num_sequences > 1:
             raise ValueError("add_request takes one sequence per request; for n or best_of use "
                              "generate or stream")
-        return self._make_requests([prompt], [params])[0][0].request_id
+        return self._make_requests(prompts, [params])[0][0].request_id
 
     def abort(self, request_id: str) -> bool:
         """Stop a queued or running request and free its pages."""
@@ -353,6 +359,9 @@ def _params_list(sampling_params: SamplingParams | Sequence[SamplingParams] | No
         return [SamplingParams()] * count
     if isinstance(sampling_params, SamplingParams):
         return [sampling_params] * count
+    if not isinstance(sampling_params, list | tuple):
+        raise ValueError(f"sampling_params must be a SamplingParams or a list of them, got "
+                         f"{type(sampling_params).__name__}")
     params = list(sampling_params)
     if len(params) != count:
         raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; pass one, or "
@@ -361,15 +370,22 @@ def _params_list(sampling_params: SamplingParams | Sequence[SamplingParams] | No
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """Prompts as a list of strings (valid Unicode) and token-id lists (integers, not bools:
+    bytes are not token ids)."""
     if isinstance(prompts, str):
-        return [prompts]
+        return [check_text(prompts, "prompt")]
+    if not isinstance(prompts, list | tuple):
+        raise ValueError(f"prompts must be a string, a list of token ids or a list of those, "
+                         f"got {type(prompts).__name__}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
-    if all(isinstance(p, int) for p in prompts):
+    if all(is_int(p) for p in prompts):
         return [prompts]
-    for p in prompts:
-        if not (isinstance(p, str) or (isinstance(p, list | tuple) and
-                                       all(isinstance(t, int) for t in p))):
-            raise ValueError(f"each prompt must be a string or a list of token ids, got {p!r:.80}")
-    return [p if isinstance(p, str) else list(p) for p in prompts]
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            check_text(p, f"prompts[{i}]")
+        elif not (isinstance(p, list | tuple) and all(is_int(t) for t in p)):
+            raise ValueError(f"prompts[{i}] must be a string or a list of token ids (integers), "
+                             f"got {p!r:.80}")
+    return [p if isinstance(p, str) else [int(t) for t in p] for p in prompts]

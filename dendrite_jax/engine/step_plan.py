@@ -60,7 +60,9 @@ class PlanField:
 
 
 def _seed_bits(seed: int) -> int:
-    return int(np.uint32(seed).view(np.int32))
+    """A seed's 32 bits as an int32 (a 64-bit seed's halves folded together: seeds below 2**32
+    are unchanged)."""
+    return int(np.uint32((seed ^ (seed >> 32)) & 0xFFFFFFFF).view(np.int32))
 
 
 FIELDS: tuple[PlanField, ...] = (
@@ -80,7 +82,7 @@ FIELDS: tuple[PlanField, ...] = (
     PlanField("automaton_state", np.int32, "row", NO_AUTOMATON,
               "the row's device-automaton state, NO_AUTOMATON or FROM_SLOT"),
     PlanField("top_k", np.int32, "row", 0, "top-k (<= 0: off)",
-              sampling=lambda p, seed: p.top_k),
+              sampling=lambda p, seed: min(p.top_k, np.iinfo(np.int32).max)),
     PlanField("seed", np.int32, "row", 0, "the request's seed (uint32 bits)",
               sampling=lambda p, seed: _seed_bits(seed)),
     PlanField("temperature", np.float32, "row", 0.0, "0: greedy",

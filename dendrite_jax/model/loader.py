@@ -3,6 +3,9 @@
 `model` may be a preset name (`smollm2-135m`, `llama-3.2-1b`), a preset `.toml` path, a
 `.gguf` file, or a Hugging Face checkpoint directory. `tokenizer` replaces the model's own (or
 gives a random-weight preset one): a Hugging Face tokenizer directory or a `.gguf` file.
+A malformed checkpoint raises `CheckpointError` (a ValueError) naming the file and the tensor
+or key; weights holding NaN or infinity are refused at load. Nothing a checkpoint or preset
+names is imported or executed.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import importlib.util
 from pathlib import Path
 
 from dendrite_jax.config import ModelConfig, Preset, load_preset
+from dendrite_jax.model.checkpoint_error import CheckpointError
 from dendrite_jax.model.gguf_file import GgufFile
-from dendrite_jax.model.params import Params
+from dendrite_jax.model.params import Params, nonfinite_weights
 from dendrite_jax.model.tokenizer import Tokenizer
 from dendrite_jax.model.weights import load_gguf, load_hf, load_random
 
@@ -29,6 +33,10 @@ class LoadedModel:
 def preset_gguf_path(preset: Preset) -> Path:
     """The GGUF file a preset names inside an installed Python package."""
     spec = preset.checkpoint
+    if not spec.python_package.isidentifier():
+        # A dotted name would import (run) its parent package to find the child.
+        raise ValueError(f"model {preset.name!r}: python_package must be a top-level package "
+                         f"name, got {spec.python_package!r}")
     found = importlib.util.find_spec(spec.python_package)
     if found is None or found.origin is None:
         hint = f" ({preset.install_hint})" if preset.install_hint else ""
@@ -53,6 +61,15 @@ def load_tokenizer(source: str) -> Tokenizer:
                      "file")
 
 
+def check_finite(model: LoadedModel) -> LoadedModel:
+    """`model` if its weights hold no NaN or infinity, else CheckpointError naming them."""
+    bad = nonfinite_weights(model.params)
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise CheckpointError(model.source, f"weights hold NaN or infinite values: {shown}")
+    return model
+
+
 def load_model(model: str, dtype: str, tokenizer: str | None = None) -> LoadedModel:
     loaded = _load(model, dtype)
     if tokenizer is not None:
@@ -64,15 +81,15 @@ def _load(model: str, dtype: str) -> LoadedModel:
     path = Path(model).expanduser()
     if path.is_dir():
         cfg, params = load_hf(path, dtype)
-        return LoadedModel(cfg, params, Tokenizer.from_hf_dir(path), str(path))
+        return check_finite(LoadedModel(cfg, params, Tokenizer.from_hf_dir(path), str(path)))
     if path.suffix == ".gguf":
-        return _load_gguf_file(path, dtype)
+        return check_finite(_load_gguf_file(path, dtype))
     preset = load_preset(model)
     if preset.checkpoint.format == "random":
         assert preset.model is not None, "random presets carry a [model] table"
         return LoadedModel(preset.model, load_random(preset.model, dtype, preset.checkpoint.seed),
                            None, f"{preset.name} (random weights)")
-    return _load_gguf_file(preset_gguf_path(preset), dtype, name=preset.name)
+    return check_finite(_load_gguf_file(preset_gguf_path(preset), dtype, name=preset.name))
 
 
 def _load_gguf_file(path: Path, dtype: str, name: str | None = None) -> LoadedModel:
@@ -85,6 +102,6 @@ def _load_gguf_file(path: Path, dtype: str, name: str | None = None) -> LoadedMo
 def _checked(model: LoadedModel) -> LoadedModel:
     tokenizer = model.tokenizer
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{model.source}: the tokenizer has {tokenizer.vocab_size} tokens but the "
-                         f"model's embedding has only {model.config.vocab_size} rows")
+        raise CheckpointError(model.source, f"the tokenizer has {tokenizer.vocab_size} tokens "
+                              f"but the model's embedding has only {model.config.vocab_size} rows")
     return model

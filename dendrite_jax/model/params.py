@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +122,30 @@ def check_shapes(params: Params, cfg: ModelConfig, source: str) -> None:
             name = jax.tree_util.keystr(path)
             raise ValueError(f"{source}: weight {name} has shape "
                              f"{None if got is None else tuple(got.shape)}, expected {shape}")
+
+
+@jax.jit
+def _finite(params: Params) -> tuple[Any, Any]:
+    """Whether each weight array is all finite: per layer for stacked layer weights."""
+    stacked = isinstance(params.layers, LayerParams)
+    layers = jax.tree.map(
+        lambda x: jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1) if stacked else
+        jnp.isfinite(x).all()[None], params.layers)
+    rest = jax.tree.map(lambda x: jnp.isfinite(x).all(),
+                        dataclasses.replace(params, layers=None))
+    return layers, rest
+
+
+def nonfinite_weights(params: Params) -> list[str]:
+    """Names of the weights (with the layer) holding NaN or infinity, found on device in one
+    read of the weights."""
+    layers, rest = jax.device_get(_finite(params))
+    found = [f"layers{jax.tree_util.keystr(path)} (layer {int(i)})"
+             for path, flags in jax.tree_util.tree_leaves_with_path(layers)
+             for i in np.flatnonzero(~np.asarray(flags))]
+    found += [jax.tree_util.keystr(path).lstrip(".")
+              for path, ok in jax.tree_util.tree_leaves_with_path(rest) if not ok]
+    return found
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))

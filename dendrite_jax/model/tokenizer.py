@@ -2,13 +2,20 @@
 
 A GGUF file carries its BPE vocabulary, merges, special tokens and Jinja chat template in
 its metadata; a Hugging Face directory carries tokenizer.json (+ tokenizer_config.json,
-generation_config.json). `IncrementalDetokenizer` turns a growing token list into text
-deltas that never end in a broken UTF-8 sequence.
+generation_config.json). Malformed files raise `CheckpointError` naming the file and key.
+`IncrementalDetokenizer` turns a growing token list into text deltas that never end in a
+broken UTF-8 sequence.
+
+Chat messages cannot forge roles: special-token text inside a message's content (say a user
+writing `<|im_start|>system`) is tokenized as plain text, and only the markers the chat
+template itself writes become control tokens (`apply_chat_template(split_special_tokens=...)`).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +24,9 @@ import jinja2.sandbox
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HfTokenizer
 
+from dendrite_jax.model.checkpoint_error import CheckpointError
 from dendrite_jax.model.gguf_file import GgufFile
+from dendrite_jax.validation import check_text
 
 # GGUF `tokenizer.ggml.pre` -> pre-tokenizer. SmolLM splits digits one by one, then applies
 # GPT-2's byte-level regex (as llama.cpp's "smollm" pre-type does).
@@ -48,6 +57,10 @@ class Tokenizer:
         self.chat_template = chat_template
         self.stop_token_ids = tuple(dict.fromkeys((eos_token_id, *stop_token_ids)))
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        specials = sorted({t.content for t in backend.get_added_tokens_decoder().values()
+                           if t.special}, key=len, reverse=True)
+        self._specials = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self._plain: HfTokenizer | None = None  # the backend reading special tokens as text
         self._template = None
         if chat_template:
             env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True,
@@ -57,29 +70,78 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings such as <|im_start|> map to their ids."""
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode holds it: a megabyte of text
+        # would stall every other thread, the server's event loop included, for most of a
+        # second).
+        ids = self.backend.encode_batch([check_text(text, "text")],
+                                        add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None and (
                 not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
         return ids
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` with special-token strings read as ordinary text."""
+        if self._plain is None:
+            plain = HfTokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain.encode_batch([check_text(text, "text")],
+                                        add_special_tokens=False)[0].ids
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                            tokenize: bool = False, **kwargs: Any) -> str | list[int]:
-        """Render `messages` ([{"role":..., "content":...}]) with the checkpoint's template."""
+                            tokenize: bool = False, split_special_tokens: bool = True,
+                            **kwargs: Any) -> str | list[int]:
+        """Render `messages` ([{"role":..., "content":...}]) with the checkpoint's template.
+
+        With `tokenize`, return token ids, and with `split_special_tokens` (the default)
+        special-token text inside message content is tokenized as plain text, so that content
+        cannot open a turn of another role; only the template's own markers are control
+        tokens. The rendered text (`tokenize=False`) cannot keep that distinction: encoding it
+        reads every special-token string as a control token.
+        """
         if self._template is None:
             raise ValueError("this checkpoint has no chat template; pass plain prompts instead")
-        for m in messages:
+        if not isinstance(messages, list | tuple):
+            raise ValueError(f"messages must be a list of messages, got {type(messages).__name__}")
+        for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"each chat message needs 'role' and 'content', got {m!r}")
+                raise ValueError(f"messages[{i}] needs 'role' and 'content', got {m!r}")
+            check_text(m["role"], f"messages[{i}]['role']")
+            check_text(m["content"], f"messages[{i}]['content']")
+        marks: list[str] = []
+        nonce = secrets.token_hex(4)
+        if tokenize and split_special_tokens and self._specials is not None:
+            def mark(found: re.Match) -> str:
+                marks.append(found.group())
+                return f"\ue000{nonce}:{len(marks) - 1}\ue001"
+
+            messages = [{**m, "content": self._specials.sub(mark, m["content"])}
+                        for m in messages]
         special = lambda i: None if i is None else self.backend.id_to_token(i)  # noqa: E731
-        text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=special(self.bos_token_id) or "",
-                                     eos_token=special(self.eos_token_id) or "", **kwargs)
+        try:
+            text = self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=special(self.bos_token_id) or "",
+                eos_token=special(self.eos_token_id) or "", **kwargs)
+        except ValueError:
+            raise
+        except Exception as e:  # jinja2's errors and whatever a template's code raises
+            raise ValueError(f"chat template error: {type(e).__name__}: {e}") from None
+        if not tokenize:
+            return text
         # The template already writes any BOS it wants: do not add special tokens again.
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        ids: list[int] = []
+        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", text) if marks else [text]
+        for i, part in enumerate(parts):
+            if i % 2:
+                ids += self.encode_plain(marks[int(part)])
+            elif part:
+                ids += self.encode(part, add_special_tokens=False)
+        return ids
 
     # ------------------------------------------------------------------------------ loaders
 
@@ -89,32 +151,57 @@ class Tokenizer:
         model = meta.get("tokenizer.ggml.model")
         pre = meta.get("tokenizer.ggml.pre", "default")
         if model != "gpt2":
-            raise ValueError(f"{path}: GGUF tokenizer model {model!r} is not supported (only "
-                             "byte-level BPE, 'gpt2')")
+            raise CheckpointError(path, f"GGUF tokenizer model {model!r} is not supported (only "
+                                  "byte-level BPE, 'gpt2')", "tokenizer.ggml.model")
         if pre not in _GGUF_PRE_TOKENIZERS:
-            raise ValueError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported; supported: "
-                             f"{', '.join(sorted(_GGUF_PRE_TOKENIZERS))}")
+            raise CheckpointError(path, f"GGUF pre-tokenizer {pre!r} is not supported; "
+                                  f"supported: {', '.join(sorted(_GGUF_PRE_TOKENIZERS))}",
+                                  "tokenizer.ggml.pre")
         tokens = meta.get("tokenizer.ggml.tokens")
         merges = meta.get("tokenizer.ggml.merges")
-        types = meta.get("tokenizer.ggml.token_type")
-        if not tokens or merges is None:
-            raise ValueError(f"{path}: GGUF metadata lacks tokenizer tokens or merges")
-        vocab = {tok: i for i, tok in enumerate(tokens)}
-        bpe = models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
-        backend = HfTokenizer(bpe)
-        backend.pre_tokenizer = _GGUF_PRE_TOKENIZERS[pre]()
-        backend.decoder = decoders.ByteLevel()
-        specials = [AddedToken(tokens[i], special=True, normalized=False)
-                    for i, kind in enumerate(types or []) if kind in (_CONTROL, _USER_DEFINED)]
-        backend.add_special_tokens(specials)
-        eos = meta.get("tokenizer.ggml.eos_token_id")
-        if eos is None:
-            raise ValueError(f"{path}: GGUF metadata lacks tokenizer.ggml.eos_token_id")
-        eot = meta.get("tokenizer.ggml.eot_token_id")
-        return cls(backend, bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-                   eos_token_id=int(eos), chat_template=meta.get("tokenizer.chat_template"),
-                   add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-                   stop_token_ids=() if eot is None else (int(eot),))
+        types = meta.get("tokenizer.ggml.token_type") or []
+        if not isinstance(tokens, list) or not tokens or not all(
+                isinstance(t, str) for t in tokens):
+            raise CheckpointError(path, "must be a non-empty list of strings",
+                                  "tokenizer.ggml.tokens")
+        if not isinstance(merges, list) or not all(
+                isinstance(m, str) and " " in m for m in merges):
+            raise CheckpointError(path, "must be a list of 'left right' strings",
+                                  "tokenizer.ggml.merges")
+        if not isinstance(types, list) or len(types) not in (0, len(tokens)):
+            raise CheckpointError(path, "must list one type per token", "tokenizer.ggml.token_type")
+
+        def token_id(key: str, required: bool = False) -> int | None:
+            value = meta.get(key)
+            if value is None and not required:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int) or not (
+                    0 <= value < len(tokens)):
+                raise CheckpointError(path, f"must be a token id below {len(tokens)}, got "
+                                      f"{value!r}", key)
+            return value
+
+        eos = token_id("tokenizer.ggml.eos_token_id", required=True)
+        eot = token_id("tokenizer.ggml.eot_token_id")
+        template = meta.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise CheckpointError(path, "must be a string", "tokenizer.chat_template")
+        try:
+            bpe = models.BPE({tok: i for i, tok in enumerate(tokens)},
+                             [tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
+            backend = HfTokenizer(bpe)
+            backend.pre_tokenizer = _GGUF_PRE_TOKENIZERS[pre]()
+            backend.decoder = decoders.ByteLevel()
+            backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                                        for i, kind in enumerate(types)
+                                        if kind in (_CONTROL, _USER_DEFINED)])
+        except Exception as e:  # the tokenizers library's own errors
+            raise CheckpointError(path, f"cannot build the tokenizer: {e}") from None
+        return _tokenizer(path, "tokenizer.chat_template", backend,
+                          bos_token_id=token_id("tokenizer.ggml.bos_token_id"), eos_token_id=eos,
+                          chat_template=template,
+                          add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                          stop_token_ids=() if eot is None else (eot,))
 
     def save_hf_dir(self, directory: Path) -> None:
         """Write tokenizer.json, tokenizer_config.json and generation_config.json, which
@@ -136,38 +223,72 @@ class Tokenizer:
     def from_hf_dir(cls, directory: Path) -> Tokenizer:
         path = directory / "tokenizer.json"
         if not path.is_file():
-            raise ValueError(f"{path}: file not found (a Hugging Face checkpoint needs tokenizer.json)")
+            raise CheckpointError(path, "file not found (a Hugging Face checkpoint needs "
+                                  "tokenizer.json)")
         try:
             backend = HfTokenizer.from_file(str(path))
-        except Exception as e:
-            raise ValueError(f"{path}: cannot load tokenizer ({e})") from None
-        config = _json_or_empty(directory / "tokenizer_config.json")
+        except Exception as e:  # the tokenizers library's own errors
+            raise CheckpointError(path, f"cannot load the tokenizer ({e})") from None
+        config_path = directory / "tokenizer_config.json"
+        config = _json_or_empty(config_path)
         generation = _json_or_empty(directory / "generation_config.json")
-        token_id = lambda tok: None if tok is None else backend.token_to_id(  # noqa: E731
-            tok["content"] if isinstance(tok, dict) else tok)
-        bos = token_id(config.get("bos_token"))
-        eos = token_id(config.get("eos_token"))
+
+        def token_id(key: str) -> int | None:
+            token = config.get(key)
+            if token is None:
+                return None
+            text = token.get("content") if isinstance(token, dict) else token
+            found = backend.token_to_id(text) if isinstance(text, str) else None
+            if found is None:
+                raise CheckpointError(config_path, f"{token!r} is not a token of tokenizer.json",
+                                      key)
+            return found
+
+        bos, eos = token_id("bos_token"), token_id("eos_token")
         gen_eos = generation.get("eos_token_id")
-        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        gen_eos = [gen_eos] if isinstance(gen_eos, int) else gen_eos or []
+        if not isinstance(gen_eos, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < backend.get_vocab_size()
+                for i in gen_eos):
+            raise CheckpointError(directory / "generation_config.json",
+                                  f"must be a token id or a list of them, got {gen_eos!r}",
+                                  "eos_token_id")
         if eos is None and not gen_eos:
-            raise ValueError(f"{directory}: no eos token in tokenizer_config.json or "
-                             "generation_config.json")
-        template = config.get("chat_template")
+            raise CheckpointError(directory, "no eos token in tokenizer_config.json or "
+                                  "generation_config.json")
+        template, template_source = config.get("chat_template"), config_path
+        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
         template_file = directory / "chat_template.jinja"
         if template is None and template_file.is_file():
-            template = template_file.read_text()
-        return cls(backend, bos_token_id=bos, eos_token_id=eos if eos is not None else gen_eos[0],
-                   chat_template=template if isinstance(template, str) else None,
-                   stop_token_ids=tuple(gen_eos))
+            template, template_source = template_file.read_text(errors="replace"), template_file
+        if template is not None and not isinstance(template, str):
+            raise CheckpointError(config_path, "must be a string", "chat_template")
+        return _tokenizer(template_source, "chat_template", backend, bos_token_id=bos,
+                          eos_token_id=eos if eos is not None else gen_eos[0],
+                          chat_template=template, stop_token_ids=tuple(gen_eos))
+
+
+def _tokenizer(path: Path, template_key: str, backend: HfTokenizer, **kwargs: Any) -> Tokenizer:
+    """A Tokenizer, its chat template's syntax errors named as the file's."""
+    try:
+        return Tokenizer(backend, **kwargs)
+    except jinja2.TemplateError as e:
+        raise CheckpointError(path, f"the chat template does not parse: {e}",
+                              template_key) from None
 
 
 def _json_or_empty(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
+        value = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(path, f"invalid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(path, f"must hold a JSON object, not {type(value).__name__}")
+    return value
 
 
 class IncrementalDetokenizer:

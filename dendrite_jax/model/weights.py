@@ -1,7 +1,9 @@
 """Checkpoints -> (ModelConfig, Params): GGUF files, Hugging Face directories, random weights.
 
 Weights are converted on the host into the stacked, fused, `[in, out]` layout of `Params`
-and cast to the compute dtype. No pickle, no network: only local files are read.
+and cast to the compute dtype. No pickle, no network: only local files are read, and only
+inside the checkpoint's directory. Every malformed input raises `CheckpointError` naming the
+file and the tensor or key; each tensor's shape is checked against the config as it is read.
 """
 
 from __future__ import annotations
@@ -16,24 +18,37 @@ import jax.numpy as jnp
 import numpy as np
 
 from dendrite_jax.config import ModelConfig, RopeScaling
+from dendrite_jax.model.checkpoint_error import CheckpointError, finite_float, positive_int
 from dendrite_jax.model.gguf_file import GgufFile
 from dendrite_jax.model.params import LayerParams, Params, check_shapes, random_params
 from dendrite_jax.model.safetensors_reader import read_safetensors
 from dendrite_jax.progress import Progress
 
-GetTensor = Callable[[str], np.ndarray]
+GetTensor = Callable[[str, tuple[int, ...]], np.ndarray]  # (name, expected shape) -> array
+
+
+def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Each checkpoint tensor's shape, [out, in] for matrices, by its key in the name tables."""
+    d, q, kv, hd = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.head_dim
+    inter, vocab = cfg.intermediate_size, cfg.vocab_size
+    return {"embed": (vocab, d), "lm_head": (vocab, d), "final_norm": (d,), "attn_norm": (d,),
+            "mlp_norm": (d,), "q": (q, d), "k": (kv, d), "v": (kv, d), "o": (d, q),
+            "gate": (inter, d), "up": (inter, d), "down": (d, inter), "q_bias": (q,),
+            "k_bias": (kv,), "v_bias": (kv,), "q_norm": (hd,), "k_norm": (hd,)}
 
 
 def _assemble(cfg: ModelConfig, get: GetTensor, names: dict[str, str], dtype: str,
               source: str) -> Params:
     """Build Params from per-layer tensors in [out, in] layout, named by `names` templates."""
     n = cfg.num_layers
+    shapes = checkpoint_shapes(cfg)
     fields: dict[str, list[np.ndarray]] = {k: [] for k in (
         "attn_norm", "w_qkv", "w_o", "mlp_norm", "w_gate_up", "w_down", "b_qkv", "q_norm",
         "k_norm")}
     progress = Progress(f"loading {source}", n)
     for i in range(n):
-        t = lambda key, i=i: np.asarray(get(names[key].format(i=i)), np.float32)  # noqa: E731
+        t = lambda key, i=i: np.asarray(  # noqa: E731
+            get(names[key].format(i=i), shapes[key]), np.float32)
         fields["attn_norm"].append(t("attn_norm"))
         fields["w_qkv"].append(np.concatenate([t("q"), t("k"), t("v")], axis=0).T)
         fields["w_o"].append(t("o").T)
@@ -50,9 +65,10 @@ def _assemble(cfg: ModelConfig, get: GetTensor, names: dict[str, str], dtype: st
     to_device = lambda x: jnp.asarray(x, dtype)  # noqa: E731
     layers = LayerParams(**{k: to_device(np.stack(v)) if v else None for k, v in fields.items()})
     lm_head = None if cfg.tie_word_embeddings else to_device(
-        np.asarray(get(names["lm_head"]), np.float32).T)
-    params = Params(embed=to_device(np.asarray(get(names["embed"]), np.float32)),
-                    layers=layers, final_norm=to_device(np.asarray(get(names["final_norm"]))),
+        np.asarray(get(names["lm_head"], shapes["lm_head"]), np.float32).T)
+    params = Params(embed=to_device(np.asarray(get(names["embed"], shapes["embed"]), np.float32)),
+                    layers=layers,
+                    final_norm=to_device(np.asarray(get(names["final_norm"], shapes["final_norm"]))),
                     lm_head=lm_head)
     check_shapes(params, cfg, source)
     return params
@@ -74,30 +90,45 @@ def gguf_model_config(gguf: GgufFile) -> ModelConfig:
     meta, path = gguf.metadata, gguf.path
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama'); "
-                         "use a Hugging Face directory for other families")
+        raise CheckpointError(path, f"GGUF architecture {arch!r} is not supported (only "
+                              "'llama'); use a Hugging Face directory for other families",
+                              "general.architecture")
 
-    def need(key: str) -> Any:
-        value = meta.get(f"llama.{key}")
+    def integer(key: str, default: Any = None) -> int:
+        value = meta.get(f"llama.{key}", default)
         if value is None:
-            raise ValueError(f"{path}: GGUF metadata lacks llama.{key}")
-        return value
+            raise CheckpointError(path, "GGUF metadata lacks this key", f"llama.{key}")
+        return positive_int(value, path, f"llama.{key}")
 
-    num_heads = need("attention.head_count")
-    hidden = need("embedding_length")
-    vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+    def number(key: str, default: Any = None) -> float:
+        value = meta.get(f"llama.{key}", default)
+        if value is None:
+            raise CheckpointError(path, "GGUF metadata lacks this key", f"llama.{key}")
+        return finite_float(value, path, f"llama.{key}", positive=True)
+
+    num_heads, hidden = integer("attention.head_count"), integer("embedding_length")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = meta.get("llama.vocab_size") or (len(tokens) if isinstance(tokens, list) else None)
+    if vocab is None:
+        raise CheckpointError(path, "GGUF metadata gives no vocabulary size (llama.vocab_size "
+                              "or tokenizer.ggml.tokens)", "llama.vocab_size")
     if meta.get("llama.rope.scaling.type") not in (None, "none"):
-        raise ValueError(f"{path}: GGUF rope scaling is not supported")
-    return ModelConfig(
-        name=path.stem, vocab_size=int(vocab), hidden_size=int(hidden),
-        intermediate_size=int(need("feed_forward_length")), num_layers=int(need("block_count")),
-        num_heads=int(num_heads),
-        num_kv_heads=int(meta.get("llama.attention.head_count_kv", num_heads)),
-        head_dim=int(meta.get("llama.rope.dimension_count", hidden // num_heads)),
-        max_position_embeddings=int(need("context_length")),
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        tie_word_embeddings="output.weight" not in gguf.tensors)
+        raise CheckpointError(path, "GGUF rope scaling is not supported", "llama.rope.scaling.type")
+    try:
+        return ModelConfig(
+            name=path.stem, vocab_size=positive_int(vocab, path, "llama.vocab_size"),
+            hidden_size=hidden, intermediate_size=integer("feed_forward_length"),
+            num_layers=integer("block_count"), num_heads=num_heads,
+            num_kv_heads=integer("attention.head_count_kv", num_heads),
+            head_dim=integer("rope.dimension_count", hidden // num_heads or None),
+            max_position_embeddings=integer("context_length"),
+            rope_theta=number("rope.freq_base", 10000.0),
+            rms_norm_eps=number("attention.layer_norm_rms_epsilon"),
+            tie_word_embeddings="output.weight" not in gguf.tensors)
+    except CheckpointError:
+        raise
+    except ValueError as e:  # the config's own consistency checks
+        raise CheckpointError(path, f"inconsistent model metadata: {e}") from None
 
 
 def _unpermute_rotary(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -111,14 +142,17 @@ def load_gguf(path: Path, dtype: str) -> tuple[ModelConfig, Params, GgufFile]:
     gguf = GgufFile(path)
     cfg = gguf_model_config(gguf)
 
-    def get(name: str) -> np.ndarray:
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         tensor = gguf.tensors.get(name)
         if tensor is None:
-            raise ValueError(f"{path}: tensor {name!r} is missing")
+            raise CheckpointError(path, "tensor is missing", name)
+        if tensor.shape != shape:
+            raise CheckpointError(path, f"tensor has shape {tensor.shape}, the model's "
+                                  f"metadata needs {shape}", name)
         try:
             w = tensor.dequantize()
-        except Exception as e:
-            raise ValueError(f"{path}: cannot dequantize {name!r}: {e}") from None
+        except Exception as e:  # gguf's dequantizers raise assorted types on bad data
+            raise CheckpointError(path, f"cannot dequantize the tensor: {e}", name) from None
         if name.endswith("attn_q.weight"):
             w = _unpermute_rotary(w, cfg.num_heads)
         elif name.endswith("attn_k.weight"):
@@ -149,85 +183,141 @@ HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`."""
     if not path.is_file():
-        raise ValueError(f"{path}: file not found")
+        raise CheckpointError(path, "file not found")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
+        value = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(path, f"invalid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(path, f"must hold a JSON object, not {type(value).__name__}")
+    return value
 
 
 def hf_model_config(directory: Path) -> ModelConfig:
-    raw = _read_json(directory / "config.json")
+    path = directory / "config.json"
+    raw = _read_json(path)
     family = raw.get("model_type")
     if family not in HF_FAMILIES:
-        raise ValueError(f"{directory / 'config.json'}: model_type {family!r} is not supported; "
-                         f"supported: {', '.join(HF_FAMILIES)}")
+        raise CheckpointError(path, f"model type {family!r} is not supported; supported: "
+                              f"{', '.join(HF_FAMILIES)}", "model_type")
     if raw.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{directory}: hidden_act {raw['hidden_act']!r} is not supported")
+        raise CheckpointError(path, f"{raw['hidden_act']!r} is not supported", "hidden_act")
     if raw.get("mlp_bias"):
-        raise ValueError(f"{directory}: mlp_bias is not supported")
+        raise CheckpointError(path, "MLP biases are not supported", "mlp_bias")
+
+    def integer(key: str, default: Any = None) -> int:
+        value = raw.get(key, default)
+        if value is None:
+            raise CheckpointError(path, "missing", key)
+        return positive_int(value, path, key)
+
     # transformers >= 5 writes rope settings as `rope_parameters`; older versions as
     # `rope_theta` + `rope_scaling`.
-    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_key = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+    rope = raw.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(path, f"must be an object, got {rope!r}", rope_key)
+    rope = dict(rope)
+    theta = finite_float(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)), path,
+                         "rope_theta", positive=True)
     kind = rope.pop("rope_type", rope.pop("type", "default"))
+
+    def rope_number(key: str) -> float:
+        if key not in rope:
+            raise CheckpointError(path, f"missing (rope type {kind!r} needs it)",
+                                  f"{rope_key}.{key}")
+        return finite_float(rope[key], path, f"{rope_key}.{key}", positive=True)
+
     scaling = None
-    if kind == "llama3":
-        scaling = RopeScaling(kind="llama3", **{k: rope[k] for k in (
-            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")})
-    elif kind == "linear":
-        scaling = RopeScaling(kind="linear", factor=rope["factor"])
-    elif kind != "default":
-        raise ValueError(f"{directory}: rope type {kind!r} is not supported (default, linear, llama3)")
+    try:
+        if kind == "llama3":
+            scaling = RopeScaling(kind="llama3", **{k: rope_number(k) for k in (
+                "factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings")})
+        elif kind == "linear":
+            scaling = RopeScaling(kind="linear", factor=rope_number("factor"))
+        elif kind != "default":
+            raise CheckpointError(path, f"rope type {kind!r} is not supported (default, linear, "
+                                  "llama3)", f"{rope_key}.rope_type")
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(path, str(e), rope_key) from None
     sliding_window = None
-    if family == "mistral":
-        sliding_window = raw.get("sliding_window")
-    elif raw.get("use_sliding_window"):
-        raise ValueError(f"{directory}: per-layer sliding window ({family}) is not supported")
-    heads = raw["num_attention_heads"]
-    return ModelConfig(
-        name=directory.name, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
-        intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"],
-        num_heads=heads, num_kv_heads=raw.get("num_key_value_heads") or heads,
-        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-        max_position_embeddings=raw.get("max_position_embeddings", 4096),
-        rope_theta=float(theta), rope_scaling=scaling,
-        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        attention_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
-        qk_norm=family == "qwen3", sliding_window=sliding_window)
+    if family == "mistral" and raw.get("sliding_window") is not None:
+        sliding_window = integer("sliding_window")
+    elif family != "mistral" and raw.get("use_sliding_window"):
+        raise CheckpointError(path, f"a per-layer sliding window ({family}) is not supported",
+                              "use_sliding_window")
+    heads, hidden = integer("num_attention_heads"), integer("hidden_size")
+    try:
+        return ModelConfig(
+            name=directory.name, vocab_size=integer("vocab_size"), hidden_size=hidden,
+            intermediate_size=integer("intermediate_size"),
+            num_layers=integer("num_hidden_layers"), num_heads=heads,
+            num_kv_heads=integer("num_key_value_heads", heads),
+            head_dim=integer("head_dim", hidden // heads or None),
+            max_position_embeddings=integer("max_position_embeddings", 4096),
+            rope_theta=theta, rope_scaling=scaling,
+            rms_norm_eps=finite_float(raw.get("rms_norm_eps", 1e-6), path, "rms_norm_eps",
+                                      positive=True),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
+            qk_norm=family == "qwen3", sliding_window=sliding_window)
+    except ValueError as e:  # the config's own consistency checks
+        raise CheckpointError(path, f"inconsistent model config: {e}") from None
+
+
+def _inside(directory: Path, file: Path, source: Path) -> Path:
+    """`file` if it resolves inside `directory` (symbolic links followed), else CheckpointError
+    naming `source`, the file that pointed at it."""
+    resolved = file.resolve()
+    if not resolved.is_relative_to(directory.resolve()):
+        raise CheckpointError(source, f"points outside the checkpoint directory: {file}")
+    return file
 
 
 def _hf_weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map", {})
-        files = sorted({directory / f for f in weight_map.values()})
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(index, "must map tensor names to file names", "weight_map")
+        files = sorted({_inside(directory, directory / f, index) for f in weight_map.values()})
         for f in files:
             if not f.is_file():
-                raise ValueError(f"{f}: listed in {index.name} but missing")
+                raise CheckpointError(f, f"listed in {index.name} but missing")
         return files
-    files = sorted(directory.glob("*.safetensors"))
+    files = sorted(_inside(directory, f, f) for f in directory.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{directory}: no *.safetensors weights (pickled .bin checkpoints are "
-                         "not loaded, by design)")
+        raise CheckpointError(directory, "no *.safetensors weights (pickled .bin checkpoints "
+                              "are not loaded, by design)")
     return files
 
 
 def load_hf(directory: Path, dtype: str) -> tuple[ModelConfig, Params]:
     """Load a Llama/Mistral/Qwen2/Qwen3 checkpoint directory (config.json + safetensors)."""
     cfg = hf_model_config(directory)
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, tuple[np.ndarray, Path]] = {}
     for f in _hf_weight_files(directory):
-        tensors.update(read_safetensors(f))
+        for name, array in read_safetensors(f).items():
+            if name in tensors:
+                raise CheckpointError(f, f"tensor also in {tensors[name][1].name}", name)
+            tensors[name] = (array, f)
     if not cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
-        raise ValueError(f"{directory}: lm_head.weight is missing and embeddings are not tied")
+        raise CheckpointError(directory, "lm_head.weight is missing and embeddings are not tied")
 
-    def get(name: str) -> np.ndarray:
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in tensors:
-            raise ValueError(f"{directory}: tensor {name!r} is missing from the safetensors files")
-        return tensors[name]
+            raise CheckpointError(directory, "tensor is missing from the safetensors files", name)
+        array, file = tensors[name]
+        if array.shape != shape:
+            raise CheckpointError(file, f"tensor has shape {array.shape}, config.json needs "
+                                  f"{shape}", name)
+        return array
 
     return cfg, _assemble(cfg, get, _HF_NAMES, dtype, directory.name)
 

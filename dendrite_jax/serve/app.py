@@ -3,40 +3,77 @@
 Routes: POST /v1/completions and /v1/chat/completions (streamed as server-sent events with
 `"stream": true`), GET /v1/models, /health and /metrics. A client that disconnects aborts its
 request, which frees its pages; a full queue answers 503; bad requests get a 4xx with
-OpenAI's error body naming the problem.
+OpenAI's error body naming the problem, and so does a request that fails on its own (a
+constraint that breaks mid-generation, a chat template that fails). `Guard` refuses bad hosts,
+keys, content types and oversized bodies first. The event loop only moves bytes: decoding
+JSON, tokenising and rendering chat templates run on a small thread pool, a template's render
+has a time limit, and grammars compile on the engine thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import json
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dendrite_jax.engine.llm import LLM
+from dendrite_jax.model.tokenizer import Tokenizer
 from dendrite_jax.serve import protocol
 from dendrite_jax.serve.async_engine import AsyncEngine, Delta, QueueFull
+from dendrite_jax.serve.guard import DEFAULT_MAX_BODY_BYTES, Guard
 from dendrite_jax.serve.metrics import registry_for, render
 from dendrite_jax.serve.protocol import ApiError, Parsed
 
 DISCONNECT_POLL_S = 0.1
+DEFAULT_TEMPLATE_TIMEOUT_S = 5.0
+PARSE_THREADS = 4  # decode, tokenise and render requests off the event loop
+RENDER_THREADS = 2  # chat templates; a render past its time limit keeps its thread until done
+
+log = logging.getLogger(__name__)
 
 
 def _error(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-async def _json(request: Request) -> object:
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own 404 and 405, in OpenAI's error body."""
+    return _error(ApiError(exc.status_code, exc.detail, headers=exc.headers))
+
+
+def _failed(final: Delta, parsed: Parsed) -> ApiError:
+    """The error ending a request: its own failure (a constraint that broke mid-generation) is
+    a 400 naming the constraint's field; no output means the engine thread died (500)."""
+    if final.output is None or not final.output.error:
+        return ApiError(500, "the engine stopped while running this request (see /health)",
+                        kind="server_error", code="engine_stopped")
+    return ApiError(400, final.output.error, parsed.constraint_field, code="request_failed")
+
+
+def _timed_render(pool: concurrent.futures.Executor, timeout_s: float,
+                  tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+    """`protocol.render_chat` on `pool`, waited for at most `timeout_s` (from a parse thread,
+    never the event loop). A render past it is answered 422 and its thread runs on until the
+    render ends: a sandboxed template's loops are bounded by the (size-limited) body."""
+    future = pool.submit(protocol.render_chat, tokenizer, messages)
     try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from e
+        return future.result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError as e:
+        future.cancel()  # still queued behind other renders: never starts
+        raise ApiError(422, f"the chat template did not render these messages within "
+                       f"{timeout_s:g} s", "messages", code="template_timeout") from e
 
 
 def _sse(payload: dict | str) -> bytes:
@@ -67,14 +104,30 @@ async def _collect(deltas: AsyncIterator[Delta], request: Request) -> Delta | No
     return task.result()
 
 
-def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 256
-               ) -> Starlette:
-    """An app serving `llm`; its engine thread starts now and stops with the app."""
+def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 256,
+               api_key: str | None = None, allowed_hosts: Iterable[str] = ("*",),
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               template_timeout_s: float = DEFAULT_TEMPLATE_TIMEOUT_S) -> Starlette:
+    """An app serving `llm`; its engine thread starts now and stops with the app. `api_key`:
+    required as `Authorization: Bearer` on /v1 routes; `allowed_hosts`: the Host names
+    answered ("*" any, "*.example.com" a domain's); `max_body_bytes`: larger bodies get 413;
+    `template_timeout_s`: a chat template rendering longer gets 422."""
     engine = AsyncEngine(llm, max_pending=max_pending)
     name = model_name or llm.config.name
     registry = registry_for(engine)
     max_model_len = llm.engine.max_model_len
     created = int(time.time())
+    tokenizer = llm.tokenizer
+    max_prompt_chars = protocol.prompt_char_limit(tokenizer, max_model_len)
+    parse_pool = concurrent.futures.ThreadPoolExecutor(PARSE_THREADS, "dendrite-parse")
+    render_pool = concurrent.futures.ThreadPoolExecutor(RENDER_THREADS, "dendrite-render")
+    render_chat = functools.partial(_timed_render, render_pool, template_timeout_s)
+
+    def parse_request(parse: Callable, raw: bytes) -> Parsed:
+        """On a parse thread: the request's bytes to a `Parsed` request."""
+        body = protocol.decode_body(raw)
+        kwargs = {"render": render_chat} if parse is protocol.parse_chat else {}
+        return parse(body, tokenizer, name, max_model_len, max_prompt_chars, **kwargs)
 
     async def admit(parsed: Parsed):
         try:
@@ -82,7 +135,7 @@ def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 25
         except QueueFull as e:
             raise ApiError(503, str(e), kind="server_error", code="queue_full") from e
         except ValueError as e:
-            raise ApiError(400, str(e)) from e
+            raise ApiError(400, str(e), parsed.param_for(str(e))) from e
         except RuntimeError as e:  # the engine has stopped (/health says why)
             raise ApiError(503, str(e), kind="server_error", code="engine_stopped") from e
 
@@ -90,10 +143,16 @@ def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 25
                  chat: bool):
         async def handle(request: Request) -> Response:
             try:
-                parsed = parse(await _json(request), llm.tokenizer, name, max_model_len)
+                raw = await request.body()  # at most max_body_bytes (Guard)
+                parsed = await asyncio.get_running_loop().run_in_executor(
+                    parse_pool, parse_request, parse, raw)
                 request_id, deltas = await admit(parsed)
             except ApiError as e:
                 return _error(e)
+            except Exception as e:  # noqa: BLE001 - a server fault, answered in OpenAI's shape
+                log.exception("request failed")
+                return _error(ApiError(500, f"internal error: {type(e).__name__}",
+                                       kind="server_error"))
             rid = protocol.new_id(prefix)
             if not parsed.stream:
                 final = await _collect(deltas, request)
@@ -101,8 +160,7 @@ def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 25
                     engine.abort(request_id)
                     return Response(status_code=499)
                 if final.finish_reason == "error":
-                    message = final.output.error if final.output else "the engine failed"
-                    return _error(ApiError(500, message, kind="server_error"))
+                    return _error(_failed(final, parsed))
                 return JSONResponse(full_body(rid, parsed.model, final.text,
                                               final.finish_reason, len(parsed.prompt_ids),
                                               len(final.token_ids)))
@@ -115,8 +173,7 @@ def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 25
                                                              "content": ""}, None))
                     async for d in deltas:
                         if d.finish_reason == "error":
-                            message = d.output.error if d.output else "the engine failed"
-                            yield _sse(ApiError(500, message, kind="server_error").body())
+                            yield _sse(_failed(d, parsed).body())
                             finished = True
                             break
                         content = {"content": d.text} if chat else d.text
@@ -149,6 +206,8 @@ def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 25
     async def lifespan(app):
         yield
         engine.stop()
+        parse_pool.shutdown(wait=False, cancel_futures=True)
+        render_pool.shutdown(wait=False, cancel_futures=True)
 
     app = Starlette(routes=[
         Route("/v1/completions", endpoint(protocol.parse_completion, protocol.completion_body,
@@ -158,6 +217,7 @@ def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 25
                                                protocol.chat_chunk, "chatcmpl", True),
               methods=["POST"]),
         Route("/v1/models", models), Route("/health", health), Route("/metrics", metrics),
-    ], lifespan=lifespan)
+    ], lifespan=lifespan, exception_handlers={HTTPException: _http_error}, middleware=[Middleware(
+        Guard, api_key=api_key, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)])
     app.state.engine = engine
     return app

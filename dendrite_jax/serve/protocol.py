@@ -1,22 +1,30 @@
 """OpenAI-compatible request parsing and response shapes (completions and chat completions).
 
-`parse_completion` / `parse_chat` turn a JSON body into a `Parsed` request (prompt, prompt ids,
+`decode_body` turns the request's bytes into JSON, refusing what JSON or the engine cannot take
+(NaN and Infinity, lone surrogates, deep nesting) with the path of the value at fault.
+`parse_completion` / `parse_chat` turn that JSON into a `Parsed` request (prompt, prompt ids,
 SamplingParams, stream flag) or raise `ApiError` with the HTTP status and the field at fault;
-the engine's own validation (`SamplingParams`, prompt length) surfaces the same way. Fields
-outside OpenAI's (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `regex`, `choice`,
-`grammar`) are accepted as vLLM accepts them.
+the engine's own validation (`SamplingParams`, prompt length) surfaces the same way. They
+tokenise and render templates, so the server runs them off its event loop. Fields outside
+OpenAI's (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `regex`, `choice`, `grammar`)
+are accepted as vLLM accepts them. Every error message is one line (`errors.one_line`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.engine.step_plan import SAMPLING_FIELDS
 from dendrite_jax.model.tokenizer import Tokenizer
+from dendrite_jax.serve.errors import ApiError
 
 # request field -> SamplingParams field: every per-row sampling field of the step plan
 # (declared once, `step_plan.SAMPLING_FIELDS`), then the ones the host handles.
@@ -24,18 +32,34 @@ _SAMPLING_FIELDS = {f.name: f.name for f in SAMPLING_FIELDS} | {
     name: name for name in ("stop", "ignore_eos", "regex", "choice", "grammar")}
 _UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "logit_bias": None,
                 "tools": None, "functions": None}
+MAX_DEPTH = 64  # JSON nesting a request may have (a JSON schema's included)
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str = "invalid_request_error", code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.code = (status, message, param,
-                                                                       kind, code)
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code}}
+
+def _is_integer(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_strings(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
+# The JSON type each sampling field must have: a wrong type is refused here, naming the field,
+# before SamplingParams or the engine thread sees it. Values are checked by SamplingParams.
+_FIELD_TYPES: dict[str, tuple[Callable[[object], bool], str]] = {
+    **{name: (_is_number, "a number") for name in (
+        "temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+        "frequency_penalty")},
+    **{name: (_is_integer, "an integer") for name in ("top_k", "seed")},
+    "ignore_eos": (lambda v: isinstance(v, bool), "a boolean"),
+    "regex": (lambda v: isinstance(v, str), "a string"),
+    "grammar": (lambda v: isinstance(v, str), "a string"),
+    "choice": (_is_strings, "a list of strings"),
+    "stop": (lambda v: isinstance(v, str) or _is_strings(v), "a string or a list of strings"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +69,91 @@ class Parsed:
     params: SamplingParams
     stream: bool
     model: str
+    prompt_field: str = "prompt"  # the request field the prompt came from
+
+    @property
+    def constraint_field(self) -> str | None:
+        """The request field holding the request's constraint, if it has one."""
+        for name in ("regex", "grammar", "choice"):
+            if getattr(self.params, name) is not None:
+                return name
+        return "response_format" if self.params.json_schema is not None else None
+
+    def param_for(self, engine_message: str) -> str | None:
+        """The field an engine's refusal at admission is about: the prompt (empty, bad ids,
+        too long), max_tokens (more KV pages than the cache has), else the constraint."""
+        if engine_message.startswith("prompt"):
+            return self.prompt_field
+        if "KV pages" in engine_message:
+            return "max_tokens"
+        return self.constraint_field
+
+
+class _NonFinite:
+    """Stands in for NaN or Infinity while a body is decoded, so its path can be named."""
+
+
+_NON_FINITE = _NonFinite()
+
+
+def _finite_float(text: str) -> float | _NonFinite:
+    value = float(text)  # 1e999 is inf
+    return value if math.isfinite(value) else _NON_FINITE
+
+
+def decode_body(raw: bytes) -> Any:
+    """The request's JSON; raises ApiError (400) for text that is not JSON, NaN, Infinity
+    and numbers too large for a float, lone surrogates (text that is not Unicode, which the
+    tokenizer cannot encode) and nesting deeper than MAX_DEPTH, naming the value's path."""
+    try:
+        body = json.loads(raw, parse_constant=lambda _: _NON_FINITE,
+                          parse_float=_finite_float)
+    except RecursionError as e:
+        raise ApiError(400, f"the request body nests deeper than {MAX_DEPTH} levels") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of 5,000 digits
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from e
+    _check_values(body)
+    return body
+
+
+def _check_values(body: Any) -> None:
+    """Walk the decoded body (iteratively: depth is what is checked) for values JSON should
+    not carry."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            field = path.split(".")[0].split("[")[0]  # the top-level field, not its depths
+            raise ApiError(400, f"the request body nests deeper than {MAX_DEPTH} levels",
+                           _param(field))
+        if value is _NON_FINITE:
+            raise ApiError(400, f"'{path}' must be a finite number (JSON has no NaN or "
+                           "Infinity)", _param(path))
+        if isinstance(value, str) and not _is_unicode(value):
+            raise ApiError(400, f"'{path or 'body'}' is not valid Unicode text (it holds a "
+                           "lone surrogate)", _param(path))
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not _is_unicode(key):
+                    raise ApiError(400, f"a key in '{path or 'body'}' is not valid Unicode "
+                                   "text (it holds a lone surrogate)", _param(path))
+                stack.append((item, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
+def _param(path: str) -> str | None:
+    return path or None
+
+
+def _is_unicode(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_model(body: dict, model_name: str) -> str:
@@ -64,12 +173,26 @@ def _sampling(body: dict, max_tokens: int, extra: dict | None = None) -> Samplin
                            field)
     kwargs = {ours: body[theirs] for theirs, ours in _SAMPLING_FIELDS.items()
               if body.get(theirs) is not None}
+    for theirs, ours in _SAMPLING_FIELDS.items():
+        is_type, type_name = _FIELD_TYPES.get(theirs, (lambda v: True, ""))
+        if ours in kwargs and not is_type(kwargs[ours]):
+            raise ApiError(400, f"'{theirs}' must be {type_name}, got {kwargs[ours]!r:.80}",
+                           theirs)
     if body.get("logprobs") not in (None, False, 0):
         raise ApiError(400, "'logprobs' is not supported by this server yet", "logprobs")
     try:
         return SamplingParams(max_tokens=max_tokens, **kwargs, **(extra or {}))
     except (TypeError, ValueError) as e:
-        raise ApiError(400, str(e)) from e
+        fields = {ours: theirs for theirs, ours in _SAMPLING_FIELDS.items()} | {
+            name: "response_format" for name in extra or {}}
+        raise ApiError(400, str(e), _named(str(e), fields)) from e
+
+
+def _named(message: str, fields: dict[str, str]) -> str | None:
+    """The request field whose SamplingParams name the message mentions first, if any."""
+    found = [(m.start(), theirs) for ours, theirs in fields.items()
+             if (m := re.search(rf"\b{re.escape(ours)}\b", message))]
+    return min(found)[1] if found else None
 
 
 def _max_tokens(body: dict, field: str, default: int) -> int:
@@ -88,8 +211,28 @@ def _stream(body: dict) -> bool:
     return stream
 
 
-def parse_completion(body: Any, tokenizer: Tokenizer, model_name: str,
-                     max_model_len: int) -> Parsed:
+def prompt_char_limit(tokenizer: Tokenizer, max_model_len: int) -> int | None:
+    """Characters beyond which a text cannot fit `max_model_len` tokens, so it is refused
+    without being tokenised; None where no such bound holds. Without a normalizer every
+    character of the text is in some token, and no token holds more characters than its
+    vocabulary string (byte-level BPE: one per byte; byte fallback `<0x0A>`: more)."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None or backend.normalizer is not None:
+        return None
+    longest = max((len(t) for t in backend.get_vocab(with_added_tokens=True)), default=0)
+    return max_model_len * longest if longest else None
+
+
+def _check_prompt_chars(chars: int, limit: int | None, field: str) -> None:
+    if limit is not None and chars > limit:
+        raise ApiError(400, f"'{field}' has {chars:,} characters: more tokens than the "
+                       f"model's context holds ({limit:,} characters at most)", field)
+
+
+def parse_completion(body: Any, tokenizer: Tokenizer, model_name: str, max_model_len: int,
+                     max_prompt_chars: int | None = None) -> Parsed:
+    """A /v1/completions request; tokenises its prompt (the caller runs it off the loop).
+    A prompt over `max_prompt_chars` (`prompt_char_limit`) is refused untokenised."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = _check_model(body, model_name)
@@ -97,6 +240,7 @@ def parse_completion(body: Any, tokenizer: Tokenizer, model_name: str,
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
+        _check_prompt_chars(len(prompt), max_prompt_chars, "prompt")
         text, ids = prompt, tokenizer.encode(prompt)
     elif isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -106,7 +250,7 @@ def parse_completion(body: Any, tokenizer: Tokenizer, model_name: str,
                        "per request)", "prompt")
     if not ids:
         raise ApiError(400, "'prompt' is empty", "prompt")
-    params = _sampling(body, _max_tokens(body, "max_tokens", 16))
+    params = _sampling(body, _max_tokens(body, "max_tokens", 16), _response_format(body))
     return Parsed(text, ids, params, _stream(body), model)
 
 
@@ -128,7 +272,23 @@ def _response_format(body: dict) -> dict:
                    "'json_object' or 'json_schema')", "response_format")
 
 
-def parse_chat(body: Any, tokenizer: Tokenizer, model_name: str, max_model_len: int) -> Parsed:
+def render_chat(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt ids of `messages` under the model's chat template; a template that fails
+    (its own `raise_exception`, or any error rendering these messages) is the request's
+    fault, answered 400 naming `messages`."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=True)
+    except Exception as e:  # noqa: BLE001 - a template's failure on this input, not ours
+        raise ApiError(400, f"the chat template cannot render these messages: {e}",
+                       "messages") from e
+
+
+def parse_chat(body: Any, tokenizer: Tokenizer, model_name: str, max_model_len: int,
+               max_prompt_chars: int | None = None,
+               render: Callable[[Tokenizer, list[dict]], list[int]] = render_chat) -> Parsed:
+    """A /v1/chat/completions request; `render` gives the prompt ids of its messages (the
+    server passes one with a time limit). The caller runs it off the event loop. Messages
+    whose contents together pass `max_prompt_chars` are refused unrendered."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = _check_model(body, model_name)
@@ -140,15 +300,14 @@ def parse_chat(body: Any, tokenizer: Tokenizer, model_name: str, max_model_len: 
                 or not isinstance(m.get("content"), str)):
             raise ApiError(400, "each message needs a 'role' (system, user or assistant) and "
                            f"text 'content'; got {m!r}", "messages")
-    try:
-        ids = tokenizer.apply_chat_template(
-            [{"role": m["role"], "content": m["content"]} for m in messages], tokenize=True)
-    except ValueError as e:
-        raise ApiError(400, str(e), "messages") from e
-    field = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
+    _check_prompt_chars(sum(len(m["content"]) for m in messages), max_prompt_chars,
+                        "messages")
+    ids = render(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
+    field = ("max_completion_tokens" if body.get("max_completion_tokens") is not None
+             else "max_tokens")
     max_tokens = _max_tokens(body, field, max(max_model_len - len(ids), 1))
     params = _sampling(body, max_tokens, _response_format(body))
-    return Parsed(None, ids, params, _stream(body), model)
+    return Parsed(None, ids, params, _stream(body), model, "messages")
 
 
 def new_id(prefix: str) -> str:

@@ -3,8 +3,7 @@
 A step's flat tokens become decode rows and prefill blocks (`ragged`). Each row attends
 causally to its context, read from its pages a chunk at a time through an online softmax, for
 as many chunks as the step's longest context needs: page tables are always full width, and a
-row costs what its context holds, not what the table could hold. Chunks are shorter for steps
-with many query rows, so that a loop step's scores stay a few MiB.
+row costs what its context holds, not what the table could hold.
 """
 
 from __future__ import annotations
@@ -16,8 +15,7 @@ import jax.numpy as jnp
 
 from kernels_pallas.paged_attention.ragged import RaggedRows, attend_ragged
 
-CHUNK_TOKENS = 256  # keys per loop step, at most
-SCORE_ELEMENTS = 1 << 20  # the most scores one loop step holds (a 4 MiB float32 array)
+CHUNK_TOKENS = 256  # keys per loop step
 
 # read(tables [R, C]) -> (k, v) [R, C * page_size, Hkv, hd] in position order
 ReadPages = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
@@ -30,10 +28,7 @@ def attend_pages(q: jax.Array, q_lens: jax.Array, seq_lens: jax.Array,
     of seq_len keys, read through `read` -> [R, Q, Hq, hd] float32; query slots past q_len
     and rows without context give zeros."""
     rows, max_q_len, num_heads, head_dim = q.shape
-    chunk_tokens = CHUNK_TOKENS  # halved until a loop step's scores fit SCORE_ELEMENTS
-    while chunk_tokens > page_size and rows * max_q_len * num_heads * chunk_tokens > SCORE_ELEMENTS:
-        chunk_tokens //= 2
-    chunk = max(1, min(chunk_tokens // page_size, page_tables.shape[1]))
+    chunk = max(1, min(CHUNK_TOKENS // page_size, page_tables.shape[1]))
     pad = -page_tables.shape[1] % chunk
     tables = jnp.pad(page_tables, ((0, 0), (0, pad))) if pad else page_tables
     q_pos = (seq_lens - q_lens)[:, None] + jnp.arange(max_q_len)  # [R, Q]

@@ -1,12 +1,13 @@
-"""The bucket policy's step sizing: the scheduler cuts a mixed step's last prefill chunk to a
-compiled token count rather than pad it past `PAD_SLACK`, and never starves prefill."""
+"""The bucket policy's step sizing: the scheduler cuts a compute-bound mixed step's last
+prefill chunk to a compiled token count rather than pad it past `PAD_SLACK`, and never starves
+prefill."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dendrite_jax.engine.buckets import PAD_SLACK, mixed_ladder, prefill_to_fit
+from dendrite_jax.engine.buckets import CUT_MIN_TOKENS, PAD_SLACK, mixed_ladder, prefill_to_fit
 
 
 @given(budget=st.sampled_from([16, 48, 512, 600, 2048]), data=st.data())
@@ -21,11 +22,13 @@ def test_prefill_to_fit(budget, data):
         assert kept == 0
         return
     assert 1 <= kept <= num_prefill
+    below = [t for t in ladder if t < total]
     if kept < num_prefill:  # cut: the step fills a rung exactly, where padding would be large
         assert num_decode + kept in ladder and rung > total * (1 + PAD_SLACK)
-    else:  # whole: the padding is small, or no rung below leaves room for a prefill token
-        assert rung <= total * (1 + PAD_SLACK) or all(
-            t <= num_decode for t in ladder if t < total)
+        assert num_decode + kept >= CUT_MIN_TOKENS
+    else:  # whole: the padding is small, the step small, or no rung below has a prefill token
+        assert rung <= total * (1 + PAD_SLACK) or not below or max(below) < CUT_MIN_TOKENS or (
+            max(below) <= num_decode)
 
 
 def test_prefill_to_fit_examples():
@@ -33,3 +36,5 @@ def test_prefill_to_fit_examples():
     assert prefill_to_fit(5, 470, 512) == 470  # 475 pads to 512 by under 10%
     assert prefill_to_fit(40, 10, 64) == 10  # the rung below (32) holds no prefill token
     assert prefill_to_fit(0, 9, 512) == 9  # under the smallest rung
+    assert prefill_to_fit(6, 39, 512) == 39  # 45 pads to 64: a small step, padded
+    assert prefill_to_fit(300, 10, 512) == 10  # the rung below (256) holds no prefill token

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dendrite_jax import LLM, RequestOutput, SamplingParams
 from tests.helpers import paged_logits
@@ -147,6 +150,20 @@ def test_penalties_match_a_host_reference(smollm):
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(logprobs=50), "logprobs must be"),
     (dict(seed=-1), "seed must be"),
+    (dict(temperature="a"), "temperature must be a finite number, got 'a'"),
+    (dict(temperature=float("inf")), "temperature must be a finite number, got inf"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite number"),
+    (dict(top_p=float("nan")), "top_p must be a finite number"),
+    (dict(max_tokens=True), "max_tokens must be an integer >= 1, got True"),
+    (dict(top_k=2.0), "top_k must be an integer"),
+    (dict(seed=True), "seed must be a non-negative integer, got True"),
+    (dict(logprobs=False), "logprobs must be an integer"),
+    (dict(stop_token_ids=[True]), "stop_token_ids must be non-negative integers"),
+    (dict(stop="a\ud800"), r"stop\[0\] is not valid Unicode"),
+    (dict(stop=5), "stop must be a string or a list of strings, got int"),
+    (dict(ignore_eos=1), "ignore_eos must be True or False, got 1"),
+    (dict(regex="\udfff"), "regex is not valid Unicode"),
+    (dict(choice=["ok", "\ud800"]), r"choice\[1\] is not valid Unicode"),
 ])
 def test_invalid_sampling_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -163,6 +180,23 @@ def test_bad_requests_raise_before_anything_runs(smollm):
         smollm.generate([""], GREEDY)
     with pytest.raises(ValueError, match="one per prompt"):
         smollm.generate(["a", "b"], [GREEDY])
+    with pytest.raises(ValueError, match="prompts must be a string, a list of token ids or a "
+                       "list of those, got bytes"):
+        smollm.generate(b"hello", GREEDY)
+    with pytest.raises(ValueError, match=r"prompts\[0\] must be a string or a list of token "
+                       "ids"):
+        smollm.generate([True, 1], GREEDY)
+    with pytest.raises(ValueError, match=r"prompts\[1\] must be"):
+        smollm.generate([[5, 6], [7, False]], GREEDY)
+    with pytest.raises(ValueError, match="prompt is not valid Unicode text"):
+        smollm.generate("half a pair \ud83d", GREEDY)
+    with pytest.raises(ValueError, match="sampling_params must be a SamplingParams or a list "
+                       "of them, got dict"):
+        smollm.generate("hi", {"max_tokens": 3})
+    with pytest.raises(ValueError, match="expected SamplingParams, got dict"):
+        smollm.add_request("hi", {"max_tokens": 3})
+    with pytest.raises(ValueError, match="got bytes"):
+        smollm.add_request(b"hi", GREEDY)
     assert not smollm.engine.has_unfinished()
     assert_pool_empty(smollm)
 
@@ -234,3 +268,29 @@ def test_more_requests_than_slots_and_a_tight_pool():
     assert tight.engine.pool.stats().high_watermark <= 12
     with pytest.raises(ValueError, match="needs .* KV pages"):
         tight.generate([[1] * 100], SamplingParams(max_tokens=50))
+
+
+sampling_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(allow_nan=True),
+    st.text(max_size=4), st.binary(max_size=3), st.lists(st.integers(-2, 5), max_size=3),
+    st.sampled_from(["\ud800", [True], ["a", ""], {"k": 1}]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=st.dictionaries(st.sampled_from([
+    f.name for f in dataclasses.fields(SamplingParams)]), sampling_values, max_size=3))
+def test_fuzzed_sampling_params(fields):
+    """Random values of every type for random fields: ValueError, or params whose numbers
+    are finite and of their type."""
+    try:
+        params = SamplingParams(**fields)
+    except ValueError:
+        return
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty"):
+        value = getattr(params, name)
+        assert not isinstance(value, bool) and math.isfinite(value), name
+    for name in ("max_tokens", "top_k", "n"):
+        value = getattr(params, name)
+        assert isinstance(value, int) and not isinstance(value, bool), name
+    assert all(isinstance(s, str) and s for s in params.stop)
