@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from dendrite_jax.validation import is_int
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DTYPES = ("float32", "bfloat16")
 
@@ -256,6 +258,21 @@ class EngineConfig:
     automaton_states: int = 4096
 
     def __post_init__(self) -> None:
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes",
+                     "seed", "automaton_states", "num_pages", "max_model_len", "decode_burst"):
+            value = getattr(self, name)
+            optional = name in ("num_pages", "max_model_len", "decode_burst")
+            if not (is_int(value) or (optional and value is None)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("split_constrained_steps", "threaded_launch", "forced_tokens",
+                     "device_automata"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (value is None and name != "forced_tokens")):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        if self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be non-negative, got {self.seed}")
         if self.automaton_states < 2:
             raise ValueError(f"automaton_states must be at least 2, got {self.automaton_states}")
         if self.decode_burst is not None and not 1 <= self.decode_burst <= 64:

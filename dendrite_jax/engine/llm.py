@@ -127,6 +127,9 @@ class LLM:
                  threaded_launch: bool | None = None, device_automata: bool | None = None,
                  automaton_states: int = EngineConfig.automaton_states,
                  devices: Sequence[jax.Device] | None = None) -> None:
+        _check_settings(tensor_parallel_size=tensor_parallel_size, warmup=warmup,
+                        enable_prefix_caching=enable_prefix_caching,
+                        compilation_cache=compilation_cache, fp8_keep_layers=fp8_keep_layers)
         engine_cfg = EngineConfig(dtype=dtype, page_size=page_size, num_pages=num_pages,
                                   max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens,
@@ -351,6 +354,24 @@ def _group_output(group: list[Request], params: SamplingParams) -> RequestOutput
         outputs.sort(key=lambda o: -o.cumulative_logprob)
     outputs = outputs[:params.n]
     return dataclasses.replace(outputs[0], samples=outputs)
+
+
+def _check_settings(*, tensor_parallel_size: object, warmup: object,
+                    enable_prefix_caching: object, compilation_cache: object,
+                    fp8_keep_layers: object) -> None:
+    """ValueError naming the first of LLM's own settings (beyond EngineConfig's) of the wrong
+    type."""
+    if not is_int(tensor_parallel_size) or tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be an integer >= 1, got "
+                         f"{tensor_parallel_size!r}")
+    for name, value, optional in (("warmup", warmup, True),
+                                  ("enable_prefix_caching", enable_prefix_caching, False),
+                                  ("compilation_cache", compilation_cache, False)):
+        if not (isinstance(value, bool) or (optional and value is None)):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if not (isinstance(fp8_keep_layers, list | tuple) and all(map(is_int, fp8_keep_layers))):
+        raise ValueError(f"fp8_keep_layers must be a list of layer indices, got "
+                         f"{fp8_keep_layers!r}")
 
 
 def _params_list(sampling_params: SamplingParams | Sequence[SamplingParams] | None,

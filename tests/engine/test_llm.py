@@ -212,6 +212,21 @@ def test_unknown_model_and_bad_engine_settings():
         LLM(model="tiny-random", max_model_len=10**6)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_num_seqs=True), "max_num_seqs must be an integer, got True"),
+    (dict(max_num_seqs="8"), "max_num_seqs must be an integer, got '8'"),
+    (dict(num_pages=3.0), "num_pages must be an integer, got 3.0"),
+    (dict(kv_cache_bytes=-1), "kv_cache_bytes must be positive"),
+    (dict(tensor_parallel_size=True), "tensor_parallel_size must be an integer"),
+    (dict(enable_prefix_caching=1), "enable_prefix_caching must be True or False"),
+    (dict(forced_tokens=None), "forced_tokens must be True or False"),
+    (dict(fp8_keep_layers=[0.5]), "fp8_keep_layers must be a list of layer indices"),
+])
+def test_engine_settings_of_the_wrong_type(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(model="tiny-random", compilation_cache=False, warmup=False, **kwargs)
+
+
 def test_random_weight_preset_runs_token_prompts():
     llm = LLM(model="tiny-random", max_num_seqs=4, num_pages=64, compilation_cache=False)
     outs = llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], SamplingParams(max_tokens=5, temperature=0))
