@@ -8,9 +8,8 @@ ladder of token counts times a few variants:
   `min_decode_rows` up to `max_num_seqs` rounded up; each with and without the logit sort,
   and as a burst of decode steps (without the sort) where bursts are on;
 - mixed steps (any prefill chunk): a power of two from `MIN_MIXED_TOKENS` up to the token
-  budget rounded up, `min(max_num_seqs, num_tokens)` rows; with and without the sort (on an
-  H100 the sort of 16-64 rows of a 128k vocabulary took 1.3-2.4 ms of a 3-12 ms greedy
-  prefill step);
+  budget rounded up, `min(max_num_seqs, num_tokens)` rows; with and without the sort (a sort
+  of every row's vocabulary is a sizeable part of a greedy prefill step: NOTES.md);
 - prompt-logprob steps: mixed steps that also score every input token, on a sparser ladder
   (`prompt_logprob_ladder`), always sorted.
 
@@ -24,8 +23,9 @@ from dendrite_jax.engine.step_plan import StepShape
 
 MIN_MIXED_TOKENS = 16  # the smallest step with prefill rows (the GPU prefill kernel's tile)
 PAD_SLACK = 0.1  # the padding a mixed step may carry, as a fraction of its tokens, rather than wait
-# Steps below this many tokens are bound by reading the weights, not by compute (on an H100 a
-# bf16 step turns compute-bound near 300 tokens): padding them costs little, a cut chunk a step.
+# Steps below this many tokens are bound by reading the weights, not by compute (a bf16 step on
+# a Hopper GPU turns compute-bound near 300 tokens): padding them costs little, a cut chunk
+# costs its request a step.
 CUT_MIN_TOKENS = 256
 
 

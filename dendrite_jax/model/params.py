@@ -47,12 +47,12 @@ class Params:
 
 
 # How the forward pass iterates layers. "scan": one lax.scan over stacked weights; compile
-# time independent of depth. "unrolled": a Python loop over per-layer arrays. On an H200 the
-# Llama-3.2-1B shape decoded 1.3-1.6x faster unrolled (benchmarks/layer_loop.py); on a 2-core
-# CPU, with `decoder_layer` jitted once, the scan decodes SmolLM2 as fast or faster, compiles
-# ~3x faster and needs a third of the temporaries (XLA:CPU keeps buffers of consecutive unrolled
-# layers apart). So "auto" scans on CPUs and unrolls elsewhere, and unrolls wherever layers
-# differ in kind (FP8 layers beside unquantized ones).
+# time independent of depth. "unrolled": a Python loop over per-layer arrays. On a GPU the
+# unrolled loop decodes faster (the scan copies each layer's slice out of the stack before its
+# matmul); on a CPU the scan decodes as fast, compiles faster and needs fewer temporaries
+# (XLA:CPU keeps consecutive unrolled layers' buffers apart). Figures: benchmarks/NOTES.md and
+# the README. So "auto" scans on CPUs and unrolls elsewhere, and unrolls wherever layers differ
+# in kind (FP8 layers beside unquantized ones).
 LAYER_LOOPS = ("auto", "scan", "unrolled")
 
 

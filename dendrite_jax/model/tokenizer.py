@@ -70,9 +70,8 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings such as <|im_start|> map to their ids."""
-        # encode_batch releases the GIL while it works (encode holds it: a megabyte of text
-        # would stall every other thread, the server's event loop included, for most of a
-        # second).
+        # encode_batch releases the GIL while it works; encode holds it, stalling every other
+        # thread (the server's event loop included) for as long as a long text takes.
         ids = self.backend.encode_batch([check_text(text, "text")],
                                         add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None and (

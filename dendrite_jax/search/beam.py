@@ -36,6 +36,7 @@ from dendrite_jax.engine.sampling import MAX_LOGPROBS
 from dendrite_jax.engine.sampling_params import CONSTRAINTS, check_constraint
 from dendrite_jax.engine.step_output import StepResult
 from dendrite_jax.search.tree import TreeState
+from dendrite_jax.validation import is_finite_real, is_int
 
 DEAD = -1.0e9  # transformers' score for "not a candidate"
 
@@ -56,12 +57,15 @@ class BeamSearchParams:
         return any(getattr(self, n) is not None for n in CONSTRAINTS)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.beam_width, int) and 1 <= self.beam_width <= MAX_LOGPROBS // 2):
+        if not (is_int(self.beam_width) and 1 <= self.beam_width <= MAX_LOGPROBS // 2):
             raise ValueError(f"beam_width must be an integer in [1, {MAX_LOGPROBS // 2}], got "
                              f"{self.beam_width!r}")
-        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+        if not (is_int(self.max_tokens) and self.max_tokens >= 1):
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.early_stopping not in (True, False, "never"):
+        if not is_finite_real(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got "
+                             f"{self.length_penalty!r}")
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got "
                              f"{self.early_stopping!r}")
         check_constraint(self)

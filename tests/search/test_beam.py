@@ -85,3 +85,9 @@ def test_bad_parameters():
         BeamSearchParams(beam_width=11)
     with pytest.raises(ValueError, match="early_stopping must be"):
         BeamSearchParams(early_stopping="sometimes")
+    with pytest.raises(ValueError, match="beam_width must be an integer in .*, got True"):
+        BeamSearchParams(beam_width=True)
+    with pytest.raises(ValueError, match="length_penalty must be a finite number, got inf"):
+        BeamSearchParams(length_penalty=float("inf"))
+    with pytest.raises(ValueError, match="early_stopping must be True, False or 'never', got 1"):
+        BeamSearchParams(early_stopping=1)
