@@ -1,11 +1,10 @@
 """Per-(layer, KV head) mean keys and values, measured once on a fixed text.
 
 A compressed cache encodes each key or value minus its layer and head's mean (and adds the
-mean back when decoding). Keys of real models share a large common direction (SmolLM2's keys
-average norm 17, 12 once the mean is removed), and a quantizer's error grows with the norm it
-is given. Centring changes nothing but what is quantized (the mean is added back on read), and
-cuts SmolLM2's 4-bit score error: by half for the TurboQuant MSE stage, by 8-30% for PolarQuant
-and TurboQuant with its QJL stage (`benchmarks/NOTES.md`).
+mean back when decoding). Keys of real models share a large common direction, so removing the
+mean shrinks their norm, and a quantizer's error grows with the norm it is given. Centring
+changes nothing but what is quantized (the mean is added back on read), and cuts the 4-bit
+score error of every quantizer (SmolLM2's figures: `benchmarks/NOTES.md`).
 """
 
 from __future__ import annotations

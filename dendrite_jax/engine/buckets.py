@@ -34,12 +34,12 @@ def decode_rows_floor(platform: str, fp8_kernel: bool = False) -> int:
 
     On a GPU, 2: a one-row step makes every projection a vector-matrix product, which XLA's GPU
     compiler rewrites as multiply + reduce when the matrix is small (under 10M elements: the 1B
-    shape's q/k/v and o), measured on an H100 at ~1.2 TB/s against ~2.5 TB/s as a GEMM (the o
-    projection even wrote its [2048, 2048] product out first); a padding row keeps every step a
-    matrix product at no weight traffic. But 1 where the projections are FP8 weights read by the
-    GPU kernel (`fp8_kernel`): its one-row variant (`Fp8Tuning.gemv`) streams the weights
-    faster than its tensor-core path, which a second row would select. Elsewhere 1: on CPU the
-    second row cost SmolLM2 ~20% at batch 1.
+    shape's q/k/v and o), which streams the weights at about half a GEMM's bandwidth (figures:
+    benchmarks/NOTES.md); a padding row keeps every step a matrix product at no weight traffic.
+    But 1 where the projections are FP8 weights read by the GPU kernel (`fp8_kernel`): its
+    one-row variant (`Fp8Tuning.gemv`) streams the weights faster than its tensor-core path,
+    which a second row would select. Elsewhere 1: on a CPU the padding row is real compute and
+    slows a small model's batch-1 step.
     """
     return 2 if platform == "gpu" and not fp8_kernel else 1
 

@@ -41,12 +41,11 @@ THREADED_MIN_ROWS = 16  # see `Engine.threads`
 def default_decode_burst(platform: str) -> int:
     """Decode steps per launch when every request decodes freely (`EngineConfig.decode_burst`).
 
-    4 on accelerators: there a small model's step (1.2-1.8 ms for the 1B shape on an H100) is
-    about as long as the host's work for it (planning, the ~1 ms executable launch, applying
-    the tokens), and lent machines' hosts differ; a burst pays the host once for four tokens.
-    Measured (NOTES.md): no slower anywhere, batch 1 1.55 -> 1.22 ms/step on a slow host, batch
-    64 unchanged (device-bound). 1 on a CPU, where the model's step is far longer than the
-    host's work.
+    4 on accelerators: there a small model's step is about as long as the host's work for it
+    (planning, the executable launch, applying the tokens), and hosts differ; a burst pays the
+    host once for four tokens. It helps most on slow hosts and costs nothing where the device
+    bounds the step (figures: benchmarks/NOTES.md). 1 on a CPU, where the model's step is far
+    longer than the host's work.
     """
     return 1 if platform == "cpu" else 4
 
@@ -179,7 +178,7 @@ class Engine:
         return request
 
     def grammar_compiler(self) -> GrammarCompiler:
-        """The model's grammar compiler, built on first use (~0.3 s)."""
+        """The model's grammar compiler, built on first use (building it is not free)."""
         if self.model.tokenizer is None:
             raise ValueError("structured output needs the model's tokenizer; this model has none")
         if self.grammar is None:
@@ -366,11 +365,10 @@ class Engine:
     def threads(self, shape: StepShape) -> bool:
         """Whether a constrained step's calls are made from the launcher's worker thread
         (`EngineConfig.threaded_launch`). By default on accelerators for steps of at least
-        `THREADED_MIN_ROWS` rows: there the host's work per step (advancing 32 matchers,
-        filling their masks, planning) outlasts the device's, and the thread took an H200's
-        1B-shape constrained decoding at batch 32 from 0.33-0.42x to 0.40-0.50x of
-        unconstrained speed; at batch 1 the hand-offs cost more than the overlap gains
-        (0.58-0.68x threaded against 0.64-0.79x inline), at batch 8 it made no difference."""
+        `THREADED_MIN_ROWS` rows: there the host's work per step (advancing many matchers,
+        filling their masks, planning) outlasts the device's, and the thread overlaps it with
+        the calls; with few rows the hand-offs cost more than the overlap gains (figures:
+        benchmarks/README.md and NOTES.md)."""
         if self.cfg.threaded_launch is not None:
             return self.cfg.threaded_launch
         return self.platform != "cpu" and shape.num_seqs >= THREADED_MIN_ROWS
@@ -550,8 +548,8 @@ class Engine:
     def _consume_sampled(self, batch: ScheduledBatch, plan: StepPlan, tokens: list[int],
                          sample: list[int]) -> dict[str, bool]:
         """Advance the matchers of a step's constrained rows by their sampled tokens all at
-        once (llguidance's parallel consume: at 32 rows one by one took ~0.3 ms of an H200
-        host's step). Returns request id -> accepted, for `Request.append_token`; rows it
+        once (llguidance's parallel consume: one by one, a large batch's matchers take much of
+        the host's step). Returns request id -> accepted, for `Request.append_token`; rows it
         leaves out (stop tokens, forced positions, finished requests) append as before."""
         pairs, ids = [], []
         for row, (r, _) in enumerate(batch.rows):

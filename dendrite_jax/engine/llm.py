@@ -95,9 +95,10 @@ class LLM:
     structured output, the same tokens; those tokens' logprobs are not computed, so they add
     nothing to `cumulative_logprob`, and requests asking for logprobs or ranked by them
     (`best_of`) sample every token. Its multi-token rows make constrained steps mixed, so with
-    it mixed steps launch split too (`Engine.splits`; warm-up compiles their halves). On an
-    H100, before mixed steps split, it took a JSON schema at batch 1 from 0.69x to 0.97x of
-    unconstrained speed and at batch 32 from 0.41x to 0.16x (benchmarks/README.md).
+    it mixed steps launch split too (`Engine.splits`; warm-up compiles their halves). It pays
+    at small batches for schemas that force many tokens; at large batches some row has a forced
+    run almost every step, the steps are mixed and slower, and it costs more than it saves
+    (benchmarks/README.md). Hence off by default.
 
     `device_automata` runs regular constraints (regex, choice, JSON schemas in
     `grammar.json_regex`'s subset) as automata on the device (`grammar.device_automaton`): the

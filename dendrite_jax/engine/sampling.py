@@ -87,8 +87,8 @@ def gumbel_noise(seed: jax.Array, positions: jax.Array, vocab_size: int) -> jax.
 
     Threefry draws two 32-bit words per row (the row's key); each token's uniform is a
     counter hash of (key, token id): two rounds of MurmurHash3's finaliser. Threefry for every
-    token took ~43 µs of the ~56 µs `sample` at [64, 128256] on an H100; with the hash (and one
-    argmax) `sample` takes ~35 µs (NOTES.md, ninth session). Uniforms take 23 bits, centred in
+    token would be most of `sample`'s time at a large vocabulary; the hash is a few integer ops
+    a token (figures: benchmarks/NOTES.md). Uniforms take 23 bits, centred in
     their bins: u in [2^-24, 1 - 2^-24], so the noise is finite (within [-2.8, 16.7]).
     """
     words = jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(

@@ -118,8 +118,8 @@ def _burst(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan,
         return kv, slots, outs.at[j].set(step_output.pack(single, out))
 
     size = sum(int(np.prod(s)) for _, s, _ in step_output.output_layout(single))
-    # A loop, not unrolled: on an H100 both ran the 1B shape's steps equally fast (NOTES.md),
-    # and the loop compiles in a fraction of the time.
+    # A loop, not unrolled: an unrolled burst runs no faster and compiles the model once per
+    # step of the burst (benchmarks/NOTES.md).
     kv, slots, outs = jax.lax.fori_loop(
         0, shape.burst, one_step, (kv, slots, jnp.zeros((shape.burst, size), jnp.int32)))
     return outs.reshape(-1), kv, slots

@@ -70,8 +70,8 @@ class GrammarCompiler:
     def matcher(self, params: SamplingParams) -> llguidance.LLMatcher | None:
         """A fresh matcher for the request's constraint (None if unconstrained); raises
         GrammarError with llguidance's message for a constraint it rejects. Built anew for
-        each request: copies of one matcher (`deep_copy`) fill their masks in parallel ~5x
-        slower on an H200's host (a JSON schema at 32 rows: 173 against 33 us a row)."""
+        each request: copies of one matcher (`deep_copy`) fill their masks in parallel far
+        more slowly than matchers built apart (benchmarks/NOTES.md)."""
         spec = grammar_spec(params)
         if spec is None:
             return None

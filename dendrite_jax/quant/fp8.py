@@ -7,9 +7,8 @@ that `model.linear.linear` multiplies by (with the `kernels_pallas.fp8_matmul` b
 names); the model's functions take it wherever they take a weight, so quantized params are the
 same model, not a parallel one. Output-major because decode reads every weight once for one or
 a few rows: a one-row kernel then loads 16 contiguous E4M3 values of one column per thread and
-reduces along K, which streamed the 8B shape's projections 11-14% faster (geometric mean) than
-the [K, N] layout on an H100, and made the batch-1 decode step 1.50-1.54x bf16's speed instead
-of 1.36-1.43x (benchmarks/NOTES.md). Schemes:
+reduces along K, which streams the weights faster than the [K, N] layout and so speeds up the
+batch-1 decode step (figures: benchmarks/NOTES.md). Schemes:
 
 - "mxfp8" (OCP Microscaling v1.0): blocks of 32 consecutive elements along K share one E8M0
   scale, a power of two stored as a biased exponent in uint8 (`scales [..., N, K / 32]`).
@@ -21,11 +20,10 @@ and marks them `input_rms_eps`: their matmul then takes the residual stream x it
 its output by 1 / rms(x), which is the same product (x / rms(x) * g) @ w = (x @ (g * w)) /
 rms(x). On a GPU the one-row kernel sums x² from the slices of x it loads anyway and XLA fuses
 the scaling into the kernel that reads its output, so at batch 1 a norm costs no kernels of its
-own (it was a reduction and a scaling kernel of ~1.3 µs each, twice per layer): the 8B shape's
-layer traced 4 µs shorter on an H100 (MXFP8 step 3.67 ms, 1.53x bf16). For MXFP8 it also helps
-quality (SmolLM2 perplexity +0.82% over float32 instead of +1.69%: the blocks of 32 take the
-norm's per-channel gains into their scales); per-channel scales span all of K and lose precision
-to folded outlier gains (+2.40% instead of +1.66%). `FOLD_NORMS` is `LLM`'s default per scheme.
+own (unfolded, a norm is a reduction kernel and a scaling kernel, twice per layer). For MXFP8
+it also helps quality (the blocks of 32 take the norm's per-channel gains into their scales);
+per-channel scales span all of K and lose precision to folded outlier gains, so folding costs
+them quality (figures: benchmarks/NOTES.md). `FOLD_NORMS` is `LLM`'s default per scheme.
 
 Rounding rule (MXFP8): the block's exponent is the smallest e with max|block| / 2^e <= 448, and
 elements round to nearest even in E4M3. The spec's example rule, e = floor(log2 max|block|) - 8,
@@ -93,7 +91,7 @@ def quantize(w: jax.Array, scheme: str = "mxfp8",
     its rows first multiplied by `row_scale` [..., K] if given (a folded norm's weight).
     A stack of matrices is quantized one matrix at a time: float32 temporaries of a whole
     stack (14 GiB for the 8B shape's gate/up) would not fit beside the model on an 80 GB GPU.
-    Each matrix is one compiled call (a `lax.map` over the stack ran ~12x slower on a CPU)."""
+    Each matrix is one compiled call (a `lax.map` over the stack runs op by op, far slower)."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown FP8 scheme {scheme!r}; choose from {SCHEMES}")
     k = jnp.shape(w)[-2]

@@ -8,10 +8,10 @@
 
 The kernels serve matmuls of up to `KERNEL_MAX_ROWS` rows (decode steps, where the weight bytes
 are the cost) with N a multiple of 16; bigger ones (prefill chunks) are compute-bound and take
-the reference path, as do odd widths. On an H100 (`benchmarks/results/fp8_h100.json`) the GPU
-kernel's one-row path streams FP8 weights at 1.8-2.7 TB/s against bf16 XLA's 2.5-3.1 TB/s, so
-a one-row matmul takes 0.57-0.69x bf16's time; at 32 rows the tensor-core path about matches
-bf16 per-channel and is slower with MXFP8's per-32-value scales.
+the reference path, as do odd widths. The GPU kernel's one-row path reads half of bf16's bytes
+at a somewhat lower rate than XLA's bf16 matmul, so a one-row matmul takes well under bf16's
+time; at 32 rows the tensor-core path about matches bf16 per-channel and is slower with MXFP8's
+per-32-value scales (figures: `benchmarks/results/fp8_h100.json`, benchmarks/NOTES.md).
 """
 
 from __future__ import annotations

@@ -47,12 +47,10 @@ MAX_BLOCK_TOKENS = 128  # the decode kernel's largest key block (pages of 128: o
 
 @dataclasses.dataclass(frozen=True)
 class DecodeTuning:
-    """Defaults: the fastest in kernel time on an H100 (NOTES.md, tenth session): 64-token
-    blocks, 2 warps, no software pipelining. Against the ninth session's 128-token blocks with
-    8 warps, with the cache read cold from HBM: 30% less time at batch 64 and context 192
-    (14.1 vs 20.1 µs, head_dim 64, the engine's 1B decode), 3.6-7.5% less at every shape of
-    the GPU suite (head_dim 128, batch 32-128, context 1k-8k). The programs are latency-bound
-    at short contexts; smaller tiles per program bring more programs per SM."""
+    """Defaults: the fastest in kernel time on an H100 (figures: benchmarks/NOTES.md): 64-token
+    blocks, 2 warps, no software pipelining; faster than 128-token blocks with 8 warps at every
+    shape timed, most at short contexts. The programs are latency-bound there; smaller tiles per
+    program bring more programs per SM."""
 
     pages_per_block: int = 4  # pages per loop step (block_k = pages_per_block * page_size)
     num_splits: int | None = None  # context splits; None picks from batch and context
@@ -62,7 +60,7 @@ class DecodeTuning:
 
 @dataclasses.dataclass(frozen=True)
 class PrefillTuning:
-    """Defaults: a flash-attention tile not yet tuned (prefill is not in the sweep)."""
+    """Defaults: a flash-attention tile, not tuned for speed."""
 
     block_q: int = 64
     block_k: int = 64  # key tokens per loop step (a multiple of the page size)

@@ -14,8 +14,8 @@ def unique_slots(slot_pages: jax.Array, slot_offsets: jax.Array, num_pages: int,
     slot; copy-on-write gives forked sequences their own pages before they write).
 
     Distinct slots let the scatter promise `unique_indices`, which on a GPU turns XLA's
-    serialised scatter into plain stores: an 8,192-token prefill's write of one layer's keys
-    took 38.9 µs as it was and 6.2 µs with the promise on an H100 (NOTES.md)."""
+    serialised scatter into plain stores, several times faster for a long prefill's write
+    (benchmarks/NOTES.md)."""
     outside = (slot_pages < 0) | (slot_pages >= num_pages)
     pages = jnp.where(outside, num_pages, slot_pages)
     offsets = jnp.where(outside, page_size + jnp.arange(slot_pages.shape[0]), slot_offsets)
