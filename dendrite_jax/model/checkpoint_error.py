@@ -1,7 +1,9 @@
-"""The one error a malformed checkpoint raises, naming the file and the tensor or key."""
+"""The one error a malformed checkpoint raises, naming the file and the tensor or key, and the
+checks of checkpoint values (JSON objects, positive integers, finite numbers) that raise it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -33,3 +35,18 @@ def finite_float(value: Any, path: Path | str, key: str, *, positive: bool = Fal
     if positive and value <= 0:
         raise CheckpointError(path, f"must be positive, got {value!r}", key)
     return float(value)
+
+
+def json_object(path: Path, *, missing_ok: bool = False) -> dict[str, Any]:
+    """The JSON object in `path` ({} for a missing file with `missing_ok`)."""
+    if not path.is_file():
+        if missing_ok:
+            return {}
+        raise CheckpointError(path, "file not found")
+    try:
+        value = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(path, f"invalid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(path, f"must hold a JSON object, not {type(value).__name__}")
+    return value

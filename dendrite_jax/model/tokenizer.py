@@ -24,7 +24,7 @@ import jinja2.sandbox
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HfTokenizer
 
-from dendrite_jax.model.checkpoint_error import CheckpointError
+from dendrite_jax.model.checkpoint_error import CheckpointError, json_object
 from dendrite_jax.model.gguf_file import GgufFile
 from dendrite_jax.validation import check_text
 
@@ -229,8 +229,8 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library's own errors
             raise CheckpointError(path, f"cannot load the tokenizer ({e})") from None
         config_path = directory / "tokenizer_config.json"
-        config = _json_or_empty(config_path)
-        generation = _json_or_empty(directory / "generation_config.json")
+        config = json_object(config_path, missing_ok=True)
+        generation = json_object(directory / "generation_config.json", missing_ok=True)
 
         def token_id(key: str) -> int | None:
             token = config.get(key)
@@ -276,18 +276,6 @@ def _tokenizer(path: Path, template_key: str, backend: HfTokenizer, **kwargs: An
     except jinja2.TemplateError as e:
         raise CheckpointError(path, f"the chat template does not parse: {e}",
                               template_key) from None
-
-
-def _json_or_empty(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(path, f"invalid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(path, f"must hold a JSON object, not {type(value).__name__}")
-    return value
 
 
 class IncrementalDetokenizer:

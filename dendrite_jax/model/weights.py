@@ -8,7 +8,6 @@ file and the tensor or key; each tensor's shape is checked against the config as
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dendrite_jax.config import ModelConfig, RopeScaling
-from dendrite_jax.model.checkpoint_error import CheckpointError, finite_float, positive_int
+from dendrite_jax.model.checkpoint_error import (
+    CheckpointError,
+    finite_float,
+    json_object,
+    positive_int,
+)
 from dendrite_jax.model.gguf_file import GgufFile
 from dendrite_jax.model.params import LayerParams, Params, check_shapes, random_params
 from dendrite_jax.model.safetensors_reader import read_safetensors
@@ -182,22 +186,9 @@ _HF_NAMES = {
 HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`."""
-    if not path.is_file():
-        raise CheckpointError(path, "file not found")
-    try:
-        value = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(path, f"invalid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(path, f"must hold a JSON object, not {type(value).__name__}")
-    return value
-
-
 def hf_model_config(directory: Path) -> ModelConfig:
     path = directory / "config.json"
-    raw = _read_json(path)
+    raw = json_object(path)
     family = raw.get("model_type")
     if family not in HF_FAMILIES:
         raise CheckpointError(path, f"model type {family!r} is not supported; supported: "
@@ -282,7 +273,7 @@ def _inside(directory: Path, file: Path, source: Path) -> Path:
 def _hf_weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(
                 isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(index, "must map tensor names to file names", "weight_map")

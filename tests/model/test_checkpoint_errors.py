@@ -68,22 +68,10 @@ def test_not_a_gguf_and_missing_files(tmp_path):
         load_model(str(empty_dir), "float32")
 
 
-def _write_safetensors(path, tensors):
-    header, offset, blobs = {}, 0, []
-    for name, array in tensors.items():
-        blob = array.tobytes()
-        header[name] = {"dtype": "F32", "shape": list(array.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-        blobs.append(blob)
-    raw = json.dumps(header).encode()
-    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
-
-
 def test_safetensors_reader_checks_offsets(tmp_path):
     path = tmp_path / "w.safetensors"
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
-    _write_safetensors(path, {"a": a, "b": np.ones(5, np.float32)})
+    write_safetensors(path, {"a": a, "b": np.ones(5, np.float32)})
     loaded = read_safetensors(path)
     np.testing.assert_array_equal(loaded["a"], a)
     path.write_bytes(path.read_bytes()[:-8])
