@@ -4,7 +4,7 @@ A compressed cache encodes each key or value minus its layer and head's mean (an
 mean back when decoding). Keys of real models share a large common direction, so removing the
 mean shrinks their norm, and a quantizer's error grows with the norm it is given. Centring
 changes nothing but what is quantized (the mean is added back on read), and cuts the 4-bit
-score error of every quantizer (SmolLM2's figures: `benchmarks/NOTES.md`).
+score error of every quantizer.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ ladder of token counts times a few variants:
   and as a burst of decode steps (without the sort) where bursts are on;
 - mixed steps (any prefill chunk): a power of two from `MIN_MIXED_TOKENS` up to the token
   budget rounded up, `min(max_num_seqs, num_tokens)` rows; with and without the sort (a sort
-  of every row's vocabulary is a sizeable part of a greedy prefill step: NOTES.md);
+  of every row's vocabulary is a sizeable part of a greedy prefill step);
 - prompt-logprob steps: mixed steps that also score every input token, on a sparser ladder
   (`prompt_logprob_ladder`), always sorted.
 
@@ -34,8 +34,8 @@ def decode_rows_floor(platform: str, fp8_kernel: bool = False) -> int:
 
     On a GPU, 2: a one-row step makes every projection a vector-matrix product, which XLA's GPU
     compiler rewrites as multiply + reduce when the matrix is small (under 10M elements: the 1B
-    shape's q/k/v and o), which streams the weights at about half a GEMM's bandwidth (figures:
-    benchmarks/NOTES.md); a padding row keeps every step a matrix product at no weight traffic.
+    shape's q/k/v and o), which streams the weights at about half a GEMM's bandwidth; a
+    padding row keeps every step a matrix product at no weight traffic.
     But 1 where the projections are FP8 weights read by the GPU kernel (`fp8_kernel`): its
     one-row variant (`Fp8Tuning.gemv`) streams the weights faster than its tensor-core path,
     which a second row would select. Elsewhere 1: on a CPU the padding row is real compute and

@@ -33,7 +33,7 @@ from dendrite_jax.grammar.automaton import AutomatonArena, AutomatonCursor
 from dendrite_jax.grammar.device_automaton import FROM_SLOT, NO_AUTOMATON
 from dendrite_jax.model.loader import LoadedModel
 from dendrite_jax.quant import fp8
-from dendrite_jax.validation import is_int
+from dendrite_jax.validation import ParamError, is_int
 
 THREADED_MIN_ROWS = 16  # see `Engine.threads`
 
@@ -44,7 +44,7 @@ def default_decode_burst(platform: str) -> int:
     4 on accelerators: there a small model's step is about as long as the host's work for it
     (planning, the executable launch, applying the tokens), and hosts differ; a burst pays the
     host once for four tokens. It helps most on slow hosts and costs nothing where the device
-    bounds the step (figures: benchmarks/NOTES.md). 1 on a CPU, where the model's step is far
+    bounds the step. 1 on a CPU, where the model's step is far
     longer than the host's work.
     """
     return 1 if platform == "cpu" else 4
@@ -146,12 +146,13 @@ class Engine:
         """Raise ValueError naming what is wrong with a prompt (empty, bad ids, too long)."""
         n, vocab = len(prompt_ids), self.model.config.vocab_size
         if n == 0:
-            raise ValueError("prompt is empty: give at least one token")
+            raise ParamError("prompt", "prompt is empty: give at least one token")
         bad = [t for t in prompt_ids if not (is_int(t) and 0 <= t < vocab)]
         if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+            raise ParamError("prompt", f"prompt token ids must be integers in [0, {vocab}); "
+                             f"got {bad[:5]}")
         if n >= self.max_model_len:
-            raise ValueError(f"prompt has {n:,} tokens; the model's context is "
+            raise ParamError("prompt", f"prompt has {n:,} tokens; the model's context is "
                              f"{self.max_model_len:,} (max_model_len), which leaves no room to "
                              "generate")
 
@@ -169,9 +170,9 @@ class Engine:
         needed = self.scheduler.pages_for(request.max_len)
         capacity = self.pool.num_pages - self.pool.headroom
         if needed > capacity:
-            raise ValueError(f"request needs {needed} KV pages (prompt {n} + max_tokens "
-                             f"{params.max_tokens} tokens) but the cache has {capacity}; raise "
-                             "num_pages or lower max_tokens")
+            raise ParamError("max_tokens", f"request needs {needed} KV pages (prompt {n} + "
+                             f"max_tokens {params.max_tokens} tokens) but the cache has "
+                             f"{capacity}; raise num_pages or lower max_tokens")
         self._next_id += 1
         if params.constrained:
             self._compile_constraint(request)
@@ -367,8 +368,7 @@ class Engine:
         (`EngineConfig.threaded_launch`). By default on accelerators for steps of at least
         `THREADED_MIN_ROWS` rows: there the host's work per step (advancing many matchers,
         filling their masks, planning) outlasts the device's, and the thread overlaps it with
-        the calls; with few rows the hand-offs cost more than the overlap gains (figures:
-        benchmarks/README.md and NOTES.md)."""
+        the calls; with few rows the hand-offs cost more than the overlap gains."""
         if self.cfg.threaded_launch is not None:
             return self.cfg.threaded_launch
         return self.platform != "cpu" and shape.num_seqs >= THREADED_MIN_ROWS

@@ -1,7 +1,7 @@
 """Launcher: issues the model runner's device calls in order, inline or from a worker thread.
 
 On a GPU an executable call costs the host about as long as the 1B shape's step takes the
-device (mostly inside PJRT, with the GIL released; figures: benchmarks/NOTES.md), and a
+device (mostly inside PJRT, with the GIL released), and a
 constrained step makes two (the forward, then the sampling with the token mask). Made from a
 worker thread they overlap the engine thread's own work for the step: reading the last tokens
 back, advancing the matchers, filling the mask and planning the next step.

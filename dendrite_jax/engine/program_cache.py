@@ -2,7 +2,7 @@
 
 JAX's persistent compilation cache skips XLA's compile on a second start, but each program is
 still traced and lowered first to find its cache key, and those are Python, one program at a
-time under the GIL: on a small CPU host most of a warm start (benchmarks/NOTES.md). This
+time under the GIL: on a small CPU host most of a warm start. This
 cache stores each serialized executable (`jax.experimental.serialize_executable`) under a key
 of everything that shapes it: the package's own source, JAX's version, the devices, the
 arguments' tree, shapes, dtypes and shardings, and the static arguments. Loading one is a

@@ -76,7 +76,7 @@ class RecompileError(RuntimeError):
 def memory_map_pressure() -> float | None:
     """This process's memory mappings as a fraction of the kernel's limit (Linux), else None.
 
-    Each executable XLA compiles for the CPU maps hundreds of regions (benchmarks/NOTES.md),
+    Each executable XLA compiles for the CPU maps hundreds of regions,
     and JAX's caches keep them alive, so a process can run out of mappings long before memory.
     """
     try:
@@ -303,7 +303,7 @@ class ModelRunner:
     def _host_input(self, array: np.ndarray) -> np.ndarray | jax.Array:
         """A step's host input read by one executable call, as the call takes it. On one
         device the numpy array goes into the call as it is and the executable copies it in
-        C++, which costs the host less than a `jax.device_put` first (benchmarks/NOTES.md).
+        C++, which costs the host less than a `jax.device_put` first.
         On a mesh it is placed replicated first. (An input two calls read, the
         split step's plan, is placed once instead: `launch_forward`.)"""
         return array if self.mesh is None else jax.device_put(array, self._replicated)

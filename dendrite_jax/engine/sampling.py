@@ -88,7 +88,7 @@ def gumbel_noise(seed: jax.Array, positions: jax.Array, vocab_size: int) -> jax.
     Threefry draws two 32-bit words per row (the row's key); each token's uniform is a
     counter hash of (key, token id): two rounds of MurmurHash3's finaliser. Threefry for every
     token would be most of `sample`'s time at a large vocabulary; the hash is a few integer ops
-    a token (figures: benchmarks/NOTES.md). Uniforms take 23 bits, centred in
+    a token. Uniforms take 23 bits, centred in
     their bins: u in [2^-24, 1 - 2^-24], so the noise is finite (within [-2.8, 16.7]).
     """
     words = jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from dendrite_jax.engine.sampling import MAX_LOGPROBS
-from dendrite_jax.validation import check_text, is_finite_real, is_int
+from dendrite_jax.validation import ParamError, check_text, is_finite_real, is_int
 
 
 @dataclasses.dataclass
@@ -57,47 +57,50 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        _check(self.stop is None or isinstance(self.stop, list | tuple),
+        _check(self.stop is None or isinstance(self.stop, list | tuple), "stop",
                f"stop must be a string or a list of strings, got {type(self.stop).__name__}")
         _check(self.stop_token_ids is None or isinstance(self.stop_token_ids, list | tuple),
-               f"stop_token_ids must be a list of token ids, got "
+               "stop_token_ids", f"stop_token_ids must be a list of token ids, got "
                f"{type(self.stop_token_ids).__name__}")
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"):
             value = getattr(self, name)
-            _check(is_finite_real(value), f"{name} must be a finite number, got {value!r}")
+            _check(is_finite_real(value), name,
+                   f"{name} must be a finite number, got {value!r}")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             value = getattr(self, name)
-            _check(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
-        _check(is_int(self.max_tokens) and self.max_tokens >= 1,
+            _check(isinstance(value, bool), name,
+                   f"{name} must be True or False, got {value!r}")
+        _check(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        _check(self.temperature >= 0, f"temperature must be >= 0 (0 is greedy), got "
+        _check(self.temperature >= 0, "temperature", "temperature must be >= 0 (0 is greedy), got "
                f"{self.temperature}")
-        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        _check(is_int(self.top_k) and self.top_k >= -1,
+        _check(0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        _check(is_int(self.top_k) and self.top_k >= -1, "top_k",
                f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}")
-        _check(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
-        _check(self.repetition_penalty > 0,
+        _check(0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        _check(self.repetition_penalty > 0, "repetition_penalty",
                f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
-        _check(-2 <= self.presence_penalty <= 2,
+        _check(-2 <= self.presence_penalty <= 2, "presence_penalty",
                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        _check(-2 <= self.frequency_penalty <= 2,
+        _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty",
                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        _check(self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**63),
+        _check(self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**63), "seed",
                f"seed must be a non-negative integer, got {self.seed!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            _check(value is None or (is_int(value) and 0 <= value <= MAX_LOGPROBS),
+            _check(value is None or (is_int(value) and 0 <= value <= MAX_LOGPROBS), name,
                    f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         for i, s in enumerate(self.stop):
             check_text(s, f"stop[{i}]")
-            _check(bool(s), f"stop strings must be non-empty, got {self.stop!r}")
-        _check(all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+            _check(bool(s), f"stop[{i}]", f"stop strings must be non-empty, got {self.stop!r}")
+        _check(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        _check(is_int(self.n) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
+        _check(is_int(self.n) and self.n >= 1, "n", f"n must be an integer >= 1, got {self.n!r}")
         _check(self.best_of is None or (is_int(self.best_of) and self.best_of >= self.n),
+               "best_of",
                f"best_of must be an integer >= n ({self.n}), got {self.best_of!r}")
         check_constraint(self)
 
@@ -125,28 +128,29 @@ def check_constraint(params) -> None:
     """Validate the structured-output fields (`CONSTRAINTS`) of sampling or beam-search
     parameters: at most one, each of its type. Normalises `choice` to a list."""
     given = [n for n in CONSTRAINTS if getattr(params, n) is not None]
-    _check(len(given) <= 1, f"give at most one of json_schema, regex, grammar, choice; got "
-           f"{', '.join(given)}")
+    _check(len(given) <= 1, given[0] if given else "",
+           f"give at most one of json_schema, regex, grammar, choice; got {', '.join(given)}")
     _check(params.json_schema is None or isinstance(params.json_schema, dict | str),
+           "json_schema",
            f"json_schema must be a dict or a JSON string, got "
            f"{type(params.json_schema).__name__}")
     if isinstance(params.json_schema, str):
         check_text(params.json_schema, "json_schema")
     for name in ("regex", "grammar"):
         value = getattr(params, name)
-        _check(value is None or (isinstance(value, str) and value),
+        _check(value is None or (isinstance(value, str) and value), name,
                f"{name} must be a non-empty string, got {value!r}")
         if value is not None:
             check_text(value, name)
     if params.choice is not None:
         choice = list(params.choice) if isinstance(params.choice, list | tuple) else None
-        _check(bool(choice) and all(isinstance(c, str) and c for c in choice),
+        _check(bool(choice) and all(isinstance(c, str) and c for c in choice), "choice",
                f"choice must be a non-empty list of non-empty strings, got {params.choice!r}")
         for i, c in enumerate(choice):
             check_text(c, f"choice[{i}]")
         object.__setattr__(params, "choice", choice)
 
 
-def _check(ok: bool, message: str) -> None:
+def _check(ok: bool, param: str, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise ParamError(param, message)

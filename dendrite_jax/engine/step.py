@@ -119,7 +119,7 @@ def _burst(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan,
 
     size = sum(int(np.prod(s)) for _, s, _ in step_output.output_layout(single))
     # A loop, not unrolled: an unrolled burst runs no faster and compiles the model once per
-    # step of the burst (benchmarks/NOTES.md).
+    # step of the burst.
     kv, slots, outs = jax.lax.fori_loop(
         0, shape.burst, one_step, (kv, slots, jnp.zeros((shape.burst, size), jnp.int32)))
     return outs.reshape(-1), kv, slots

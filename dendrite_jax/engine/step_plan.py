@@ -60,9 +60,7 @@ class PlanField:
 
 
 def _seed_bits(seed: int) -> int:
-    """A seed's 32 bits as an int32 (a 64-bit seed's halves folded together: seeds below 2**32
-    are unchanged)."""
-    return int(np.uint32((seed ^ (seed >> 32)) & 0xFFFFFFFF).view(np.int32))
+    return int(np.uint32(seed).view(np.int32))
 
 
 FIELDS: tuple[PlanField, ...] = (

@@ -71,7 +71,7 @@ class GrammarCompiler:
         """A fresh matcher for the request's constraint (None if unconstrained); raises
         GrammarError with llguidance's message for a constraint it rejects. Built anew for
         each request: copies of one matcher (`deep_copy`) fill their masks in parallel far
-        more slowly than matchers built apart (benchmarks/NOTES.md)."""
+        more slowly than matchers built apart."""
         spec = grammar_spec(params)
         if spec is None:
             return None

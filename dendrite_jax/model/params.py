@@ -46,13 +46,12 @@ class Params:
     lm_head: jax.Array | None = None  # [D, V]; None when tied to `embed`
 
 
-# How the forward pass iterates layers. "scan": one lax.scan over stacked weights; compile
-# time independent of depth. "unrolled": a Python loop over per-layer arrays. On a GPU the
-# unrolled loop decodes faster (the scan copies each layer's slice out of the stack before its
-# matmul); on a CPU the scan decodes as fast, compiles faster and needs fewer temporaries
-# (XLA:CPU keeps consecutive unrolled layers' buffers apart). Figures: benchmarks/NOTES.md and
-# the README. So "auto" scans on CPUs and unrolls elsewhere, and unrolls wherever layers differ
-# in kind (FP8 layers beside unquantized ones).
+# How the forward pass iterates layers. "scan": one lax.scan over stacked weights; compile time
+# independent of depth. "unrolled": a Python loop over per-layer arrays. On a GPU the unrolled loop
+# decodes faster (the scan copies each layer's slice out of the stack before its matmul); on a CPU
+# the scan decodes as fast, compiles faster and needs fewer temporaries (XLA:CPU keeps consecutive
+# unrolled layers' buffers apart). So "auto" scans on CPUs and unrolls elsewhere, and unrolls
+# wherever layers differ in kind (FP8 layers beside unquantized ones).
 LAYER_LOOPS = ("auto", "scan", "unrolled")
 
 

@@ -8,7 +8,7 @@ names); the model's functions take it wherever they take a weight, so quantized 
 same model, not a parallel one. Output-major because decode reads every weight once for one or
 a few rows: a one-row kernel then loads 16 contiguous E4M3 values of one column per thread and
 reduces along K, which streams the weights faster than the [K, N] layout and so speeds up the
-batch-1 decode step (figures: benchmarks/NOTES.md). Schemes:
+batch-1 decode step. Schemes:
 
 - "mxfp8" (OCP Microscaling v1.0): blocks of 32 consecutive elements along K share one E8M0
   scale, a power of two stored as a biased exponent in uint8 (`scales [..., N, K / 32]`).
@@ -23,7 +23,7 @@ the scaling into the kernel that reads its output, so at batch 1 a norm costs no
 own (unfolded, a norm is a reduction kernel and a scaling kernel, twice per layer). For MXFP8
 it also helps quality (the blocks of 32 take the norm's per-channel gains into their scales);
 per-channel scales span all of K and lose precision to folded outlier gains, so folding costs
-them quality (figures: benchmarks/NOTES.md). `FOLD_NORMS` is `LLM`'s default per scheme.
+them quality. `FOLD_NORMS` is `LLM`'s default per scheme.
 
 Rounding rule (MXFP8): the block's exponent is the smallest e with max|block| / 2^e <= 448, and
 elements round to nearest even in E4M3. The spec's example rule, e = floor(log2 max|block|) - 8,

@@ -135,7 +135,7 @@ def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 25
         except QueueFull as e:
             raise ApiError(503, str(e), kind="server_error", code="queue_full") from e
         except ValueError as e:
-            raise ApiError(400, str(e), parsed.param_for(str(e))) from e
+            raise ApiError(400, str(e), parsed.param_for(e)) from e
         except RuntimeError as e:  # the engine has stopped (/health says why)
             raise ApiError(503, str(e), kind="server_error", code="engine_stopped") from e
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.engine.step_plan import SAMPLING_FIELDS
 from dendrite_jax.model.tokenizer import Tokenizer
 from dendrite_jax.serve.errors import ApiError
+from dendrite_jax.validation import is_finite_real, is_int, is_unicode
 
 # request field -> SamplingParams field: every per-row sampling field of the step plan
 # (declared once, `step_plan.SAMPLING_FIELDS`), then the ones the host handles.
@@ -35,14 +35,6 @@ _UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "logit_bias
 MAX_DEPTH = 64  # JSON nesting a request may have (a JSON schema's included)
 
 
-def _is_number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _is_integer(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_strings(v: object) -> bool:
     return isinstance(v, list) and all(isinstance(s, str) for s in v)
 
@@ -50,10 +42,10 @@ def _is_strings(v: object) -> bool:
 # The JSON type each sampling field must have: a wrong type is refused here, naming the field,
 # before SamplingParams or the engine thread sees it. Values are checked by SamplingParams.
 _FIELD_TYPES: dict[str, tuple[Callable[[object], bool], str]] = {
-    **{name: (_is_number, "a number") for name in (
+    **{name: (is_finite_real, "a number") for name in (
         "temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
         "frequency_penalty")},
-    **{name: (_is_integer, "an integer") for name in ("top_k", "seed")},
+    **{name: (is_int, "an integer") for name in ("top_k", "seed")},
     "ignore_eos": (lambda v: isinstance(v, bool), "a boolean"),
     "regex": (lambda v: isinstance(v, str), "a string"),
     "grammar": (lambda v: isinstance(v, str), "a string"),
@@ -79,14 +71,13 @@ class Parsed:
                 return name
         return "response_format" if self.params.json_schema is not None else None
 
-    def param_for(self, engine_message: str) -> str | None:
-        """The field an engine's refusal at admission is about: the prompt (empty, bad ids,
-        too long), max_tokens (more KV pages than the cache has), else the constraint."""
-        if engine_message.startswith("prompt"):
+    def param_for(self, error: ValueError) -> str | None:
+        """The request field an engine's refusal at admission is about: the prompt (empty,
+        bad ids, too long) or max_tokens (`ParamError.param`), else the constraint."""
+        param = getattr(error, "param", None)
+        if param == "prompt":
             return self.prompt_field
-        if "KV pages" in engine_message:
-            return "max_tokens"
-        return self.constraint_field
+        return param or self.constraint_field
 
 
 class _NonFinite:
@@ -129,12 +120,12 @@ def _check_values(body: Any) -> None:
         if value is _NON_FINITE:
             raise ApiError(400, f"'{path}' must be a finite number (JSON has no NaN or "
                            "Infinity)", _param(path))
-        if isinstance(value, str) and not _is_unicode(value):
+        if isinstance(value, str) and not is_unicode(value):
             raise ApiError(400, f"'{path or 'body'}' is not valid Unicode text (it holds a "
                            "lone surrogate)", _param(path))
         if isinstance(value, dict):
             for key, item in value.items():
-                if not _is_unicode(key):
+                if not is_unicode(key):
                     raise ApiError(400, f"a key in '{path or 'body'}' is not valid Unicode "
                                    "text (it holds a lone surrogate)", _param(path))
                 stack.append((item, f"{path}.{key}" if path else key, depth + 1))
@@ -144,16 +135,6 @@ def _check_values(body: Any) -> None:
 
 def _param(path: str) -> str | None:
     return path or None
-
-
-def _is_unicode(text: str) -> bool:
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _check_model(body: dict, model_name: str) -> str:
@@ -182,17 +163,9 @@ def _sampling(body: dict, max_tokens: int, extra: dict | None = None) -> Samplin
         raise ApiError(400, "'logprobs' is not supported by this server yet", "logprobs")
     try:
         return SamplingParams(max_tokens=max_tokens, **kwargs, **(extra or {}))
-    except (TypeError, ValueError) as e:
-        fields = {ours: theirs for theirs, ours in _SAMPLING_FIELDS.items()} | {
-            name: "response_format" for name in extra or {}}
-        raise ApiError(400, str(e), _named(str(e), fields)) from e
-
-
-def _named(message: str, fields: dict[str, str]) -> str | None:
-    """The request field whose SamplingParams name the message mentions first, if any."""
-    found = [(m.start(), theirs) for ours, theirs in fields.items()
-             if (m := re.search(rf"\b{re.escape(ours)}\b", message))]
-    return min(found)[1] if found else None
+    except ValueError as e:  # a ParamError names the SamplingParams field: "stop[1]", "seed"
+        field = getattr(e, "param", "").split("[")[0] or None
+        raise ApiError(400, str(e), "response_format" if field in (extra or {}) else field) from e
 
 
 def _max_tokens(body: dict, field: str, default: int) -> int:

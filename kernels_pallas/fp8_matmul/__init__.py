@@ -11,7 +11,7 @@ are the cost) with N a multiple of 16; bigger ones (prefill chunks) are compute-
 the reference path, as do odd widths. The GPU kernel's one-row path reads half of bf16's bytes
 at a somewhat lower rate than XLA's bf16 matmul, so a one-row matmul takes well under bf16's
 time; at 32 rows the tensor-core path about matches bf16 per-channel and is slower with MXFP8's
-per-32-value scales (figures: `benchmarks/results/fp8_h100.json`, benchmarks/NOTES.md).
+per-32-value scales.
 """
 
 from __future__ import annotations

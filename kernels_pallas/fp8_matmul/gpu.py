@@ -41,7 +41,7 @@ from dendrite_jax.quant.fp8 import BLOCK, E8M0_BIAS, Fp8Weight
 from kernels_pallas.fp8_matmul.reference import rms_normalize
 from kernels_pallas.paged_attention.gpu import MIN_DOT_ROWS, dot
 
-TARGET_PROGRAMS = 528  # four per SM on an H100 (132 SMs), the fastest: benchmarks/NOTES.md
+TARGET_PROGRAMS = 528  # four per SM of a 132-SM GPU: the fastest programs-per-SM count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +148,8 @@ def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *sq_ref, block_k: int, mx: bool):
         sq_ref[0][...] = jnp.full((1, block_n), sq.sum(), jnp.float32)
 
 
-# The one-row kernel's best tuning per scheme by geometric mean over the 8B shape's projections
-# (figures: benchmarks/NOTES.md): MXFP8 32 columns x 256 K values per step with 4 warps;
+# The one-row kernel's best tuning per scheme by geometric mean over the 8B shape's projections:
+# MXFP8 32 columns x 256 K values per step with 4 warps;
 # per-channel 16 columns with 8 warps.
 SCHEME_TUNINGS = {"mxfp8": Fp8Tuning(),
                   "fp8-channel": Fp8Tuning(gemv_block_n=16, gemv_warps=8)}
@@ -177,8 +177,7 @@ def fp8_matmul(x: jax.Array, w: Fp8Weight, *, tuning: Fp8Tuning | None = None,
         x2 = jnp.pad(x2, ((0, rows - m), (0, 0)))
     mx = w.scheme == "mxfp8"
     # A folded norm: the one-row kernel sums x² itself; several rows are normalised first (on
-    # the tensor-core path, per-row sums of squares in the kernel slow the step down:
-    # benchmarks/NOTES.md).
+    # the tensor-core path, per-row sums of squares in the kernel slow the step down).
     folded = w.input_rms_eps is not None
     if folded and not gemv:
         x2 = rms_normalize(x2, w.input_rms_eps)

@@ -57,7 +57,7 @@ from kernels_pallas.paged_attention.ragged import RaggedRows, attend_ragged
 
 @dataclasses.dataclass(frozen=True)
 class CodeTuning:
-    """Defaults: the fastest of `benchmarks/kv_compression_gpu.py`'s tunings on an H100."""
+    """Defaults: the fastest of `benchmarks/kv_compression_gpu.py`'s tunings on a Hopper GPU."""
 
     pages_per_block: int = 4  # pages per loop step (block_k = pages_per_block * page_size)
     num_splits: int | None = None  # decode context splits; None picks from batch and context
@@ -423,7 +423,7 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedKVC
     """The step's attention with its code writes (contract: `kv_compress.write_and_attend`):
     every token's codes are scattered into their pages (in place, the cache donated), then
     the kernels read them with the rest of the context. (A decode kernel that stored its row's
-    codes itself, as the plain one does, is slower per call: benchmarks/NOTES.md.)"""
+    codes itself, as the plain one does, is slower per call.)"""
     _check_supported(kv)  # before the cache is written
     kv = write_codes(kv, layer, k, v, slot_pages, slot_offsets)
     return ragged_paged_attention(q, kv, layer, rows, sm_scale=sm_scale,

@@ -47,7 +47,7 @@ MAX_BLOCK_TOKENS = 128  # the decode kernel's largest key block (pages of 128: o
 
 @dataclasses.dataclass(frozen=True)
 class DecodeTuning:
-    """Defaults: the fastest in kernel time on an H100 (figures: benchmarks/NOTES.md): 64-token
+    """Defaults: the fastest in kernel time on a Hopper GPU: 64-token
     blocks, 2 warps, no software pipelining; faster than 128-token blocks with 8 warps at every
     shape timed, most at short contexts. The programs are latency-bound there; smaller tiles per
     program bring more programs per SM."""

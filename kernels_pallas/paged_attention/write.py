@@ -14,8 +14,7 @@ def unique_slots(slot_pages: jax.Array, slot_offsets: jax.Array, num_pages: int,
     slot; copy-on-write gives forked sequences their own pages before they write).
 
     Distinct slots let the scatter promise `unique_indices`, which on a GPU turns XLA's
-    serialised scatter into plain stores, several times faster for a long prefill's write
-    (benchmarks/NOTES.md)."""
+    serialised scatter into plain stores, several times faster for a long prefill's write."""
     outside = (slot_pages < 0) | (slot_pages >= num_pages)
     pages = jnp.where(outside, num_pages, slot_pages)
     offsets = jnp.where(outside, page_size + jnp.arange(slot_pages.shape[0]), slot_offsets)

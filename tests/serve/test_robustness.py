@@ -7,10 +7,10 @@ never get a 5xx, leave pages in use or stop the server."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import socket
-import statistics
 import threading
 import time
 
@@ -154,20 +154,31 @@ def test_a_chat_template_error_is_a_one_line_400(llm, monkeypatch):
 
 
 def test_a_slow_chat_template_times_out_without_stalling_the_server(llm, monkeypatch):
+    """A render past its time limit answers 422, and /health answers while the render is
+    still running (it is let go only 10 s later: an event loop it held could not answer)."""
+    started, release = threading.Event(), threading.Event()
+
     def slow(*args, **kwargs):
-        time.sleep(1.5)  # a sleeping render holds no lock: the loop must keep answering
+        started.set()
+        release.wait(30)
         return [1, 2, 3]
+
     monkeypatch.setattr(llm.tokenizer, "apply_chat_template", slow)
+    letting_go = threading.Timer(10, release.set)
     with serve(llm, template_timeout_s=0.2) as client:
         result = {}
         thread = threading.Thread(target=lambda: result.update(r=client.post(
             "/v1/chat/completions", json={"model": MODEL, "messages": CHAT})))
         thread.start()
-        time.sleep(0.05)
-        start = time.perf_counter()
-        assert client.get("/health").status_code == 200
-        assert time.perf_counter() - start < 0.5
-        thread.join()
+        letting_go.start()
+        try:
+            assert started.wait(30), "the template was never rendered"
+            assert client.get("/health").status_code == 200
+            assert not release.is_set()  # answered while the render still runs
+            thread.join()
+        finally:
+            release.set()
+            letting_go.cancel()
         error = assert_error(result["r"], 422, "messages", "did not render")
         assert error["code"] == "template_timeout"
 
@@ -287,10 +298,6 @@ def health_latencies(base: str, load, count: int = 200) -> list[float]:
     return times
 
 
-def p99(times: list[float]) -> float:
-    return statistics.quantiles(times, n=100)[98]
-
-
 BIG_BODY = b'{"model": "smollm2-135m", "prompt": "' + b"x" * 10_000_000 + b'"}'
 
 
@@ -304,30 +311,37 @@ def refuse_big_body(client: httpx.Client, base: str) -> None:
         assert r.status_code == 413
 
 
-def test_health_stays_fast_while_a_10mb_body_is_refused(llm):
+def test_health_answers_while_10mb_bodies_are_refused(llm):
+    """Every /health request is answered while 10 MB bodies are refused over and over (its
+    latency is measured by benchmarks/robustness.py, not asserted here)."""
     app = create_app(llm)
     with uvicorn_server(app) as base:
-        times = health_latencies(base, refuse_big_body)
-    print(f"/health while 10 MB bodies are refused: p50 {statistics.median(times) * 1e3:.1f} "
-          f"ms, p99 {p99(times) * 1e3:.1f} ms")
-    assert p99(times) < 0.25  # the target is 50 ms; slack for a loaded 2-core CI machine
+        assert len(health_latencies(base, refuse_big_body, count=50)) == 50
 
 
-def test_health_stays_fast_while_long_prompts_are_admitted(llm):
-    """Prompts just under the character bound: each is tokenised (off the loop), then refused
-    as longer than the context, or admitted and run."""
+def test_health_answers_while_a_prompt_is_tokenised(llm, monkeypatch):
+    """Tokenising runs off the event loop: with an encode held mid-way, /health answers, and
+    the request completes once the encode is let go."""
+    started, release = threading.Event(), threading.Event()
+    encode = llm.tokenizer.encode
+
+    def held(text, *args, **kwargs):
+        started.set()
+        release.wait(60)
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(llm.tokenizer, "encode", held)
     app = create_app(llm)
-    long_prompt = {"model": MODEL, "prompt": "The quick brown fox jumps. " * 700,
-                   "max_tokens": 2}
-
-    def post_long(client: httpx.Client, base: str) -> None:
-        assert client.post(base + "/v1/completions", json=long_prompt).status_code == 400
-        client.post(base + "/v1/completions", json={**long_prompt, "prompt": "hi " * 100})
-    with uvicorn_server(app) as base:
-        times = health_latencies(base, post_long)
-    print(f"/health while long prompts are admitted: p50 {statistics.median(times) * 1e3:.1f} "
-          f"ms, p99 {p99(times) * 1e3:.1f} ms")
-    assert p99(times) < 0.25
+    body = {"model": MODEL, "prompt": "Name a fruit.", "max_tokens": 2}
+    with uvicorn_server(app) as base, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, base + "/v1/completions", json=body, timeout=120)
+        try:
+            assert started.wait(60), "the request was never tokenised"
+            assert httpx.get(base + "/health", timeout=10).json() == {"status": "ok"}
+            assert not pending.done()  # still held inside encode
+        finally:
+            release.set()
+        assert pending.result().status_code == 200
     wait_idle(app, llm)
 
 
