@@ -214,7 +214,7 @@ def child() -> None:
 
     Engine.warmup = timed_warmup
     # Loading the model and building the engine (before warm-up), timed around LLM's calls.
-    import dendrite_jax.engine.llm as llm_module
+    import dendrite_jax.frontend.llm as llm_module
 
     phases: dict[str, float] = {}
 

@@ -46,6 +46,7 @@ from trace_events import device_seconds
 
 from dendrite_jax import LLM, SamplingParams
 from dendrite_jax.quant import fp8
+from kernels_pallas.codecs import fp8 as fp8_format
 from kernels_pallas.fp8_matmul import fp8_matmul, gpu
 
 FLAGS = flags.FLAGS
@@ -154,7 +155,7 @@ def matmul_rows() -> list[dict]:
                                    preferred_element_type=jnp.bfloat16)
         row["xla_fp8"] = flops / seconds_per_call(xla_fp8, x8, w8) / 1e12
         for scheme in FLAGS.schemes:
-            q = fp8.quantize(w, scheme)
+            q = fp8_format.quantize(w, scheme)
             for backend in ("reference", "auto"):
                 def ours(x, q, backend=backend):
                     return fp8_matmul(x, q, backend)
@@ -167,7 +168,7 @@ def matmul_rows() -> list[dict]:
     return rows
 
 
-def weight_bytes(q: fp8.Fp8Weight) -> int:
+def weight_bytes(q: fp8_format.Fp8Weight) -> int:
     return q.values.nbytes + q.scales.nbytes
 
 
@@ -220,7 +221,7 @@ def sweep_rows() -> list[dict]:
                 key = jax.random.key(m + k + n)
                 x = jax.random.normal(key, (m, k), jnp.bfloat16)
                 w = jax.random.normal(jax.random.fold_in(key, 1), (k, n), jnp.bfloat16)
-                q = fp8.quantize(w, scheme)
+                q = fp8_format.quantize(w, scheme)
                 bf16 = cold_seconds(lambda x, w: x @ w, x, cold_copies(w, w.nbytes))
                 row = {"scheme": scheme, "m": m, "k": k, "n": n,
                        "bf16_weight_gb_s": w.nbytes / bf16 / 1e9}

@@ -26,7 +26,7 @@ from quality import GREEDY_PROMPTS, long_text, perplexity
 from report import header, write
 
 from dendrite_jax import LLM, SamplingParams
-from dendrite_jax.cache.compress import compression_ratio, make_kv_compression
+from kernels_pallas.codecs.kv import compression_ratio, make_kv_compression
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("parts", ["compressors", "perplexity", "greedy", "needle"], "What to run.")

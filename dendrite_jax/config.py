@@ -58,8 +58,8 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before rotary
     sliding_window: int | None = None  # Mistral-style local attention, in tokens
     name: str = "model"
-    # Tensor-parallel shards the fused projections are grouped by (`parallel.tensor`); set by
-    # LLM(tensor_parallel_size=...), 1 for a checkpoint as loaded.
+    # Tensor-parallel shards the fused projections are grouped by (`model.tensor_parallel`);
+    # set by LLM(tensor_parallel_size=...), 1 for a checkpoint as loaded.
     shards: int = 1
 
     def __post_init__(self) -> None:
@@ -223,7 +223,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context
     kv_cache_bytes: int = 1 << 30
     seed: int = 0
-    kv_compression: str = "none"  # `cache.compress.make_kv_compression`
+    kv_compression: str = "none"  # `kernels_pallas.codecs.kv.make_kv_compression`
     # Constrained decoding launches decode steps in two halves so the device runs the model
     # while the host fills the token mask (`Engine.splits`); None or False: off (the halves
     # are two more programs per step shape at warm-up).

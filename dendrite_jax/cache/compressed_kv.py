@@ -2,10 +2,10 @@
 
 `CompressedKVCache` has the plain cache's page layout and step interface (created once,
 donated to every step, pages copied on write), but each page holds its keys' and values'
-codes (`cache.compress`): every code array is `[L, N, page_size, Hkv, ...]`, so page ids,
+codes (`kernels_pallas.codecs.kv`): every code array is `[L, N, page_size, Hkv, ...]`, so page ids,
 page tables, prefix caching, preemption and beam forking work unchanged. A step encodes its new
 keys/values as it writes them, and attention decodes only the pages a row reads
-(`kernels_pallas.kv_compress`).
+(`kernels_pallas.kv_compress`, which reads the cache as a `codecs.kv.CompressedPages`).
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dendrite_jax.cache.compress import Codes, KvCompressor, make_kv_compression
 from dendrite_jax.cache.kv import KVCache
 from dendrite_jax.config import ModelConfig
+from kernels_pallas.codecs.kv import Codes, KvCompressor, make_kv_compression
 
 
 @dataclasses.dataclass(frozen=True)
 class CompressedKVCache:
     k: Codes  # each [L, N, page_size, Hkv, ...]: codes of key - k_mean[layer]
     v: Codes  # codes of value - v_mean[layer]
-    k_mean: jax.Array  # [L, Hkv, hd] float32 (`cache.calibration`; zeros: no centering)
+    k_mean: jax.Array  # [L, Hkv, hd] float32 (`model.calibration`; zeros: no centering)
     v_mean: jax.Array
     key_compressor: KvCompressor  # static: part of the compiled step's identity
     value_compressor: KvCompressor

@@ -1,1 +1,1 @@
-"""The engine: sampling, step plans, the jitted step runner, the scheduler and the LLM API."""
+"""The engine: sampling, step plans, the jitted step runner, the scheduler and the step loop."""

@@ -12,17 +12,17 @@ from concurrent.futures import Future
 import jax
 import numpy as np
 
-from dendrite_jax.cache.calibration import calibration_ids
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.kv import KVCache
 from dendrite_jax.cache.pool import PagePool, PoolStats
 from dendrite_jax.cache.prefix_cache import PrefixCache, PrefixCacheStats
 from dendrite_jax.config import EngineConfig
 from dendrite_jax.engine.buckets import all_shapes, decode_rows_floor
+from dendrite_jax.engine.kv_blocks import KVBlockManager
 from dendrite_jax.engine.launcher import Launcher
 from dendrite_jax.engine.page_table import HostPageTable
 from dendrite_jax.engine.plan_builder import PlanBuilder, sampling_fields
-from dendrite_jax.engine.request import PENDING, Request, RequestStatus
+from dendrite_jax.engine.request import Request, RequestStatus
 from dendrite_jax.engine.runner import ModelRunner, splittable, to_host
 from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.engine.scheduler import ScheduledBatch, Scheduler
@@ -31,6 +31,7 @@ from dendrite_jax.engine.step_plan import StepPlan, StepShape
 from dendrite_jax.grammar import GrammarCompiler, GrammarError
 from dendrite_jax.grammar.automaton import AutomatonArena, AutomatonCursor
 from dendrite_jax.grammar.device_automaton import FROM_SLOT, NO_AUTOMATON
+from dendrite_jax.model.calibration import calibration_ids
 from dendrite_jax.model.loader import LoadedModel
 from dendrite_jax.quant import fp8
 from dendrite_jax.validation import ParamError, is_int
@@ -89,10 +90,9 @@ class Engine:
         num_pages = cfg.num_pages or default_num_pages(model, cfg, self.max_model_len)
         self.pool = PagePool(num_pages)
         self.prefix_cache = PrefixCache(self.pool, cfg.page_size) if enable_prefix_caching else None
-        self.scheduler = Scheduler(self.pool, page_size=cfg.page_size,
-                                   max_num_seqs=cfg.max_num_seqs,
-                                   max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                   prefix_cache=self.prefix_cache)
+        self.blocks = KVBlockManager(self.pool, cfg.page_size, self.prefix_cache)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=cfg.max_num_seqs,
+                                   max_num_batched_tokens=cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model.config, model.params, num_pages=num_pages,
                                   page_size=cfg.page_size, num_slots=cfg.max_num_seqs,
                                   dtype=cfg.dtype, attention_backend=attention_backend,
@@ -167,8 +167,7 @@ class Engine:
                           seed % 2**32, self.max_model_len, self.model.tokenizer,
                           self.model.tokenizer.stop_token_ids if self.model.tokenizer else (),
                           ranked=ranked)
-        needed = self.scheduler.pages_for(request.max_len)
-        capacity = self.pool.num_pages - self.pool.headroom
+        needed, capacity = self.blocks.pages_for(request.max_len), self.blocks.capacity
         if needed > capacity:
             raise ParamError("max_tokens", f"request needs {needed} KV pages (prompt {n} + "
                              f"max_tokens {params.max_tokens} tokens) but the cache has "
@@ -538,7 +537,7 @@ class Engine:
                                    int(result.rank[row]), result.top_logprobs[row],
                                    result.top_ids[row], accepted=accepted.get(r.request_id))
             if r.status is RequestStatus.RUNNING:
-                self._commit_full_pages(r)
+                self.blocks.commit(r)  # full pages enter the prefix cache once computed
             if r.finish_reason is not None:
                 self.scheduler.finish(r)
                 self.requests.pop(r.request_id, None)
@@ -567,17 +566,6 @@ class Engine:
         """Whether the token a sampling row drew is appended to `r`: not where a forced token
         already sits (`forced_tokens`), whose draw is dropped."""
         return int(plan.seq_lens[row]) not in r.forced_positions
-
-    def _commit_full_pages(self, r: Request) -> None:
-        """Full pages enter the prefix cache as soon as they are computed."""
-        full = r.num_computed // self.cfg.page_size
-        if self.prefix_cache is None or full <= r.num_cached_pages:
-            return
-        tokens = r.tokens[:full * self.cfg.page_size]
-        if PENDING in tokens:  # a page still holds a token not read back: commit later
-            return
-        self.prefix_cache.commit(tokens, r.pages[:full])
-        r.num_cached_pages = full
 
     def stats(self) -> EngineStats:
         return EngineStats(pool=self.pool.stats(),

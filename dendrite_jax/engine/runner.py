@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dendrite_jax.cache.calibration import kv_means
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.kv import KVCache, copy_pages
 from dendrite_jax.config import ModelConfig
@@ -47,8 +46,9 @@ from dendrite_jax.grammar.device_automaton import (
     fill_token_table,
 )
 from dendrite_jax.grammar.mask import allow_all, mask_words
+from dendrite_jax.model.calibration import kv_means
 from dendrite_jax.model.params import Params
-from dendrite_jax.parallel.tensor import kv_sharding
+from dendrite_jax.model.tensor_parallel import kv_sharding
 from dendrite_jax.progress import Progress
 from kernels_pallas import kv_compress
 
@@ -111,7 +111,7 @@ class ModelRunner:
         self.cfg = cfg
         self.params = params
         self.attention_backend = attention_backend
-        # With a tensor-parallel mesh (`parallel.tensor`), params arrive placed; the cache is
+        # With a tensor-parallel mesh (`model.tensor_parallel`), params arrive placed; the cache is
         # split on its KV heads and everything else the step reads is replicated.
         self.mesh = mesh
         self._replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None

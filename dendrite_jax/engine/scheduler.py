@@ -6,22 +6,21 @@ Iteration-level (Orca-style) continuous batching. Each step it:
    then waiting requests it can admit (slots free, pages available), longest prompts split
    into chunks, the last chunk cut where that sizes the step to a compiled token count
    instead of padding it (`buckets.prefill_to_fit`);
-3. finds pages for all of them, allocating lazily; when the pool runs dry it evicts unused
-   prefix-cache pages, then preempts the youngest running request (it is recomputed later).
+3. asks the KV block manager (`kv_blocks`) for their pages; where it cannot supply them
+   (after evicting unused prefix-cache pages) it preempts the youngest running request, which
+   is recomputed later.
 With a prefix cache, an admitted request shares the cached pages of its prompt's prefix and
 skips their prefill; a request whose next page another running request is computing right now
-waits a step so the prefix is computed once.
+waits a step so the prefix is computed once. Page accounting is the block manager's alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import deque
 
-from dendrite_jax.cache.pool import PagePool
-from dendrite_jax.cache.prefix_cache import PrefixCache
 from dendrite_jax.engine.buckets import prefill_to_fit
+from dendrite_jax.engine.kv_blocks import KVBlockManager
 from dendrite_jax.engine.request import Request, RequestStatus
 
 
@@ -37,23 +36,19 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, pool: PagePool, *, page_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, prefix_cache: PrefixCache | None = None) -> None:
+    def __init__(self, blocks: KVBlockManager, *, max_num_seqs: int,
+                 max_num_batched_tokens: int) -> None:
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be at least "
                              f"max_num_seqs ({max_num_seqs}) so every running request can decode")
-        self.pool = pool
-        self.page_size = page_size
+        self.blocks = blocks
+        self.page_size = blocks.page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.prefix_cache = prefix_cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the youngest
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
         self.num_preemptions = 0
-
-    def pages_for(self, num_tokens: int) -> int:
-        return math.ceil(num_tokens / self.page_size)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -95,12 +90,8 @@ class Scheduler:
             return None
         if not all(r.can_burst(steps) for r in self.running):
             return None
-        extra = [self.pages_for(r.num_computed + steps) - len(r.pages) for r in self.running]
-        if sum(n for n in extra if n > 0) > self.pool.num_allocatable:
+        if not self.blocks.grow_all(self.running, [r.num_computed + steps for r in self.running]):
             return None
-        for r, n in zip(self.running, extra, strict=True):
-            if n > 0:
-                r.pages.extend(self.pool.allocate(n))
         return ScheduledBatch([(r, 1) for r in self.running], [], steps=steps)
 
     def _plan_prefill(self, budget: int) -> list[tuple[Request, int]]:
@@ -143,8 +134,7 @@ class Scheduler:
         one token to compute."""
         if not self._may_share(r):
             return 0
-        hit = len(self.prefix_cache.tree.find_prefix(r.tokens, touch=False)) * self.page_size
-        return min(hit, r.num_tokens - 1)
+        return min(self.blocks.cached_tokens(r.tokens), r.num_tokens - 1)
 
     def _sibling_hit(self, r: Request) -> int | None:
         """Parallel sampling: tokens r takes from its first sibling's pages (the prompt but its
@@ -164,14 +154,14 @@ class Scheduler:
 
     def _may_share(self, r: Request) -> bool:
         """Whether r may skip prompt tokens the prefix cache holds."""
-        return self.prefix_cache is not None and not _feeds_whole_prompt(r)
+        return self.blocks.caches_prefixes and not _feeds_whole_prompt(r)
 
     def _deferred(self, r: Request, hit: int, computing: list[tuple[Request, int]]) -> bool:
         """True if another request (running, or admitted earlier in this step; given with the
         tokens it has computed) is computing the page after r's cached prefix: r waits, and
         finds that page in the cache later, so a prefix shared by requests arriving together is
         computed once."""
-        if self.prefix_cache is None:
+        if not self.blocks.caches_prefixes:
             return False
         end = hit - hit % self.page_size + self.page_size
         if end > len(r.prompt_ids):
@@ -183,53 +173,22 @@ class Scheduler:
     # ------------------------------------------------------------------------------ pages
 
     def _grow(self, r: Request, num_tokens: int) -> bool:
-        """Give running request r pages for `num_tokens`, evicting cached pages and then
-        preempting younger requests as needed. False if r itself had to be preempted."""
-        need = self.pages_for(num_tokens) - len(r.pages)
-        while need > self.pool.num_allocatable:
-            if self.prefix_cache and self.prefix_cache.evict_lru(
-                    need - self.pool.num_allocatable):
-                continue
+        """Pages for running request r's `num_tokens`, preempting the youngest running
+        requests while the block manager cannot supply them. False if r itself was."""
+        while not self.blocks.grow(r, num_tokens):
             victim = self.running[-1]
             self.preempt(victim)
             if victim is r:
                 return False
-        if need > 0:
-            r.pages.extend(self.pool.allocate(need))
         return True
 
     def _admit(self, r: Request, n: int, copies: list[tuple[int, int]]) -> bool:
-        """Move waiting request r to running with pages for its first n tokens; shares cached
-        prefix pages. Never preempts. False (nothing changed) if the pages are not there."""
-        hit_tokens, shared = 0, []
+        """Move waiting request r to running with pages for its first n tokens after the
+        prefix it shares. Never preempts. False (nothing changed) if the pages are not there."""
         sibling = self._sibling_hit(r)
-        if sibling:
-            hit_tokens = sibling
-            shared = r.donor.pages[:self.pages_for(hit_tokens)]
-        elif self._may_share(r):
-            pages = self.prefix_cache.lookup(r.tokens).pages
-            hit_tokens = min(len(pages) * self.page_size, r.num_tokens - 1)
-            shared = pages[:self.pages_for(hit_tokens)]
-        need = self.pages_for(hit_tokens + n) - len(shared)
-        self.pool.fork(shared)  # pin before eviction can take them
-        while need > self.pool.num_allocatable and self.prefix_cache and \
-                self.prefix_cache.evict_lru(need - self.pool.num_allocatable):
-            pass
-        if need > self.pool.num_allocatable:
-            self.pool.free(shared)
+        if not self.blocks.allocate_prompt(r, n, copies, sibling_tokens=sibling or 0,
+                                           share_cache=not sibling and self._may_share(r)):
             return False
-        if not sibling and self._may_share(r):
-            self.prefix_cache.record_hit(r.num_tokens, hit_tokens)
-        r.pages = shared + self.pool.allocate(need)
-        if hit_tokens % self.page_size:
-            # The last shared page is partial: r writes its next tokens into its own copy.
-            last = self.pages_for(hit_tokens) - 1
-            page, copied = self.pool.copy_on_write(r.pages[last])
-            if copied:
-                copies.append((r.pages[last], page))
-                r.pages[last] = page
-        r.num_computed = hit_tokens
-        r.num_cached_pages = len(shared) if hit_tokens % self.page_size == 0 else len(shared) - 1
         self.waiting.remove(r)
         r.slot = self._free_slots.pop()
         r.new_in_slot = True
@@ -269,8 +228,7 @@ class Scheduler:
         r.abort()
 
     def _release(self, r: Request) -> None:
-        self.pool.free(r.pages)
-        r.pages = []
+        self.blocks.free(r)
         self._free_slots.append(r.slot)
         r.slot = -1
 

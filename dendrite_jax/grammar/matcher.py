@@ -1,7 +1,8 @@
 """Grammar matchers: one llguidance tokenizer per model (built once), one matcher per request.
 
-A request's constraint (`SamplingParams` json_schema, regex, Lark grammar or choice) becomes an
-llguidance grammar; a grammar llguidance rejects raises `GrammarError` with llguidance's message.
+A request's constraint (json_schema, regex, Lark grammar or choice: `constraint.Constrained`,
+as `SamplingParams` and `BeamSearchParams` carry it) becomes an llguidance grammar; a grammar
+llguidance rejects raises `GrammarError` with llguidance's message.
 JSON schemas are compiled without free whitespace (compact JSON) unless the schema's
 "x-guidance" options say otherwise: a small model given free whitespace can emit newlines until
 it runs out of tokens.
@@ -15,10 +16,10 @@ import llguidance
 import llguidance.numpy
 import numpy as np
 
-from dendrite_jax.engine.sampling_params import CONSTRAINTS, SamplingParams
 from dendrite_jax.grammar import regex_syntax
 from dendrite_jax.grammar.automaton import TokenAutomaton, TokenBytes
 from dendrite_jax.grammar.byte_dfa import compile_tree
+from dendrite_jax.grammar.constraint import CONSTRAINTS, Constrained
 from dendrite_jax.grammar.json_regex import schema_tree
 from dendrite_jax.grammar.mask import allow_all
 from dendrite_jax.model.tokenizer import Tokenizer
@@ -31,7 +32,7 @@ class GrammarError(ValueError):
     """A constraint that llguidance cannot compile (the message is llguidance's)."""
 
 
-def grammar_spec(params: SamplingParams) -> str | None:
+def grammar_spec(params: Constrained) -> str | None:
     """The llguidance grammar for a request's constraint, or None if it has none."""
     if params.json_schema is not None:
         schema = params.json_schema
@@ -67,7 +68,7 @@ class GrammarCompiler:
         # there is none, or llguidance's error.
         self._automata: dict[str, TokenAutomaton | str | GrammarError] = {}
 
-    def matcher(self, params: SamplingParams) -> llguidance.LLMatcher | None:
+    def matcher(self, params: Constrained) -> llguidance.LLMatcher | None:
         """A fresh matcher for the request's constraint (None if unconstrained); raises
         GrammarError with llguidance's message for a constraint it rejects. Built anew for
         each request: copies of one matcher (`deep_copy`) fill their masks in parallel far
@@ -80,7 +81,7 @@ class GrammarCompiler:
             raise GrammarError(f"invalid {constraint_name(params)}: {matcher.get_error()}")
         return matcher
 
-    def automaton(self, params: SamplingParams) -> TokenAutomaton | str:
+    def automaton(self, params: Constrained) -> TokenAutomaton | str:
         """The constraint as a token automaton the device can step (`device_automaton`), or
         the reason it has none: Lark grammars, patterns outside `regex_syntax` and schemas
         outside `json_regex` stay with llguidance. Built once per constraint, after llguidance
@@ -100,7 +101,7 @@ class GrammarCompiler:
             raise found
         return found
 
-    def _build_automaton(self, key: str, params: SamplingParams) -> TokenAutomaton | str:
+    def _build_automaton(self, key: str, params: Constrained) -> TokenAutomaton | str:
         name = constraint_name(params)
         try:
             if params.regex is not None:
@@ -141,12 +142,12 @@ def forced_token(matcher: llguidance.LLMatcher) -> int | None:
     return int(allowed[0]) if allowed.size == 1 else None
 
 
-def constraint_key(params: SamplingParams) -> str:
+def constraint_key(params: Constrained) -> str:
     """Requests with equal keys have the same constraint."""
     name = constraint_name(params)
     value = json.dumps(getattr(params, name), sort_keys=True, ensure_ascii=False, default=str)
     return f"{name}:{value}"
 
 
-def constraint_name(params: SamplingParams) -> str:
+def constraint_name(params: Constrained) -> str:
     return next((n for n in CONSTRAINTS if getattr(params, n) is not None), "constraint")

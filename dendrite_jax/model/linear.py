@@ -1,11 +1,12 @@
-"""x @ w for every weight the model holds: a plain array or an FP8 weight (`quant.fp8`)."""
+"""x @ w for every weight the model holds: a plain array or an FP8 weight
+(`kernels_pallas.codecs.fp8`)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from dendrite_jax.quant.fp8 import Fp8Weight
+from kernels_pallas.codecs.fp8 import Fp8Weight
 from kernels_pallas.fp8_matmul import fp8_matmul
 
 

@@ -17,9 +17,9 @@ from dendrite_jax.cache.kv import AttentionMetadata, KVCache
 from dendrite_jax.config import ModelConfig
 from dendrite_jax.model.linear import linear
 from dendrite_jax.model.params import LayerParams, Params
-from dendrite_jax.parallel.tensor import attention_specs, split_columns
-from dendrite_jax.quant.fp8 import Fp8Weight
+from dendrite_jax.model.tensor_parallel import attention_specs, split_columns
 from kernels_pallas import kv_compress
+from kernels_pallas.codecs.fp8 import Fp8Weight
 from kernels_pallas.paged_attention import write_and_attend
 
 

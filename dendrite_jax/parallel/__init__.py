@@ -1,1 +1,2 @@
-"""Multi-device execution: tensor parallelism over a device mesh."""
+"""Multi-device front ends: data-parallel replicas of `LLM` (`replicas`) and joining a multi-host
+job (`distributed`). Tensor parallelism belongs to the model (`model.tensor_parallel`)."""

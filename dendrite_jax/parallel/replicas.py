@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 import jax
 
-from dendrite_jax.engine.llm import LLM, Prompt, _as_prompt_list, _group_output, _params_list
 from dendrite_jax.engine.outputs import RequestOutput
 from dendrite_jax.engine.sampling_params import SamplingParams
+from dendrite_jax.frontend.llm import LLM
+from dendrite_jax.frontend.prompts import Prompt, group_output, params_per_prompt, prompt_list
 
 
 class DataParallelLLM:
@@ -36,8 +37,8 @@ class DataParallelLLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """As `LLM.generate`, with prompt i served by replica i mod data_parallel_size."""
-        prompts = _as_prompt_list(prompts)
-        params_list = _params_list(sampling_params, len(prompts))
+        prompts = prompt_list(prompts)
+        params_list = params_per_prompt(sampling_params, len(prompts))
         n = len(self.replicas)
         shares = [list(range(r, len(prompts), n)) for r in range(n)]
         started = [replica._make_requests([prompts[i] for i in share],
@@ -62,5 +63,5 @@ class DataParallelLLM:
         outputs: list[RequestOutput | None] = [None] * len(prompts)
         for share, (_, groups) in zip(shares, started, strict=True):
             for i, group in zip(share, groups, strict=True):
-                outputs[i] = _group_output(group, params_list[i])
+                outputs[i] = group_output(group, params_list[i])
         return outputs

@@ -1,1 +1,2 @@
-"""Weight quantization: FP8 (MXFP8 and per-channel E4M3) projections the model multiplies by."""
+"""Weight quantization: the model's projections converted to FP8 (MXFP8 and per-channel E4M3),
+the format being `kernels_pallas.codecs.fp8`'s."""

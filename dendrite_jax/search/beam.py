@@ -33,8 +33,8 @@ import numpy as np
 
 from dendrite_jax.engine.runner import to_host
 from dendrite_jax.engine.sampling import MAX_LOGPROBS
-from dendrite_jax.engine.sampling_params import CONSTRAINTS, check_constraint
 from dendrite_jax.engine.step_output import StepResult
+from dendrite_jax.grammar.constraint import CONSTRAINTS, check_constraint
 from dendrite_jax.search.tree import TreeState
 from dendrite_jax.validation import is_finite_real, is_int
 
@@ -301,7 +301,7 @@ def _run(engine, rows: list[tuple[list[int], int, list[int], int]],
     """One synchronous step over rows of (input tokens, position of the first, pages, prompt
     length), each reading back its top logprobs among the tokens its matcher (None:
     unconstrained) allows."""
-    pages_for = engine.scheduler.pages_for
+    pages_for = engine.blocks.pages_for
     shape = engine.plans.shape([len(tokens) for tokens, *_ in rows], needs_sort=True)
     page_tables = np.zeros((len(rows), shape.pages_per_seq), np.int32)
     for row, (tokens, start, pages, _) in enumerate(rows):

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from dendrite_jax.engine.llm import LLM
+from dendrite_jax.frontend.llm import LLM
 from dendrite_jax.model.tokenizer import Tokenizer
 from dendrite_jax.serve import protocol
 from dendrite_jax.serve.async_engine import AsyncEngine, Delta, QueueFull

@@ -21,10 +21,10 @@ import time
 from collections.abc import AsyncIterator
 
 from dendrite_jax.engine.engine import EngineStats
-from dendrite_jax.engine.llm import LLM
 from dendrite_jax.engine.outputs import RequestOutput
 from dendrite_jax.engine.request import Request
 from dendrite_jax.engine.sampling_params import SamplingParams
+from dendrite_jax.frontend.llm import LLM
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 float("inf"))

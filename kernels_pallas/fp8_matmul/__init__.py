@@ -1,4 +1,4 @@
-"""FP8 weight matmul (`dendrite_jax.quant.fp8.Fp8Weight`), dispatched by backend.
+"""FP8 weight matmul (`kernels_pallas.codecs.fp8.Fp8Weight`), dispatched by backend.
 
 - "reference": dequantize, then multiply (pure JAX, `reference.py`); every platform.
 - "pallas_gpu": a Pallas kernel (Triton lowering) streaming E4M3 weights (`gpu.py`); off a GPU it
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import jax
 
-from dendrite_jax.quant.fp8 import Fp8Weight
+from kernels_pallas.codecs.fp8 import Fp8Weight
 from kernels_pallas.fp8_matmul import gpu, tpu
 from kernels_pallas.fp8_matmul.reference import fp8_matmul as reference_fp8_matmul
 

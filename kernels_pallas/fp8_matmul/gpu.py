@@ -2,7 +2,7 @@
 
 Decode multiplies a few rows by every weight once, so its time is the weight bytes over the
 memory bandwidth: reading FP8 instead of bf16 halves it, provided nothing dequantizes the whole
-weight into memory first. The weight is stored output-major ([N, K], `quant.fp8`). Two kernels:
+weight into memory first. The weight is stored output-major ([N, K], `codecs.fp8`). Two kernels:
 
 - One row (`_gemv_kernel`, `Fp8Tuning.gemv`, decode at batch 1): CUDA-core FMAs. Each program
   owns `gemv_block_n` output columns and one of `k_splits` slices of K; each step loads a
@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from dendrite_jax.quant.fp8 import BLOCK, E8M0_BIAS, Fp8Weight
+from kernels_pallas.codecs.fp8 import BLOCK, E8M0_BIAS, Fp8Weight
 from kernels_pallas.fp8_matmul.reference import rms_normalize
 from kernels_pallas.paged_attention.gpu import MIN_DOT_ROWS, dot
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dendrite_jax.quant.fp8 import Fp8Weight, dequantize_stored
+from kernels_pallas.codecs.fp8 import Fp8Weight, dequantize_stored
 
 
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:

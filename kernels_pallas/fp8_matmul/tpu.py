@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from dendrite_jax.quant.fp8 import BLOCK, E8M0_BIAS, Fp8Weight
+from kernels_pallas.codecs.fp8 import BLOCK, E8M0_BIAS, Fp8Weight
 from kernels_pallas.fp8_matmul.reference import rms_normalize
 
 

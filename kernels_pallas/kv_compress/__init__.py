@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import jax
 
-from dendrite_jax.cache.compress import make_kv_compression
-from dendrite_jax.cache.compressed_kv import CompressedKVCache
+from kernels_pallas.codecs.kv import CompressedPages, make_kv_compression
 from kernels_pallas.kv_compress import gpu, tpu
 from kernels_pallas.kv_compress.reference import ragged_paged_attention, write_codes
 from kernels_pallas.paged_attention.ragged import RaggedRows
@@ -50,11 +49,11 @@ def resolve_backend(backend: str, compression: str, head_dim: int,
     return backend
 
 
-def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedKVCache,
+def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedPages,
                      layer: jax.Array, rows: RaggedRows, slot_pages: jax.Array,
                      slot_offsets: jax.Array, *, sm_scale: float,
                      sliding_window: int | None = None, soft_cap: float | None = None,
-                     backend: str = "reference") -> tuple[jax.Array, CompressedKVCache]:
+                     backend: str = "reference") -> tuple[jax.Array, CompressedPages]:
     """Encode this step's k, v [T, Hkv, hd] into their slots (slot_pages, slot_offsets [T]; a
     page outside the cache writes nowhere), then attend over the step's rows (`ragged`);
     returns (out [T, Hq, hd], the cache). Every backend scatters the codes first

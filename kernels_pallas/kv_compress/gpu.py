@@ -1,7 +1,7 @@
 """Paged attention reading TurboQuant codes on NVIDIA GPUs: Pallas kernels lowered through Triton.
 
 The kernels never rebuild keys or values in memory. A TurboQuant key is
-k = mean + ||k~|| R^T (y + c ||r|| S^T s) (`cache.turboquant`: y the grid values of its MSE codes,
+k = mean + ||k~|| R^T (y + c ||r|| S^T s) (`codecs.turboquant`: y the grid values of its MSE codes,
 s its QJL signs, c = sqrt(pi/2) / m), so with the query rotated once outside the kernel,
 q_rot = R q and q_sketch = S q_rot,
 
@@ -34,10 +34,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from dendrite_jax.cache import bitpack
-from dendrite_jax.cache.compress import KvCompressor
-from dendrite_jax.cache.compressed_kv import CompressedKVCache
-from dendrite_jax.cache.turboquant import TurboQuantCompressor
+from kernels_pallas.codecs import bitpack
+from kernels_pallas.codecs.kv import CompressedPages, KvCompressor
+from kernels_pallas.codecs.turboquant import TurboQuantCompressor
 from kernels_pallas.kv_compress.reference import write_codes
 from kernels_pallas.kv_compress.rotated import rotated_queries, values_out
 from kernels_pallas.paged_attention.gpu import (
@@ -80,7 +79,7 @@ def kernel_supports(key: KvCompressor, value: KvCompressor) -> str | None:
 
 
 def _unpack(load, bits: int, n: int, rows: int) -> jax.Array:
-    """int32 codes [rows, n] from packed words (`cache.bitpack`): fields for b dividing 32 (one
+    """int32 codes [rows, n] from packed words (`codecs.bitpack`): fields for b dividing 32 (one
     shift and mask per code), else bit planes (word g * bits + j holds bit j of codes
     32g..32g+31). `load(words)` reads the rows' words (all of them for None, else a slice)."""
     if bitpack.is_fields(bits):
@@ -247,7 +246,7 @@ def _prefill_kernel(layer_ref, q_len_ref, seq_len_ref, page_table_ref, q_rot_ref
     o_ref[...] = acc / jnp.where(denom > 0, denom, 1.0)[:, None]
 
 
-def _code_arrays(kv: CompressedKVCache, dtype) -> list[jax.Array]:
+def _code_arrays(kv: CompressedPages, dtype) -> list[jax.Array]:
     """The kernels' code inputs: the arrays of `_names` as [L * N, page_size, Hkv, ...], then
     the two grids in the queries' dtype (looked up straight into tensor-core operands)."""
     key_names, value_names = _names(kv.key_compressor)
@@ -269,7 +268,7 @@ def _code_specs(arrays: list[jax.Array], head) -> list[pl.BlockSpec]:
             + [pl.BlockSpec(g.shape, lambda *ids: (0,)) for g in arrays[-2:]])
 
 
-def _stages(tuning: CodeTuning, block_k: int, kv: CompressedKVCache) -> int:
+def _stages(tuning: CodeTuning, block_k: int, kv: CompressedPages) -> int:
     page_bytes = sum(a.dtype.itemsize * int(np.prod(a.shape[3:]))
                      for codes in (kv.k, kv.v) for a in codes.values())
     return fit_stages(tuning.num_stages, block_k * page_bytes * 4)  # unpacked tiles too
@@ -280,7 +279,7 @@ def _kernel_kwargs(kv, sm_scale, sliding_window, soft_cap, block_k):
                 block_k=block_k, key=kv.key_compressor, value=kv.value_compressor)
 
 
-def _decode_call(q_rot, q_sketch, bias, kv: CompressedKVCache, layer, seq_lens, page_tables,
+def _decode_call(q_rot, q_sketch, bias, kv: CompressedPages, layer, seq_lens, page_tables,
                  *, sm_scale, sliding_window, soft_cap, tuning: CodeTuning, interpret):
     rows, num_heads, head_dim = q_rot.shape
     num_pages, page_size, num_kv_heads = kv.num_pages, kv.page_size, kv.k["norm"].shape[3]
@@ -337,7 +336,7 @@ def _decode_call(q_rot, q_sketch, bias, kv: CompressedKVCache, layer, seq_lens, 
     return combine_splits(*outs)[:, :, :group].reshape(rows, num_heads, head_dim)
 
 
-def decode(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: CompressedKVCache,
+def decode(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: CompressedPages,
            layer: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *, sm_scale: float,
            sliding_window: int | None = None, soft_cap: float | None = None,
            tuning: CodeTuning = CodeTuning(), interpret: bool = False) -> jax.Array:
@@ -348,7 +347,7 @@ def decode(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: Compresse
                         tuning=tuning, interpret=interpret)
 
 
-def prefill(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: CompressedKVCache,
+def prefill(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: CompressedPages,
             layer: jax.Array, q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array,
             *, sm_scale: float, sliding_window: int | None = None,
             soft_cap: float | None = None, tuning: CodeTuning = CodeTuning(),
@@ -392,19 +391,19 @@ def prefill(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: Compress
       bias.astype(jnp.float32), *arrays)
 
 
-def _check_supported(kv: CompressedKVCache) -> None:
+def _check_supported(kv: CompressedPages) -> None:
     reason = kernel_supports(kv.key_compressor, kv.value_compressor)
     if reason:
         raise ValueError(reason)
 
 
-def _decode_values(out_rot: jax.Array, kv: CompressedKVCache, layer: jax.Array,
+def _decode_values(out_rot: jax.Array, kv: CompressedPages, layer: jax.Array,
                    q_lens: jax.Array) -> jax.Array:
     """Decode rows' rotated-domain outputs [R, Hq, hd] as values; padding rows give zeros."""
     return jnp.where((q_lens > 0)[:, None, None], values_out(out_rot, kv, layer), 0.0)
 
 
-def _prefill_values(rows: jax.Array, kv: CompressedKVCache, layer: jax.Array,
+def _prefill_values(rows: jax.Array, kv: CompressedPages, layer: jax.Array,
                     q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array,
                     **kwargs) -> jax.Array:
     """`prefill` on query rows [R, Q, Hq, hd], read back as values; zeros past q_len."""
@@ -414,12 +413,12 @@ def _prefill_values(rows: jax.Array, kv: CompressedKVCache, layer: jax.Array,
     return jnp.where(valid[:, :, None, None], values_out(out, kv, layer), 0.0)
 
 
-def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedKVCache,
+def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedPages,
                      layer: jax.Array, rows: RaggedRows, slot_pages: jax.Array,
                      slot_offsets: jax.Array, *, sm_scale: float,
                      sliding_window: int | None = None, soft_cap: float | None = None,
                      tuning: CodeTuning = CodeTuning(), interpret: bool = False
-                     ) -> tuple[jax.Array, CompressedKVCache]:
+                     ) -> tuple[jax.Array, CompressedPages]:
     """The step's attention with its code writes (contract: `kv_compress.write_and_attend`):
     every token's codes are scattered into their pages (in place, the cache donated), then
     the kernels read them with the rest of the context. (A decode kernel that stored its row's
@@ -431,7 +430,7 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedKVC
                                   tuning=tuning, interpret=interpret), kv
 
 
-def ragged_paged_attention(q: jax.Array, kv: CompressedKVCache, layer: jax.Array,
+def ragged_paged_attention(q: jax.Array, kv: CompressedPages, layer: jax.Array,
                            rows: RaggedRows, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            tuning: CodeTuning = CodeTuning(),

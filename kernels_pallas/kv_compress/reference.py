@@ -16,22 +16,21 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dendrite_jax.cache.compress import Codes, KvCompressor
-from dendrite_jax.cache.compressed_kv import CompressedKVCache
+from kernels_pallas.codecs.kv import Codes, CompressedPages, KvCompressor
 from kernels_pallas.paged_attention.ragged import RaggedRows, attend_ragged
 from kernels_pallas.paged_attention.reference import attend_pages
 from kernels_pallas.paged_attention.write import scatter_slots
 
 
-def encode(kv: CompressedKVCache, layer: jax.Array, k: jax.Array, v: jax.Array
+def encode(kv: CompressedPages, layer: jax.Array, k: jax.Array, v: jax.Array
            ) -> tuple[Codes, Codes]:
     """Codes of keys/values [T, Hkv, hd] of layer `layer`, minus the layer's means."""
     return (kv.key_compressor.encode(k.astype(jnp.float32) - kv.k_mean[layer]),
             kv.value_compressor.encode(v.astype(jnp.float32) - kv.v_mean[layer]))
 
 
-def write_codes(kv: CompressedKVCache, layer: jax.Array, k: jax.Array, v: jax.Array,
-                slot_pages: jax.Array, slot_offsets: jax.Array) -> CompressedKVCache:
+def write_codes(kv: CompressedPages, layer: jax.Array, k: jax.Array, v: jax.Array,
+                slot_pages: jax.Array, slot_offsets: jax.Array) -> CompressedPages:
     """Encode keys/values [T, Hkv, hd] of layer `layer` (`encode`) into their (page, offset)
     slots; a slot page outside [0, N) (padding) writes nowhere (`scatter_slots`)."""
     new_k, new_v = encode(kv, layer, k, v)
@@ -51,7 +50,7 @@ def _read(codes: Codes, compressor: KvCompressor, mean: jax.Array, layer: jax.Ar
     return x.reshape(rows, pages * x.shape[2], *x.shape[3:]) + mean[layer]
 
 
-def ragged_paged_attention(q: jax.Array, kv: CompressedKVCache, layer: jax.Array,
+def ragged_paged_attention(q: jax.Array, kv: CompressedPages, layer: jax.Array,
                            rows: RaggedRows, *, sm_scale: float,
                            sliding_window: int | None = None,
                            soft_cap: float | None = None) -> jax.Array:

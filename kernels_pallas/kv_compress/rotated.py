@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dendrite_jax.cache import bitpack
-from dendrite_jax.cache.compressed_kv import CompressedKVCache
+from kernels_pallas.codecs import bitpack
+from kernels_pallas.codecs.kv import CompressedPages
 
 HIGHEST = lax.Precision.HIGHEST  # float32 rotations: no TF32 on GPUs
 
 
-def rotated_queries(q: jax.Array, kv: CompressedKVCache, layer: jax.Array
+def rotated_queries(q: jax.Array, kv: CompressedPages, layer: jax.Array
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(R q, S R q, q . key mean) for queries [..., Hq, hd]: what the kernels score codes with."""
     key = kv.key_compressor
@@ -37,7 +37,7 @@ def rotated_queries(q: jax.Array, kv: CompressedKVCache, layer: jax.Array
     return q_rot.astype(q.dtype), q_sketch.astype(q.dtype), bias
 
 
-def values_out(out_rot: jax.Array, kv: CompressedKVCache, layer: jax.Array) -> jax.Array:
+def values_out(out_rot: jax.Array, kv: CompressedPages, layer: jax.Array) -> jax.Array:
     """Rotated-domain outputs [..., Hq, hd] back to values: rotate back, add the value mean."""
     group = out_rot.shape[-2] // kv.v_mean.shape[1]
     rotation = jnp.asarray(kv.value_compressor.rotation, jnp.float32)

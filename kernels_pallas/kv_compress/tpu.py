@@ -3,7 +3,7 @@
 The scheme of `gpu.py` (scores from rotated queries, values averaged in the rotated domain and
 rotated back after the kernel) laid out for a TPU's vector units, which have no gather:
 
-- Codes packed as fields (`cache.bitpack`, b dividing 32) are never rebuilt into a
+- Codes packed as fields (`codecs.bitpack`, b dividing 32) are never rebuilt into a
   [keys, head_dim] tile. Field i of a word array [page_size, W] is one shift and mask, and holds
   the codes of elements {w * (32 / b) + i}: a [page_size, W] tile. The queries are permuted to
   the same field-major order outside the kernel, so a score is a sum over fields of
@@ -31,10 +31,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from dendrite_jax.cache import bitpack
-from dendrite_jax.cache.compress import KvCompressor
-from dendrite_jax.cache.compressed_kv import CompressedKVCache
-from dendrite_jax.cache.turboquant import TurboQuantCompressor
+from kernels_pallas.codecs import bitpack
+from kernels_pallas.codecs.kv import CompressedPages, KvCompressor
+from kernels_pallas.codecs.turboquant import TurboQuantCompressor
 from kernels_pallas.kv_compress.rotated import rotated_queries, values_out
 from kernels_pallas.paged_attention.ragged import RaggedRows, attend_ragged
 from kernels_pallas.paged_attention.tpu import (
@@ -113,7 +112,7 @@ def _kernel(layer_ref, q_lens_ref, seq_lens_ref, tables_ref, q_ref, bias_ref, k_
         o_ref[...] = jnp.where(query < q_len, out, 0.0)
 
 
-def attend_rows(q: jax.Array, kv: CompressedKVCache, layer: jax.Array, q_lens: jax.Array,
+def attend_rows(q: jax.Array, kv: CompressedPages, layer: jax.Array, q_lens: jax.Array,
                 seq_lens: jax.Array, page_tables: jax.Array, *, sm_scale: float,
                 sliding_window: int | None = None, soft_cap: float | None = None,
                 interpret: bool = False) -> jax.Array:
@@ -177,7 +176,7 @@ def attend_rows(q: jax.Array, kv: CompressedKVCache, layer: jax.Array, q_lens: j
     return jnp.where(valid[:, :, None, None], values_out(out, kv, layer), 0.0)
 
 
-def ragged_paged_attention(q: jax.Array, kv: CompressedKVCache, layer: jax.Array,
+def ragged_paged_attention(q: jax.Array, kv: CompressedPages, layer: jax.Array,
                            rows: RaggedRows, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            interpret: bool = False) -> jax.Array:

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from dendrite_jax import LLM, SamplingParams
-from dendrite_jax.cache.calibration import calibration_ids, kv_means, prefill_kv
-from dendrite_jax.cache.compress import IdentityCompressor, make_kv_compression
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.kv import KVCache, copy_pages
+from dendrite_jax.model.calibration import calibration_ids, kv_means, prefill_kv
 from dendrite_jax.search.beam import BeamSearchParams
+from kernels_pallas.codecs.kv import IdentityCompressor, make_kv_compression
 from kernels_pallas.kv_compress.reference import _read, write_codes
 from tests.helpers import SMOLLM
 
@@ -77,7 +77,7 @@ def test_means_are_removed_on_write_and_restored_on_read():
 def test_centering_lowers_the_real_models_error(smollm):
     """The calibrated means (from a fixed text) centre SmolLM2's keys of another text: its
     keys' 4-bit reconstruction error falls by a third or more."""
-    from tests.cache.test_compress import TEXT
+    from tests.kernels.codecs.test_kv import TEXT
 
     cfg, params = smollm.config, smollm.model.params
     k_mean, _ = kv_means(params, cfg, calibration_ids(smollm.tokenizer, cfg.vocab_size))

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from dendrite_jax import LLM, SamplingParams
-from dendrite_jax.cache.compress import make_kv_compression
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from kernels_pallas import kv_compress
+from kernels_pallas.codecs.kv import make_kv_compression
 from kernels_pallas.kv_compress import gpu, reference, tpu
 from tests.kernels.paged_attention_cases import make_case, token_slots
 

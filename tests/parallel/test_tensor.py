@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 
 from dendrite_jax import LLM
-from dendrite_jax.config import ModelConfig
-from dendrite_jax.parallel import tensor
 from tests.parallel.workers import run_worker
 
 
@@ -56,26 +54,7 @@ def test_kernel_backend_under_shard_map(random_preset):
     check_same(run_worker(random_preset, "1,2", backend="pallas_gpu"))
 
 
-def test_regroup_round_trip():
-    """The model's column split undoes `regroup` on activations."""
-    cfg = ModelConfig(vocab_size=32, hidden_size=8, intermediate_size=12, num_layers=1,
-                      num_heads=6, num_kv_heads=3, head_dim=2, max_position_embeddings=16)
-    sizes = (cfg.q_size, cfg.kv_size, cfg.kv_size)
-    x = np.arange(2 * sum(sizes), dtype=np.float32).reshape(2, sum(sizes))
-    grouped = tensor._shard_major(x, sizes, 3)
-    assert not np.array_equal(grouped, x)
-    for a, b in zip(tensor.split_columns(grouped, sizes, 3),
-                    np.split(x, np.cumsum(sizes)[:-1], axis=-1), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), b)
-
-
 def test_bad_sizes_are_refused():
-    cfg = ModelConfig(vocab_size=32, hidden_size=8, intermediate_size=12, num_layers=1,
-                      num_heads=6, num_kv_heads=3, head_dim=2, max_position_embeddings=16)
-    with pytest.raises(ValueError, match="num_kv_heads"):
-        tensor.check(cfg, 2, num_devices=8)
-    with pytest.raises(ValueError, match="3 devices; 1 present"):
-        tensor.check(cfg, 3, num_devices=1)
     with pytest.raises(ValueError, match="devices"):
         LLM(model="tiny-random", tensor_parallel_size=64, compilation_cache=False)
     with pytest.raises(ValueError, match="does not combine"):

@@ -1,6 +1,7 @@
-"""FP8 weights (`dendrite_jax.quant.fp8`): MXFP8 and per-channel quantization against an
-independent numpy (ml_dtypes) implementation, their error bounds, the model running on
-quantized params, and the LLM setting."""
+"""FP8 weights for the model (`dendrite_jax.quant.fp8`; the format's own tests are in
+tests/kernels/codecs/test_fp8.py): the model's `linear` on them, the projections' error on
+SmolLM2, quantized params stacked and unrolled, folded norms, kept layers, and the LLM
+settings."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -16,81 +16,9 @@ from dendrite_jax import LLM, SamplingParams
 from dendrite_jax.model.linear import linear
 from dendrite_jax.model.loader import load_model
 from dendrite_jax.model.params import with_layer_loop
-from dendrite_jax.quant import fp8
+from dendrite_jax.quant.fp8 import PROJECTIONS, multiplied_by, quantize_weights, weight_scheme
+from kernels_pallas.codecs.fp8 import SCHEMES, Fp8Weight, dequantize, quantize
 from tests.helpers import SMOLLM, paged_logits
-
-
-def numpy_mxfp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reference MXFP8 of w [K, N] (float64 arithmetic): per block of 32 along K, the smallest
-    power of two 2^e with max|block| / 2^e <= 448, elements rounded to nearest-even E4M3."""
-    k, n = w.shape
-    values = np.zeros((k, n), ml_dtypes.float8_e4m3fn)
-    exps = np.zeros((k // 32, n), np.uint8)
-    for b in range(k // 32):
-        for j in range(n):
-            block = w[32 * b:32 * b + 32, j].astype(np.float64)
-            amax = np.abs(block).max()
-            e = -127
-            if amax > 0:
-                e = int(np.ceil(np.log2(amax / 448.0)))
-                while amax / 2.0 ** e > 448.0:  # guard log2 rounding
-                    e += 1
-                while e > -127 and amax / 2.0 ** (e - 1) <= 448.0:
-                    e -= 1
-            exps[b, j] = e + 127
-            values[32 * b:32 * b + 32, j] = (block / 2.0 ** e).astype(ml_dtypes.float8_e4m3fn)
-    return values, exps
-
-
-def weights(rng, k=96, n=40) -> np.ndarray:
-    """Blocks of very different magnitudes, zeros, an exact power of two and a maximum just
-    above 1.75 * 2^k (where the spec's floor rule would clip), and tiny values."""
-    w = rng.standard_normal((k, n)) * np.exp2(rng.integers(-12, 8, (k // 32, 1, n))).repeat(
-        32, 0).reshape(k, n)
-    w[:32, 0] = 0.0
-    w[32:64, 1] = 0.001 * rng.standard_normal(32)
-    w[40, 1] = 4.0  # exact power of two as the block max
-    w[5, 2] = 1.8 * np.abs(w[:32, 2]).max() * 2  # mantissa 1.8: OCP's rule would clip
-    w[70, 3] = 1e-30  # subnormal territory after scaling
-    return w.astype(np.float32)
-
-
-def test_mxfp8_matches_numpy_reference():
-    w = weights(np.random.default_rng(0))
-    q = fp8.quantize(jnp.asarray(w), "mxfp8")
-    values, exps = numpy_mxfp8(w)
-    # stored output-major: values [N, K], scales [N, K / 32]
-    np.testing.assert_array_equal(np.asarray(q.scales), exps.T)
-    np.testing.assert_array_equal(np.asarray(q.values).view(np.uint8), values.T.view(np.uint8))
-    assert q.values.dtype == jnp.float8_e4m3fn and q.scales.dtype == jnp.uint8
-    assert q.shape == w.shape
-
-
-def test_mxfp8_round_trip_bounds():
-    """Per block: nothing clips (the maximum maps into (224, 448]), and each element is within
-    half an E4M3 step: 2^-4 of itself in the normal range, 2^(e-10) in the subnormal range."""
-    w = weights(np.random.default_rng(1))
-    q = fp8.quantize(jnp.asarray(w), "mxfp8")
-    back = np.asarray(fp8.dequantize(q), np.float64)
-    e = np.asarray(q.scales).T.astype(np.int64) - 127
-    scale = np.repeat(np.exp2(e), 32, axis=0)
-    assert np.all(np.isfinite(back))
-    blocks_max = np.abs(w.reshape(-1, 32, w.shape[1])).max(1)
-    live = blocks_max > 0
-    assert np.all(blocks_max[live] / np.exp2(e[live]) <= 448)
-    assert np.all(blocks_max[live] / np.exp2(e[live]) > 224)
-    err = np.abs(back - w)
-    assert np.all(err <= np.maximum(2.0 ** -4 * np.abs(w), scale * 2.0 ** -10) * (1 + 1e-9))
-
-
-def test_per_channel_round_trip_bounds():
-    w = weights(np.random.default_rng(2))
-    q = fp8.quantize(jnp.asarray(w), "fp8-channel")
-    amax = np.abs(w).max(0)
-    np.testing.assert_allclose(np.asarray(q.scales)[:, 0], amax / 448, rtol=1e-6)
-    back = np.asarray(fp8.dequantize(q), np.float64)
-    step = np.asarray(q.scales)[:, 0] * 2.0 ** -10  # half the subnormal step
-    assert np.all(np.abs(back - w) <= np.maximum(2.0 ** -4 * np.abs(w), step) * (1 + 1e-6))
 
 
 def test_linear_is_dequantize_then_matmul():
@@ -99,24 +27,20 @@ def test_linear_is_dequantize_then_matmul():
     rng = np.random.default_rng(3)
     w = jnp.asarray(rng.standard_normal((3, 64, 24)), jnp.float32)  # stacked, like layers
     x = jnp.asarray(rng.standard_normal((5, 64)), jnp.float32)
-    for scheme in fp8.SCHEMES:
-        q = fp8.quantize(w, scheme)
+    for scheme in SCHEMES:
+        q = quantize(w, scheme)
         layer = jax.tree.map(lambda a: a[1], q)  # what scan and unrolling hand a layer
         for matmul in ("reference", "pallas_gpu", "pallas_tpu"):
             layer = dataclasses.replace(layer, matmul=matmul)
             with jax.default_matmul_precision("highest"):
                 np.testing.assert_allclose(np.asarray(linear(x, layer)),
-                                           np.asarray(x @ fp8.dequantize(q)[1]), rtol=1e-5,
+                                           np.asarray(x @ dequantize(q)[1]), rtol=1e-5,
                                            atol=1e-5)
 
 
 def test_bad_settings():
-    with pytest.raises(ValueError, match="unknown FP8 scheme"):
-        fp8.quantize(jnp.ones((32, 4)), "int4")
-    with pytest.raises(ValueError, match="multiple of 32"):
-        fp8.quantize(jnp.ones((48, 4)), "mxfp8")
     with pytest.raises(ValueError, match="unknown weights_dtype"):
-        fp8.weight_scheme("fp4")
+        weight_scheme("fp4")
 
 
 @pytest.fixture(scope="module")
@@ -129,12 +53,12 @@ def test_projection_errors_on_smollm2(smollm2):
     mean absolute error relative to float32 (E4M3 keeps 3 mantissa bits: ~2.6% is its floor)."""
     rng = np.random.default_rng(4)
     layers = smollm2.params.layers
-    for name in fp8.PROJECTIONS:
+    for name in PROJECTIONS:
         w = getattr(layers, name)
         x = jnp.asarray(rng.standard_normal((16, w.shape[1])), jnp.float32)
         ref = jnp.einsum("tk,lkn->ltn", x, w)
-        for scheme in fp8.SCHEMES:
-            out = jnp.einsum("tk,lkn->ltn", x, fp8.dequantize(fp8.quantize(w, scheme)))
+        for scheme in SCHEMES:
+            out = jnp.einsum("tk,lkn->ltn", x, dequantize(quantize(w, scheme)))
             mae = jnp.mean(jnp.abs(out - ref), axis=(1, 2)) / jnp.mean(jnp.abs(ref), axis=(1, 2))
             assert float(mae.max()) < 0.03, (name, scheme, np.asarray(mae))
 
@@ -142,14 +66,14 @@ def test_projection_errors_on_smollm2(smollm2):
 def test_quantized_params_stacked_and_unrolled(smollm2):
     """Quantizing stacked layers then unrolling equals quantizing unrolled layers, and the
     quantized projections take about half the bytes of bfloat16 ones."""
-    stacked = fp8.quantize_weights(smollm2.params)
-    unrolled = fp8.quantize_weights(with_layer_loop(smollm2.params, "unrolled"))
+    stacked = quantize_weights(smollm2.params)
+    unrolled = quantize_weights(with_layer_loop(smollm2.params, "unrolled"))
     a = jax.tree.leaves(with_layer_loop(stacked, "unrolled").layers)
     b = jax.tree.leaves(unrolled.layers)
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
-    projections = [getattr(stacked.layers, n) for n in fp8.PROJECTIONS]
+    projections = [getattr(stacked.layers, n) for n in PROJECTIONS]
     fp8_bytes = sum(p.nbytes for p in projections)
     bf16_bytes = sum(np.prod(p.shape) * 2 for p in projections)
     assert 0.5 < fp8_bytes / bf16_bytes < 0.52  # one uint8 scale per 32 elements
@@ -165,9 +89,9 @@ def test_folded_norms_keep_the_model(smollm2):
         "Gutenberg combined movable metal type with an oil-based ink and a screw press. Books "
         "became cheaper, literacy spread, and ideas moved across Europe faster than before.")
     full = paged_logits(smollm2.params, cfg, ids)
-    apart = paged_logits(fp8.quantize_weights(smollm2.params), cfg, ids)
-    folded_params = fp8.quantize_weights(smollm2.params, rms_norm_eps=cfg.rms_norm_eps)
-    assert [getattr(folded_params.layers, n).input_rms_eps for n in fp8.PROJECTIONS] == [
+    apart = paged_logits(quantize_weights(smollm2.params), cfg, ids)
+    folded_params = quantize_weights(smollm2.params, rms_norm_eps=cfg.rms_norm_eps)
+    assert [getattr(folded_params.layers, n).input_rms_eps for n in PROJECTIONS] == [
         cfg.rms_norm_eps, None, cfg.rms_norm_eps, None]
     folded = paged_logits(folded_params, cfg, ids)
 
@@ -189,7 +113,7 @@ def test_llm_with_fp8_weights_runs_and_mostly_agrees(smollm):
     want = [o.token_ids for o in smollm.generate(prompts, params)]
     llm = LLM(**base, weights_dtype="fp8")
     w_qkv = llm.model.params.layers.w_qkv  # scanned layers: one stacked weight
-    assert isinstance(w_qkv, fp8.Fp8Weight) and w_qkv.matmul == "reference"  # auto, on CPU
+    assert isinstance(w_qkv, Fp8Weight) and w_qkv.matmul == "reference"  # auto, on CPU
     got = [o.token_ids for o in llm.generate(prompts, params)]
     assert all(g[0] == w[0] for g, w in zip(got, want, strict=True))
     with pytest.raises(ValueError, match="unknown weights_dtype"):
@@ -198,11 +122,11 @@ def test_llm_with_fp8_weights_runs_and_mostly_agrees(smollm):
 
 def test_fp8_params_are_a_pytree_of_arrays(smollm2):
     """Quantized weights go through jit, donation and tree utilities like arrays do."""
-    q = fp8.quantize(smollm2.params.layers.w_o[0], "mxfp8")
+    q = quantize(smollm2.params.layers.w_o[0], "mxfp8")
     doubled = jax.jit(lambda w: dataclasses.replace(w, scales=w.scales + 1))(q)
     assert doubled.scheme == "mxfp8"
-    np.testing.assert_allclose(np.asarray(fp8.dequantize(doubled)),
-                               2 * np.asarray(fp8.dequantize(q)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(dequantize(doubled)),
+                               2 * np.asarray(dequantize(q)), rtol=1e-6)
 
 
 def test_random_weight_preset_quantizes_at_load():
@@ -235,39 +159,39 @@ def test_kernel_decode_matches_reference():
 
 def test_multiplied_by_names_the_matmul_backend(smollm2):
     """What the engine asks to choose one-row FP8 steps on GPUs (`buckets.decode_rows_floor`)."""
-    kernel = fp8.quantize_weights(smollm2.params, matmul="pallas_gpu")
-    assert fp8.multiplied_by(kernel, "pallas_gpu")
-    assert not fp8.multiplied_by(kernel, "reference")
-    assert not fp8.multiplied_by(smollm2.params, "pallas_gpu")
+    kernel = quantize_weights(smollm2.params, matmul="pallas_gpu")
+    assert multiplied_by(kernel, "pallas_gpu")
+    assert not multiplied_by(kernel, "reference")
+    assert not multiplied_by(smollm2.params, "pallas_gpu")
 
 
 def test_kept_layers_stay_unquantized(smollm2):
     """keep_layers (negative from the end) leaves exactly those layers' weights as they were;
     the rest are quantized as without it; stacked layers come back per layer."""
-    kept = fp8.quantize_weights(smollm2.params, keep_layers=(0, 1, -1))
-    plain = with_layer_loop(fp8.quantize_weights(smollm2.params), "unrolled").layers
+    kept = quantize_weights(smollm2.params, keep_layers=(0, 1, -1))
+    plain = with_layer_loop(quantize_weights(smollm2.params), "unrolled").layers
     source = with_layer_loop(smollm2.params, "unrolled").layers
     assert isinstance(kept.layers, tuple) and len(kept.layers) == 30
     for i, layer in enumerate(kept.layers):
-        for name in fp8.PROJECTIONS:
+        for name in PROJECTIONS:
             got = getattr(layer, name)
             if i in (0, 1, 29):
                 assert got is getattr(source[i], name) or np.array_equal(
                     np.asarray(got), np.asarray(getattr(source[i], name)))
             else:
-                assert isinstance(got, fp8.Fp8Weight)
+                assert isinstance(got, Fp8Weight)
                 np.testing.assert_array_equal(np.asarray(got.values, np.float32),
                                               np.asarray(getattr(plain[i], name).values,
                                                          np.float32))
     with pytest.raises(ValueError, match="model has 30 layers"):
-        fp8.quantize_weights(smollm2.params, keep_layers=(30,))
+        quantize_weights(smollm2.params, keep_layers=(30,))
 
 
 def test_llm_keep_layers_settings():
     base = dict(model="tiny-random", dtype="float32", compilation_cache=False, warmup=False)
     llm = LLM(**base, weights_dtype="fp8", fp8_keep_layers=[-1])
-    assert isinstance(llm.model.params.layers[0].w_qkv, fp8.Fp8Weight)
-    assert not isinstance(llm.model.params.layers[-1].w_qkv, fp8.Fp8Weight)
+    assert isinstance(llm.model.params.layers[0].w_qkv, Fp8Weight)
+    assert not isinstance(llm.model.params.layers[-1].w_qkv, Fp8Weight)
     assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0,
                                                          ignore_eos=True))[0].token_ids) == 3
     with pytest.raises(ValueError, match="set weights_dtype too"):
@@ -283,7 +207,7 @@ def test_llm_folds_norms_by_scheme():
 
     def folded(**kwargs):
         layer = LLM(**base, layer_loop="unrolled", **kwargs).model.params.layers[0]
-        return [getattr(layer, n).input_rms_eps is not None for n in fp8.PROJECTIONS]
+        return [getattr(layer, n).input_rms_eps is not None for n in PROJECTIONS]
 
     assert folded(weights_dtype="fp8") == [True, False, True, False]
     assert folded(weights_dtype="fp8-channel") == [False] * 4

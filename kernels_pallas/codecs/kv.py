@@ -18,6 +18,8 @@ Compressors (each seeded: the same seed gives the same codes on every platform):
 
 `make_compressor("turboquant-4", head_dim)` builds one by name (the names `KV_COMPRESSIONS`
 lists); `make_kv_compression` the pair a compressed cache uses for keys and values.
+`CompressedPages` is what the `kernels_pallas.kv_compress` kernels read of such a cache
+(`dendrite_jax.cache.compressed_kv.CompressedKVCache`).
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from dendrite_jax.cache import bitpack
-from dendrite_jax.cache.polarquant import PolarQuantCompressor
-from dendrite_jax.cache.qjl import QjlCompressor
-from dendrite_jax.cache.turboquant import TurboQuantCompressor
+from kernels_pallas.codecs import bitpack
+from kernels_pallas.codecs.polarquant import PolarQuantCompressor
+from kernels_pallas.codecs.qjl import QjlCompressor
+from kernels_pallas.codecs.turboquant import TurboQuantCompressor
 
 Codes = dict[str, jax.Array]
 
@@ -53,6 +55,37 @@ class KvCompressor(Protocol):
     def bits_per_element(self) -> float:
         """Exact stored bits per element: every code array of one vector (norms, scales and
         packing padding included), over head_dim (`bitpack.bits_per_element`)."""
+
+
+class CompressedPages(Protocol):
+    """Pages of key and value codes (each code array [L, N, page_size, Hkv, ...]), the
+    per-(layer, KV head) means [L, Hkv, hd] subtracted before encoding, and the compressors.
+    Read-only (a frozen dataclass): the kernels return it with new codes by
+    `dataclasses.replace`."""
+
+    @property
+    def k(self) -> Codes: ...
+
+    @property
+    def v(self) -> Codes: ...
+
+    @property
+    def k_mean(self) -> jax.Array: ...
+
+    @property
+    def v_mean(self) -> jax.Array: ...
+
+    @property
+    def key_compressor(self) -> KvCompressor: ...
+
+    @property
+    def value_compressor(self) -> KvCompressor: ...
+
+    @property
+    def num_pages(self) -> int: ...
+
+    @property
+    def page_size(self) -> int: ...
 
 
 def compression_ratio(compressor: KvCompressor, baseline_bits: int = 16) -> float:
@@ -127,6 +160,6 @@ def make_kv_compression(name: str, head_dim: int, seed: int = 0
     return key, make_compressor(name, head_dim, seed + 1)
 
 
-__all__ = ["KV_COMPRESSIONS", "Codes", "IdentityCompressor", "KvCompressor",
+__all__ = ["KV_COMPRESSIONS", "Codes", "CompressedPages", "IdentityCompressor", "KvCompressor",
            "PolarQuantCompressor", "QjlCompressor", "TurboQuantCompressor",
            "compression_ratio", "make_compressor", "make_kv_compression"]

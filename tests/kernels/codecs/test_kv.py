@@ -1,6 +1,6 @@
-"""KV compressors: round trips against independent numpy versions, the papers' error bounds,
-unbiased inner products over seeds, determinism, exact storage accounting, and distortion on
-the real SmolLM2's keys and values."""
+"""KV compressors (`kernels_pallas.codecs`): round trips against independent numpy versions,
+the papers' error bounds, unbiased inner products over seeds, determinism, exact storage
+accounting, and distortion on the real SmolLM2's keys and values."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dendrite_jax.cache import bitpack, codebooks
-from dendrite_jax.cache.calibration import prefill_kv
-from dendrite_jax.cache.compress import (
+from dendrite_jax.model.calibration import prefill_kv
+from kernels_pallas.codecs import bitpack, codebooks
+from kernels_pallas.codecs.kv import (
     IdentityCompressor,
     PolarQuantCompressor,
     QjlCompressor,
@@ -20,7 +20,7 @@ from dendrite_jax.cache.compress import (
     compression_ratio,
     make_compressor,
 )
-from tests.cache import numpy_compressors as ref
+from tests.kernels.codecs import numpy_compressors as ref
 
 
 def unit_vectors(rng, n, d):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dendrite_jax.cache import bitpack, codebooks
+from kernels_pallas.codecs import bitpack, codebooks
 
 
 class TurboQuantCompressor:

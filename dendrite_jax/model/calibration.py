@@ -17,6 +17,7 @@ import numpy as np
 
 from dendrite_jax.cache.kv import AttentionMetadata, KVCache
 from dendrite_jax.config import ModelConfig
+from dendrite_jax.model.llama import forward
 
 CALIBRATION_TEXT = (
     "The library opened at nine, and by ten the long tables were full. A student copied "
@@ -41,8 +42,6 @@ def calibration_ids(tokenizer, vocab_size: int) -> list[int]:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_tokens"))
 def _prefill_kv(params, ids, cfg: ModelConfig, num_tokens: int):
-    from dendrite_jax.model.llama import forward  # the model imports the cache package
-
     page_size = 16
     pages = -(-num_tokens // page_size)
     kv = KVCache.create(cfg, pages, page_size, params.embed.dtype)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dendrite_jax.cache import bitpack, codebooks
+from kernels_pallas.codecs import bitpack, codebooks
 
 BITS = (2, 4, 8)
 

@@ -15,18 +15,17 @@ from dendrite_jax.engine.outputs import RequestOutput
 from dendrite_jax.engine.request import Request
 from dendrite_jax.engine.runner import enable_compilation_cache
 from dendrite_jax.engine.sampling_params import SamplingParams
+from dendrite_jax.frontend.prompts import Prompt, group_output, params_per_prompt, prompt_list
+from dendrite_jax.model import tensor_parallel
 from dendrite_jax.model.loader import load_model
 from dendrite_jax.model.params import resolve_layer_loop, with_layer_loop
 from dendrite_jax.model.tokenizer import Tokenizer
-from dendrite_jax.parallel import tensor
 from dendrite_jax.quant.fp8 import FOLD_NORMS, quantize_weights, weight_scheme
 from dendrite_jax.search.beam import BeamSearchOutput, BeamSearchParams, beam_search
-from dendrite_jax.validation import check_text, is_int
+from dendrite_jax.validation import is_int
 from kernels_pallas import kv_compress
 from kernels_pallas.fp8_matmul import resolve_backend as resolve_fp8_matmul
 from kernels_pallas.paged_attention import resolve_backend
-
-Prompt = str | list[int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +50,8 @@ class LLM:
     or gives a random-weight preset one (for structured output at benchmark sizes).
 
     `kv_compression` ("none", "turboquant-4", "polarquant-4", "qjl-256", ...; see
-    `cache.compress.make_kv_compression`) keeps the KV cache as codes: more pages fit in
-    `kv_cache_bytes`. "auto" attention reads TurboQuant codes with Pallas kernels on a GPU
+    `kernels_pallas.codecs.kv.make_kv_compression`) keeps the KV cache as codes: more pages fit
+    in `kv_cache_bytes`. "auto" attention reads TurboQuant codes with Pallas kernels on a GPU
     (and MSE-stage ones, "turboquant-mse-<1|2|4|8>", on a TPU; `kernels_pallas.kv_compress`);
     other compressions, and CPUs, use the reference.
 
@@ -69,10 +68,10 @@ class LLM:
     make them the most sensitive (on SmolLM2 with per-channel FP8, keeping layers 0, 1 and -1
     halves the perplexity increase; MXFP8 with its norms folded gains nothing from it).
 
-    `tensor_parallel_size` splits the model over that many devices (`parallel.tensor`): heads
-    and MLP units per device, the KV cache on its heads, one all-reduce after each attention
-    and MLP block. `devices` places it on those devices (as many as the size; default the
-    first ones): how `parallel.replicas` puts each data-parallel replica on its own.
+    `tensor_parallel_size` splits the model over that many devices (`model.tensor_parallel`):
+    heads and MLP units per device, the KV cache on its heads, one all-reduce after each
+    attention and MLP block. `devices` places it on those devices (as many as the size; default
+    the first ones): how `parallel.replicas` puts each data-parallel replica on its own.
 
     `split_constrained_steps` launches decode steps with constrained rows as two executables
     (model, then sampling with the token mask) so the host fills the mask while the device runs
@@ -169,7 +168,7 @@ class LLM:
                                             kv_compression, devices)
         params = with_layer_loop(loaded.params, loop, consume=True)
         if mesh is not None:
-            params = jax.device_put(params, tensor.param_shardings(params, mesh))
+            params = jax.device_put(params, tensor_parallel.param_shardings(params, mesh))
         self.model = dataclasses.replace(loaded, params=params)
         del loaded, params
         self.engine = Engine(self.model, engine_cfg, backend,
@@ -211,7 +210,7 @@ class LLM:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
-        prompts = _as_prompt_list(prompt)
+        prompts = prompt_list(prompt)
         if len(prompts) != 1:
             raise ValueError(f"add_request takes one prompt, got {len(prompts)}")
         if params.num_sequences > 1:
@@ -229,14 +228,14 @@ class LLM:
         """Complete each prompt (a string or a list of token ids). Every request is validated
         before any runs; outputs come back in prompt order. Requests are served by continuous
         batching together with any others already queued."""
-        prompts = _as_prompt_list(prompts)
-        params_list = _params_list(sampling_params, len(prompts))
+        prompts = prompt_list(prompts)
+        params_list = params_per_prompt(sampling_params, len(prompts))
         requests, groups = self._make_requests(prompts, params_list)
         with self._aborting_on_error(requests):
             while not all(r.finished for r in requests):
                 self.engine.step()
             self.engine.drain()
-        return [_group_output(group, params)
+        return [group_output(group, params)
                 for group, params in zip(groups, params_list, strict=True)]
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt],
@@ -245,7 +244,7 @@ class LLM:
         (`dendrite_jax.search.beam`). Beams share pages copy-on-write. Runs on an idle engine:
         requests queued with `add_request` must finish first."""
         params = params or BeamSearchParams()
-        ids = [self._prompt_ids(p) for p in _as_prompt_list(prompts)]
+        ids = [self._prompt_ids(p) for p in prompt_list(prompts)]
         for p in ids:
             self.engine.check_prompt(p)
         return beam_search(self.engine, ids, params)
@@ -255,8 +254,8 @@ class LLM:
                ) -> Iterator[CompletionDelta]:
         """Yield each request's new text and tokens as they are generated. Closing the
         generator early aborts the requests it started."""
-        prompts = _as_prompt_list(prompts)
-        params_list = _params_list(sampling_params, len(prompts))
+        prompts = prompt_list(prompts)
+        params_list = params_per_prompt(sampling_params, len(prompts))
         if any(p.best_of and p.best_of > p.n for p in params_list):
             raise ValueError("stream cannot rank best_of sequences before they end; use generate")
         requests, _ = self._make_requests(prompts, params_list)
@@ -330,7 +329,7 @@ class LLM:
 
 def _tensor_parallel(loaded, tp: int, weights_dtype: str | None, kv_compression: str,
                      devices: Sequence[jax.Device] | None):
-    """The model regrouped for `tp` devices (`parallel.tensor`), and their mesh (over
+    """The model regrouped for `tp` devices (`model.tensor_parallel`), and their mesh (over
     `devices`, default the first `tp`)."""
     if weights_dtype is not None or kv_compression != "none":
         raise ValueError("an explicit device mesh (tensor_parallel_size > 1 or devices) does "
@@ -338,23 +337,12 @@ def _tensor_parallel(loaded, tp: int, weights_dtype: str | None, kv_compression:
     devices = list(devices) if devices is not None else jax.devices()[:tp]
     if len(devices) != tp:
         raise ValueError(f"tensor_parallel_size {tp} needs {tp} devices; got {len(devices)}")
-    tensor.check(loaded.config, tp)
+    tensor_parallel.check(loaded.config, tp)
     cfg = dataclasses.replace(loaded.config, shards=tp)
-    params = tensor.regroup(loaded.params, loaded.config, tp) if tp > 1 else loaded.params
+    params = (tensor_parallel.regroup(loaded.params, loaded.config, tp) if tp > 1
+              else loaded.params)
     return (dataclasses.replace(loaded, config=cfg, params=params),
-            tensor.make_mesh(tp, devices))
-
-
-def _group_output(group: list[Request], params: SamplingParams) -> RequestOutput:
-    """One prompt's output: its request's, or for n/best_of the first of its completions (the
-    best by cumulative logprob with best_of) with all of them in `samples`."""
-    if len(group) == 1:
-        return group[0].output()
-    outputs = [r.output() for r in group]
-    if params.best_of:
-        outputs.sort(key=lambda o: -o.cumulative_logprob)
-    outputs = outputs[:params.n]
-    return dataclasses.replace(outputs[0], samples=outputs)
+            tensor_parallel.make_mesh(tp, devices))
 
 
 def _check_settings(*, tensor_parallel_size: object, warmup: object,
@@ -373,41 +361,3 @@ def _check_settings(*, tensor_parallel_size: object, warmup: object,
     if not (isinstance(fp8_keep_layers, list | tuple) and all(map(is_int, fp8_keep_layers))):
         raise ValueError(f"fp8_keep_layers must be a list of layer indices, got "
                          f"{fp8_keep_layers!r}")
-
-
-def _params_list(sampling_params: SamplingParams | Sequence[SamplingParams] | None,
-                 count: int) -> list[SamplingParams]:
-    if sampling_params is None:
-        return [SamplingParams()] * count
-    if isinstance(sampling_params, SamplingParams):
-        return [sampling_params] * count
-    if not isinstance(sampling_params, list | tuple):
-        raise ValueError(f"sampling_params must be a SamplingParams or a list of them, got "
-                         f"{type(sampling_params).__name__}")
-    params = list(sampling_params)
-    if len(params) != count:
-        raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; pass one, or "
-                         "one per prompt")
-    return params
-
-
-def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """Prompts as a list of strings (valid Unicode) and token-id lists (integers, not bools:
-    bytes are not token ids)."""
-    if isinstance(prompts, str):
-        return [check_text(prompts, "prompt")]
-    if not isinstance(prompts, list | tuple):
-        raise ValueError(f"prompts must be a string, a list of token ids or a list of those, "
-                         f"got {type(prompts).__name__}")
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("no prompts given")
-    if all(is_int(p) for p in prompts):
-        return [prompts]
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            check_text(p, f"prompts[{i}]")
-        elif not (isinstance(p, list | tuple) and all(is_int(t) for t in p)):
-            raise ValueError(f"prompts[{i}] must be a string or a list of token ids (integers), "
-                             f"got {p!r:.80}")
-    return [p if isinstance(p, str) else [int(t) for t in p] for p in prompts]
