@@ -240,7 +240,7 @@ def child() -> None:
         setattr(llm_module, name, fn)
     engine, runner = llm.engine, llm.engine.runner
     stats = llm.stats()
-    ready = {"compilations": runner.compilations, "step_shapes": len(engine.step_shapes()),
+    ready = {"compilations": runner.compilations, "step_shapes": len(engine.planner.step_shapes()),
              "compile_seconds": stats.compile_seconds,
              "warmup_wall_s": warmup_wall[0] if warmup_wall else None,
              "warmed_up": runner.frozen, **phases}
@@ -271,8 +271,8 @@ def child() -> None:
                          "max_num_batched_tokens": engine.cfg.max_num_batched_tokens,
                          "max_model_len": engine.max_model_len, "dtype": engine.cfg.dtype,
                          "num_pages": engine.pool.num_pages, "page_size": engine.cfg.page_size,
-                         "pages_per_seq": engine.max_pages_per_seq,
-                         "min_decode_rows": engine.min_decode_rows,
+                         "pages_per_seq": engine.planner.max_pages_per_seq,
+                         "min_decode_rows": engine.planner.min_decode_rows,
                          "decode_burst": engine.burst,
                          "attention_backend": runner.attention_backend},
               "programs": memory,

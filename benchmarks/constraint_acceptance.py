@@ -52,7 +52,7 @@ def main(argv: list[str]) -> None:
     scored = llm.generate([o.prompt_token_ids + o.token_ids for o in outputs],
                           SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
     report = header("constraint_acceptance", model=FLAGS.model, rows=[])
-    grammar = llm.engine.grammar
+    grammar = llm.engine.structured.grammar
     for schema, out, score in zip(cases, outputs, scored, strict=True):
         start = len(out.prompt_token_ids)
         ranks = [score.prompt_logprobs[start + j][t].rank for j, t in enumerate(out.token_ids)]

@@ -73,12 +73,12 @@ def run(llm: LLM, prompts: list[str], params: SamplingParams, row: dict | None) 
     if row is None:
         llm.generate(prompts, params)  # compile this run's shapes
         row = {"seconds_each": [], "fills": []}
-    llm.engine.mask_fills.clear()
+    llm.engine.structured.mask_fills.clear()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
     row["seconds_each"].append(seconds)
-    row["fills"] += [s / n for s, n in llm.engine.mask_fills]
+    row["fills"] += [s / n for s, n in llm.engine.structured.mask_fills]
     row["tokens"] = sum(len(o.token_ids) for o in outputs)
     row["seconds"] = min(row["seconds_each"])
     row["tokens_per_s"] = row["tokens"] / row["seconds"]
@@ -125,7 +125,7 @@ def main(argv: list[str]) -> None:
             for name, params in variants.items():
                 runs[name] = run(llm, prompts, params, runs[name])
         row = {"batch": batch, **{name: finish(r) for name, r in runs.items()},
-               "host_matchers": dict(llm.engine.automaton_reasons)}
+               "host_matchers": dict(llm.engine.structured.automaton_reasons)}
         base = row["unconstrained"]["tokens_per_s"]
         for name in CONSTRAINED:
             row[name]["vs_unconstrained"] = row[name]["tokens_per_s"] / base

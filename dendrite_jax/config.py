@@ -225,11 +225,11 @@ class EngineConfig:
     seed: int = 0
     kv_compression: str = "none"  # `kernels_pallas.codecs.kv.make_kv_compression`
     # Constrained decoding launches decode steps in two halves so the device runs the model
-    # while the host fills the token mask (`Engine.splits`); None or False: off (the halves
+    # while the host fills the token mask (`LaunchPipeline.splits`); None or False: off (the halves
     # are two more programs per step shape at warm-up).
     split_constrained_steps: bool | None = None
     # Constrained steps' device calls are made from a worker thread (`engine.launcher`), so
-    # the host's executable calls overlap its mask and matcher work. None: `Engine.threads`
+    # the host's executable calls overlap its mask and matcher work. None: `LaunchPipeline.threads`
     # decides per step (on accelerators, steps of many rows; never on a CPU, where calls are
     # cheap and the thread would take a core from the model).
     threaded_launch: bool | None = None

@@ -23,6 +23,7 @@ import sys  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from dendrite_jax.engine_flags import fp8_fold_norms, fp8_keep_layers, join_processes, llm_kwargs  # noqa: E402
+from dendrite_jax.frontend.prompts import prompt_token_ids  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m",
@@ -84,8 +85,8 @@ def main(argv: list[str]) -> int:
         compiles_before = len(llm.engine.runner.compile_log)
         start = time.perf_counter()
         # One request: compile just the programs it runs through, side by side.
-        llm.engine.warmup(llm.engine.shapes_for(len(llm._prompt_ids(prompt)), params),
-                          freeze=False)
+        prompt_len = len(prompt_token_ids(llm.model, prompt))
+        llm.engine.warmup(llm.engine.planner.shapes_for(prompt_len, params), freeze=False)
         generate_start = time.perf_counter()
         if FLAGS.profile_dir:
             import jax

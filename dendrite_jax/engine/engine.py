@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import time
-import weakref
-from concurrent.futures import Future
 
 import jax
 import numpy as np
@@ -17,26 +14,21 @@ from dendrite_jax.cache.kv import KVCache
 from dendrite_jax.cache.pool import PagePool, PoolStats
 from dendrite_jax.cache.prefix_cache import PrefixCache, PrefixCacheStats
 from dendrite_jax.config import EngineConfig
-from dendrite_jax.engine.buckets import all_shapes, decode_rows_floor
+from dendrite_jax.engine.buckets import decode_rows_floor
 from dendrite_jax.engine.kv_blocks import KVBlockManager
-from dendrite_jax.engine.launcher import Launcher
-from dendrite_jax.engine.page_table import HostPageTable
-from dendrite_jax.engine.plan_builder import PlanBuilder, sampling_fields
+from dendrite_jax.engine.pipeline import Launched, LaunchPipeline
+from dendrite_jax.engine.planner import StepPlanner
 from dendrite_jax.engine.request import Request, RequestStatus
-from dendrite_jax.engine.runner import ModelRunner, splittable, to_host
+from dendrite_jax.engine.runner import ModelRunner
 from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.engine.scheduler import ScheduledBatch, Scheduler
 from dendrite_jax.engine.step_output import StepResult
 from dendrite_jax.engine.step_plan import StepPlan, StepShape
-from dendrite_jax.grammar import GrammarCompiler, GrammarError
-from dendrite_jax.grammar.automaton import AutomatonArena, AutomatonCursor
-from dendrite_jax.grammar.device_automaton import FROM_SLOT, NO_AUTOMATON
+from dendrite_jax.engine.structured import StructuredOutput, appends_sample
 from dendrite_jax.model.calibration import calibration_ids
 from dendrite_jax.model.loader import LoadedModel
 from dendrite_jax.quant import fp8
 from dendrite_jax.validation import ParamError, is_int
-
-THREADED_MIN_ROWS = 16  # see `Engine.threads`
 
 
 def default_decode_burst(platform: str) -> int:
@@ -49,11 +41,6 @@ def default_decode_burst(platform: str) -> int:
     longer than the host's work.
     """
     return 1 if platform == "cpu" else 4
-
-
-def _result(x):
-    """A launch's output: the value itself, or what its future holds (launcher calls)."""
-    return x.result() if isinstance(x, Future) else x
 
 
 def default_num_pages(model: LoadedModel, cfg: EngineConfig, max_model_len: int) -> int:
@@ -100,45 +87,34 @@ class Engine:
                                   calibration=None if cfg.kv_compression == "none" else
                                   calibration_ids(model.tokenizer, model.config.vocab_size),
                                   mesh=mesh)
-        # Every step's page tables have this full width: every backend reads only the pages
-        # each row's context holds.
-        self.max_pages_per_seq = math.ceil(self.max_model_len / cfg.page_size)
         self.platform = jax.devices()[0].platform
-        self.min_decode_rows = decode_rows_floor(
-            self.platform, fp8_kernel=fp8.multiplied_by(model.params, "pallas_gpu"))
         self.burst = cfg.decode_burst or default_decode_burst(self.platform)
-        self.page_table = HostPageTable(cfg.max_num_seqs, self.max_pages_per_seq)
-        self.plans = PlanBuilder(max_num_seqs=cfg.max_num_seqs,
-                                 max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                 pages_per_seq=self.max_pages_per_seq,
-                                 min_decode_rows=self.min_decode_rows)
+        self.planner = StepPlanner(cfg, self.max_model_len, burst=self.burst,
+                                   min_decode_rows=decode_rows_floor(
+                                       self.platform,
+                                       fp8_kernel=fp8.multiplied_by(model.params, "pallas_gpu")))
         self.requests: dict[str, Request] = {}
-        self.grammar: GrammarCompiler | None = None
-        # Device automata (`EngineConfig.device_automata`): where each grammar sits in the
-        # device's table, the requests using one, and why constraints kept their matchers.
-        self.arena: AutomatonArena | None = None
-        self._automaton_requests: weakref.WeakSet[Request] = weakref.WeakSet()
-        self.automaton_reasons: collections.Counter[str] = collections.Counter()
-        if self._uses_automata(mesh):
-            vocabulary = self.grammar_compiler().vocabulary
-            self.runner.enable_automata(cfg.automaton_states, vocabulary.token_bytes,
-                                        vocabulary.end_tokens)
-            self.arena = AutomatonArena(cfg.automaton_states)
+        self.pipeline = LaunchPipeline(self.runner, cfg, self.platform)
+        self.structured = StructuredOutput(model, cfg, self.runner,
+                                           device_automata=self._uses_automata(mesh),
+                                           sync=self.pipeline.sync)
         self._failed: list[Request] = []  # failed at admission, not yet returned by step()
-        self.mask_fills: collections.deque[tuple[float, int]] = collections.deque(maxlen=10_000)
-        # ^ (seconds, constrained rows) of each recent token-mask fill
         self._rng = np.random.default_rng(cfg.seed)
         self._next_id = 0
         self.num_steps = 0
-        self._in_flight: tuple[ScheduledBatch, StepPlan, object] | None = None
-        # A constrained step planned (its forward launched, if it splits) but not sampled yet.
-        self._ahead: tuple[ScheduledBatch, StepPlan, Future | None] | None = None
-        self.launcher = Launcher()
-        # Time step() spent on the host (planning, launching, applying) and blocked waiting
-        # for the device's results: the overlap's effect shows as host work hidden in waits.
-        self.host_seconds = 0.0  # includes launch_seconds
-        self.wait_seconds = 0.0
-        self.launch_seconds = 0.0  # inside runner.launch: transfer, dispatch
+        # Time step() spent on the host (planning, launching, applying; launches included):
+        # the overlap's effect shows as host work hidden in the pipeline's waits.
+        self.host_seconds = 0.0
+
+    @property
+    def wait_seconds(self) -> float:
+        """Time step() spent blocked on the device's results."""
+        return self.pipeline.wait_seconds
+
+    @property
+    def launch_seconds(self) -> float:
+        """Time inside the runner's calls (transfer, dispatch)."""
+        return self.pipeline.launch_seconds
 
     # ----------------------------------------------------------------------------- requests
 
@@ -174,26 +150,12 @@ class Engine:
                              f"{capacity}; raise num_pages or lower max_tokens")
         self._next_id += 1
         if params.constrained:
-            self._compile_constraint(request)
+            self.structured.attach(request)
         return request
 
-    def grammar_compiler(self) -> GrammarCompiler:
-        """The model's grammar compiler, built on first use (building it is not free)."""
-        if self.model.tokenizer is None:
-            raise ValueError("structured output needs the model's tokenizer; this model has none")
-        if self.grammar is None:
-            self.grammar = GrammarCompiler(self.model.tokenizer, self.model.config.vocab_size)
-        return self.grammar
-
-    def _compile_constraint(self, request: Request) -> None:
-        """Give a constrained request a cursor in its device automaton, where the device can
-        step its constraint, else its llguidance matcher. A constraint llguidance rejects
-        fails that request alone (finish_reason "error", llguidance's message in `error`)."""
-        try:
-            if self.arena is None or not self._place_automaton(request):
-                request.matcher = self.grammar_compiler().matcher(request.params)
-        except GrammarError as e:
-            request.fail(str(e))
+    def grammar_compiler(self):
+        """The model's grammar compiler (`StructuredOutput.compiler`)."""
+        return self.structured.compiler()
 
     def _uses_automata(self, mesh) -> bool:
         """Whether constraints may run as device automata (`EngineConfig.device_automata`):
@@ -203,42 +165,14 @@ class Engine:
             wanted = self.platform != "cpu" and mesh is None
         return bool(wanted) and self.model.tokenizer is not None
 
-    def _place_automaton(self, request: Request) -> bool:
-        """Give the request a cursor in its constraint's device automaton where it has one
-        that fits the table; False where not (the reason is counted in `automaton_reasons`)."""
-        automaton = self.grammar.automaton(request.params)
-        if isinstance(automaton, str):
-            self.automaton_reasons[automaton] += 1
-            return False
-        placed = self.arena.place(automaton, self._automata_in_use)
-        if placed is None:
-            self.automaton_reasons[f"no room: {automaton.dfa.num_states} states and "
-                                   f"automaton_states={self.cfg.automaton_states}"] += 1
-            return False
-        base, new = placed
-        if new:
-            self.launcher.sync()  # no queued call may hold the table being replaced
-            self.runner.write_automaton(base, automaton)
-        request.automaton = AutomatonCursor(automaton, base)
-        self._automaton_requests.add(request)
-        return True
-
-    def _automata_in_use(self) -> set[str]:
-        return {r.automaton.automaton.key for r in self._automaton_requests if not r.finished}
-
     def add(self, request: Request) -> None:
-        if not request.finished:
-            self._fast_forward(request)  # what the constraint forces first
+        if not request.finished:  # what the constraint forces first
+            self.structured.fast_forward(request, self.max_model_len)
         if request.finished:  # failed at admission, or forced to its end: the next step says so
             self._failed.append(request)
             return
         self.requests[request.request_id] = request
         self.scheduler.add(request)
-
-    def _fast_forward(self, request: Request) -> None:
-        """Append what the request's constraint forces, where `forced_tokens` allows it."""
-        if self.cfg.forced_tokens and request.may_fast_forward:
-            request.fast_forward(self.max_model_len)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its pages. False if it is unknown or done."""
@@ -249,8 +183,7 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return (self.scheduler.has_unfinished() or self._in_flight is not None
-                or self._ahead is not None)
+        return self.scheduler.has_unfinished() or self.pipeline.busy
 
     # ----------------------------------------------------------------------------- steps
 
@@ -264,141 +197,75 @@ class Engine:
         row in step N+1 computed for nothing; that row's output is dropped.
         Returns the requests whose output changed.
         """
-        start = time.perf_counter()
-        touched, launched = self._failed, None
-        self._failed = []
-        if self._ahead is not None or (self._in_flight is not None
-                                       and self._constrained_pending()):
-            waited = self.wait_seconds
+        start, waited = time.perf_counter(), self.wait_seconds
+        touched, self._failed = self._failed, []
+        if self.pipeline.ahead is not None or (self.pipeline.in_flight is not None and
+                                               self.structured.pending(self.scheduler.running)):
             touched += self._constrained_step()
-            self.host_seconds += time.perf_counter() - start - (self.wait_seconds - waited)
-            return touched
-        batch = self._schedule()
-        if batch.rows:
-            plan = self.build_plan(batch)
-            mask = self.token_mask(batch, plan)
-            self.launcher.sync()  # a constrained step's calls may still be queued
-            self.runner.copy_pages([s for s, _ in batch.copies], [d for _, d in batch.copies])
-            launch_start = time.perf_counter()
-            launched = (batch, plan, self.runner.launch(plan, mask))
-            self.launch_seconds += time.perf_counter() - launch_start
-            self._advance(batch, plan)
-            self.num_steps += 1
-        elif self._in_flight is None and not touched:
-            raise RuntimeError("the scheduler found nothing to run although requests are waiting")
-        previous, self._in_flight = self._in_flight, launched
-        if previous is None:
-            self.host_seconds += time.perf_counter() - start
-            return touched
-        batch, plan, out = previous
-        waited = time.perf_counter()
-        results = to_host(plan.shape, _result(out))
-        wait = time.perf_counter() - waited
-        touched = self._apply(batch, plan, results)
-        self.wait_seconds += wait
-        self.host_seconds += time.perf_counter() - start - wait
+        else:
+            batch, launched = self._schedule(), None
+            if batch.rows:
+                plan = self._plan(batch)
+                launched = self.pipeline.launch(batch, plan,
+                                                self.structured.token_mask(batch, plan))
+            elif not self.pipeline.in_flight and not touched:
+                raise RuntimeError("the scheduler found nothing to run although requests "
+                                   "are waiting")
+            previous = self.pipeline.swap(launched)
+            if previous is not None:
+                touched += self._apply(previous)
+        self.host_seconds += time.perf_counter() - start - (self.wait_seconds - waited)
         return touched
-
-    def _constrained_pending(self) -> bool:
-        """Whether a constrained request has a token in flight: its next mask must wait."""
-        return any(r.matcher is not None and r.num_pending for r in self.scheduler.running)
 
     def _constrained_step(self) -> list[Request]:
-        """A step while a constrained row's next mask depends on the token in flight.
+        """A step while a host-matched row's next mask depends on the token in flight.
 
-        Where `splits` says so, a step launches in two halves: its forward as soon as it is
-        planned, then, once the step before it is applied (the matchers advanced) and its mask
-        filled, its sampling with that mask. The next step is planned and its forward launched
-        right behind that sampling, so the device runs the model while the host reads back,
-        advances the matchers and fills the next mask. Steps that do not split launch whole
-        once the step before is applied. The launcher (`engine.launcher`) makes the calls in
-        order, from its worker thread for the steps `threads` selects (wide steps on
-        accelerators, where a call costs the host about as long as a small model's step).
+        Where `LaunchPipeline.splits` says so, a step launches in two halves: its forward as
+        soon as it is planned, then, once the step before it is applied (the matchers
+        advanced) and its mask filled, its sampling with that mask. The next step is planned
+        and its forward launched right behind that sampling, so the device runs the model
+        while the host reads back, advances the matchers and fills the next mask. Steps that
+        do not split launch whole once the step before is applied.
         """
-        if self._ahead is None:
-            self._ahead = self._schedule_ahead()
-        waited = time.perf_counter()
+        if self.pipeline.ahead is None:
+            self._plan_ahead()
         touched = self._apply_in_flight()  # the matchers take the tokens in flight
-        self.wait_seconds += time.perf_counter() - waited
-        if self._ahead is not None:
-            self._launch_ahead()
-            if self._constrained_pending():
-                self._ahead = self._schedule_ahead()
+        if self.pipeline.ahead is not None:
+            self.pipeline.release_ahead(self.structured.token_mask)
+            if self.structured.pending(self.scheduler.running):
+                self._plan_ahead()
         return touched
 
-    def _schedule_ahead(self) -> tuple[ScheduledBatch, StepPlan, Future | None] | None:
-        """Schedule and plan a step whose mask may still depend on the step in flight; launch
-        its forward now if it splits."""
+    def _plan_ahead(self) -> None:
+        """Schedule and plan a step whose mask may still depend on the step in flight."""
         batch = self.scheduler.schedule()
-        if not batch.rows:
-            return None
-        plan = self.build_plan(batch)
-        if batch.copies:
-            self._launch(plan, self.runner.copy_pages, [s for s, _ in batch.copies],
-                         [d for _, d in batch.copies])
-        forward = (self._launch(plan, self.runner.launch_forward, plan)
-                   if self.splits(plan.shape) else None)
-        self._advance(batch, plan)
+        if batch.rows:
+            self.pipeline.launch_ahead(batch, self._plan(batch))
+
+    def _plan(self, batch: ScheduledBatch) -> StepPlan:
+        """The step's plan; its tokens count as computed and its samples as pending."""
+        plan = self.planner.build(batch, self.structured.automaton_states(
+            [r for r, _ in batch.rows]))
+        for row, (r, n) in enumerate(batch.rows):  # plan row i is the batch's i-th row
+            r.num_computed += n * batch.steps
+            if plan.sample[row]:
+                r.add_pending(batch.steps)
         self.num_steps += 1
-        return batch, plan, forward
-
-    def _launch_ahead(self) -> None:
-        """Fill the planned step's mask and launch its sampling (or the whole step)."""
-        (batch, plan, forward), self._ahead = self._ahead, None
-        mask = self.token_mask(batch, plan)
-        out = (self._launch(plan, self.runner.launch, plan, mask) if forward is None else
-               self._launch(plan, self.runner.launch_sample, plan, forward, mask))
-        self._in_flight = (batch, plan, out)
-
-    def _launch(self, plan: StepPlan, fn, *args) -> Future:
-        """`fn(*args)` for `plan`'s step through the launcher, in order; futures among the
-        args are resolved first (the calls before have run by then). From its worker thread
-        where `threads` says so."""
-        def call():
-            start = time.perf_counter()
-            try:
-                return fn(*(_result(a) for a in args))
-            finally:
-                self.launch_seconds += time.perf_counter() - start
-        return self.launcher.submit(call, threaded=self.threads(plan.shape))
-
-    def threads(self, shape: StepShape) -> bool:
-        """Whether a constrained step's calls are made from the launcher's worker thread
-        (`EngineConfig.threaded_launch`). By default on accelerators for steps of at least
-        `THREADED_MIN_ROWS` rows: there the host's work per step (advancing many matchers,
-        filling their masks, planning) outlasts the device's, and the thread overlaps it with
-        the calls; with few rows the hand-offs cost more than the overlap gains."""
-        if self.cfg.threaded_launch is not None:
-            return self.cfg.threaded_launch
-        return self.platform != "cpu" and shape.num_seqs >= THREADED_MIN_ROWS
-
-    def splits(self, shape: StepShape) -> bool:
-        """Whether a constrained step of this shape launches in two halves
-        (`EngineConfig.split_constrained_steps`, off by default). Split steps compile two more
-        programs per step shape at warm-up, and the constraints that decode at length on
-        accelerators (regular ones) run as device automata, which need no host mask to
-        overlap. Mixed steps split only with `forced_tokens`, whose multi-token rows make most
-        constrained steps mixed."""
-        if not self.cfg.split_constrained_steps or not splittable(shape):
-            return False
-        return shape.decode_only or self.cfg.forced_tokens
+        return plan
 
     def drain(self) -> list[Request]:
         """Apply the step in flight and finish a step already planned (its forward may be
         running), launching nothing new."""
         touched = self._apply_in_flight()
-        if self._ahead is not None:
-            self._launch_ahead()
+        if self.pipeline.ahead is not None:
+            self.pipeline.release_ahead(self.structured.token_mask)
             touched += self._apply_in_flight()
-        self.launcher.sync()
+        self.pipeline.sync()
         return list({r.request_id: r for r in touched}.values())
 
     def _apply_in_flight(self) -> list[Request]:
-        previous, self._in_flight = self._in_flight, None
-        if previous is None:
-            return []
-        batch, plan, out = previous
-        return self._apply(batch, plan, to_host(plan.shape, _result(out)))
+        previous = self.pipeline.swap(None)
+        return [] if previous is None else self._apply(previous)
 
     def _schedule(self) -> ScheduledBatch:
         """A burst of `self.burst` decode steps where the running requests allow one, else
@@ -409,100 +276,23 @@ class Engine:
                 return batch
         return self.scheduler.schedule()
 
-    def _advance(self, batch: ScheduledBatch, plan: StepPlan) -> None:
-        """Host bookkeeping at launch: tokens are computed, samples are pending."""
-        for row, (r, n) in enumerate(batch.rows):  # plan row i is the batch's i-th row
-            r.num_computed += n * batch.steps
-            if plan.sample[row]:
-                r.add_pending(batch.steps)
-
     def warmup(self, shapes: list[StepShape] | None = None, freeze: bool = True) -> int:
         """Compile every shape the scheduler can produce (and the split steps constrained
         decoding uses, where they are on), in parallel; afterwards a new shape raises. With
         `shapes`, compile those and keep compiling on demand unless `freeze`. Returns the
         number of step shapes."""
         if shapes is None:
-            shapes = self.step_shapes()
-        self.runner.warmup(shapes, split=self.splits if self.model.tokenizer is not None
+            shapes = self.planner.step_shapes()
+        self.runner.warmup(shapes, split=self.pipeline.splits if self.model.tokenizer is not None
                            else lambda shape: False, freeze=freeze)
         return len(shapes)
 
-    def step_shapes(self) -> list[StepShape]:
-        """Every step shape this engine's scheduler can produce."""
-        return all_shapes(max_num_seqs=self.cfg.max_num_seqs,
-                          max_num_batched_tokens=self.cfg.max_num_batched_tokens,
-                          pages_per_seq=self.max_pages_per_seq,
-                          min_decode_rows=self.min_decode_rows, burst=self.burst)
-
-    def shapes_for(self, prompt_len: int, params: SamplingParams) -> list[StepShape]:
-        """The shapes one request alone on the engine runs through: its prompt's chunks, then
-        its decode steps (and bursts). A one-shot run compiles just these, in parallel."""
-        budget = self.cfg.max_num_batched_tokens
-        sort, prompt_lp = params.needs_sort, params.prompt_logprobs is not None
-        shapes = {self.plans.shape([n], prompt_logprobs=prompt_lp, needs_sort=sort)
-                  for n in {min(budget, prompt_len), prompt_len % budget or budget}}
-        shapes.add(self.plans.shape([1], needs_sort=sort))
-        if self.burst > 1 and not sort and not params.constrained:
-            shapes.add(self.plans.shape([1], burst=self.burst))
-        return sorted(shapes)
-
-    def build_plan(self, batch: ScheduledBatch) -> StepPlan:
-        """The step's host arrays (`PlanBuilder`). Row i is the batch's i-th row; a pending
-        token (launched, not read back) is PENDING == FROM_LAST_TOKEN: the device reads it
-        from the slot's last-token buffer."""
-        reqs = [r for r, _ in batch.rows]
-        q_lens = [n for _, n in batch.rows]
-        wants_prompt_lp = any(r.prompt_logprobs is not None and r.num_computed < len(r.prompt_ids)
-                              for r in reqs)
-        shape = self.plans.shape(q_lens, prompt_logprobs=wants_prompt_lp,
-                                 needs_sort=any(r.params.needs_sort for r in reqs),
-                                 burst=batch.steps)
-        inputs = [r.tokens[r.num_computed:r.num_computed + n] if n > 1
-                  else [r.token_at(r.num_computed)] for r, n in batch.rows]
-        targets = None
-        if wants_prompt_lp:
-            targets = [[r.prompt_ids[p + 1] if p + 1 < len(r.prompt_ids) else 0
-                        for p in range(r.num_computed, r.num_computed + n)]
-                       for r, n in batch.rows]
-        slots = [r.slot for r in reqs]
-        for r in reqs:
-            self.page_table.sync(r)
-        seq_lens = [r.num_computed + n for r, n in batch.rows]
-        columns = dict(seq_lens=seq_lens, slot_ids=slots,
-                       prompt_lens=[len(r.prompt_ids) for r in reqs],
-                       sample=[s == r.num_tokens for s, r in zip(seq_lens, reqs, strict=True)],
-                       reset=[r.new_in_slot for r in reqs],
-                       **sampling_fields([r.sampling_columns for r in reqs]))
-        if self.arena is not None:
-            # A row whose input is still on device takes the state its slot's sample left.
-            columns["automaton_state"] = [
-                NO_AUTOMATON if r.automaton is None else
-                FROM_SLOT if r.num_pending else r.automaton.device_state for r in reqs]
-        for r in reqs:
-            r.new_in_slot = False
-        return self.plans.build(shape, inputs, self.page_table.rows(slots, shape.pages_per_seq),
-                                columns, targets)
-
-    def token_mask(self, batch: ScheduledBatch, plan: StepPlan) -> np.ndarray | None:
-        """The step's token mask [S, words] if a constrained row samples, else None (all
-        allowed). Rows follow the plan's rows, so mixed batches cannot misalign."""
-        rows = [(r.matcher, row) for row, (r, _) in enumerate(batch.rows)
-                if r.matcher is not None and not r.finished and plan.sample[row]
-                and int(plan.seq_lens[row]) not in r.forced_positions]
-        if not rows:
-            return None
-        start = time.perf_counter()
-        mask = self.grammar.mask(plan.shape.num_seqs, rows)
-        self.mask_fills.append((time.perf_counter() - start, len(rows)))
-        return mask
-
-    def _apply(self, batch: ScheduledBatch, plan: StepPlan,
-               results: list[StepResult]) -> list[Request]:
+    def _apply(self, launched: Launched) -> list[Request]:
         """Route a finished launch's results (one per step of a burst) to its requests,
         which were advanced at launch. Each request is listed once."""
         touched: dict[str, Request] = {}
-        for result in results:
-            for r in self._apply_step(batch, plan, result):
+        for result in self.pipeline.results(launched):
+            for r in self._apply_step(launched.batch, launched.plan, result):
                 touched[r.request_id] = r
         return list(touched.values())
 
@@ -513,7 +303,7 @@ class Engine:
         tokens = result.tokens.tolist()
         logprob = result.logprob.tolist()
         sample = plan.sample.tolist()
-        accepted = self._consume_sampled(batch, plan, tokens, sample)
+        accepted = self.structured.consume(batch, plan, tokens, sample)
         row_starts = plan.row_starts()
         for row, (r, n) in enumerate(batch.rows):
             if r.finished:  # ended (stop, abort) after this step was launched
@@ -525,13 +315,13 @@ class Engine:
                     r.add_prompt_logprobs(start + j + 1, float(result.prompt_logprob[t]),
                                           int(result.prompt_rank[t]),
                                           result.prompt_top_logprobs[t], result.prompt_top_ids[t])
-            if sample[row] and not self._appends_sample(r, plan, row):
+            if sample[row] and not appends_sample(r, plan, row):
                 r.forced_positions.discard(int(plan.seq_lens[row]))  # a forced token is there
             elif sample[row]:
                 if r.logprobs is None:
                     r.append_token(tokens[row], self.max_model_len, logprob[row],
                                    accepted=accepted.get(r.request_id))
-                    self._fast_forward(r)
+                    self.structured.fast_forward(r, self.max_model_len)
                 else:
                     r.append_token(tokens[row], self.max_model_len, logprob[row],
                                    int(result.rank[row]), result.top_logprobs[row],
@@ -543,29 +333,6 @@ class Engine:
                 self.requests.pop(r.request_id, None)
             touched.append(r)
         return touched
-
-    def _consume_sampled(self, batch: ScheduledBatch, plan: StepPlan, tokens: list[int],
-                         sample: list[int]) -> dict[str, bool]:
-        """Advance the matchers of a step's constrained rows by their sampled tokens all at
-        once (llguidance's parallel consume: one by one, a large batch's matchers take much of
-        the host's step). Returns request id -> accepted, for `Request.append_token`; rows it
-        leaves out (stop tokens, forced positions, finished requests) append as before."""
-        pairs, ids = [], []
-        for row, (r, _) in enumerate(batch.rows):
-            if (r.matcher is not None and sample[row] and not r.finished
-                    and self._appends_sample(r, plan, row)
-                    and tokens[row] not in r.stop_token_ids):  # a stop token is not consumed
-                pairs.append((r.matcher, tokens[row]))
-                ids.append(r.request_id)
-        if len(pairs) < 2:
-            return {}
-        return dict(zip(ids, self.grammar.consume(pairs), strict=True))
-
-    @staticmethod
-    def _appends_sample(r: Request, plan: StepPlan, row: int) -> bool:
-        """Whether the token a sampling row drew is appended to `r`: not where a forced token
-        already sits (`forced_tokens`), whose draw is dropped."""
-        return int(plan.seq_lens[row]) not in r.forced_positions
 
     def stats(self) -> EngineStats:
         return EngineStats(pool=self.pool.stats(),

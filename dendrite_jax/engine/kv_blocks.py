@@ -89,16 +89,18 @@ class KVBlockManager:
             pages = self.prefix_cache.lookup(r.tokens).pages
             hit = min(len(pages) * self.page_size, r.num_tokens - 1)
             shared = pages[:self.pages_for(hit)]
-        need = self.pages_for(hit + n) - len(shared)
+        # A partly shared last page: r writes its next tokens into its own copy, a page
+        # counted here so that copies never run the pool's headroom dry.
+        copy = hit % self.page_size != 0
+        need = self.pages_for(hit + n) - len(shared) + copy
         self.pool.fork(shared)  # pin before eviction can take them
         if not self._make_room(need):
             self.pool.free(shared)
             return False
         if share_cache and not sibling_tokens and self.prefix_cache is not None:
             self.prefix_cache.record_hit(r.num_tokens, hit)
-        r.pages = shared + self.pool.allocate(need)
-        if hit % self.page_size:
-            # The last shared page is partial: r writes its next tokens into its own copy.
+        r.pages = shared + self.pool.allocate(need - copy)
+        if copy:
             last = self.pages_for(hit) - 1
             page, copied = self.pool.copy_on_write(r.pages[last])
             if copied:

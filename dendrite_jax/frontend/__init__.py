@@ -1,2 +1,2 @@
-"""Front ends over the engine: `LLM` (`llm`) and what it shares with the data-parallel replicas
-(`prompts`)."""
+"""Front ends over the engine: `LLM` (`llm`) and what every front end shares: prompts
+(`prompts`), a prompt's request group and output (`groups`), streaming deltas (`streaming`)."""

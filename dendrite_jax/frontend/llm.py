@@ -15,7 +15,9 @@ from dendrite_jax.engine.outputs import RequestOutput
 from dendrite_jax.engine.request import Request
 from dendrite_jax.engine.runner import enable_compilation_cache
 from dendrite_jax.engine.sampling_params import SamplingParams
-from dendrite_jax.frontend.prompts import Prompt, group_output, params_per_prompt, prompt_list
+from dendrite_jax.frontend.groups import group_requests, start_groups
+from dendrite_jax.frontend.prompts import Prompt, params_per_prompt, prompt_list, prompt_token_ids
+from dendrite_jax.frontend.streaming import CompletionDelta, GroupStream
 from dendrite_jax.model import tensor_parallel
 from dendrite_jax.model.loader import load_model
 from dendrite_jax.model.params import resolve_layer_loop, with_layer_loop
@@ -26,17 +28,6 @@ from dendrite_jax.validation import is_int
 from kernels_pallas import kv_compress
 from kernels_pallas.fp8_matmul import resolve_backend as resolve_fp8_matmul
 from kernels_pallas.paged_attention import resolve_backend
-
-
-@dataclasses.dataclass(frozen=True)
-class CompletionDelta:
-    """What one request produced since the last delta (streaming)."""
-
-    request_id: str
-    text: str  # new text, never ending inside a UTF-8 character
-    token_ids: list[int]  # new tokens
-    finish_reason: str | None  # set on a request's last delta
-    output: RequestOutput | None = None  # the full output, on the last delta
 
 
 class LLM:
@@ -75,13 +66,13 @@ class LLM:
 
     `split_constrained_steps` launches decode steps with constrained rows as two executables
     (model, then sampling with the token mask) so the host fills the mask while the device runs
-    the model; default (None): off, as False (`Engine.splits`: the halves are two more
+    the model; default (None): off, as False (`LaunchPipeline.splits`: the halves are two more
     programs per step shape at warm-up, and regular constraints run as device automata).
 
     `threaded_launch` makes constrained steps' executable calls from a worker thread, which
     overlaps them with the host's matcher and mask work; default (None): on accelerators for
     steps of 16 rows or more, where a call costs the host about as long as a small model's
-    step and the host's work outlasts the device's (`Engine.threads`); never on a CPU.
+    step and the host's work outlasts the device's (`LaunchPipeline.threads`); never on a CPU.
 
     `decode_burst` runs that many decode steps per launch while every running request decodes
     freely (no host-matched constraint (device automata decode freely), none waiting to be
@@ -94,7 +85,7 @@ class LLM:
     structured output, the same tokens; those tokens' logprobs are not computed, so they add
     nothing to `cumulative_logprob`, and requests asking for logprobs or ranked by them
     (`best_of`) sample every token. Its multi-token rows make constrained steps mixed, so with
-    it mixed steps launch split too (`Engine.splits`; warm-up compiles their halves). It pays
+    it mixed steps launch split too (`LaunchPipeline.splits`; warm-up compiles their halves). It pays
     at small batches for schemas that force many tokens; at large batches some row has a forced
     run almost every step, the steps are mixed and slower, and it costs more than it saves
     (benchmarks/README.md). Hence off by default.
@@ -106,7 +97,7 @@ class LLM:
     its table (states of all grammars in use; states x vocabulary x 2 bytes). Default (None):
     on accelerators, not on a CPU. Lark grammars, patterns outside `grammar.regex_syntax`,
     other schemas and grammars past the table's room keep llguidance's matchers on the host
-    (`Engine.automaton_reasons` says why).
+    (`StructuredOutput.automaton_reasons` says why).
 
     `warmup` compiles every step bucket up front and then makes compiling a new one an error
     (default: on for accelerators, off on CPU where compiling on demand is cheaper).
@@ -216,7 +207,7 @@ class LLM:
         if params.num_sequences > 1:
             raise ValueError("add_request takes one sequence per request; for n or best_of use "
                              "generate or stream")
-        return self._make_requests(prompts, [params])[0][0].request_id
+        return start_groups(self.engine, prompts, [params])[0].request_id
 
     def abort(self, request_id: str) -> bool:
         """Stop a queued or running request and free its pages."""
@@ -230,13 +221,13 @@ class LLM:
         batching together with any others already queued."""
         prompts = prompt_list(prompts)
         params_list = params_per_prompt(sampling_params, len(prompts))
-        requests, groups = self._make_requests(prompts, params_list)
+        groups = start_groups(self.engine, prompts, params_list)
+        requests = group_requests(groups)
         with self._aborting_on_error(requests):
             while not all(r.finished for r in requests):
                 self.engine.step()
             self.engine.drain()
-        return [group_output(group, params)
-                for group, params in zip(groups, params_list, strict=True)]
+        return [group.output() for group in groups]
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt],
                     params: BeamSearchParams | None = None) -> list[BeamSearchOutput]:
@@ -244,7 +235,7 @@ class LLM:
         (`dendrite_jax.search.beam`). Beams share pages copy-on-write. Runs on an idle engine:
         requests queued with `add_request` must finish first."""
         params = params or BeamSearchParams()
-        ids = [self._prompt_ids(p) for p in prompt_list(prompts)]
+        ids = [prompt_token_ids(self.model, p) for p in prompt_list(prompts)]
         for p in ids:
             self.engine.check_prompt(p)
         return beam_search(self.engine, ids, params)
@@ -252,63 +243,26 @@ class LLM:
     def stream(self, prompts: Prompt | Sequence[Prompt],
                sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
                ) -> Iterator[CompletionDelta]:
-        """Yield each request's new text and tokens as they are generated. Closing the
+        """Yield each request's new text, tokens and logprobs as they are generated
+        (`frontend.streaming`; `index` tells a prompt's n completions apart). Closing the
         generator early aborts the requests it started."""
         prompts = prompt_list(prompts)
         params_list = params_per_prompt(sampling_params, len(prompts))
         if any(p.best_of and p.best_of > p.n for p in params_list):
             raise ValueError("stream cannot rank best_of sequences before they end; use generate")
-        requests, _ = self._make_requests(prompts, params_list)
-        emitted = {r.request_id: (0, 0) for r in requests}
-        for r in requests:
-            if r.finished:  # failed at admission (a constraint that does not compile)
-                del emitted[r.request_id]
-                yield CompletionDelta(r.request_id, "", [], r.finish_reason, r.output())
+        groups = start_groups(self.engine, prompts, params_list)
+        requests = group_requests(groups)
+        group_streams = [GroupStream(g) for g in groups]
+        streams = {r.request_id: s for s in group_streams for r in s.group.requests}
         with self._aborting_on_error(requests):
-            while emitted:
+            for r in requests:
+                if r.finished:  # failed at admission (a constraint that does not compile)
+                    yield from streams[r.request_id].advance(r)
+            while not all(s.finished for s in group_streams):
                 for r in self.engine.step():
-                    if r.request_id not in emitted:
-                        continue
-                    tokens_done, text_done = emitted[r.request_id]
-                    resolved = r.resolved_output_ids
-                    new_tokens = resolved[tokens_done:]
-                    if not new_tokens and not r.finished:
-                        continue
-                    emitted[r.request_id] = (len(resolved), len(r.text))
-                    finished = r.finished
-                    if finished:
-                        del emitted[r.request_id]
-                    yield CompletionDelta(r.request_id, r.text[text_done:], new_tokens,
-                                          r.finish_reason, r.output() if finished else None)
+                    if r.request_id in streams:
+                        yield from streams[r.request_id].advance(r)
             self.engine.drain()
-
-    def _make_requests(self, prompts: list[Prompt], params_list: list[SamplingParams]
-                       ) -> tuple[list[Request], list[list[Request]]]:
-        """All requests (validated before any is queued) and, per prompt, its group: one
-        request, or `n`/`best_of` siblings that share the first one's prompt pages."""
-        groups = []
-        for prompt, params in zip(prompts, params_list, strict=True):
-            if not isinstance(params, SamplingParams):
-                raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
-            text = prompt if isinstance(prompt, str) else None
-            ids = self._prompt_ids(prompt)
-            group = []
-            for i in range(params.num_sequences):
-                child = params if params.num_sequences == 1 else dataclasses.replace(
-                    params, n=1, best_of=None,
-                    seed=None if params.seed is None else params.seed + i)
-                group.append(self.engine.make_request(text, ids, child,
-                                                      ranked=bool(params.best_of)))
-            for r in group[1:]:
-                r.donor = group[0]
-            groups.append(group)
-        requests = [r for group in groups for r in group]
-        for r in requests:
-            self.engine.add(r)
-        return requests, groups
-
-    def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     @contextlib.contextmanager
     def _aborting_on_error(self, requests: list[Request]) -> Iterator[None]:

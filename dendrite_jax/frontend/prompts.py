@@ -1,15 +1,12 @@
-"""What `LLM` and `DataParallelLLM` do alike with a call's prompts: check them (`prompt_list`),
-give each its sampling parameters (`params_per_prompt`), and make each prompt's one output from
-its group of requests (`group_output`: n/best_of sequences are a group)."""
+"""What the front ends do alike with a call's prompts: check them (`prompt_list`), give each its
+sampling parameters (`params_per_prompt`), and tokenise a text prompt (`prompt_token_ids`)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
-from dendrite_jax.engine.outputs import RequestOutput
-from dendrite_jax.engine.request import Request
 from dendrite_jax.engine.sampling_params import SamplingParams
+from dendrite_jax.model.loader import LoadedModel
 from dendrite_jax.validation import check_text, is_int
 
 Prompt = str | list[int]
@@ -54,13 +51,10 @@ def params_per_prompt(sampling_params: SamplingParams | Sequence[SamplingParams]
     return params
 
 
-def group_output(group: list[Request], params: SamplingParams) -> RequestOutput:
-    """One prompt's output: its request's, or for n/best_of the first of its completions (the
-    best by cumulative logprob with best_of) with all of them in `samples`."""
-    if len(group) == 1:
-        return group[0].output()
-    outputs = [r.output() for r in group]
-    if params.best_of:
-        outputs.sort(key=lambda o: -o.cumulative_logprob)
-    outputs = outputs[:params.n]
-    return dataclasses.replace(outputs[0], samples=outputs)
+def prompt_token_ids(model: LoadedModel, prompt: Prompt) -> list[int]:
+    """A prompt's token ids: a text prompt tokenised with the model's tokenizer."""
+    if not isinstance(prompt, str):
+        return list(prompt)
+    if model.tokenizer is None:
+        raise ValueError(f"{model.source} has no tokenizer; pass token-id prompts")
+    return model.tokenizer.encode(prompt)

@@ -16,8 +16,9 @@ import jax
 
 from dendrite_jax.engine.outputs import RequestOutput
 from dendrite_jax.engine.sampling_params import SamplingParams
+from dendrite_jax.frontend.groups import RequestGroup, group_requests, start_groups
 from dendrite_jax.frontend.llm import LLM
-from dendrite_jax.frontend.prompts import Prompt, group_output, params_per_prompt, prompt_list
+from dendrite_jax.frontend.prompts import Prompt, params_per_prompt, prompt_list
 
 
 class DataParallelLLM:
@@ -41,27 +42,24 @@ class DataParallelLLM:
         params_list = params_per_prompt(sampling_params, len(prompts))
         n = len(self.replicas)
         shares = [list(range(r, len(prompts), n)) for r in range(n)]
-        started = [replica._make_requests([prompts[i] for i in share],
-                                          [params_list[i] for i in share])
-                   for replica, share in zip(self.replicas, shares, strict=True)]
+        started: list[list[RequestGroup]] = []  # per replica, its prompts' groups
         try:
-            while True:
-                busy = [(replica, requests) for replica, (requests, _) in
-                        zip(self.replicas, started, strict=True)
-                        if not all(r.finished for r in requests)]
-                if not busy:
-                    break
-                for replica, _ in busy:
+            for replica, share in zip(self.replicas, shares, strict=True):
+                started.append(start_groups(replica.engine, [prompts[i] for i in share],
+                                            [params_list[i] for i in share]))
+            while busy := [replica for replica, groups in zip(self.replicas, started, strict=True)
+                           if not all(g.finished for g in groups)]:
+                for replica in busy:
                     replica.engine.step()
             for replica in self.replicas:
                 replica.engine.drain()
-        finally:
-            for replica, (requests, _) in zip(self.replicas, started, strict=True):
-                for r in requests:
+        finally:  # a bad prompt for a later replica, or a failed step: strand no pages
+            for replica, groups in zip(self.replicas, started, strict=False):
+                for r in group_requests(groups):
                     if not r.finished:
                         replica.engine.abort(r.request_id)
         outputs: list[RequestOutput | None] = [None] * len(prompts)
-        for share, (_, groups) in zip(shares, started, strict=True):
+        for share, groups in zip(shares, started, strict=True):
             for i, group in zip(share, groups, strict=True):
-                outputs[i] = group_output(group, params_list[i])
+                outputs[i] = group.output()
         return outputs

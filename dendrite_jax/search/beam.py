@@ -302,19 +302,19 @@ def _run(engine, rows: list[tuple[list[int], int, list[int], int]],
     length), each reading back its top logprobs among the tokens its matcher (None:
     unconstrained) allows."""
     pages_for = engine.blocks.pages_for
-    shape = engine.plans.shape([len(tokens) for tokens, *_ in rows], needs_sort=True)
+    shape = engine.planner.builder.shape([len(tokens) for tokens, *_ in rows], needs_sort=True)
     page_tables = np.zeros((len(rows), shape.pages_per_seq), np.int32)
     for row, (tokens, start, pages, _) in enumerate(rows):
         width = pages_for(start + len(tokens))
         page_tables[row, :width] = pages[:width]
-    plan = engine.plans.build(
+    plan = engine.planner.builder.build(
         shape, [tokens for tokens, *_ in rows], page_tables,
         dict(seq_lens=[start + len(tokens) for tokens, start, *_ in rows],
              slot_ids=range(len(rows)),  # the engine is idle: every slot is free
              prompt_lens=[prompt_len for *_, prompt_len in rows],
              sample=[1] * len(rows), reset=[1] * len(rows)))
     constrained = [(matcher, row) for row, matcher in enumerate(matchers) if matcher is not None]
-    mask = engine.grammar.mask(shape.num_seqs, constrained) if constrained else None
+    mask = engine.structured.grammar.mask(shape.num_seqs, constrained) if constrained else None
     out = engine.runner.launch(plan, mask)
     (result,) = to_host(shape, out)
     return result

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -29,9 +30,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dendrite_jax.frontend.llm import LLM
+from dendrite_jax.frontend.streaming import CompletionDelta
 from dendrite_jax.model.tokenizer import Tokenizer
 from dendrite_jax.serve import protocol
-from dendrite_jax.serve.async_engine import AsyncEngine, Delta, QueueFull
+from dendrite_jax.serve.async_engine import AsyncEngine, QueueFull
 from dendrite_jax.serve.guard import DEFAULT_MAX_BODY_BYTES, Guard
 from dendrite_jax.serve.metrics import registry_for, render
 from dendrite_jax.serve.protocol import ApiError, Parsed
@@ -53,7 +55,7 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return _error(ApiError(exc.status_code, exc.detail, headers=exc.headers))
 
 
-def _failed(final: Delta, parsed: Parsed) -> ApiError:
+def _failed(final: CompletionDelta, parsed: Parsed) -> ApiError:
     """The error ending a request: its own failure (a constraint that broke mid-generation) is
     a 400 naming the constraint's field; no output means the engine thread died (500)."""
     if final.output is None or not final.output.error:
@@ -81,16 +83,18 @@ def _sse(payload: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def _collect(deltas: AsyncIterator[Delta], request: Request) -> Delta | None:
-    """The final delta (text accumulated), or None if the client went away first."""
+async def _collect(deltas: AsyncIterator[CompletionDelta], request: Request
+                   ) -> CompletionDelta | None:
+    """The final delta (text accumulated), or None if the client went away first (one
+    completion: the routes take n = 1)."""
     text, tokens = [], []
 
-    async def run() -> Delta:
+    async def run() -> CompletionDelta:
         async for d in deltas:
             text.append(d.text)
             tokens.extend(d.token_ids)
             if d.finish_reason is not None:
-                return Delta("".join(text), tokens, d.finish_reason, d.output)
+                return dataclasses.replace(d, text="".join(text), token_ids=tokens)
         raise RuntimeError("the engine ended the request without a final delta")
 
     task = asyncio.ensure_future(run())

@@ -1,14 +1,16 @@
 """AsyncEngine: an LLM's engine run by one background thread, fed by coroutines.
 
-The engine is not thread-safe, so one thread owns it: it takes new requests and aborts from an
-inbox, steps while anything is unfinished, and hands each request's new text to the coroutine
-waiting on it (an asyncio queue per request, filled with `call_soon_threadsafe`). Requests are
+The engine is not thread-safe, so one thread owns it: it takes new submissions and aborts from an
+inbox, steps while anything is unfinished, and hands each submission's deltas
+(`frontend.streaming`) to the coroutine waiting on them (an asyncio queue per submission, filled
+with `call_soon_threadsafe`). A submission is one prompt's request group (`frontend.groups`):
+one request, or its n/best_of siblings, whose deltas carry their completion's index. Requests are
 validated on the engine thread too (`Engine.make_request`), and the caller awaits the verdict,
-so a bad request fails alone with the engine's message. Invariant: a submission counts in
-`_submitting` until the engine thread admits or rejects it, and an admitted request's id is in
-`_streams` until its final delta is queued; both change under `_cv`'s lock, admission moving a
-request from one to the other at once, so `pending` (their sum) counts each request once and
-`submit` refuses past `max_pending` (`QueueFull`).
+so a bad request fails alone with the engine's message. Invariant: a submission's requests count
+in `_submitting` until the engine thread admits or rejects them, and an admitted request's id is
+in `_streams` until its group's last delta is queued; both change under `_cv`'s lock, admission
+moving requests from one to the other at once, so `pending` (their sum) counts each request once
+and `submit` refuses past `max_pending` (`QueueFull`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import time
 from collections.abc import AsyncIterator
 
 from dendrite_jax.engine.engine import EngineStats
-from dendrite_jax.engine.outputs import RequestOutput
 from dendrite_jax.engine.request import Request
 from dendrite_jax.engine.sampling_params import SamplingParams
+from dendrite_jax.frontend.groups import make_group
 from dendrite_jax.frontend.llm import LLM
+from dendrite_jax.frontend.streaming import CompletionDelta, GroupStream
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 float("inf"))
@@ -37,20 +40,14 @@ class QueueFull(RuntimeError):
     """More requests pending than the server admits."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Delta:
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    output: RequestOutput | None  # set on the final delta
-
-
 @dataclasses.dataclass
 class _Stream:
+    """One submission's way back to its coroutine, and (once admitted) its group's deltas."""
+
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    tokens_done: int = 0
-    text_done: int = 0
+    deltas: GroupStream | None = None  # its request group's
+    tokens_counted: int = 0  # its requests' generated tokens already in the counters
 
 
 @dataclasses.dataclass
@@ -99,20 +96,26 @@ class AsyncEngine:
     # ------------------------------------------------------------------------- coroutines
 
     async def submit(self, prompt: str | None, prompt_ids: list[int],
-                     params: SamplingParams) -> tuple[str, AsyncIterator[Delta]]:
-        """Admit a request; returns its id and its deltas. Raises ValueError (a bad request,
-        the engine's message), QueueFull, or RuntimeError once the engine has stopped."""
+                     params: SamplingParams) -> tuple[str, AsyncIterator[CompletionDelta]]:
+        """Admit one prompt's request group (n/best_of: `frontend.groups`); returns its id (for
+        `abort`) and its deltas, which end after each of its n completions' last delta. Raises
+        ValueError (a bad request, the engine's message), QueueFull, or RuntimeError once the
+        engine has stopped."""
         loop = asyncio.get_running_loop()
         verdict: asyncio.Future = loop.create_future()
         stream = _Stream(loop, asyncio.Queue())
+        count = params.num_sequences
+        if count > self.max_pending:
+            raise ValueError(f"{count} sequences (n/best_of) exceed the server's limit of "
+                             f"{self.max_pending} pending requests")
         with self._cv:  # the engine thread drains the inbox for good under this lock
             if not self.alive or self._stopped:
                 raise RuntimeError(f"the engine has stopped: {self.error!r}")
             pending = len(self._streams) + self._submitting
-            if pending >= self.max_pending:
+            if pending + count > self.max_pending:
                 raise QueueFull(f"{pending} requests pending (the limit is "
                                 f"{self.max_pending}); retry later")
-            self._submitting += 1  # until _add admits or rejects it
+            self._submitting += count  # until _add admits or rejects them
             self._inbox.append(("add", (prompt, prompt_ids, params, stream, verdict)))
             self._cv.notify()
         try:
@@ -121,17 +124,18 @@ class AsyncEngine:
             if verdict.done() and not verdict.cancelled() and verdict.exception() is None:
                 self.abort(verdict.result())
             raise
-        return request_id, self._deltas(stream)
+        return request_id, self._deltas(stream, params.n)
 
     def abort(self, request_id: str) -> None:
+        """Stop the request group that `request_id` (the id `submit` returned) belongs to."""
         self._post(("abort", request_id))
 
-    async def _deltas(self, stream: _Stream) -> AsyncIterator[Delta]:
-        while True:
+    @staticmethod
+    async def _deltas(stream: _Stream, completions: int) -> AsyncIterator[CompletionDelta]:
+        while completions > 0:
             delta = await stream.queue.get()
             yield delta
-            if delta.finish_reason is not None:
-                return
+            completions -= delta.finish_reason is not None
 
     def _settle(self, verdict: asyncio.Future, request_id: str | None,
                 error: BaseException | None) -> None:
@@ -179,8 +183,8 @@ class AsyncEngine:
                 self.error = e
                 items += list(self._inbox)
                 self._inbox.clear()
-            for request_id in list(self._streams):
-                self._finish(request_id, Delta("", [], "error", None))
+            for stream in {id(s): s for s in self._streams.values()}.values():
+                self._queue(stream, stream.deltas.close("error"))
             failure = RuntimeError(f"the engine has stopped: {e!r}")
             for kind, payload in items:
                 if kind == "add":
@@ -190,54 +194,59 @@ class AsyncEngine:
 
     def _add(self, prompt, prompt_ids, params, stream: _Stream, verdict) -> None:
         try:
-            request = self.llm.engine.make_request(prompt, prompt_ids, params)
+            group = make_group(self.llm.engine, prompt, prompt_ids, params)
         except ValueError as e:
-            self._reject(stream, verdict, e)
+            self._reject(stream, verdict, params.num_sequences, e)
             return
-        if request.finished:  # a constraint that does not compile: fails alone
-            self._reject(stream, verdict, ValueError(request.output().error
-                                                     or "the request failed at admission"))
+        failed = next((r for r in group.requests if r.finished), None)
+        if failed is not None:  # a constraint that does not compile: fails alone
+            self._reject(stream, verdict, params.num_sequences, ValueError(
+                failed.output().error or "the request failed at admission"))
             return
-        self.llm.engine.add(request)
+        for request in group.requests:
+            self.llm.engine.add(request)
+        stream.deltas = GroupStream(group)
         with self._cv:
-            self._submitting -= 1
-            self._streams[request.request_id] = stream
+            self._submitting -= params.num_sequences
+            self._streams.update((r.request_id, stream) for r in group.requests)
         self.counters.prompt_tokens += len(prompt_ids)
-        stream.loop.call_soon_threadsafe(self._settle, verdict, request.request_id, None)
+        stream.loop.call_soon_threadsafe(self._settle, verdict, group.request_id, None)
 
-    def _reject(self, stream: _Stream, verdict, error: ValueError) -> None:
+    def _reject(self, stream: _Stream, verdict, count: int, error: ValueError) -> None:
         with self._cv:
-            self._submitting -= 1
+            self._submitting -= count
         self.counters.requests["rejected"] += 1
         stream.loop.call_soon_threadsafe(self._settle, verdict, None, error)
 
     def _abort(self, request_id: str) -> None:
-        if request_id in self._streams and self.llm.engine.abort(request_id):
-            self._finish(request_id, Delta("", [], "abort", None))
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        for request in stream.deltas.group.requests:
+            if self.llm.engine.abort(request.request_id):
+                self._emit(request)  # its last delta, finish reason "abort"
 
     def _emit(self, request: Request) -> None:
+        """Queue what `request`'s group has to stream now that `request` has changed."""
         stream = self._streams.get(request.request_id)
         if stream is None:
             return
-        resolved = request.resolved_output_ids
-        new_tokens = resolved[stream.tokens_done:]
-        if not new_tokens and not request.finished:
-            return
-        text = request.text[stream.text_done:]
-        stream.tokens_done, stream.text_done = len(resolved), len(request.text)
-        self.counters.generation_tokens += len(new_tokens)
-        if request.finished:
-            self._finish(request.request_id, Delta(text, new_tokens, request.finish_reason,
-                                                   request.output()))
-        else:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait,
-                                             Delta(text, new_tokens, None, None))
+        generated = stream.deltas.group.num_generated
+        self.counters.generation_tokens += generated - stream.tokens_counted
+        stream.tokens_counted = generated
+        self._queue(stream, stream.deltas.advance(request))
 
-    def _finish(self, request_id: str, delta: Delta) -> None:
-        with self._cv:
-            stream = self._streams.pop(request_id)
-        self.counters.requests[delta.finish_reason] += 1
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)
+    def _queue(self, stream: _Stream, deltas: list[CompletionDelta]) -> None:
+        """Hand deltas to the stream's coroutine; once its group's last delta is among them,
+        its requests leave `_streams` first (`pending` then no longer counts them)."""
+        if stream.deltas.finished:
+            with self._cv:
+                for request in stream.deltas.group.requests:
+                    self._streams.pop(request.request_id, None)
+        for delta in deltas:
+            if delta.finish_reason is not None:
+                self.counters.requests[delta.finish_reason] += 1
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)
 
     def _record_step(self, seconds: float) -> None:
         c = self.counters

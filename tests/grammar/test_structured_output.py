@@ -172,12 +172,19 @@ def test_preemption_and_aborts_keep_constraints_aligned(forced_tokens, device_au
             if r.finished:
                 outputs[r.request_id] = r.output()
     assert llm.stats().preemptions > 0
-    assert not llm.engine.automaton_reasons  # with automata, every schema ran on the device
+    assert not llm.engine.structured.automaton_reasons  # with automata, every schema ran on the device
     for rid, schema in zip(ids, schemas, strict=True):
         assert outputs[rid].finish_reason == "stop", outputs[rid].text
         jsonschema.validate(json.loads(outputs[rid].text), schema)
     assert all(len(outputs[rid].token_ids) == 40 for rid in free)
     assert llm.stats().pool.used == 0
+
+
+def reconfigure(monkeypatch, engine, **changes) -> None:
+    """The engine and its components read settings from one changed EngineConfig."""
+    cfg = dataclasses.replace(engine.cfg, **changes)
+    for holder in (engine, engine.pipeline, engine.structured):
+        monkeypatch.setattr(holder, "cfg", cfg)
 
 
 def test_split_steps_equal_whole_steps(smollm, monkeypatch):
@@ -203,8 +210,8 @@ def test_split_steps_equal_whole_steps(smollm, monkeypatch):
     monkeypatch.setattr(runner, "launch_forward", recording)
 
     def run(split: bool, threaded: bool = False):  # split every step, or none
-        monkeypatch.setattr(engine, "cfg", dataclasses.replace(
-            engine.cfg, split_constrained_steps=split, threaded_launch=threaded))
+        reconfigure(monkeypatch, engine, split_constrained_steps=split,
+                    threaded_launch=threaded)
         forwards.clear()
         threads.clear()
         outputs = smollm.generate([prompt] * 3, requests)
@@ -243,8 +250,7 @@ def test_forced_tokens_give_the_same_outputs_in_fewer_steps(smollm, monkeypatch)
                         lambda r, n: appended.append(fast_forward(r, n)) or appended[-1])
 
     def run(forced: bool, split: bool | None = None):
-        monkeypatch.setattr(engine, "cfg", dataclasses.replace(
-            engine.cfg, forced_tokens=forced, split_constrained_steps=split))
+        reconfigure(monkeypatch, engine, forced_tokens=forced, split_constrained_steps=split)
         steps = engine.num_steps
         outputs = smollm.generate([prompt] * len(requests), requests)
         return outputs, engine.num_steps - steps
@@ -287,7 +293,7 @@ def test_forced_tokens_give_the_same_outputs_in_fewer_steps(smollm, monkeypatch)
     at_admission = smollm.generate(prompt, whole)[0]
     assert sum(appended) == 1 and at_admission.text == "{"
     assert at_admission.finish_reason == "stop"
-    monkeypatch.setattr(engine, "cfg", dataclasses.replace(engine.cfg, forced_tokens=False))
+    reconfigure(monkeypatch, engine, forced_tokens=False)
     assert smollm.generate(prompt, whole)[0].token_ids == at_admission.token_ids
     assert smollm.stats().pool.used == 0
 
@@ -330,7 +336,7 @@ def test_device_automata_give_the_same_outputs(smollm):
         assert g.cumulative_logprob == pytest.approx(e.cumulative_logprob, abs=1e-3)
     assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", got[0].text) and got[1].text in ("red", "green",
                                                                                  "blue")
-    assert sorted(llm.engine.automaton_reasons) == [
+    assert sorted(llm.engine.structured.automaton_reasons) == [
         "grammar constraints run with llguidance",
         "json_schema: schema keywords ['maximum', 'minimum']"]
     # Once the rows whose matchers (or logit sort) need each token are done, the rest decode

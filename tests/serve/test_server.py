@@ -103,6 +103,13 @@ def test_streaming_matches_whole_response(server):
                                                     max_tokens=8, temperature=0, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in chat)
     assert text == server["expected"]["chat"]
+    # A stop string of two tokens: the first is generated (not yet streamed) before it matches.
+    count = dict(model="smollm2-135m", prompt="Count from one to ten in words: one, two, three,",
+                 max_tokens=20, temperature=0, stop=", six")
+    whole = server["client"].completions.create(**count).choices[0]
+    chunks = list(server["client"].completions.create(**count, stream=True))
+    assert whole.finish_reason == "stop" and whole.text.endswith("five")
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
 
 
 def test_chat_json_schema_response_format(server):
