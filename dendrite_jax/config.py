@@ -210,52 +210,70 @@ def load_engine_preset(name_or_path: str, allowed: set[str]) -> dict:
     return table
 
 
+def _setting(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """An EngineConfig field with the help text (and choices) its command-line flag shows."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """Serving limits. `num_pages=None` sizes the cache for `max_num_seqs` full contexts,
-    capped by `kv_cache_bytes`."""
+    """Every engine setting, each with one default: `LLM(**settings)`, the engine presets
+    (configs/engine/*.toml) and both command lines take these names. Settings left None or
+    "auto" are decided for the platform in one place, `engine.settings.resolve`; the engine
+    only ever sees resolved ones (`LLM.stats().config`)."""
 
-    dtype: str = "float32"
-    page_size: int = 16
-    num_pages: int | None = None
-    max_num_seqs: int = 8
-    max_num_batched_tokens: int = 512
-    max_model_len: int | None = None  # None: the model's context
-    kv_cache_bytes: int = 1 << 30
-    seed: int = 0
-    kv_compression: str = "none"  # `kernels_pallas.codecs.kv.make_kv_compression`
-    # Constrained decoding launches decode steps in two halves so the device runs the model
-    # while the host fills the token mask (`LaunchPipeline.splits`); None or False: off (the halves
-    # are two more programs per step shape at warm-up).
-    split_constrained_steps: bool | None = None
-    # Constrained steps' device calls are made from a worker thread (`engine.launcher`), so
-    # the host's executable calls overlap its mask and matcher work. None: `LaunchPipeline.threads`
-    # decides per step (on accelerators, steps of many rows; never on a CPU, where calls are
-    # cheap and the thread would take a core from the model).
-    threaded_launch: bool | None = None
-    # Decode steps run per launch when every running request is decoding freely (no waiting
-    # admission, no host-matched constraint, prompt logprobs or beam; device automata are
-    # free here): the host's per-step cost (planning,
-    # launching, applying) is paid once per burst. None: `default_decode_burst` (4 on
-    # accelerators, 1 on a CPU).
-    decode_burst: int | None = None
-    # Tokens a request's constraint forces (its mask allows exactly one token) are appended
-    # without sampling, and fed several to a row in the next step: fewer steps per structured
-    # output, the same tokens (a masked sampler draws a lone allowed token with probability 1,
-    # and sampling noise is keyed by position). Their raw-model logprobs are not computed:
-    # they add nothing to `cumulative_logprob`, and requests asking for logprobs or ranked by
-    # them (best_of) sample every token as without it.
-    forced_tokens: bool = False
-    # Regular constraints (regex, choice, and JSON schemas that `grammar.json_regex` reads)
-    # run as automata on the device (`grammar.device_automaton`): the step masks and advances
-    # them itself, so their rows decode like free ones (bursts included) with the masks
-    # llguidance would give. None: on accelerators, not on a CPU (where the host's masks cost
-    # the model no time). Lark grammars, other constraints, and ones past `automaton_states`
-    # keep llguidance's matchers on the host.
-    device_automata: bool | None = None
-    # States in the device's automaton table (one block per grammar in use); the table
-    # takes automaton_states x vocabulary x 2 bytes of device memory.
-    automaton_states: int = 4096
+    dtype: str = _setting("float32", "Compute dtype.", DTYPES)
+    page_size: int = _setting(16, "Tokens per KV page (a power of two >= 8).")
+    num_pages: int | None = _setting(None, "KV pages; default: enough for max_num_seqs full "
+                                     "contexts, capped by kv_cache_bytes.")
+    max_num_seqs: int = _setting(8, "Requests decoded together (the decode batch).")
+    max_num_batched_tokens: int = _setting(512, "Tokens per step (prefill chunking).")
+    max_model_len: int | None = _setting(None, "Context limit; default the model's.")
+    kv_cache_bytes: int = _setting(1 << 30, "KV-cache budget in bytes.")
+    seed: int = _setting(0, "Seed of requests that give none.")
+    enable_prefix_caching: bool = _setting(False, "Share KV pages of common prompt prefixes.")
+    kv_compression: str = _setting("none", "KV cache as codes: none, turboquant-<b>, "
+                                   "turboquant-mse-<b>, polarquant-<b>, qjl-<dim> "
+                                   "(kernels_pallas.codecs.kv).")
+    attention_backend: str = _setting("auto", "Paged attention: auto (the platform's kernel "
+                                      "where it reads the cache), reference, pallas_gpu, "
+                                      "pallas_tpu.",
+                                      ("auto", "reference", "pallas_gpu", "pallas_tpu"))
+    layer_loop: str = _setting("auto", "Layers as a lax.scan or unrolled; auto: scan on CPUs, "
+                               "unrolled elsewhere.", ("auto", "scan", "unrolled"))
+    warmup: bool | None = _setting(None, "Compile every step program up front, then refuse "
+                                   "new ones; default: on accelerators.")
+    compilation_cache: bool = _setting(True, "JAX's persistent compilation cache "
+                                       "(~/.cache/dendrite_jax).")
+    weights_dtype: str | None = _setting(None, "Layers' projections as FP8 (fp8 = mxfp8, or "
+                                         "fp8-channel); default: dtype.",
+                                         ("fp8", "mxfp8", "fp8-channel"))
+    fp8_matmul: str = _setting("auto", "FP8 matmul: auto (the platform's Pallas kernel for "
+                               "decode-sized matmuls), reference, pallas_gpu, pallas_tpu.",
+                               ("auto", "reference", "pallas_gpu", "pallas_tpu"))
+    fp8_keep_layers: tuple[int, ...] = _setting((), "With weights_dtype: layers (indices, "
+                                                "negative from the end) kept unquantized.")
+    fp8_fold_norms: bool | None = _setting(None, "With weights_dtype: fold the RMS norms into "
+                                           "q/k/v and gate/up; default: for mxfp8 only.")
+    tensor_parallel_size: int = _setting(1, "Devices the model is split over (heads, MLP "
+                                         "units, KV heads).")
+    split_constrained_steps: bool | None = _setting(
+        None, "Launch constrained decode steps in two halves (model, then sampling with the "
+        "mask) so the device runs while the host fills the mask; default off.")
+    threaded_launch: bool | None = _setting(
+        None, "Make constrained steps' device calls from a worker thread; default: on "
+        "accelerators for steps of 16 rows or more, never on a CPU.")
+    decode_burst: int | None = _setting(
+        None, "Decode steps per launch while every request decodes freely; default 4 on "
+        "accelerators, 1 on a CPU.")
+    forced_tokens: bool = _setting(
+        False, "Append the tokens a constraint forces without sampling them, fed several to a "
+        "row in the next step.")
+    device_automata: bool | None = _setting(
+        None, "Step regular constraints as automata on the device; default: on accelerators "
+        "on one device.")
+    automaton_states: int = _setting(4096, "States in the device's automaton table "
+                                     "(states x vocabulary x 2 bytes).")
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes",
@@ -265,10 +283,28 @@ class EngineConfig:
             if not (is_int(value) or (optional and value is None)):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         for name in ("split_constrained_steps", "threaded_launch", "forced_tokens",
-                     "device_automata"):
+                     "device_automata", "enable_prefix_caching", "warmup", "compilation_cache",
+                     "fp8_fold_norms"):
             value = getattr(self, name)
-            if not (isinstance(value, bool) or (value is None and name != "forced_tokens")):
+            optional = type(self).__dataclass_fields__[name].default is None
+            if not (isinstance(value, bool) or (value is None and optional)):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
+        if not is_int(self.tensor_parallel_size) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got "
+                             f"{self.tensor_parallel_size!r}")
+        if not (isinstance(self.fp8_keep_layers, tuple)
+                and all(is_int(i) for i in self.fp8_keep_layers)):
+            raise ValueError(f"fp8_keep_layers must be a list of layer indices, got "
+                             f"{self.fp8_keep_layers!r}")
+        for name in ("attention_backend", "layer_loop", "weights_dtype", "fp8_matmul"):
+            choices = type(self).__dataclass_fields__[name].metadata["choices"]
+            value = getattr(self, name)
+            if value not in choices and not (name == "weights_dtype" and value is None):
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if self.weights_dtype is None and (self.fp8_keep_layers
+                                           or self.fp8_fold_norms is not None):
+            raise ValueError("fp8_keep_layers and fp8_fold_norms apply to FP8 weights: set "
+                             "weights_dtype too")
         if self.kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if self.seed < 0:
@@ -291,3 +327,6 @@ class EngineConfig:
             raise ValueError(f"num_pages must be >= 2, got {self.num_pages}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+
+SETTINGS = frozenset(field.name for field in dataclasses.fields(EngineConfig))

@@ -1,14 +1,18 @@
-"""Flags the command lines share: `--engine_preset` fills in what no flag set explicitly;
-`--coordinator_address` / `--num_processes` / `--process_id` join a multi-host job;
-`--fp8_keep_layers` and `--fp8_fold_norms` go with `--weights_dtype`."""
+"""Flags the command lines share: one per engine setting, derived from `EngineConfig` (name,
+type, default, help), so the two command lines cannot disagree with `LLM` or each other;
+`--engine_preset` fills in what no flag set explicitly; `--coordinator_address` /
+`--num_processes` / `--process_id` join a multi-host job."""
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
+from typing import Any
 
 from absl import flags
 
-from dendrite_jax.config import engine_preset_names, load_engine_preset
+from dendrite_jax.config import SETTINGS, EngineConfig, engine_preset_names, load_engine_preset
+
+TRI_STATE = {"auto": None, "on": True, "off": False}  # flags of settings a platform may decide
 
 flags.DEFINE_string("engine_preset", None,
                     "Engine settings from configs/engine/<name>.toml "
@@ -21,27 +25,67 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", 1, "Multi-host: processes in the job.")
 flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index (0 reports).")
 
-flags.DEFINE_list("fp8_keep_layers", [], "With --weights_dtype: layers (indices, negative from "
-                  "the end) kept unquantized, e.g. 0,1,-1.")
+def define_engine_flags(defaults: dict[str, Any] | None = None, exclude: tuple[str, ...] = (),
+                        flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """One flag per EngineConfig field but `exclude`: a setting the platform may decide
+    (default None) is `--name=auto|on|off`, an enumerated one an enum, a tuple a list.
+    `defaults` changes a default for this command line (its --help shows it)."""
+    defaults = defaults or {}
+    unknown = sorted(set(defaults) - SETTINGS)
+    if unknown:
+        raise ValueError(f"no engine settings {unknown}")
+    for field in dataclasses.fields(EngineConfig):
+        if field.name in exclude:
+            continue
+        name, help_text = field.name, field.metadata["help"]
+        default = defaults.get(name, field.default)
+        choices = field.metadata["choices"]
+        fv = dict(flag_values=flag_values)
+        if field.type == "bool | None":
+            flags.DEFINE_enum(name, {v: k for k, v in TRI_STATE.items()}[default],
+                              list(TRI_STATE), help_text, **fv)
+        elif choices:
+            flags.DEFINE_enum(name, default, list(choices), help_text, **fv)
+        elif field.type == "bool":
+            flags.DEFINE_bool(name, default, help_text, **fv)
+        elif field.type.startswith("int"):
+            flags.DEFINE_integer(name, default, help_text, **fv)
+        elif field.type.startswith("tuple"):
+            flags.DEFINE_list(name, [str(v) for v in default], help_text, **fv)
+        else:
+            flags.DEFINE_string(name, default, help_text, **fv)
 
 
-flags.DEFINE_enum("fp8_fold_norms", "auto", ["auto", "on", "off"],
-                  "With --weights_dtype: fold the RMS norms into q/k/v and gate/up (auto: for "
-                  "mxfp8, not fp8-channel; LLM's fp8_fold_norms).")
+def engine_settings(flag_values: flags.FlagValues = flags.FLAGS, **fixed: Any) -> dict[str, Any]:
+    """LLM's settings from the engine flags, with the engine preset's wherever the flag of the
+    same name was not given on the command line; `fixed` ones win over both."""
+    defined = [name for name in sorted(SETTINGS) if name in flag_values]
+    values = {}
+    for name in defined:
+        value = flag_values[name].value
+        if name in TRI_STATE_SETTINGS:
+            value = TRI_STATE[value]
+        elif name == "fp8_keep_layers":
+            value = _layer_indices(value)
+        values[name] = value
+    preset_name = flag_values["engine_preset"].value if "engine_preset" in flag_values else None
+    if preset_name:
+        preset = load_engine_preset(preset_name, SETTINGS)
+        values.update({k: v for k, v in preset.items()
+                       if k not in defined or not flag_values[k].present})
+    return {**values, **fixed}
 
 
-def fp8_fold_norms() -> bool | None:
-    """--fp8_fold_norms as LLM's fp8_fold_norms."""
-    return {"auto": None, "on": True, "off": False}[flags.FLAGS.fp8_fold_norms]
+TRI_STATE_SETTINGS = frozenset(f.name for f in dataclasses.fields(EngineConfig)
+                               if f.type == "bool | None")
 
 
-def fp8_keep_layers() -> list[int]:
-    """--fp8_keep_layers as integers."""
+def _layer_indices(values: list[str]) -> tuple[int, ...]:
     try:
-        return [int(v) for v in flags.FLAGS.fp8_keep_layers]
+        return tuple(int(v) for v in values)
     except ValueError:
         raise ValueError("--fp8_keep_layers takes layer indices (integers), got "
-                         f"{','.join(flags.FLAGS.fp8_keep_layers)}") from None
+                         f"{','.join(values)}") from None
 
 
 def join_processes() -> None:
@@ -54,17 +98,3 @@ def join_processes() -> None:
 
     distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
                            flags.FLAGS.process_id)
-
-
-def llm_kwargs(**from_flags) -> dict:
-    """LLM keyword arguments: the flags' values, with the engine preset's settings wherever the
-    flag of the same name was not given on the command line."""
-    from dendrite_jax import LLM
-
-    name = flags.FLAGS.engine_preset
-    if not name:
-        return from_flags
-    allowed = set(inspect.signature(LLM.__init__).parameters) - {"self", "model"}
-    preset = load_engine_preset(name, allowed)
-    explicit = {k for k in from_flags if k in flags.FLAGS and flags.FLAGS[k].present}
-    return {**from_flags, **{k: v for k, v in preset.items() if k not in explicit}}

@@ -22,7 +22,7 @@ import sys  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 
-from dendrite_jax.engine_flags import fp8_fold_norms, fp8_keep_layers, join_processes, llm_kwargs  # noqa: E402
+from dendrite_jax.engine_flags import define_engine_flags, engine_settings, join_processes  # noqa: E402
 from dendrite_jax.frontend.prompts import prompt_token_ids  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -39,24 +39,10 @@ flags.DEFINE_integer("top_k", 0, "Top-k sampling; 0 disables.")
 flags.DEFINE_float("min_p", 0.0, "Min-p sampling in [0, 1]; 0 disables.")
 flags.DEFINE_float("repetition_penalty", 1.0, "Repetition penalty; 1 disables.")
 flags.DEFINE_integer("seed", None, "Per-request sampling seed.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_enum("attention_backend", "auto", ["auto", "reference", "pallas_gpu", "pallas_tpu"],
-                  "Paged attention backend (auto: the platform's Pallas kernel, else reference).")
-flags.DEFINE_integer("tensor_parallel_size", 1, "Devices the model is split over (heads and "
-                     "MLP units per device).")
-flags.DEFINE_enum("weights_dtype", None, ["fp8", "mxfp8", "fp8-channel"],
-                  "Store the layers' projections as FP8 (fp8 = mxfp8: E4M3 with a power-of-two "
-                  "scale per 32 elements; fp8-channel: one scale per output column).")
-flags.DEFINE_string("kv_compression", "none",
-                    "KV cache compression: none, turboquant-<bits>, polarquant-<2|4|8>, "
-                    "turboquant-mse-<bits>, qjl-<sketch dim> (GPU kernels read turboquant "
-                    "codes, a TPU kernel turboquant-mse-<1|2|4|8>; the rest run on the "
-                    "reference attention backend).")
-flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unrolled"],
-                  "How the forward pass iterates layers (auto: LLM's default, a scan on a CPU "
-                  "and unrolled elsewhere).")
-flags.DEFINE_integer("max_model_len", None, "Context limit; defaults to the model's.")
 flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace of generation here.")
+# Every engine setting but the engine's default seed (--seed is this request's) and warm-up
+# (a one-shot run compiles just the programs its request runs through).
+define_engine_flags(exclude=("seed", "warmup"))
 
 
 def main(argv: list[str]) -> int:
@@ -72,12 +58,8 @@ def main(argv: list[str]) -> int:
                                 top_p=FLAGS.top_p, top_k=FLAGS.top_k, min_p=FLAGS.min_p,
                                 repetition_penalty=FLAGS.repetition_penalty, seed=FLAGS.seed)
         load_start = time.perf_counter()
-        llm = LLM(model=FLAGS.model, **llm_kwargs(
-            dtype=FLAGS.dtype, max_model_len=FLAGS.max_model_len, tokenizer=FLAGS.tokenizer,
-            attention_backend=FLAGS.attention_backend, layer_loop=FLAGS.layer_loop,
-            kv_compression=FLAGS.kv_compression, weights_dtype=FLAGS.weights_dtype,
-            fp8_keep_layers=fp8_keep_layers(), fp8_fold_norms=fp8_fold_norms(),
-            tensor_parallel_size=FLAGS.tensor_parallel_size, warmup=False))
+        llm = LLM(model=FLAGS.model, tokenizer=FLAGS.tokenizer,
+                  **engine_settings(warmup=False))
         load_seconds = time.perf_counter() - load_start
         prompt = FLAGS.prompt
         if FLAGS.chat:

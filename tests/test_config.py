@@ -3,19 +3,18 @@ and builds an engine, and bad presets are refused naming the problem."""
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 
 from dendrite_jax import LLM
 from dendrite_jax.config import (
+    SETTINGS,
+    EngineConfig,
     engine_preset_names,
     load_engine_preset,
     load_preset,
     preset_names,
 )
-
-LLM_SETTINGS = set(inspect.signature(LLM.__init__).parameters) - {"self", "model"}
+from dendrite_jax.engine.settings import resolve
 
 
 def test_model_presets_load():
@@ -27,7 +26,7 @@ def test_model_presets_load():
 def test_engine_presets_are_llm_settings():
     assert {"cpu", "gpu-serving", "long-context"} <= set(engine_preset_names())
     for name in engine_preset_names():
-        assert load_engine_preset(name, LLM_SETTINGS)
+        assert load_engine_preset(name, SETTINGS)
 
 
 def test_engine_preset_builds_and_arguments_win():
@@ -37,14 +36,51 @@ def test_engine_preset_builds_and_arguments_win():
     assert llm.engine.prefix_cache is not None  # the preset
 
 
+def test_resolve_makes_platform_defaults_concrete():
+    unset = EngineConfig()
+    cpu, gpu = resolve(unset, "cpu", head_dim=64), resolve(unset, "gpu", head_dim=64)
+    assert (cpu.decode_burst, cpu.device_automata, cpu.threaded_launch) == (1, False, False)
+    assert (gpu.decode_burst, gpu.device_automata, gpu.threaded_launch) == (4, True, None)
+    assert (cpu.warmup, gpu.warmup) == (False, True)
+    assert (cpu.layer_loop, gpu.layer_loop) == ("scan", "unrolled")
+    assert (cpu.attention_backend, gpu.attention_backend) == ("reference", "pallas_gpu")
+    assert cpu.split_constrained_steps is False and cpu.fp8_fold_norms is None
+    assert resolve(unset, "gpu", head_dim=64, on_mesh=True).device_automata is False
+    fp8 = resolve(EngineConfig(weights_dtype="mxfp8"), "gpu", head_dim=64)
+    assert fp8.fp8_fold_norms is True and fp8.fp8_matmul == "pallas_gpu"
+    chosen = EngineConfig(decode_burst=2, device_automata=True, threaded_launch=True,
+                          split_constrained_steps=True, warmup=False, layer_loop="unrolled",
+                          attention_backend="reference", fp8_matmul="reference")
+    assert resolve(chosen, "cpu", head_dim=64) == chosen  # what the caller chose stays
+    once = resolve(unset, "gpu", head_dim=64)
+    assert resolve(once, "gpu", head_dim=64) == once  # idempotent
+    with pytest.raises(ValueError, match="needs layer_loop='unrolled'"):
+        resolve(EngineConfig(weights_dtype="fp8", fp8_keep_layers=(0,), layer_loop="scan"),
+                "cpu", head_dim=64)
+
+
+def test_unknown_settings_are_refused():
+    with pytest.raises(TypeError, match="unknown settings \\['max_num_seq'\\]"):
+        LLM(model="tiny-random", max_num_seq=2)
+    with pytest.raises(ValueError, match="layer_loop must be one of"):
+        EngineConfig(layer_loop="loop")
+
+
+def test_stats_report_the_resolved_settings():
+    llm = LLM(model="tiny-random", max_num_seqs=2, compilation_cache=False)
+    stats = llm.stats()
+    assert stats.config == llm.engine.cfg and stats.config.decode_burst == 1  # this CPU
+    assert stats.attention_backend == "reference"
+
+
 def test_bad_engine_presets(tmp_path):
     with pytest.raises(ValueError, match="unknown engine preset"):
-        load_engine_preset("nope", LLM_SETTINGS)
+        load_engine_preset("nope", SETTINGS)
     typo = tmp_path / "typo.toml"
     typo.write_text("[engine]\nmax_num_seq = 4\n")
     with pytest.raises(ValueError, match="unknown engine settings \\['max_num_seq'\\]"):
-        load_engine_preset(str(typo), LLM_SETTINGS)
+        load_engine_preset(str(typo), SETTINGS)
     empty = tmp_path / "empty.toml"
     empty.write_text("dtype = 'float32'\n")
     with pytest.raises(ValueError, match="needs an \\[engine\\] table"):
-        load_engine_preset(str(empty), LLM_SETTINGS)
+        load_engine_preset(str(empty), SETTINGS)

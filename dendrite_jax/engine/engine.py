@@ -31,18 +31,6 @@ from dendrite_jax.quant import fp8
 from dendrite_jax.validation import ParamError, is_int
 
 
-def default_decode_burst(platform: str) -> int:
-    """Decode steps per launch when every request decodes freely (`EngineConfig.decode_burst`).
-
-    4 on accelerators: there a small model's step is about as long as the host's work for it
-    (planning, the executable launch, applying the tokens), and hosts differ; a burst pays the
-    host once for four tokens. It helps most on slow hosts and costs nothing where the device
-    bounds the step. 1 on a CPU, where the model's step is far
-    longer than the host's work.
-    """
-    return 1 if platform == "cpu" else 4
-
-
 def default_num_pages(model: LoadedModel, cfg: EngineConfig, max_model_len: int) -> int:
     """Enough pages for every slot at full length, capped by the kv_cache_bytes budget."""
     per_page = (KVCache.bytes_per_page(model.config, cfg.page_size, cfg.dtype)
@@ -62,11 +50,14 @@ class EngineStats:
     steps: int
     waiting: int
     running: int
+    config: EngineConfig  # every setting, platform defaults resolved (`EngineConfig.resolve`)
+    attention_backend: str
 
 
 class Engine:
-    def __init__(self, model: LoadedModel, cfg: EngineConfig, attention_backend: str, *,
-                 enable_prefix_caching: bool = False, mesh=None) -> None:
+    def __init__(self, model: LoadedModel, cfg: EngineConfig, *, mesh=None) -> None:
+        """`cfg`: resolved settings (`engine.settings.resolve`), which `stats()` reports."""
+        self.platform = jax.devices()[0].platform
         self.model = model
         self.cfg = cfg
         context = model.config.max_position_embeddings
@@ -76,27 +67,26 @@ class Engine:
         self.max_model_len = cfg.max_model_len or context
         num_pages = cfg.num_pages or default_num_pages(model, cfg, self.max_model_len)
         self.pool = PagePool(num_pages)
-        self.prefix_cache = PrefixCache(self.pool, cfg.page_size) if enable_prefix_caching else None
+        self.prefix_cache = PrefixCache(self.pool, cfg.page_size) if cfg.enable_prefix_caching else None
         self.blocks = KVBlockManager(self.pool, cfg.page_size, self.prefix_cache)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=cfg.max_num_seqs,
                                    max_num_batched_tokens=cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model.config, model.params, num_pages=num_pages,
                                   page_size=cfg.page_size, num_slots=cfg.max_num_seqs,
-                                  dtype=cfg.dtype, attention_backend=attention_backend,
+                                  dtype=cfg.dtype, attention_backend=cfg.attention_backend,
                                   kv_compression=cfg.kv_compression,
                                   calibration=None if cfg.kv_compression == "none" else
                                   calibration_ids(model.tokenizer, model.config.vocab_size),
                                   mesh=mesh)
-        self.platform = jax.devices()[0].platform
-        self.burst = cfg.decode_burst or default_decode_burst(self.platform)
+        self.burst = cfg.decode_burst
         self.planner = StepPlanner(cfg, self.max_model_len, burst=self.burst,
                                    min_decode_rows=decode_rows_floor(
                                        self.platform,
                                        fp8_kernel=fp8.multiplied_by(model.params, "pallas_gpu")))
         self.requests: dict[str, Request] = {}
-        self.pipeline = LaunchPipeline(self.runner, cfg, self.platform)
+        self.pipeline = LaunchPipeline(self.runner, cfg)
         self.structured = StructuredOutput(model, cfg, self.runner,
-                                           device_automata=self._uses_automata(mesh),
+                                           device_automata=cfg.device_automata,
                                            sync=self.pipeline.sync)
         self._failed: list[Request] = []  # failed at admission, not yet returned by step()
         self._rng = np.random.default_rng(cfg.seed)
@@ -156,14 +146,6 @@ class Engine:
     def grammar_compiler(self):
         """The model's grammar compiler (`StructuredOutput.compiler`)."""
         return self.structured.compiler()
-
-    def _uses_automata(self, mesh) -> bool:
-        """Whether constraints may run as device automata (`EngineConfig.device_automata`):
-        by default on accelerators, for models with a tokenizer, on one device."""
-        wanted = self.cfg.device_automata
-        if wanted is None:
-            wanted = self.platform != "cpu" and mesh is None
-        return bool(wanted) and self.model.tokenizer is not None
 
     def add(self, request: Request) -> None:
         if not request.finished:  # what the constraint forces first
@@ -341,4 +323,5 @@ class Engine:
                            compile_seconds=self.runner.compile_seconds,
                            preemptions=self.scheduler.num_preemptions, steps=self.num_steps,
                            waiting=len(self.scheduler.waiting),
-                           running=len(self.scheduler.running))
+                           running=len(self.scheduler.running), config=self.cfg,
+                           attention_backend=self.runner.attention_backend)

@@ -56,10 +56,9 @@ class LaunchPipeline:
     flight (`in_flight`) and at most one is ahead (`ahead`); calls reach the device in the
     order they were made."""
 
-    def __init__(self, runner: ModelRunner, cfg: EngineConfig, platform: str) -> None:
+    def __init__(self, runner: ModelRunner, cfg: EngineConfig) -> None:
         self.runner = runner
-        self.cfg = cfg
-        self.platform = platform
+        self.cfg = cfg  # resolved (`EngineConfig.resolve`)
         self.launcher = Launcher()
         self.in_flight: Launched | None = None
         self.ahead: Ahead | None = None
@@ -129,13 +128,13 @@ class LaunchPipeline:
 
     def threads(self, shape: StepShape) -> bool:
         """Whether a constrained step's calls are made from the launcher's worker thread
-        (`EngineConfig.threaded_launch`). By default on accelerators for steps of at least
-        `THREADED_MIN_ROWS` rows: there the host's work per step (advancing many matchers,
-        filling their masks, planning) outlasts the device's, and the thread overlaps it with
-        the calls; with few rows the hand-offs cost more than the overlap gains."""
+        (`EngineConfig.threaded_launch`). Unset (accelerators, by default): for steps of at
+        least `THREADED_MIN_ROWS` rows, where the host's work per step (advancing many
+        matchers, filling their masks, planning) outlasts the device's and the thread overlaps
+        it with the calls; with few rows the hand-offs cost more than the overlap gains."""
         if self.cfg.threaded_launch is not None:
             return self.cfg.threaded_launch
-        return self.platform != "cpu" and shape.num_seqs >= THREADED_MIN_ROWS
+        return shape.num_seqs >= THREADED_MIN_ROWS
 
     def splits(self, shape: StepShape) -> bool:
         """Whether a constrained step of this shape launches in two halves

@@ -4,30 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 from collections.abc import Iterator, Sequence
 
 import jax
 
-from dendrite_jax.config import EngineConfig, ModelConfig, load_engine_preset
+from dendrite_jax.config import SETTINGS, EngineConfig, ModelConfig, load_engine_preset
 from dendrite_jax.engine.engine import Engine, EngineStats
 from dendrite_jax.engine.outputs import RequestOutput
 from dendrite_jax.engine.request import Request
 from dendrite_jax.engine.runner import enable_compilation_cache
 from dendrite_jax.engine.sampling_params import SamplingParams
+from dendrite_jax.engine.settings import resolve
 from dendrite_jax.frontend.groups import group_requests, start_groups
 from dendrite_jax.frontend.prompts import Prompt, params_per_prompt, prompt_list, prompt_token_ids
 from dendrite_jax.frontend.streaming import CompletionDelta, GroupStream
 from dendrite_jax.model import tensor_parallel
 from dendrite_jax.model.loader import load_model
-from dendrite_jax.model.params import resolve_layer_loop, with_layer_loop
+from dendrite_jax.model.params import with_layer_loop
 from dendrite_jax.model.tokenizer import Tokenizer
-from dendrite_jax.quant.fp8 import FOLD_NORMS, quantize_weights, weight_scheme
+from dendrite_jax.quant.fp8 import quantize_weights, weight_scheme
 from dendrite_jax.search.beam import BeamSearchOutput, BeamSearchParams, beam_search
-from dendrite_jax.validation import is_int
-from kernels_pallas import kv_compress
-from kernels_pallas.fp8_matmul import resolve_backend as resolve_fp8_matmul
-from kernels_pallas.paged_attention import resolve_backend
 
 
 class LLM:
@@ -36,6 +32,11 @@ class LLM:
     >>> llm = LLM(model="smollm2-135m", dtype="float32")
     >>> out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))
     >>> out[0].text
+
+    Keyword settings are `EngineConfig`'s fields (an unknown name is a TypeError); those left
+    None or "auto" are decided for the platform once (`engine.settings.resolve`), and
+    `stats().config` reports what was decided. The command lines (`run`, `serve`) take the
+    same settings as flags, derived from the dataclass.
 
     `tokenizer` (a Hugging Face tokenizer directory or a .gguf file) replaces the model's own,
     or gives a random-weight preset one (for structured output at benchmark sizes).
@@ -78,7 +79,7 @@ class LLM:
     freely (no host-matched constraint (device automata decode freely), none waiting to be
     admitted, that many tokens left to each):
     the host's per-step work is paid once per burst; a request that stops mid-burst drops
-    the rest. Default (None): 4 on accelerators, 1 on a CPU (`engine.default_decode_burst`).
+    the rest. Default (None): 4 on accelerators, 1 on a CPU (`EngineConfig.resolve`).
 
     `forced_tokens` appends the tokens a constraint forces (its mask allows one token) without
     sampling them and feeds them several to a row in the next step: fewer steps for
@@ -104,77 +105,43 @@ class LLM:
     """
 
     def __init__(self, model: str = "smollm2-135m", dtype: str = "float32", *,
-                 page_size: int = 16, num_pages: int | None = None, max_num_seqs: int = 8,
-                 max_num_batched_tokens: int = 512, max_model_len: int | None = None,
-                 kv_cache_bytes: int = EngineConfig.kv_cache_bytes, seed: int = 0,
-                 enable_prefix_caching: bool = False, warmup: bool | None = None,
-                 attention_backend: str = "auto", layer_loop: str = "auto",
-                 compilation_cache: bool = True, tokenizer: str | None = None,
-                 kv_compression: str = "none", weights_dtype: str | None = None,
-                 fp8_matmul: str = "auto", fp8_keep_layers: Sequence[int] = (),
-                 fp8_fold_norms: bool | None = None,
-                 tensor_parallel_size: int = 1, split_constrained_steps: bool | None = None,
-                 decode_burst: int | None = None, forced_tokens: bool = False,
-                 threaded_launch: bool | None = None, device_automata: bool | None = None,
-                 automaton_states: int = EngineConfig.automaton_states,
-                 devices: Sequence[jax.Device] | None = None) -> None:
-        _check_settings(tensor_parallel_size=tensor_parallel_size, warmup=warmup,
-                        enable_prefix_caching=enable_prefix_caching,
-                        compilation_cache=compilation_cache, fp8_keep_layers=fp8_keep_layers)
-        engine_cfg = EngineConfig(dtype=dtype, page_size=page_size, num_pages=num_pages,
-                                  max_num_seqs=max_num_seqs,
-                                  max_num_batched_tokens=max_num_batched_tokens,
-                                  max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
-                                  seed=seed, kv_compression=kv_compression,
-                                  split_constrained_steps=split_constrained_steps,
-                                  decode_burst=decode_burst, forced_tokens=forced_tokens,
-                                  threaded_launch=threaded_launch,
-                                  device_automata=device_automata,
-                                  automaton_states=automaton_states)
-        platform = (devices[0] if devices else jax.devices()[0]).platform
-        loop = resolve_layer_loop(layer_loop, platform, mixed_layers=bool(fp8_keep_layers))
-        if compilation_cache:
+                 tokenizer: str | None = None, devices: Sequence[jax.Device] | None = None,
+                 **settings) -> None:
+        unknown = sorted(set(settings) - SETTINGS)
+        if unknown:
+            raise TypeError(f"LLM got unknown settings {unknown}; the engine's settings are "
+                            f"EngineConfig's fields: {sorted(SETTINGS)}")
+        if isinstance(settings.get("fp8_keep_layers"), list):
+            settings["fp8_keep_layers"] = tuple(settings["fp8_keep_layers"])
+        chosen = EngineConfig(dtype=dtype, **settings)
+        if chosen.compilation_cache:
             enable_compilation_cache()
         loaded = load_model(model, dtype, tokenizer)
-        if fp8_keep_layers and weights_dtype is None:
-            raise ValueError("fp8_keep_layers applies to FP8 weights: set weights_dtype too")
-        if fp8_fold_norms is not None and weights_dtype is None:
-            raise ValueError("fp8_fold_norms applies to FP8 weights: set weights_dtype too")
-        if fp8_keep_layers and loop == "scan":
-            raise ValueError("fp8_keep_layers needs layer_loop='unrolled' (a scanned stack "
-                             "cannot mix FP8 and unquantized layers)")
-        if weights_dtype is not None:
-            scheme = weight_scheme(weights_dtype)
-            fold = FOLD_NORMS[scheme] if fp8_fold_norms is None else fp8_fold_norms
+        platform = (devices[0] if devices else jax.devices()[0]).platform
+        on_mesh = chosen.tensor_parallel_size > 1 or devices is not None
+        cfg = resolve(chosen, platform, head_dim=loaded.config.head_dim, on_mesh=on_mesh)
+        if cfg.weights_dtype is not None:
             loaded = dataclasses.replace(loaded, params=quantize_weights(
-                loaded.params, scheme, matmul=resolve_fp8_matmul(fp8_matmul),
-                keep_layers=tuple(fp8_keep_layers),
-                rms_norm_eps=loaded.config.rms_norm_eps if fold else None))
-        backend = (resolve_backend(attention_backend) if kv_compression == "none" else
-                   kv_compress.resolve_backend(attention_backend, kv_compression,
-                                               loaded.config.head_dim))
+                loaded.params, weight_scheme(cfg.weights_dtype), matmul=cfg.fp8_matmul,
+                keep_layers=cfg.fp8_keep_layers,
+                rms_norm_eps=loaded.config.rms_norm_eps if cfg.fp8_fold_norms else None))
         mesh = None
-        if tensor_parallel_size > 1 or devices is not None:
-            loaded, mesh = _tensor_parallel(loaded, tensor_parallel_size, weights_dtype,
-                                            kv_compression, devices)
-        params = with_layer_loop(loaded.params, loop, consume=True)
+        if on_mesh:
+            loaded, mesh = _tensor_parallel(loaded, cfg.tensor_parallel_size, devices)
+        params = with_layer_loop(loaded.params, cfg.layer_loop, consume=True)
         if mesh is not None:
             params = jax.device_put(params, tensor_parallel.param_shardings(params, mesh))
         self.model = dataclasses.replace(loaded, params=params)
         del loaded, params
-        self.engine = Engine(self.model, engine_cfg, backend,
-                             enable_prefix_caching=enable_prefix_caching, mesh=mesh)
-        if warmup is None:
-            warmup = jax.default_backend() != "cpu"
-        if warmup:
+        self.engine = Engine(self.model, cfg, mesh=mesh)
+        if cfg.warmup:
             self.engine.warmup()
 
     @classmethod
     def from_engine_preset(cls, preset: str, **kwargs) -> LLM:
         """An LLM with an engine preset's settings (`configs/engine/<preset>.toml`: "cpu",
         "gpu-serving", "long-context", or a path); keyword arguments override them."""
-        allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "model"}
-        return cls(**{**load_engine_preset(preset, allowed), **kwargs})
+        return cls(**{**load_engine_preset(preset, SETTINGS), **kwargs})
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -281,13 +248,9 @@ class LLM:
                     self.engine.abort(r.request_id)
 
 
-def _tensor_parallel(loaded, tp: int, weights_dtype: str | None, kv_compression: str,
-                     devices: Sequence[jax.Device] | None):
+def _tensor_parallel(loaded, tp: int, devices: Sequence[jax.Device] | None):
     """The model regrouped for `tp` devices (`model.tensor_parallel`), and their mesh (over
     `devices`, default the first `tp`)."""
-    if weights_dtype is not None or kv_compression != "none":
-        raise ValueError("an explicit device mesh (tensor_parallel_size > 1 or devices) does "
-                         "not combine with weights_dtype or kv_compression yet")
     devices = list(devices) if devices is not None else jax.devices()[:tp]
     if len(devices) != tp:
         raise ValueError(f"tensor_parallel_size {tp} needs {tp} devices; got {len(devices)}")
@@ -297,21 +260,3 @@ def _tensor_parallel(loaded, tp: int, weights_dtype: str | None, kv_compression:
               else loaded.params)
     return (dataclasses.replace(loaded, config=cfg, params=params),
             tensor_parallel.make_mesh(tp, devices))
-
-
-def _check_settings(*, tensor_parallel_size: object, warmup: object,
-                    enable_prefix_caching: object, compilation_cache: object,
-                    fp8_keep_layers: object) -> None:
-    """ValueError naming the first of LLM's own settings (beyond EngineConfig's) of the wrong
-    type."""
-    if not is_int(tensor_parallel_size) or tensor_parallel_size < 1:
-        raise ValueError(f"tensor_parallel_size must be an integer >= 1, got "
-                         f"{tensor_parallel_size!r}")
-    for name, value, optional in (("warmup", warmup, True),
-                                  ("enable_prefix_caching", enable_prefix_caching, False),
-                                  ("compilation_cache", compilation_cache, False)):
-        if not (isinstance(value, bool) or (optional and value is None)):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
-    if not (isinstance(fp8_keep_layers, list | tuple) and all(map(is_int, fp8_keep_layers))):
-        raise ValueError(f"fp8_keep_layers must be a list of layer indices, got "
-                         f"{fp8_keep_layers!r}")
