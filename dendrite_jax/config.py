@@ -300,11 +300,10 @@ class EngineConfig:
             choices = type(self).__dataclass_fields__[name].metadata["choices"]
             value = getattr(self, name)
             if value not in choices and not (name == "weights_dtype" and value is None):
-                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-        if self.weights_dtype is None and (self.fp8_keep_layers
-                                           or self.fp8_fold_norms is not None):
-            raise ValueError("fp8_keep_layers and fp8_fold_norms apply to FP8 weights: set "
-                             "weights_dtype too")
+                raise ValueError(f"unknown {name} {value!r}; choose from {choices}")
+        for name in ("fp8_keep_layers", "fp8_fold_norms"):
+            if self.weights_dtype is None and getattr(self, name) not in ((), None):
+                raise ValueError(f"{name} applies to FP8 weights: set weights_dtype too")
         if self.kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if self.seed < 0:

@@ -25,12 +25,19 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", 1, "Multi-host: processes in the job.")
 flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index (0 reports).")
 
+# The engine settings each FlagValues holds as flags (a command line's own flag may share a
+# setting's name: run's --seed is its request's).
+_DEFINED: dict[int, list[str]] = {}
+
+
 def define_engine_flags(defaults: dict[str, Any] | None = None, exclude: tuple[str, ...] = (),
                         flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """One flag per EngineConfig field but `exclude`: a setting the platform may decide
     (default None) is `--name=auto|on|off`, an enumerated one an enum, a tuple a list.
     `defaults` changes a default for this command line (its --help shows it)."""
     defaults = defaults or {}
+    _DEFINED.setdefault(id(flag_values), []).extend(
+        f.name for f in dataclasses.fields(EngineConfig) if f.name not in exclude)
     unknown = sorted(set(defaults) - SETTINGS)
     if unknown:
         raise ValueError(f"no engine settings {unknown}")
@@ -59,7 +66,7 @@ def define_engine_flags(defaults: dict[str, Any] | None = None, exclude: tuple[s
 def engine_settings(flag_values: flags.FlagValues = flags.FLAGS, **fixed: Any) -> dict[str, Any]:
     """LLM's settings from the engine flags, with the engine preset's wherever the flag of the
     same name was not given on the command line; `fixed` ones win over both."""
-    defined = [name for name in sorted(SETTINGS) if name in flag_values]
+    defined = _DEFINED.get(id(flag_values), [])
     values = {}
     for name in defined:
         value = flag_values[name].value

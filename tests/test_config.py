@@ -62,7 +62,7 @@ def test_resolve_makes_platform_defaults_concrete():
 def test_unknown_settings_are_refused():
     with pytest.raises(TypeError, match="unknown settings \\['max_num_seq'\\]"):
         LLM(model="tiny-random", max_num_seq=2)
-    with pytest.raises(ValueError, match="layer_loop must be one of"):
+    with pytest.raises(ValueError, match="unknown layer_loop 'loop'"):
         EngineConfig(layer_loop="loop")
 
 

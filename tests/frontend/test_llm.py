@@ -206,7 +206,7 @@ def test_unknown_model_and_bad_engine_settings():
         LLM(model="no-such-model")
     with pytest.raises(ValueError, match="dtype must be one of"):
         LLM(model="tiny-random", dtype="float16")
-    with pytest.raises(ValueError, match="attention_backend must be one of"):
+    with pytest.raises(ValueError, match="unknown attention_backend 'cuda-magic'"):
         LLM(model="tiny-random", attention_backend="cuda-magic")
     with pytest.raises(ValueError, match="exceeds the model's context"):
         LLM(model="tiny-random", max_model_len=10**6)
