@@ -124,5 +124,30 @@ class KVBlockManager:
 
     def free(self, r: Request) -> None:
         """Take back every page r holds."""
-        self.pool.free(r.pages)
+        self.release(r.pages)
         r.pages = []
+
+    # Page lists outside requests (beam search's beams hold theirs directly).
+
+    def allocate(self, n: int) -> list[int]:
+        """`n` fresh pages, evicting cached pages as needed; PoolExhausted if the pool cannot
+        supply them."""
+        self._make_room(n)
+        return self.pool.allocate(n)
+
+    def fork(self, pages: list[int]) -> list[int]:
+        """A second holder's reference to `pages` (shared until written: `writable`)."""
+        return self.pool.fork(pages)
+
+    def release(self, pages: list[int]) -> None:
+        """Give back one holder's reference to each of `pages`."""
+        self.pool.free(pages)
+
+    def writable(self, pages: list[int], index: int) -> tuple[int, int] | None:
+        """Make `pages[index]` this holder's own before it writes there: None if it already
+        is, else the (src, dst) copy the device must make (`pages[index]` becomes dst)."""
+        if self.pool.ref_count(pages[index]) == 1:
+            return None
+        page, copied = self.pool.copy_on_write(pages[index])
+        src, pages[index] = pages[index], page
+        return (src, page) if copied else None

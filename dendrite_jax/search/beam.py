@@ -197,19 +197,19 @@ def beam_search(engine, prompts: list[list[int]], params: BeamSearchParams
 
 def _run_group(engine, prompts: list[list[int]], params: BeamSearchParams, eos: set[int],
                matcher) -> list[BeamSearchOutput]:
-    pool, page_size = engine.pool, engine.cfg.page_size
+    blocks, page_size = engine.blocks, engine.cfg.page_size
     searches = [_Search(p, params, eos) for p in prompts]
     try:
         # Prefill each prompt once; its last position's logprobs seed the beams.
         for s in searches:
             root = _Beam(len(s.prompt), -1, 0,
-                         pool.allocate(math.ceil(len(s.prompt) / page_size)), 0.0,
+                         blocks.allocate(math.ceil(len(s.prompt) / page_size)), 0.0,
                          matcher=None if matcher is None else matcher.deep_copy())
             s.running = [root]
             s.max_pages = len(root.pages)
             result = _prefill(engine, s.prompt, root.pages, root.matcher)
-            _advance(s, pool, _candidates([root], result, [0]))
-            pool.free(root.pages)
+            _advance(s, blocks, _candidates([root], result, [0]))
+            blocks.release(root.pages)
         while not all(s.done for s in searches):
             live = [s for s in searches if not s.done]
             beams = [b for s in live for b in s.running]
@@ -222,14 +222,14 @@ def _run_group(engine, prompts: list[list[int]], params: BeamSearchParams, eos: 
             for s in live:
                 n = len(s.running)
                 old = s.running
-                _advance(s, pool, _candidates(old, result, list(range(row, row + n))))
+                _advance(s, blocks, _candidates(old, result, list(range(row, row + n))))
                 for b in old:
-                    pool.free(b.pages)
+                    blocks.release(b.pages)
                 row += n
     finally:
         for s in searches:
             for b in s.running:
-                pool.free(b.pages)
+                blocks.release(b.pages)
             s.running = []
     tokenizer = engine.model.tokenizer
     return [BeamSearchOutput(
@@ -239,12 +239,12 @@ def _run_group(engine, prompts: list[list[int]], params: BeamSearchParams, eos: 
         for s in searches]
 
 
-def _advance(s: _Search, pool, candidates: list[tuple]) -> None:
+def _advance(s: _Search, blocks, candidates: list[tuple]) -> None:
     """One search step: the next running beams fork their parents' pages."""
     parents = s.running
     nxt = s.step(candidates)
     s.running = [_Beam(len(s.prompt), s.child(parents[p].node, tok), parents[p].length + 1,
-                       pool.fork(parents[p].pages), score, tok) for p, tok, score in nxt]
+                       blocks.fork(parents[p].pages), score, tok) for p, tok, score in nxt]
     for b in parents:
         if b.node >= 0:
             s.tree.release(b.node)
@@ -270,20 +270,15 @@ def _fork_matchers(parents: list[_Beam], children: list[_Beam], nxt: list[tuple]
 def _grow_pages(engine, beams: list[_Beam]) -> None:
     """Each beam writes its input token at position prompt + generated - 1: give it a page for
     it, copying a page it shares with another beam before writing into it."""
-    pool, page_size = engine.pool, engine.cfg.page_size
-    src, dst = [], []
+    blocks, page_size = engine.blocks, engine.cfg.page_size
+    copies = []
     for b in beams:
-        position = b.prompt_len + b.length - 1
-        index = position // page_size
+        index = (b.prompt_len + b.length - 1) // page_size
         if index == len(b.pages):
-            b.pages.extend(pool.allocate(1))
-        elif pool.ref_count(b.pages[index]) > 1:
-            page, copied = pool.copy_on_write(b.pages[index])
-            if copied:
-                src.append(b.pages[index])
-                dst.append(page)
-            b.pages[index] = page
-    engine.runner.copy_pages(src, dst)
+            b.pages.extend(blocks.allocate(1))
+        elif (copy := blocks.writable(b.pages, index)) is not None:
+            copies.append(copy)
+    engine.runner.copy_pages([s for s, _ in copies], [d for _, d in copies])
 
 
 def _prefill(engine, prompt: list[int], pages: list[int], matcher) -> StepResult:

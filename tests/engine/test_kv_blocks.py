@@ -90,3 +90,24 @@ def test_a_partly_shared_page_is_copied():
     assert second.num_computed == 7  # every token but the last is shared
     assert copies == [(first.pages[1], second.pages[1])] and second.pages[0] == first.pages[0]
     assert blocks.prefix_cache.stats().hit_tokens == 7
+
+
+def test_page_lists_fork_copy_and_evict():
+    """Page lists outside requests (beams): a forked list shares its pages until one holder
+    writes (that holder gets a copy), and allocation evicts unused cached pages first."""
+    pool = PagePool(4, headroom_fraction=0)
+    blocks = KVBlockManager(pool, PAGE, PrefixCache(pool, PAGE))
+    parent = blocks.allocate(2)
+    child = blocks.fork(parent)
+    src = parent[0]
+    assert blocks.writable(parent, 0) == (src, parent[0])  # both held it: parent copies
+    assert pool.ref_count(src) == 1 and parent[0] != child[0] == src
+    assert blocks.writable(child, 0) is None  # the child is now the page's only holder
+    blocks.release(parent)
+    blocks.release(child)
+    cached = request(0, PREFIXES[0])
+    assert blocks.allocate_prompt(cached, 8, [], share_cache=True)
+    cached.num_computed = 8
+    blocks.commit(cached)
+    blocks.free(cached)  # its two pages stay, held by the prefix cache alone
+    assert len(blocks.allocate(4)) == 4  # two of them evicted for this
