@@ -298,7 +298,7 @@ class Engine:
                                           int(result.prompt_rank[t]),
                                           result.prompt_top_logprobs[t], result.prompt_top_ids[t])
             if sample[row] and not appends_sample(r, plan, row):
-                r.forced_positions.discard(int(plan.seq_lens[row]))  # a forced token is there
+                r.constraint.forced_positions.discard(int(plan.seq_lens[row]))  # forced there
             elif sample[row]:
                 if r.logprobs is None:
                     r.append_token(tokens[row], self.max_model_len, logprob[row],

@@ -7,12 +7,11 @@ import time
 
 import numpy as np
 
+from dendrite_jax.engine.constraint_state import COMPLETE, ConstraintState
 from dendrite_jax.engine.outputs import Logprob, PositionLogprobs, RequestOutput
 from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.engine.step import FROM_LAST_TOKEN
 from dendrite_jax.engine.step_plan import sampling_columns
-from dendrite_jax.grammar.automaton import BROKEN, AutomatonCursor
-from dendrite_jax.grammar.matcher import forced_token
 from dendrite_jax.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 # Placeholder for a sampled token whose step has been launched but not yet read back. As an
@@ -69,12 +68,8 @@ class Request:
         self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[PositionLogprobs | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
-        self.matcher = None  # llguidance matcher of a constrained request (grammar package)
-        # Or, for a constraint the device steps, its place in the automaton (host's copy).
-        self.automaton: AutomatonCursor | None = None
-        # Positions whose launched samples are discarded when read back: tokens the
-        # constraint forced (`fast_forward`) filled them first.
-        self.forced_positions: set[int] = set()
+        # A constrained request's handle into structured output (`StructuredOutput.attach`).
+        self.constraint: ConstraintState | None = None
         self.donor: Request | None = None  # parallel sampling: the sibling computing the prompt
         self.ranked = ranked  # one of best_of completions, ranked by cumulative logprob
         self.cumulative_logprob = 0.0  # raw-model logprobs of the generated tokens, summed
@@ -124,8 +119,17 @@ class Request:
         host matcher (whose mask needs each token first; a device automaton steps on the
         device), without the logit sort (bursts are compiled without it), with that many
         tokens left."""
-        return (self.matcher is None and self.num_uncomputed == 1 and not self.params.needs_sort
-                and self.num_tokens + steps <= self.max_len)
+        return (not self.matched_on_host and self.num_uncomputed == 1
+                and not self.params.needs_sort and self.num_tokens + steps <= self.max_len)
+
+    @property
+    def matched_on_host(self) -> bool:
+        """Whether a host matcher constrains it (its mask needs each token before the next)."""
+        return self.constraint is not None and self.constraint.on_host
+
+    def forced_at(self, position: int) -> bool:
+        """Whether a forced token fills `position`, whose launched sample is then dropped."""
+        return self.constraint is not None and position in self.constraint.forced_positions
 
     @property
     def tokens(self) -> list[int]:
@@ -192,16 +196,12 @@ class Request:
         num_outputs = index + 1
         if token in self.stop_token_ids:
             self._finish("stop", token)
-        elif self.matcher is not None and not (self.matcher.consume_token(token)
-                                               if accepted is None else accepted):
-            self.fail(f"sampled token {token} broke the constraint: {self.matcher.get_error()}")
-        elif self.matcher is not None and self.matcher.is_stopped():
-            self._finish("stop", None)  # the constraint is complete: nothing more can follow
-        elif self.automaton is not None and (verdict := self.automaton.advance(token)):
-            if verdict == BROKEN:
-                self.fail(f"sampled token {token} broke the constraint")
+        elif self.constraint is not None and (
+                ending := self.constraint.advance(token, accepted)) is not None:
+            if ending == COMPLETE:
+                self._finish("stop", None)  # the constraint is complete: nothing can follow
             else:
-                self._finish("stop", None)  # as a matcher stops (above)
+                self.fail(ending)
         elif self._check_stop_strings(previous_len):
             pass
         elif (num_outputs >= self.params.max_tokens
@@ -214,7 +214,7 @@ class Request:
     def may_fast_forward(self) -> bool:
         """Whether forced tokens may skip sampling: constrained, and nothing reported per token
         or ranked by logprob (logprobs requested, best_of) would miss their logprobs."""
-        return self.matcher is not None and self.logprobs is None and not self.ranked
+        return self.matched_on_host and self.logprobs is None and not self.ranked
 
     def fast_forward(self, max_model_len: int) -> int:
         """Append the tokens the constraint now forces (`grammar.forced_token`; never a stop
@@ -223,13 +223,15 @@ class Request:
         (`forced_positions`). Returns how many were appended."""
         pending, count = self.num_pending, 0
         first_pending = self.num_tokens - pending
-        while self.matcher is not None and not self.finished:
-            token = forced_token(self.matcher)
+        while self.matched_on_host and not self.finished:
+            token = self.constraint.forced_token()
             if token is None or token in self.stop_token_ids:
                 break
             self.append_token(token, max_model_len)
             count += 1
-        self.forced_positions.update(range(first_pending, first_pending + min(pending, count)))
+        if self.constraint is not None:
+            self.constraint.forced_positions.update(
+                range(first_pending, first_pending + min(pending, count)))
         return count
 
     def _check_stop_strings(self, previous_len: int) -> bool:

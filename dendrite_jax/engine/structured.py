@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from dendrite_jax.config import EngineConfig
+from dendrite_jax.engine.constraint_state import ConstraintState
 from dendrite_jax.engine.request import Request
 from dendrite_jax.engine.runner import ModelRunner
 from dendrite_jax.engine.scheduler import ScheduledBatch
@@ -71,7 +72,8 @@ class StructuredOutput:
         fails that request alone (finish_reason "error", llguidance's message in `error`)."""
         try:
             if self.arena is None or not self._place_automaton(request):
-                request.matcher = self.compiler().matcher(request.params)
+                request.constraint = ConstraintState(
+                    matcher=self.compiler().matcher(request.params))
         except GrammarError as e:
             request.fail(str(e))
 
@@ -91,12 +93,13 @@ class StructuredOutput:
         if new:
             self._sync()
             self.runner.write_automaton(base, automaton)
-        request.automaton = AutomatonCursor(automaton, base)
+        request.constraint = ConstraintState(automaton=AutomatonCursor(automaton, base))
         self._automaton_requests.add(request)
         return True
 
     def _automata_in_use(self) -> set[str]:
-        return {r.automaton.automaton.key for r in self._automaton_requests if not r.finished}
+        return {r.constraint.automaton.automaton.key for r in self._automaton_requests
+                if not r.finished}
 
     def fast_forward(self, request: Request, max_model_len: int) -> None:
         """Append what the request's constraint forces, where `forced_tokens` allows it."""
@@ -108,22 +111,23 @@ class StructuredOutput:
     @staticmethod
     def pending(running: list[Request]) -> bool:
         """Whether a host-matched request has a token in flight: its next mask must wait."""
-        return any(r.matcher is not None and r.num_pending for r in running)
+        return any(r.matched_on_host and r.num_pending for r in running)
 
     def automaton_states(self, requests: list[Request]) -> list[int] | None:
         """Each row's automaton state for the plan (None without device automata). A row whose
         input is still on device takes the state its slot's sample left."""
         if self.arena is None:
             return None
-        return [NO_AUTOMATON if r.automaton is None else
-                FROM_SLOT if r.num_pending else r.automaton.device_state for r in requests]
+        return [NO_AUTOMATON if r.constraint is None or r.constraint.automaton is None else
+                FROM_SLOT if r.num_pending else r.constraint.automaton.device_state
+                for r in requests]
 
     def token_mask(self, batch: ScheduledBatch, plan: StepPlan) -> np.ndarray | None:
         """The step's token mask [S, words] if a host-matched row samples, else None (all
         allowed). Rows follow the plan's rows, so mixed batches cannot misalign."""
-        rows = [(r.matcher, row) for row, (r, _) in enumerate(batch.rows)
-                if r.matcher is not None and not r.finished and plan.sample[row]
-                and int(plan.seq_lens[row]) not in r.forced_positions]
+        rows = [(r.constraint.matcher, row) for row, (r, _) in enumerate(batch.rows)
+                if r.matched_on_host and not r.finished and plan.sample[row]
+                and not r.forced_at(int(plan.seq_lens[row]))]
         if not rows:
             return None
         start = time.perf_counter()
@@ -139,10 +143,10 @@ class StructuredOutput:
         leaves out (stop tokens, forced positions, finished requests) append as before."""
         pairs, ids = [], []
         for row, (r, _) in enumerate(batch.rows):
-            if (r.matcher is not None and sample[row] and not r.finished
+            if (r.matched_on_host and sample[row] and not r.finished
                     and appends_sample(r, plan, row)
                     and tokens[row] not in r.stop_token_ids):  # a stop token is not consumed
-                pairs.append((r.matcher, tokens[row]))
+                pairs.append((r.constraint.matcher, tokens[row]))
                 ids.append(r.request_id)
         if len(pairs) < 2:
             return {}
@@ -152,4 +156,4 @@ class StructuredOutput:
 def appends_sample(r: Request, plan: StepPlan, row: int) -> bool:
     """Whether the token a sampling row drew is appended to `r`: not where a forced token
     already sits (`forced_tokens`), whose draw is dropped."""
-    return int(plan.seq_lens[row]) not in r.forced_positions
+    return not r.forced_at(int(plan.seq_lens[row]))
