@@ -13,6 +13,8 @@ from absl import flags
 from dendrite_jax.config import SETTINGS, EngineConfig, engine_preset_names, load_engine_preset
 
 TRI_STATE = {"auto": None, "on": True, "off": False}  # flags of settings a platform may decide
+TRI_STATE_SETTINGS = frozenset(f.name for f in dataclasses.fields(EngineConfig)
+                               if f.type == "bool | None")
 
 flags.DEFINE_string("engine_preset", None,
                     "Engine settings from configs/engine/<name>.toml "
@@ -81,10 +83,6 @@ def engine_settings(flag_values: flags.FlagValues = flags.FLAGS, **fixed: Any) -
         values.update({k: v for k, v in preset.items()
                        if k not in defined or not flag_values[k].present})
     return {**values, **fixed}
-
-
-TRI_STATE_SETTINGS = frozenset(f.name for f in dataclasses.fields(EngineConfig)
-                               if f.type == "bool | None")
 
 
 def _layer_indices(values: list[str]) -> tuple[int, ...]:

@@ -143,10 +143,6 @@ class Engine:
             self.structured.attach(request)
         return request
 
-    def grammar_compiler(self):
-        """The model's grammar compiler (`StructuredOutput.compiler`)."""
-        return self.structured.compiler()
-
     def add(self, request: Request) -> None:
         if not request.finished:  # what the constraint forces first
             self.structured.fast_forward(request, self.max_model_len)

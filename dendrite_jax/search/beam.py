@@ -187,7 +187,7 @@ def beam_search(engine, prompts: list[list[int]], params: BeamSearchParams
                              f"max_model_len {engine.max_model_len}")
     # The constraint compiles once (one that llguidance rejects raises GrammarError, a
     # ValueError, before anything runs); each prompt's first beam starts from a copy.
-    matcher = engine.grammar_compiler().matcher(params) if params.constrained else None
+    matcher = engine.structured.compiler().matcher(params) if params.constrained else None
     group = max(1, engine.cfg.max_num_seqs // width)
     outputs = []
     for start in range(0, len(prompts), group):

@@ -57,7 +57,7 @@ BENCHMARK_SCHEMAS = [  # benchmarks/structured_output.py's SCHEMA and RECORDS
 
 @pytest.fixture(scope="module")
 def device(smollm):
-    compiler = smollm.engine.grammar_compiler()
+    compiler = smollm.engine.structured.compiler()
     vocab = Vocabulary.create(compiler.vocabulary.token_bytes)
     return (compiler, vocab, smollm.model.config.vocab_size, jax.jit(fill_token_table),
             jax.jit(automaton_step))

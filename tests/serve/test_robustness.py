@@ -10,14 +10,12 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
-import socket
 import threading
 import time
 
 import httpx
 import jinja2
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
@@ -26,6 +24,7 @@ from dendrite_jax import LLM
 from dendrite_jax.serve import create_app
 from dendrite_jax.serve.guard import default_allowed_hosts, host_name
 from tests.helpers import SMOLLM
+from tests.serve.live_server import uvicorn_server
 
 MODEL = "smollm2-135m"
 CHAT = [{"role": "user", "content": "Name a fruit."}]
@@ -252,26 +251,6 @@ def test_an_oversized_body_is_413_before_it_is_read_whole(llm):
 
 
 # ------------------------------------------------------------------ /health under pressure
-
-@contextlib.contextmanager
-def uvicorn_server(app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
 
 def health_latencies(base: str, load, count: int = 200) -> list[float]:
     """/health answer times (s) while `load(client)` runs over and over on another thread."""

@@ -7,29 +7,21 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
-import threading
 import time
 
 import httpx
 import jsonschema
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from dendrite_jax import LLM, SamplingParams
 from dendrite_jax.serve import create_app
 from tests.helpers import SMOLLM
+from tests.serve.live_server import uvicorn_server
 
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Name a fruit."}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +36,10 @@ def server():
                              greedy)[0].text,
     }
     app = create_app(llm, max_pending=3)
-    port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    yield {"base": base, "llm": llm, "expected": expected, "engine": app.state.engine,
-           "client": openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)}
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with uvicorn_server(app) as base:
+        yield {"base": base, "llm": llm, "expected": expected, "engine": app.state.engine,
+               "client": openai.OpenAI(base_url=f"{base}/v1", api_key="unused",
+                                       max_retries=0)}
 
 
 def wait_idle(server, timeout=30.0) -> None:
