@@ -158,7 +158,8 @@ def load_preset(name_or_path: str) -> Preset:
     if not path.is_file():
         raise ValueError(
             f"unknown model {name_or_path!r}: not a preset ({', '.join(preset_names())}), "
-            "a preset .toml file, a .gguf file or a Hugging Face checkpoint directory")
+            "a preset .toml file, a .gguf file, a Hugging Face checkpoint directory or a "
+            "Hugging Face repo id (org/name)")
     with open(path, "rb") as f:
         try:
             data = tomllib.load(f)

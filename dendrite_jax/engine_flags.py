@@ -1,6 +1,7 @@
 """Flags the command lines share: one per engine setting, derived from `EngineConfig` (name,
 type, default, help), so the two command lines cannot disagree with `LLM` or each other;
-`--engine_preset` fills in what no flag set explicitly; `--coordinator_address` /
+`--engine_preset` fills in what no flag set explicitly; the model's load options (`--tokenizer`,
+`--revision`, `--allow_download`, `--chat_template`; `load_options`); `--coordinator_address` /
 `--num_processes` / `--process_id` join a multi-host job."""
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ flags.DEFINE_string("engine_preset", None,
                     "Engine settings from configs/engine/<name>.toml "
                     f"({', '.join(engine_preset_names())}) or a .toml path; flags given "
                     "explicitly win.")
+
+# LLM's load options: how the model is found and read, not how the engine runs it.
+flags.DEFINE_string("tokenizer", None, "Tokenizer to use instead of the model's own: a Hugging "
+                    "Face tokenizer directory, a .gguf file or a Hugging Face repo id.")
+flags.DEFINE_string("revision", None, "With a Hugging Face repo id as the model: its branch, "
+                    "tag or commit (default: main).")
+flags.DEFINE_bool("allow_download", False, "Download a Hugging Face repo id that is not in the "
+                  "local cache ($HF_HUB_CACHE, else $HF_HOME/hub); HF_HUB_OFFLINE=1 forbids it.")
+flags.DEFINE_string("chat_template", None, "A Jinja chat template replacing the model's: a file "
+                    "or the template text.")
 
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-host: host:port of process 0's coordinator; every process runs the "
@@ -83,6 +94,12 @@ def engine_settings(flag_values: flags.FlagValues = flags.FLAGS, **fixed: Any) -
         values.update({k: v for k, v in preset.items()
                        if k not in defined or not flag_values[k].present})
     return {**values, **fixed}
+
+
+def load_options(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, Any]:
+    """LLM's load options (tokenizer, revision, allow_download, chat_template) from the flags."""
+    return {name: flag_values[name].value
+            for name in ("tokenizer", "revision", "allow_download", "chat_template")}
 
 
 def _layer_indices(values: list[str]) -> tuple[int, ...]:

@@ -2,6 +2,7 @@
 
     python -m dendrite_jax.run --model=smollm2-135m --prompt="The capital of France is"
     python -m dendrite_jax.run --chat --prompt="Write a haiku about JAX." --temperature=0.7
+    python -m dendrite_jax.run --model=Qwen/Qwen3-0.6B --allow_download  # a Hugging Face repo id
     # on each of 2 hosts (i = 0, 1), the model split over both hosts' 8 devices:
     python -m dendrite_jax.run --tensor_parallel_size=8 --coordinator_address=host0:1234 \
         --num_processes=2 --process_id=i
@@ -22,14 +23,17 @@ import sys  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 
-from dendrite_jax.engine_flags import define_engine_flags, engine_settings, join_processes  # noqa: E402
+from dendrite_jax.engine_flags import (  # noqa: E402
+    define_engine_flags,
+    engine_settings,
+    join_processes,
+    load_options,
+)
 from dendrite_jax.frontend.prompts import prompt_token_ids  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "smollm2-135m",
-                    "Preset name, preset .toml, .gguf file or Hugging Face checkpoint directory.")
-flags.DEFINE_string("tokenizer", None, "Tokenizer to use instead of the model's own: a Hugging "
-                    "Face tokenizer directory or a .gguf file.")
+flags.DEFINE_string("model", "smollm2-135m", "Preset name, preset .toml, .gguf file, Hugging "
+                    "Face checkpoint directory or Hugging Face repo id (org/name).")
 flags.DEFINE_string("prompt", "The capital of France is", "Prompt text.")
 flags.DEFINE_boolean("chat", False, "Wrap the prompt as a user message in the chat template.")
 flags.DEFINE_integer("max_tokens", 64, "Maximum number of tokens to generate.")
@@ -58,8 +62,7 @@ def main(argv: list[str]) -> int:
                                 top_p=FLAGS.top_p, top_k=FLAGS.top_k, min_p=FLAGS.min_p,
                                 repetition_penalty=FLAGS.repetition_penalty, seed=FLAGS.seed)
         load_start = time.perf_counter()
-        llm = LLM(model=FLAGS.model, tokenizer=FLAGS.tokenizer,
-                  **engine_settings(warmup=False))
+        llm = LLM(model=FLAGS.model, **load_options(), **engine_settings(warmup=False))
         load_seconds = time.perf_counter() - load_start
         prompt = FLAGS.prompt
         if FLAGS.chat:

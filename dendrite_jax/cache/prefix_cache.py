@@ -28,6 +28,7 @@ class PrefixCacheStats:
     hit_tokens: int  # tokens whose prefill was skipped (tokens_saved)
     evictions: int  # pages evicted
     cached_pages: int
+    cached_only_pages: int  # cached pages no request holds (the cache's reference alone)
 
     @property
     def hit_rate(self) -> float:
@@ -104,4 +105,6 @@ class PrefixCache:
     def stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(lookups=self._lookups, lookup_tokens=self._lookup_tokens,
                                 hit_tokens=self._hit_tokens, evictions=self._evictions,
-                                cached_pages=self.tree.stats().pages)
+                                cached_pages=self.tree.stats().pages,
+                                cached_only_pages=sum(1 for p in self.tree.values()
+                                                      if self.pool.ref_count(p) == 1))

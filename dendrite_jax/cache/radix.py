@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 PageKey = tuple[int, ...]
 
@@ -83,6 +83,10 @@ class RadixTree:
 
     def __contains__(self, value: int) -> bool:
         return value in self._where
+
+    def values(self) -> Iterable[int]:
+        """Every value in the tree."""
+        return self._where.keys()
 
     # ------------------------------------------------------------------------------- changes
 

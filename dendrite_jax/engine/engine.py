@@ -80,6 +80,7 @@ class Engine:
                                   mesh=mesh)
         self.burst = cfg.decode_burst
         self.planner = StepPlanner(cfg, self.max_model_len, burst=self.burst,
+                                   logit_bias=self.runner.logit_bias,
                                    min_decode_rows=decode_rows_floor(
                                        self.platform,
                                        fp8_kernel=fp8.multiplied_by(model.params, "pallas_gpu")))
@@ -127,6 +128,11 @@ class Engine:
         """Validate a request at the boundary; raises ValueError naming the problem. `ranked`:
         one of `best_of` completions, which are ranked by cumulative logprob."""
         self.check_prompt(prompt_ids)
+        vocab = self.model.config.vocab_size
+        outside = [t for t in params.logit_bias or () if t >= vocab]
+        if outside:
+            raise ParamError("logit_bias", f"logit_bias token ids must be below the vocabulary "
+                             f"size {vocab}; got {outside[:5]}")
         n = len(prompt_ids)
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
         request = Request(str(self._next_id), prompt, [int(t) for t in prompt_ids], params,

@@ -11,6 +11,7 @@ import math
 
 from dendrite_jax.config import EngineConfig
 from dendrite_jax.engine.buckets import all_shapes
+from dendrite_jax.engine.logit_bias import LogitBiasTable
 from dendrite_jax.engine.page_table import HostPageTable
 from dendrite_jax.engine.plan_builder import PlanBuilder, sampling_fields
 from dendrite_jax.engine.sampling_params import SamplingParams
@@ -20,8 +21,9 @@ from dendrite_jax.engine.step_plan import StepPlan, StepShape
 
 class StepPlanner:
     def __init__(self, cfg: EngineConfig, max_model_len: int, *, min_decode_rows: int,
-                 burst: int) -> None:
+                 burst: int, logit_bias: LogitBiasTable) -> None:
         self.cfg = cfg
+        self.logit_bias = logit_bias
         self.burst = burst
         # Every step's page tables have this full width: every backend reads only the pages
         # each row's context holds.
@@ -83,7 +85,10 @@ class StepPlanner:
         if automaton_states is not None:
             columns["automaton_state"] = automaton_states
         for r in reqs:
+            if r.new_in_slot:
+                self.logit_bias.assign(r.slot, r.params.logit_bias)
             r.new_in_slot = False
-        return self.builder.build(shape, inputs,
-                                  self.page_table.rows(slots, shape.pages_per_seq),
+        plan = self.builder.build(shape, inputs, self.page_table.rows(slots, shape.pages_per_seq),
                                   columns, targets)
+        plan.logit_bias = self.logit_bias.device()
+        return plan

@@ -75,6 +75,7 @@ class Request:
         self.cumulative_logprob = 0.0  # raw-model logprobs of the generated tokens, summed
         self.error: str | None = None
         self.arrival = time.perf_counter()
+        self.first_scheduled_time: float | None = None  # first admitted to running (queue time)
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         # This request's values of every StepPlan's sampling fields (fixed for its life).

@@ -33,6 +33,7 @@ from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.kv import KVCache, copy_pages
 from dendrite_jax.config import ModelConfig
 from dendrite_jax.engine import step_output
+from dendrite_jax.engine.logit_bias import LogitBias, LogitBiasTable
 from dendrite_jax.engine.program_cache import ProgramCache, default_program_cache
 from dendrite_jax.engine.step import SlotState, forward_step, sample_step, step
 from dendrite_jax.engine.step_output import StepResult
@@ -129,6 +130,8 @@ class ModelRunner:
                                                means=means)
         self.slots = jax.device_put(SlotState.create(num_slots, cfg.vocab_size),
                                     self._replicated)
+        self.logit_bias = LogitBiasTable(num_slots, cfg.vocab_size,
+                                         lambda t: jax.device_put(t, self._replicated))
         static = ("cfg", "shape", "attention_backend")
         # On a mesh the outputs' shardings are fixed to the inputs' (outputs feed the next
         # step): left to XLA, the vocabulary-split logits can leave the slots' token counts
@@ -195,8 +198,9 @@ class ModelRunner:
         logits = jax.ShapeDtypeStruct((shape.num_seqs, self.cfg.vocab_size), jnp.float32,
                                       **rep)
         model = (self.params, self.kv, self.slots, buffer)
-        args = {STEP: (*model, mask, self.automata), FORWARD: model,
-                SAMPLE: (logits, self.slots, buffer, mask, self.automata)}[kind]
+        bias = self.logit_bias.device()
+        args = {STEP: (*model, mask, self.automata, bias), FORWARD: model,
+                SAMPLE: (logits, self.slots, buffer, mask, self.automata, bias)}[kind]
         statics = dict(shape=shape) if kind == SAMPLE else dict(
             cfg=self.cfg, shape=shape, attention_backend=self.attention_backend)
 
@@ -276,7 +280,7 @@ class ModelRunner:
         buffer = self._host_input(plan.pack())
         mask = self._device_mask(plan.shape.num_seqs, token_mask)
         out, self.kv, self.slots = compiled(self.params, self.kv, self.slots, buffer, mask,
-                                            self.automata)
+                                            self.automata, self._bias(plan))
         out.copy_to_host_async()
         return out
 
@@ -296,9 +300,13 @@ class ModelRunner:
         logits, buffer = forward
         out, self.slots = compiled(logits, self.slots, buffer,
                                    self._device_mask(plan.shape.num_seqs, token_mask),
-                                   self.automata)
+                                   self.automata, self._bias(plan))
         out.copy_to_host_async()
         return out
+
+    def _bias(self, plan: StepPlan) -> LogitBias:
+        """The logit-bias table `plan` was planned with (the current one if it names none)."""
+        return plan.logit_bias if plan.logit_bias is not None else self.logit_bias.device()
 
     def _host_input(self, array: np.ndarray) -> np.ndarray | jax.Array:
         """A step's host input read by one executable call, as the call takes it. On one

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from dendrite_jax.engine.logit_bias import MAX_BIAS, MAX_LOGIT_BIAS
 from dendrite_jax.engine.sampling import MAX_LOGPROBS
 from dendrite_jax.grammar.constraint import CONSTRAINTS, check_constraint
 from dendrite_jax.validation import ParamError, check_text, is_finite_real, is_int
@@ -17,8 +18,11 @@ class SamplingParams:
     theirs. `seed` makes sampling reproducible and independent of the rest of the batch.
     `stop` strings end generation and are cut from the text (unless
     `include_stop_str_in_output`); `stop_token_ids` end it after emitting that token; EOS
-    ends it unless `ignore_eos`. `logprobs=n` returns the top-n logprobs of each generated
-    token plus the chosen one; `prompt_logprobs=n` does the same for each prompt token.
+    ends it unless `ignore_eos`. `logit_bias` ({token id: bias in [-100, 100]}, at most
+    MAX_LOGIT_BIAS ids) is added to those tokens' logits before anything else (greedy
+    decoding included); -100 all but bans a token. `logprobs=n` returns the top-n logprobs
+    of each generated token plus the chosen one; `prompt_logprobs=n` does the same for each
+    prompt token.
     Logprobs are those of the raw model distribution (before penalties and temperature); under
     a constraint, ranks and the top alternatives count only the tokens it allows.
 
@@ -54,6 +58,7 @@ class SamplingParams:
     choice: list[str] | None = None
     n: int = 1
     best_of: int | None = None
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -103,7 +108,24 @@ class SamplingParams:
         _check(self.best_of is None or (is_int(self.best_of) and self.best_of >= self.n),
                "best_of",
                f"best_of must be an integer >= n ({self.n}), got {self.best_of!r}")
+        self._check_logit_bias()
         check_constraint(self)
+
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        _check(isinstance(bias, dict), "logit_bias",
+               f"logit_bias must map token ids to biases, got {type(bias).__name__}")
+        _check(len(bias) <= MAX_LOGIT_BIAS, "logit_bias",
+               f"logit_bias has {len(bias)} token ids; at most {MAX_LOGIT_BIAS} are allowed")
+        for token, value in bias.items():
+            _check(is_int(token) and token >= 0, "logit_bias",
+                   f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            _check(is_finite_real(value) and -MAX_BIAS <= value <= MAX_BIAS, "logit_bias",
+                   f"logit_bias[{token}] must be a number in [-{MAX_BIAS:g}, {MAX_BIAS:g}], "
+                   f"got {value!r}")
+        self.logit_bias = {int(t): float(v) for t, v in bias.items()} or None
 
     @property
     def num_sequences(self) -> int:

@@ -17,6 +17,7 @@ waits a step so the prefix is computed once. Page accounting is the block manage
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import deque
 
 from dendrite_jax.engine.buckets import prefill_to_fit
@@ -193,6 +194,8 @@ class Scheduler:
         r.slot = self._free_slots.pop()
         r.new_in_slot = True
         r.status = RequestStatus.RUNNING
+        if r.first_scheduled_time is None:  # a preempted request keeps its first
+            r.first_scheduled_time = time.perf_counter()
         self.running.append(r)
         return True
 

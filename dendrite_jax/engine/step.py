@@ -17,6 +17,7 @@ import numpy as np
 from dendrite_jax.cache.kv import AttentionMetadata, KVCache
 from dendrite_jax.config import ModelConfig
 from dendrite_jax.engine import step_output
+from dendrite_jax.engine.logit_bias import LogitBias, apply_logit_bias
 from dendrite_jax.engine.sampling import apply_penalties, sample, top_logprobs
 from dendrite_jax.engine.step_plan import DevicePlan, StepShape, unpack
 from dendrite_jax.grammar.device_automaton import (
@@ -55,19 +56,21 @@ class SlotState:
 
 
 def step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax.Array,
-         token_mask: jax.Array, automata: AutomatonTables | None, *, cfg: ModelConfig,
-         shape: StepShape, attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
+         token_mask: jax.Array, automata: AutomatonTables | None, logit_bias: LogitBias, *,
+         cfg: ModelConfig, shape: StepShape,
+         attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
     """One step (or a burst of `shape.burst` decode steps) over the plan's flat tokens
     (`step_plan`); returns its outputs packed as
     `step_output.output_layout(shape)`, one such buffer per step of a burst, in order.
     `token_mask` [S, ceil(V/32)] holds each row's allowed next tokens (`grammar.mask`);
-    `automata` (None: not in use) constrain the rows the plan gives an automaton state."""
+    `automata` (None: not in use) constrain the rows the plan gives an automaton state;
+    `logit_bias` holds each slot's biases (`engine.logit_bias`)."""
     plan = unpack(plan_buffer, shape)
     if shape.burst > 1:
-        return _burst(params, kv, slots, plan, token_mask, automata, cfg=cfg, shape=shape,
-                      attention_backend=attention_backend)
+        return _burst(params, kv, slots, plan, token_mask, automata, logit_bias, cfg=cfg,
+                      shape=shape, attention_backend=attention_backend)
     out, hidden, kv, slots = _model_and_sample(params, kv, slots, plan, token_mask, automata,
-                                               cfg=cfg, shape=shape,
+                                               logit_bias, cfg=cfg, shape=shape,
                                                attention_backend=attention_backend)
     if shape.prompt_logprobs:
         out.update(zip(("prompt_logprob", "prompt_rank", "prompt_top_logprobs",
@@ -95,8 +98,9 @@ def _prompt_logprobs(params: Params, hidden: jax.Array,
 
 
 def _burst(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan,
-           token_mask: jax.Array, automata: AutomatonTables | None, *, cfg: ModelConfig,
-           shape: StepShape, attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
+           token_mask: jax.Array, automata: AutomatonTables | None, logit_bias: LogitBias, *,
+           cfg: ModelConfig, shape: StepShape,
+           attention_backend: str) -> tuple[jax.Array, KVCache, SlotState]:
     """`shape.burst` decode steps in one executable, each the single step `plan` describes one
     position further on: step j feeds every row the token step j - 1 sampled (from the
     slots' last-token buffer, and its automaton state from the slot's). The same tokens as
@@ -113,7 +117,7 @@ def _burst(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan,
             reset=jnp.where(j == 0, plan.reset, 0),
             automaton_state=jnp.where(j == 0, plan.automaton_state, later_states))
         out, _, kv, slots = _model_and_sample(params, kv, slots, p, token_mask, automata,
-                                              cfg=cfg, shape=single,
+                                              logit_bias, cfg=cfg, shape=single,
                                               attention_backend=attention_backend)
         return kv, slots, outs.at[j].set(step_output.pack(single, out))
 
@@ -140,12 +144,12 @@ def forward_step(params: Params, kv: KVCache, slots: SlotState, plan_buffer: jax
 
 
 def sample_step(logits: jax.Array, slots: SlotState, plan_buffer: jax.Array,
-                token_mask: jax.Array, automata: AutomatonTables | None, *,
-                shape: StepShape) -> tuple[jax.Array, SlotState]:
+                token_mask: jax.Array, automata: AutomatonTables | None,
+                logit_bias: LogitBias, *, shape: StepShape) -> tuple[jax.Array, SlotState]:
     """The sampling half of a split step: the same packed outputs as `step`."""
     assert not shape.prompt_logprobs, "a split step has no prompt logprobs"
     out, slots = _sample(logits, slots, unpack(plan_buffer, shape), token_mask, automata,
-                         shape)
+                         logit_bias, shape)
     return step_output.pack(shape, out), slots
 
 
@@ -166,14 +170,15 @@ def _run_model(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan, 
 
 
 def _model_and_sample(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan,
-                      token_mask: jax.Array, automata: AutomatonTables | None, *,
-                      cfg: ModelConfig, shape: StepShape, attention_backend: str):
+                      token_mask: jax.Array, automata: AutomatonTables | None,
+                      logit_bias: LogitBias, *, cfg: ModelConfig, shape: StepShape,
+                      attention_backend: str):
     """The model over the step's tokens, then each row's next token: (sampled outputs,
     hidden states, kv, slots)."""
     hidden, kv, slots = _run_model(params, kv, slots, plan, cfg=cfg, shape=shape,
                                    attention_backend=attention_backend)
     out, slots = _sample(_last_token_logits(params, hidden, plan, shape), slots, plan,
-                         token_mask, automata, shape)
+                         token_mask, automata, logit_bias, shape)
     return out, hidden, kv, slots
 
 
@@ -188,14 +193,16 @@ def _last_token_logits(params: Params, hidden: jax.Array, plan: DevicePlan,
 
 
 def _sample(logits: jax.Array, slots: SlotState, plan: DevicePlan, token_mask: jax.Array,
-            automata: AutomatonTables | None,
+            automata: AutomatonTables | None, logit_bias: LogitBias,
             shape: StepShape) -> tuple[dict[str, jax.Array], SlotState]:
-    """Penalties, the token mask (and the automata's), sampling and logprobs; the sampled
+    """Logit biases, penalties, the token mask (and the automata's), sampling and logprobs; the sampled
     tokens (and the automaton states they lead to) go to the slots' buffers."""
     with jax.named_scope("sampling"):
         raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
         b = plan.sampling
-        # Branch-free (see `sample`): neutral penalties leave the logits bit-identical.
+        # Branch-free (see `sample`): no biases and neutral penalties leave the logits
+        # bit-identical.
+        logits = apply_logit_bias(logits, logit_bias, plan.slot_ids)
         logits = apply_penalties(logits, slots.prompt_mask[plan.slot_ids],
                                  slots.output_counts[plan.slot_ids], b)
         allowed = allowed_tokens(token_mask, logits.shape[-1])

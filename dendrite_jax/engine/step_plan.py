@@ -116,10 +116,12 @@ def buffer_size(shape: StepShape) -> int:
 
 
 class StepPlan:
-    """Host arrays for one step, shaped by `shape`; one attribute per entry of `FIELDS`."""
+    """Host arrays for one step, shaped by `shape`; one attribute per entry of `FIELDS`, and
+    the device logit-bias table the step reads (`engine.logit_bias`; None: the runner's)."""
 
     def __init__(self, shape: StepShape, arrays: dict[str, np.ndarray]) -> None:
         self.shape = shape
+        self.logit_bias: Any = None
         self.__dict__.update(arrays)
 
     @classmethod

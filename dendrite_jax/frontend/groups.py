@@ -70,6 +70,8 @@ def make_group(engine: Engine, prompt: str | None, prompt_ids: list[int],
                                             ranked=bool(params.best_of)))
     for r in requests[1:]:
         r.donor = requests[0]
+        if r.prompt_logprobs is not None:  # one prompt, scored once: by the donor
+            r.prompt_logprobs = requests[0].prompt_logprobs
     return RequestGroup(params, requests)
 
 

@@ -38,8 +38,15 @@ class LLM:
     `stats().config` reports what was decided. The command lines (`run`, `serve`) take the
     same settings as flags, derived from the dataclass.
 
-    `tokenizer` (a Hugging Face tokenizer directory or a .gguf file) replaces the model's own,
-    or gives a random-weight preset one (for structured output at benchmark sizes).
+    `model` is a preset name, a preset .toml, a .gguf file, a Hugging Face checkpoint directory
+    or a Hugging Face repo id (`Qwen/Qwen3-0.6B`), found in the local Hugging Face cache
+    ($HF_HUB_CACHE, else $HF_HOME/hub) at `revision` (a branch, tag or commit; default main)
+    and downloaded only with `allow_download=True` (never while HF_HUB_OFFLINE is set). A local
+    path that exists wins over a repo id (`model.loader`, `model.hub`).
+
+    `tokenizer` (a Hugging Face tokenizer directory, a .gguf file or a repo id) replaces the
+    model's own, or gives a random-weight preset one (for structured output at benchmark
+    sizes). `chat_template` (a Jinja file or the template text) replaces its chat template.
 
     `kv_compression` ("none", "turboquant-4", "polarquant-4", "qjl-256", ...; see
     `kernels_pallas.codecs.kv.make_kv_compression`) keeps the KV cache as codes: more pages fit
@@ -105,8 +112,9 @@ class LLM:
     """
 
     def __init__(self, model: str = "smollm2-135m", dtype: str = "float32", *,
-                 tokenizer: str | None = None, devices: Sequence[jax.Device] | None = None,
-                 **settings) -> None:
+                 tokenizer: str | None = None, revision: str | None = None,
+                 allow_download: bool = False, chat_template: str | None = None,
+                 devices: Sequence[jax.Device] | None = None, **settings) -> None:
         unknown = sorted(set(settings) - SETTINGS)
         if unknown:
             raise TypeError(f"LLM got unknown settings {unknown}; the engine's settings are "
@@ -116,7 +124,8 @@ class LLM:
         chosen = EngineConfig(dtype=dtype, **settings)
         if chosen.compilation_cache:
             enable_compilation_cache()
-        loaded = load_model(model, dtype, tokenizer)
+        loaded = load_model(model, dtype, tokenizer, revision=revision,
+                            allow_download=allow_download, chat_template=chat_template)
         platform = (devices[0] if devices else jax.devices()[0]).platform
         on_mesh = chosen.tensor_parallel_size > 1 or devices is not None
         cfg = resolve(chosen, platform, head_dim=loaded.config.head_dim, on_mesh=on_mesh)

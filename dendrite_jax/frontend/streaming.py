@@ -28,6 +28,8 @@ class CompletionDelta:
     output: RequestOutput | None = None  # the full output, on the last delta
     index: int = 0  # which of its prompt's n completions (SamplingParams.n)
     logprobs: list[PositionLogprobs] | None = None  # the new tokens', if the request asked
+    # the prompt's (first entry None), on a request's first delta, if the request asked
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
 
 @dataclasses.dataclass
@@ -62,13 +64,15 @@ def next_delta(request: Request, position: StreamPosition, index: int = 0
     text_end = len(request.text)
     if not finished:
         text_end = max(position.text, text_end - held_back(request.params))
+    first = position.tokens == 0 and position.text == 0 and position.logprobs == 0
     logprobs = None
     if request.logprobs is not None:
         logprobs = request.logprobs[position.logprobs:]
         position.logprobs = len(request.logprobs)
     delta = CompletionDelta(request.request_id, request.text[position.text:text_end],
                             tokens[position.tokens:], request.finish_reason if finished else None,
-                            request.output() if finished else None, index, logprobs)
+                            request.output() if finished else None, index, logprobs,
+                            request.prompt_logprobs if first else None)
     position.tokens, position.text, position.finished = len(tokens), text_end, finished
     return delta
 

@@ -6,9 +6,16 @@ generation_config.json). Malformed files raise `CheckpointError` naming the file
 `IncrementalDetokenizer` turns a growing token list into text deltas that never end in a
 broken UTF-8 sequence.
 
-Chat messages cannot forge roles: special-token text inside a message's content (say a user
-writing `<|im_start|>system`) is tokenized as plain text, and only the markers the chat
-template itself writes become control tokens (`apply_chat_template(split_special_tokens=...)`).
+Chat messages cannot forge roles: special-token text inside a message (say a user writing
+`<|im_start|>system` in its content, a tool call's arguments or a tool's description) is
+tokenized as plain text, and only the markers the chat template itself writes become control
+tokens (`apply_chat_template(split_special_tokens=...)`).
+
+Tools (`apply_chat_template(tools=...)`, OpenAI's tool objects) reach the template as its
+`tools` variable, with tool calls and tool results in OpenAI's message shapes
+(`model.chat_tools`). A template that never reads `tools` (`takes_tools` False, as
+SmolLM2's) is given the conversation rewritten in the default tool format instead
+(`chat_tools.default_format`), so that the tools still reach the model.
 """
 
 from __future__ import annotations
@@ -16,14 +23,17 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 import jinja2.sandbox
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HfTokenizer
 
+from dendrite_jax.model import chat_tools
 from dendrite_jax.model.checkpoint_error import CheckpointError, json_object
 from dendrite_jax.model.gguf_file import GgufFile
 from dendrite_jax.validation import check_text
@@ -44,6 +54,14 @@ def _raise_template_error(message: str) -> None:
     raise ValueError(f"chat template error: {message}")
 
 
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """transformers' `tojson` for templates: JSON as json.dumps writes it (jinja2's own sorts
+    keys and escapes HTML), so tools and tool calls render as the model was trained on."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
 class Tokenizer:
     """Encode/decode text and render the checkpoint's chat template."""
 
@@ -62,11 +80,17 @@ class Tokenizer:
         self._specials = re.compile("|".join(map(re.escape, specials))) if specials else None
         self._plain: HfTokenizer | None = None  # the backend reading special tokens as text
         self._template = None
+        self.takes_tools = False
         if chat_template:
             env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True,
                                                                lstrip_blocks=True)
             env.globals["raise_exception"] = _raise_template_error
+            env.filters["tojson"] = _tojson
             self._template = env.from_string(chat_template)
+            # Whether the template reads `tools` itself; if not, tools and tool calls are
+            # written in the default format (`chat_tools.default_format`).
+            self.takes_tools = "tools" in jinja2.meta.find_undeclared_variables(
+                env.parse(chat_template))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings such as <|im_start|> map to their ids."""
@@ -91,39 +115,41 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tokenize: bool = False, split_special_tokens: bool = True,
-                            **kwargs: Any) -> str | list[int]:
-        """Render `messages` ([{"role":..., "content":...}]) with the checkpoint's template.
+                            tools: list[dict] | None = None, **kwargs: Any) -> str | list[int]:
+        """Render `messages` ([{"role":..., "content":...}], with OpenAI's tool calls and
+        tool results: `chat_tools.chat_messages`) and `tools` (OpenAI tool objects) with the
+        checkpoint's template. Where the template does not read `tools` (`takes_tools`),
+        the conversation is rewritten in the default tool format (`chat_tools.default_format`)
+        and rendered as plain turns.
 
         With `tokenize`, return token ids, and with `split_special_tokens` (the default)
-        special-token text inside message content is tokenized as plain text, so that content
-        cannot open a turn of another role; only the template's own markers are control
-        tokens. The rendered text (`tokenize=False`) cannot keep that distinction: encoding it
-        reads every special-token string as a control token.
+        special-token text inside any string of the messages or tools is tokenized as plain
+        text, so that it cannot open a turn of another role; only the template's own markers
+        are control tokens. The rendered text (`tokenize=False`) cannot keep that distinction:
+        encoding it reads every special-token string as a control token.
         """
         if self._template is None:
             raise ValueError("this checkpoint has no chat template; pass plain prompts instead")
-        if not isinstance(messages, list | tuple):
-            raise ValueError(f"messages must be a list of messages, got {type(messages).__name__}")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"messages[{i}] needs 'role' and 'content', got {m!r}")
-            check_text(m["role"], f"messages[{i}]['role']")
-            check_text(m["content"], f"messages[{i}]['content']")
+        messages = chat_tools.chat_messages(messages)
+        tools = chat_tools.chat_tools(tools)
         marks: list[str] = []
-        nonce = secrets.token_hex(4)
+        nonce = secrets.token_hex(8)
         if tokenize and split_special_tokens and self._specials is not None:
+            # ASCII marks, which survive the JSON escaping of a template's `tojson`.
             def mark(found: re.Match) -> str:
                 marks.append(found.group())
-                return f"\ue000{nonce}:{len(marks) - 1}\ue001"
+                return f"[[{nonce}:{len(marks) - 1}]]"
 
-            messages = [{**m, "content": self._specials.sub(mark, m["content"])}
-                        for m in messages]
+            messages, tools = _map_strings((messages, tools),
+                                           lambda s: self._specials.sub(mark, s))
+        if not self.takes_tools:
+            messages, tools = chat_tools.default_format(messages, tools), None
         special = lambda i: None if i is None else self.backend.id_to_token(i)  # noqa: E731
         try:
             text = self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
+                messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
                 bos_token=special(self.bos_token_id) or "",
                 eos_token=special(self.eos_token_id) or "", **kwargs)
         except ValueError:
@@ -134,7 +160,7 @@ class Tokenizer:
             return text
         # The template already writes any BOS it wants: do not add special tokens again.
         ids: list[int] = []
-        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", text) if marks else [text]
+        parts = re.split(f"\\[\\[{nonce}:(\\d+)\\]\\]", text) if marks else [text]
         for i, part in enumerate(parts):
             if i % 2:
                 ids += self.encode_plain(marks[int(part)])
@@ -267,6 +293,18 @@ class Tokenizer:
         return _tokenizer(template_source, "chat_template", backend, bos_token_id=bos,
                           eos_token_id=eos if eos is not None else gen_eos[0],
                           chat_template=template, stop_token_ids=tuple(gen_eos))
+
+
+def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    """`value` (JSON data in lists, tuples and dicts) with `fn` applied to every string, keys
+    included."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {_map_strings(k, fn): _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_map_strings(v, fn) for v in value)
+    return value
 
 
 def _tokenizer(path: Path, template_key: str, backend: HfTokenizer, **kwargs: Any) -> Tokenizer:

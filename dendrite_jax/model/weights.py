@@ -261,39 +261,42 @@ def hf_model_config(directory: Path) -> ModelConfig:
         raise CheckpointError(path, f"inconsistent model config: {e}") from None
 
 
-def _inside(directory: Path, file: Path, source: Path) -> Path:
-    """`file` if it resolves inside `directory` (symbolic links followed), else CheckpointError
+def _inside(within: Path, file: Path, source: Path) -> Path:
+    """`file` if it resolves inside `within` (symbolic links followed), else CheckpointError
     naming `source`, the file that pointed at it."""
     resolved = file.resolve()
-    if not resolved.is_relative_to(directory.resolve()):
+    if not resolved.is_relative_to(within.resolve()):
         raise CheckpointError(source, f"points outside the checkpoint directory: {file}")
     return file
 
 
-def _hf_weight_files(directory: Path) -> list[Path]:
+def _hf_weight_files(directory: Path, within: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(
                 isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(index, "must map tensor names to file names", "weight_map")
-        files = sorted({_inside(directory, directory / f, index) for f in weight_map.values()})
+        files = sorted({_inside(within, directory / f, index) for f in weight_map.values()})
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f, f"listed in {index.name} but missing")
         return files
-    files = sorted(_inside(directory, f, f) for f in directory.glob("*.safetensors"))
+    files = sorted(_inside(within, f, f) for f in directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(directory, "no *.safetensors weights (pickled .bin checkpoints "
                               "are not loaded, by design)")
     return files
 
 
-def load_hf(directory: Path, dtype: str) -> tuple[ModelConfig, Params]:
-    """Load a Llama/Mistral/Qwen2/Qwen3 checkpoint directory (config.json + safetensors)."""
+def load_hf(directory: Path, dtype: str, within: Path | None = None
+            ) -> tuple[ModelConfig, Params]:
+    """Load a Llama/Mistral/Qwen2/Qwen3 checkpoint directory (config.json + safetensors).
+    Weight files must resolve inside `within` (default: the directory itself; a Hugging Face
+    cache snapshot's files link to blobs in its repo's folder)."""
     cfg = hf_model_config(directory)
     tensors: dict[str, tuple[np.ndarray, Path]] = {}
-    for f in _hf_weight_files(directory):
+    for f in _hf_weight_files(directory, within or directory):
         for name, array in read_safetensors(f).items():
             if name in tensors:
                 raise CheckpointError(f, f"tensor also in {tensors[name][1].name}", name)

@@ -1,21 +1,24 @@
 """`python -m dendrite_jax.serve --model=smollm2-135m [--host] [--port] [--api_key]`: an
-OpenAI-compatible HTTP server (uvicorn) over one LLM. The API key may come from the environment
+OpenAI-compatible HTTP server (uvicorn) over one LLM (`dendrite serve MODEL` is the same with
+vLLM's flag spellings: `dendrite_jax.cli`). The API key may come from the environment
 (`DENDRITE_API_KEY`), which keeps it out of the process list."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 
-from dendrite_jax.engine_flags import define_engine_flags, engine_settings
+from dendrite_jax.engine_flags import define_engine_flags, engine_settings, load_options
 from dendrite_jax.serve.app import DEFAULT_TEMPLATE_TIMEOUT_S
 from dendrite_jax.serve.guard import DEFAULT_MAX_BODY_BYTES, default_allowed_hosts
 
 API_KEY_ENV = "DENDRITE_API_KEY"
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "smollm2-135m", "Model preset, GGUF file or Hugging Face dir.")
+flags.DEFINE_string("model", "smollm2-135m", "Preset name, preset .toml, .gguf file, Hugging "
+                    "Face checkpoint directory or Hugging Face repo id (org/name).")
 flags.DEFINE_string("served_model_name", None, "The name clients pass as 'model' "
                     "(default: the model's name).")
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
@@ -46,7 +49,10 @@ def main(argv: list[str]) -> None:
     from dendrite_jax import LLM
     from dendrite_jax.serve.app import create_app
 
-    llm = LLM(model=FLAGS.model, **engine_settings())
+    try:
+        llm = LLM(model=FLAGS.model, **load_options(), **engine_settings())
+    except ValueError as e:  # a model that cannot be found or read, a bad setting
+        sys.exit(f"error: {e}")
     api_key = FLAGS.api_key or os.environ.get(API_KEY_ENV) or None
     allowed_hosts = FLAGS.allowed_hosts or default_allowed_hosts(FLAGS.host)
     application = create_app(llm, model_name=FLAGS.served_model_name,

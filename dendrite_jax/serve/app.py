@@ -1,13 +1,14 @@
 """The HTTP application (Starlette): OpenAI-compatible routes over an `AsyncEngine`.
 
 Routes: POST /v1/completions and /v1/chat/completions (streamed as server-sent events with
-`"stream": true`), GET /v1/models, /health and /metrics. A client that disconnects aborts its
-request, which frees its pages; a full queue answers 503; bad requests get a 4xx with
-OpenAI's error body naming the problem, and so does a request that fails on its own (a
-constraint that breaks mid-generation, a chat template that fails). `Guard` refuses bad hosts,
-keys, content types and oversized bodies first. The event loop only moves bytes: decoding
-JSON, tokenising and rendering chat templates run on a small thread pool, a template's render
-has a time limit, and grammars compile on the engine thread.
+`"stream": true`; `n` choices, logprobs, echo: `protocol` parses, `responses` shapes), POST
+/tokenize and /detokenize (vLLM's), GET /v1/models, /version, /health and /metrics. A client
+that disconnects aborts its request, which frees its pages; a full queue answers 503; bad
+requests get a 4xx with OpenAI's error body naming the problem, and so does a request that fails
+on its own (a constraint that breaks mid-generation, a chat template that fails). `Guard`
+refuses bad hosts, keys, content types and oversized bodies first. The event loop only moves
+bytes: decoding JSON, tokenising and rendering chat templates run on a small thread pool, a
+template's render has a time limit, and grammars compile on the engine thread.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import functools
+import importlib.metadata
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,16 +34,28 @@ from starlette.routing import Route
 from dendrite_jax.frontend.llm import LLM
 from dendrite_jax.frontend.streaming import CompletionDelta
 from dendrite_jax.model.tokenizer import Tokenizer
-from dendrite_jax.serve import protocol
+from dendrite_jax.serve import protocol, tokenization
 from dendrite_jax.serve.async_engine import AsyncEngine, QueueFull
 from dendrite_jax.serve.guard import DEFAULT_MAX_BODY_BYTES, Guard
 from dendrite_jax.serve.metrics import registry_for, render
 from dendrite_jax.serve.protocol import ApiError, Parsed
+from dendrite_jax.serve.responses import (
+    ChatShapes,
+    ChoiceState,
+    CompletionShapes,
+    Piece,
+    assistant_message,
+    new_id,
+    tool_chunks,
+)
+from dendrite_jax.serve.tool_parsers import parser_for_template
 
 DISCONNECT_POLL_S = 0.1
 DEFAULT_TEMPLATE_TIMEOUT_S = 5.0
 PARSE_THREADS = 4  # decode, tokenise and render requests off the event loop
 RENDER_THREADS = 2  # chat templates; a render past its time limit keeps its thread until done
+
+VERSION = importlib.metadata.version("dendrite-jax")
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +79,12 @@ def _failed(final: CompletionDelta, parsed: Parsed) -> ApiError:
 
 
 def _timed_render(pool: concurrent.futures.Executor, timeout_s: float,
-                  tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+                  tokenizer: Tokenizer, messages: list[dict],
+                  tools: list[dict] | None = None) -> list[int]:
     """`protocol.render_chat` on `pool`, waited for at most `timeout_s` (from a parse thread,
     never the event loop). A render past it is answered 422 and its thread runs on until the
     render ends: a sandboxed template's loops are bounded by the (size-limited) body."""
-    future = pool.submit(protocol.render_chat, tokenizer, messages)
+    future = pool.submit(protocol.render_chat, tokenizer, messages, tools)
     try:
         return future.result(timeout=timeout_s)
     except concurrent.futures.TimeoutError as e:
@@ -83,19 +98,17 @@ def _sse(payload: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def _collect(deltas: AsyncIterator[CompletionDelta], request: Request
-                   ) -> CompletionDelta | None:
-    """The final delta (text accumulated), or None if the client went away first (one
-    completion: the routes take n = 1)."""
-    text, tokens = [], []
-
-    async def run() -> CompletionDelta:
+async def _collect(deltas: AsyncIterator[CompletionDelta], request: Request,
+                   completions: int) -> list[CompletionDelta] | None:
+    """Each completion's last delta, by index, or None if the client went away first."""
+    async def run() -> list[CompletionDelta]:
+        finals: dict[int, CompletionDelta] = {}
         async for d in deltas:
-            text.append(d.text)
-            tokens.extend(d.token_ids)
             if d.finish_reason is not None:
-                return dataclasses.replace(d, text="".join(text), token_ids=tokens)
-        raise RuntimeError("the engine ended the request without a final delta")
+                finals[d.index] = d
+        if len(finals) != completions:
+            raise RuntimeError("the engine ended a request without its final delta")
+        return [finals[i] for i in range(completions)]
 
     task = asyncio.ensure_future(run())
     while not task.done():
@@ -108,6 +121,23 @@ async def _collect(deltas: AsyncIterator[CompletionDelta], request: Request
     return task.result()
 
 
+def _prompt_piece(parsed: Parsed, tokenizer: Tokenizer,
+                  prompt_logprobs: list | None) -> Piece:
+    """The prompt as an echoed completion shows it before its generated text."""
+    text = parsed.prompt if parsed.prompt is not None else tokenizer.decode(
+        parsed.prompt_ids, skip_special_tokens=False)
+    logprobs = None if parsed.logprobs is None else list(prompt_logprobs or [None])
+    return Piece(text, list(parsed.prompt_ids), logprobs)
+
+
+def _shown(parsed: Parsed, generated: Piece) -> Piece:
+    """What a completion shows of its generated piece: nothing where echo with max_tokens 0
+    generated one token only to score the prompt."""
+    if parsed.echo_only:
+        return Piece("", [], None if parsed.logprobs is None else [])
+    return generated
+
+
 def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 256,
                api_key: str | None = None, allowed_hosts: Iterable[str] = ("*",),
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -118,19 +148,26 @@ def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 25
     `template_timeout_s`: a chat template rendering longer gets 422."""
     engine = AsyncEngine(llm, max_pending=max_pending)
     name = model_name or llm.config.name
-    registry = registry_for(engine)
+    registry = registry_for(engine, name)
     max_model_len = llm.engine.max_model_len
     created = int(time.time())
     tokenizer = llm.tokenizer
+
+    @functools.lru_cache(maxsize=65536)
+    def decode_token(token_id: int) -> str:
+        return tokenizer.decode([token_id], skip_special_tokens=False)
+
     max_prompt_chars = protocol.prompt_char_limit(tokenizer, max_model_len)
     parse_pool = concurrent.futures.ThreadPoolExecutor(PARSE_THREADS, "dendrite-parse")
     render_pool = concurrent.futures.ThreadPoolExecutor(RENDER_THREADS, "dendrite-render")
     render_chat = functools.partial(_timed_render, render_pool, template_timeout_s)
+    tool_parser = parser_for_template(tokenizer.chat_template)
 
     def parse_request(parse: Callable, raw: bytes) -> Parsed:
         """On a parse thread: the request's bytes to a `Parsed` request."""
         body = protocol.decode_body(raw)
-        kwargs = {"render": render_chat} if parse is protocol.parse_chat else {}
+        kwargs = ({"render": render_chat, "tool_parser": tool_parser}
+                  if parse is protocol.parse_chat else {})
         return parse(body, tokenizer, name, max_model_len, max_prompt_chars, **kwargs)
 
     async def admit(parsed: Parsed):
@@ -143,8 +180,7 @@ def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 25
         except RuntimeError as e:  # the engine has stopped (/health says why)
             raise ApiError(503, str(e), kind="server_error", code="engine_stopped") from e
 
-    def endpoint(parse: Callable, full_body: Callable, chunk: Callable, prefix: str,
-                 chat: bool):
+    def endpoint(parse: Callable, shapes_for: Callable, prefix: str, chat: bool):
         async def handle(request: Request) -> Response:
             try:
                 raw = await request.body()  # at most max_body_bytes (Guard)
@@ -157,33 +193,67 @@ def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 25
                 log.exception("request failed")
                 return _error(ApiError(500, f"internal error: {type(e).__name__}",
                                        kind="server_error"))
-            rid = protocol.new_id(prefix)
+            rid = new_id(prefix)
+            shapes = shapes_for(parsed.model, parsed.logprobs, decode_token)
+            n = parsed.params.n
             if not parsed.stream:
-                final = await _collect(deltas, request)
-                if final is None:
+                finals = await _collect(deltas, request, n)
+                if finals is None:
                     engine.abort(request_id)
                     return Response(status_code=499)
-                if final.finish_reason == "error":
-                    return _error(_failed(final, parsed))
-                return JSONResponse(full_body(rid, parsed.model, final.text,
-                                              final.finish_reason, len(parsed.prompt_ids),
-                                              len(final.token_ids)))
+                failed = next((d for d in finals if d.finish_reason == "error"), None)
+                if failed is not None:
+                    return _error(_failed(failed, parsed))
+                choices, generated = [], 0
+                for i, d in enumerate(finals):
+                    out = d.output
+                    piece = _shown(parsed, Piece(out.text, out.token_ids, out.logprobs))
+                    if parsed.echo:
+                        piece = _prompt_piece(parsed, tokenizer, out.prompt_logprobs) + piece
+                    generated += 0 if parsed.echo_only else len(out.token_ids)
+                    if parsed.tools.parser is None:
+                        choices.append(shapes.choice(i, piece, d.finish_reason, ChoiceState()))
+                        continue
+                    calls = parsed.tools.parse(out.text)
+                    choices.append(shapes.choice(
+                        i, piece, parsed.tools.finish_reason(d.finish_reason, calls),
+                        ChoiceState(), message=assistant_message(calls)))
+                return JSONResponse(shapes.body(rid, choices, len(parsed.prompt_ids), generated))
 
             async def events() -> AsyncIterator[bytes]:
                 finished = False
+                states = [ChoiceState() for _ in range(n)]
+                calls = ([parsed.tools.stream() for _ in range(n)]
+                         if parsed.tools.parser is not None else None)
                 try:
                     if chat:
-                        yield _sse(chunk(rid, parsed.model, {"role": "assistant",
-                                                             "content": ""}, None))
+                        for i in range(n):
+                            yield _sse(shapes.role_chunk(rid, i))
                     async for d in deltas:
                         if d.finish_reason == "error":
                             yield _sse(_failed(d, parsed).body())
                             finished = True
                             break
-                        content = {"content": d.text} if chat else d.text
-                        if d.text or d.finish_reason is not None:
-                            yield _sse(chunk(rid, parsed.model, content, d.finish_reason))
-                        finished = d.finish_reason is not None
+                        state = states[d.index]
+                        piece = _shown(parsed, Piece(d.text, d.token_ids, d.logprobs))
+                        if parsed.echo and not state.started:
+                            piece = _prompt_piece(parsed, tokenizer, d.prompt_logprobs) + piece
+                        state.started = True
+                        state.tokens += len(d.token_ids)
+                        if calls is not None:
+                            for chunk in tool_chunks(shapes, rid, d, piece, state,
+                                                     calls[d.index], parsed.tools):
+                                yield _sse(chunk)
+                        elif (piece.text or d.finish_reason is not None
+                                or (piece.token_ids and parsed.logprobs is not None)):
+                            yield _sse(shapes.chunk(rid, [shapes.chunk_choice(
+                                d.index, piece, d.finish_reason, state)]))
+                    else:
+                        finished = True
+                        if parsed.include_usage:
+                            generated = 0 if parsed.echo_only else sum(s.tokens for s in states)
+                            yield _sse(shapes.usage_chunk(rid, len(parsed.prompt_ids),
+                                                          generated))
                     yield _sse("[DONE]")
                 finally:
                     if not finished:  # the client went away: free the request's pages
@@ -193,10 +263,35 @@ def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 25
 
         return handle
 
+    def utility(answer: Callable[[Any], dict]):
+        """A POST route answering JSON computed off the event loop (tokenising)."""
+        async def handle(request: Request) -> Response:
+            try:
+                raw = await request.body()
+                return JSONResponse(await asyncio.get_running_loop().run_in_executor(
+                    parse_pool, lambda: answer(protocol.decode_body(raw))))
+            except ApiError as e:
+                return _error(e)
+            except Exception as e:  # noqa: BLE001 - a server fault, answered in OpenAI's shape
+                log.exception("request failed")
+                return _error(ApiError(500, f"internal error: {type(e).__name__}",
+                                       kind="server_error"))
+
+        return handle
+
+    vocab_size = llm.config.vocab_size
+    tokenize = utility(lambda body: tokenization.tokenize(
+        body, tokenizer, name, max_model_len, max_prompt_chars, render_chat))
+    detokenize = utility(lambda body: tokenization.detokenize(body, tokenizer, name,
+                                                              vocab_size))
+
+    async def version(request: Request) -> Response:
+        return JSONResponse({"version": VERSION})
+
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "dendrite-jax",
-             "max_model_len": max_model_len}]})
+             "root": llm.config.name, "parent": None, "max_model_len": max_model_len}]})
 
     async def health(request: Request) -> Response:
         if engine.alive:
@@ -214,13 +309,14 @@ def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 25
         render_pool.shutdown(wait=False, cancel_futures=True)
 
     app = Starlette(routes=[
-        Route("/v1/completions", endpoint(protocol.parse_completion, protocol.completion_body,
-                                          protocol.completion_chunk, "cmpl", False),
-              methods=["POST"]),
-        Route("/v1/chat/completions", endpoint(protocol.parse_chat, protocol.chat_body,
-                                               protocol.chat_chunk, "chatcmpl", True),
-              methods=["POST"]),
-        Route("/v1/models", models), Route("/health", health), Route("/metrics", metrics),
+        Route("/v1/completions", endpoint(protocol.parse_completion, CompletionShapes, "cmpl",
+                                          False), methods=["POST"]),
+        Route("/v1/chat/completions", endpoint(protocol.parse_chat, ChatShapes, "chatcmpl",
+                                               True), methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/v1/models", models), Route("/version", version), Route("/health", health),
+        Route("/metrics", metrics),
     ], lifespan=lifespan, exception_handlers={HTTPException: _http_error}, middleware=[Middleware(
         Guard, api_key=api_key, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)])
     app.state.engine = engine

@@ -28,10 +28,14 @@ from dendrite_jax.engine.sampling_params import SamplingParams
 from dendrite_jax.frontend.groups import make_group
 from dendrite_jax.frontend.llm import LLM
 from dendrite_jax.frontend.streaming import CompletionDelta, GroupStream
-
-STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                float("inf"))
-
+from dendrite_jax.serve.metrics import (
+    ITL_BUCKETS,
+    REQUEST_LATENCY_BUCKETS,
+    STEP_BUCKETS,
+    TTFT_BUCKETS,
+    Histogram,
+    token_buckets,
+)
 
 STATS_PERIOD_S = 0.25
 
@@ -47,27 +51,94 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     deltas: GroupStream | None = None  # its request group's
-    tokens_counted: int = 0  # its requests' generated tokens already in the counters
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)  # when submitted
+    # Per request id: (its generated tokens already in the counters, when the last was made),
+    # _FINISHED once the request itself is counted.
+    counted: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)
+
+
+_FINISHED = (-1, 0.0)
+
+
+def _histogram(buckets) -> dataclasses.Field:
+    return dataclasses.field(default_factory=lambda: Histogram(buckets))
 
 
 @dataclasses.dataclass
 class ServerCounters:
-    """Totals since start, updated on the engine thread (read as a snapshot)."""
+    """Totals since start, updated on the engine thread (read as a snapshot; exported by
+    `serve.metrics`). Per engine request, as vLLM counts: each n/best_of sibling counts.
+    Latencies are `time.perf_counter` differences: TTFT and end-to-end from submission, the
+    queue time from the engine's admission (`Request.arrival`) to its first scheduling."""
 
+    max_model_len: int  # the token-count histograms' range
+    stats: EngineStats  # the engine's: at most STATS_PERIOD_S old while busy
+    # finished requests by finish reason (and submissions refused at admission: "rejected")
     requests: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     prompt_tokens: int = 0
     generation_tokens: int = 0
-    step_seconds_sum: float = 0.0
-    # cumulative counts of steps at most each of STEP_BUCKETS seconds long (Prometheus style)
-    step_buckets: list[int] = dataclasses.field(default_factory=lambda: [0] * len(STEP_BUCKETS))
-    stats: EngineStats | None = None  # the engine's: at most STATS_PERIOD_S old while busy
+    step: Histogram = _histogram(STEP_BUCKETS)
+    ttft: Histogram = _histogram(TTFT_BUCKETS)
+    itl: Histogram = _histogram(ITL_BUCKETS)  # one observation per token after the first
+    # One observation per finished request: end-to-end and queue time each (one never
+    # scheduled: its wait until it ended); prefill (first scheduling to first token), decode
+    # (first to last token) and inference (both) each request that made a token.
+    e2e: Histogram = _histogram(REQUEST_LATENCY_BUCKETS)
+    queue: Histogram = _histogram(REQUEST_LATENCY_BUCKETS)
+    prefill: Histogram = _histogram(REQUEST_LATENCY_BUCKETS)
+    decode: Histogram = _histogram(REQUEST_LATENCY_BUCKETS)
+    inference: Histogram = _histogram(REQUEST_LATENCY_BUCKETS)
+    request_prompt_tokens: Histogram = dataclasses.field(init=False)
+    request_generation_tokens: Histogram = dataclasses.field(init=False)
+    max_generation_tokens: Histogram = dataclasses.field(init=False)  # per request group
+
+    def __post_init__(self) -> None:
+        buckets = token_buckets(self.max_model_len)
+        self.request_prompt_tokens = Histogram(buckets)
+        self.request_generation_tokens = Histogram(buckets)
+        self.max_generation_tokens = Histogram(buckets)
+
+    def count_tokens(self, request: Request, arrival: float, counted: int,
+                     last_counted: float) -> int:
+        """Count `request`'s tokens generated since the first `counted` (the last of which was
+        made at `last_counted`; `arrival`: its submission) and their latencies; returns its
+        generated tokens. Tokens a step delivers together (a burst, forced tokens) share the
+        gap since the previous delivery evenly, one inter-token observation each: the
+        histogram then counts every token after a request's first, as vLLM's does when a
+        step makes one token, and sums to the request's decode time."""
+        generated = len(request.output_ids) - request.num_pending
+        new = generated - counted
+        if new <= 0:
+            return generated
+        self.generation_tokens += new
+        if counted == 0:
+            self.ttft.observe(request.first_token_time - arrival)
+            last_counted, new = request.first_token_time, new - 1
+        if new:
+            self.itl.observe((request.last_token_time - last_counted) / new, new)
+        return generated
+
+    def count_finished(self, request: Request, arrival: float, generated: int) -> None:
+        """Count finished `request` (submitted at `arrival`, `generated` tokens made)."""
+        now = time.perf_counter()
+        self.requests[request.finish_reason] += 1
+        self.e2e.observe(now - arrival)
+        scheduled = request.first_scheduled_time
+        self.queue.observe((now if scheduled is None else scheduled) - request.arrival)
+        self.request_prompt_tokens.observe(len(request.prompt_ids))
+        self.request_generation_tokens.observe(generated)
+        first, last = request.first_token_time, request.last_token_time
+        if first is not None and scheduled is not None:
+            self.prefill.observe(first - scheduled)
+            self.decode.observe(last - first)
+            self.inference.observe(last - scheduled)
 
 
 class AsyncEngine:
     def __init__(self, llm: LLM, max_pending: int = 256) -> None:
         self.llm = llm
         self.max_pending = max_pending
-        self.counters = ServerCounters(stats=llm.stats())
+        self.counters = ServerCounters(llm.engine.max_model_len, llm.stats())
         self._cv = threading.Condition()
         self._inbox: collections.deque = collections.deque()
         self._streams: dict[str, _Stream] = {}
@@ -209,7 +280,7 @@ class AsyncEngine:
         with self._cv:
             self._submitting -= params.num_sequences
             self._streams.update((r.request_id, stream) for r in group.requests)
-        self.counters.prompt_tokens += len(prompt_ids)
+        self.counters.prompt_tokens += len(prompt_ids) * len(group.requests)
         stream.loop.call_soon_threadsafe(self._settle, verdict, group.request_id, None)
 
     def _reject(self, stream: _Stream, verdict, count: int, error: ValueError) -> None:
@@ -231,10 +302,29 @@ class AsyncEngine:
         stream = self._streams.get(request.request_id)
         if stream is None:
             return
-        generated = stream.deltas.group.num_generated
-        self.counters.generation_tokens += generated - stream.tokens_counted
-        stream.tokens_counted = generated
-        self._queue(stream, stream.deltas.advance(request))
+        self._count(stream, request)
+        deltas = stream.deltas.advance(request)
+        if stream.deltas.finished:  # its requests leave `_streams`: siblings' last changes too
+            for sibling in stream.deltas.group.requests:
+                self._count(stream, sibling)
+        self._queue(stream, deltas)
+
+    def _count(self, stream: _Stream, request: Request) -> None:
+        """The counters' share of `request`'s change: its new tokens, and once it has
+        finished, the request itself (once); its group's largest output once all have."""
+        entry = stream.counted.get(request.request_id, (0, 0.0))
+        if entry == _FINISHED:
+            return
+        c = self.counters
+        generated = c.count_tokens(request, stream.arrival, *entry)
+        if not request.finished:
+            stream.counted[request.request_id] = (generated, request.last_token_time or 0.0)
+            return
+        c.count_finished(request, stream.arrival, generated)
+        stream.counted[request.request_id] = _FINISHED
+        group = stream.deltas.group.requests
+        if all(stream.counted.get(r.request_id) == _FINISHED for r in group):
+            c.max_generation_tokens.observe(max(len(r.resolved_output_ids) for r in group))
 
     def _queue(self, stream: _Stream, deltas: list[CompletionDelta]) -> None:
         """Hand deltas to the stream's coroutine; once its group's last delta is among them,
@@ -244,15 +334,11 @@ class AsyncEngine:
                 for request in stream.deltas.group.requests:
                     self._streams.pop(request.request_id, None)
         for delta in deltas:
-            if delta.finish_reason is not None:
-                self.counters.requests[delta.finish_reason] += 1
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)
 
     def _record_step(self, seconds: float) -> None:
         c = self.counters
-        c.step_seconds_sum += seconds
-        for i, bound in enumerate(STEP_BUCKETS):
-            c.step_buckets[i] += seconds <= bound
+        c.step.observe(seconds)
         # The engine's stats walk the page pool: refreshed a few times a second, not per step.
         now = time.monotonic()
         if now - self._stats_time >= STATS_PERIOD_S:

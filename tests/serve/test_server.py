@@ -136,7 +136,10 @@ def test_disconnect_aborts_and_frees_pages(server):
     ({"model": "smollm2-135m"}, 400, "'prompt' must be"),
     ({"model": "smollm2-135m", "prompt": "hi", "temperature": -1}, 400, "temperature"),
     ({"model": "smollm2-135m", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": "smollm2-135m", "prompt": "hi", "n": 2}, 400, "'n'"),
+    ({"model": "smollm2-135m", "prompt": "hi", "n": 0}, 400, "n must be"),
+    ({"model": "smollm2-135m", "prompt": "hi", "logprobs": 21}, 400, "'logprobs'"),
+    ({"model": "smollm2-135m", "prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ({"model": "smollm2-135m", "prompt": "hi", "suffix": "!"}, 400, "'suffix'"),
     ({"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
     ({"model": "smollm2-135m", "prompt": "hi " * 2000}, 400, "context"),
     ({"model": "smollm2-135m", "prompt": "hi", "regex": "("}, 400, "regex"),
@@ -187,17 +190,17 @@ def test_full_queue_answers_503(server):
 
 
 def test_metrics_parse(server):
+    """The vLLM-named series parse (their values against a load: tests/serve/test_metrics.py)."""
     server["client"].completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=4)
     text = httpx.get(server["base"] + "/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in ("dendrite_requests", "dendrite_generation_tokens", "dendrite_prompt_tokens",
-                 "dendrite_requests_waiting", "dendrite_kv_usage_ratio",
-                 "dendrite_prefix_cache_hit_rate", "dendrite_step_seconds"):
+    for name in ("vllm:request_success", "vllm:generation_tokens", "vllm:prompt_tokens",
+                 "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prefix_cache_hits", "dendrite_step_seconds"):
         assert name in families, name
-    done = {s.labels.get("outcome"): s.value for s in families["dendrite_requests"].samples
-            if s.name == "dendrite_requests_total"}
-    assert done.get("length", 0) >= 1
+    done = {s.labels["finished_reason"]: s.value for s in families["vllm:request_success"].samples}
+    assert done["length"] >= 1
     steps = [s for s in families["dendrite_step_seconds"].samples
              if s.name == "dendrite_step_seconds_count"]
     assert steps and steps[0].value > 0
-    assert 0 <= families["dendrite_kv_usage_ratio"].samples[0].value <= 1
+    assert 0 <= families["vllm:kv_cache_usage_perc"].samples[0].value <= 1
