@@ -1,7 +1,7 @@
 """The HTTP application (Starlette): OpenAI-compatible routes over an `AsyncEngine`.
 
 Routes: POST /v1/completions and /v1/chat/completions (streamed as server-sent events with
-`"stream": true`; `n` choices, logprobs, echo: `protocol` parses, `responses` shapes), POST
+`"stream": true`; `protocol` parses, `answers` answers in `responses`' shapes), POST
 /tokenize and /detokenize (vLLM's), GET /v1/models, /version, /health and /metrics. A client
 that disconnects aborts its request, which frees its pages; a full queue answers 503; bad
 requests get a 4xx with OpenAI's error body naming the problem, and so does a request that fails
@@ -18,7 +18,6 @@ import concurrent.futures
 import contextlib
 import functools
 import importlib.metadata
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -32,25 +31,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dendrite_jax.frontend.llm import LLM
-from dendrite_jax.frontend.streaming import CompletionDelta
 from dendrite_jax.model.tokenizer import Tokenizer
 from dendrite_jax.serve import protocol, tokenization
+from dendrite_jax.serve.answers import Answer, collect, request_error
 from dendrite_jax.serve.async_engine import AsyncEngine, QueueFull
 from dendrite_jax.serve.guard import DEFAULT_MAX_BODY_BYTES, Guard
 from dendrite_jax.serve.metrics import registry_for, render
 from dendrite_jax.serve.protocol import ApiError, Parsed
-from dendrite_jax.serve.responses import (
-    ChatShapes,
-    ChoiceState,
-    CompletionShapes,
-    Piece,
-    assistant_message,
-    new_id,
-    tool_chunks,
-)
+from dendrite_jax.serve.responses import ChatShapes, CompletionShapes, new_id
 from dendrite_jax.serve.tool_parsers import parser_for_template
 
-DISCONNECT_POLL_S = 0.1
 DEFAULT_TEMPLATE_TIMEOUT_S = 5.0
 PARSE_THREADS = 4  # decode, tokenise and render requests off the event loop
 RENDER_THREADS = 2  # chat templates; a render past its time limit keeps its thread until done
@@ -69,15 +59,6 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return _error(ApiError(exc.status_code, exc.detail, headers=exc.headers))
 
 
-def _failed(final: CompletionDelta, parsed: Parsed) -> ApiError:
-    """The error ending a request: its own failure (a constraint that broke mid-generation) is
-    a 400 naming the constraint's field; no output means the engine thread died (500)."""
-    if final.output is None or not final.output.error:
-        return ApiError(500, "the engine stopped while running this request (see /health)",
-                        kind="server_error", code="engine_stopped")
-    return ApiError(400, final.output.error, parsed.constraint_field, code="request_failed")
-
-
 def _timed_render(pool: concurrent.futures.Executor, timeout_s: float,
                   tokenizer: Tokenizer, messages: list[dict],
                   tools: list[dict] | None = None) -> list[int]:
@@ -91,51 +72,6 @@ def _timed_render(pool: concurrent.futures.Executor, timeout_s: float,
         future.cancel()  # still queued behind other renders: never starts
         raise ApiError(422, f"the chat template did not render these messages within "
                        f"{timeout_s:g} s", "messages", code="template_timeout") from e
-
-
-def _sse(payload: dict | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload)
-    return f"data: {data}\n\n".encode()
-
-
-async def _collect(deltas: AsyncIterator[CompletionDelta], request: Request,
-                   completions: int) -> list[CompletionDelta] | None:
-    """Each completion's last delta, by index, or None if the client went away first."""
-    async def run() -> list[CompletionDelta]:
-        finals: dict[int, CompletionDelta] = {}
-        async for d in deltas:
-            if d.finish_reason is not None:
-                finals[d.index] = d
-        if len(finals) != completions:
-            raise RuntimeError("the engine ended a request without its final delta")
-        return [finals[i] for i in range(completions)]
-
-    task = asyncio.ensure_future(run())
-    while not task.done():
-        await asyncio.wait([task], timeout=DISCONNECT_POLL_S)
-        if not task.done() and await request.is_disconnected():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            return None
-    return task.result()
-
-
-def _prompt_piece(parsed: Parsed, tokenizer: Tokenizer,
-                  prompt_logprobs: list | None) -> Piece:
-    """The prompt as an echoed completion shows it before its generated text."""
-    text = parsed.prompt if parsed.prompt is not None else tokenizer.decode(
-        parsed.prompt_ids, skip_special_tokens=False)
-    logprobs = None if parsed.logprobs is None else list(prompt_logprobs or [None])
-    return Piece(text, list(parsed.prompt_ids), logprobs)
-
-
-def _shown(parsed: Parsed, generated: Piece) -> Piece:
-    """What a completion shows of its generated piece: nothing where echo with max_tokens 0
-    generated one token only to score the prompt."""
-    if parsed.echo_only:
-        return Piece("", [], None if parsed.logprobs is None else [])
-    return generated
 
 
 def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 256,
@@ -193,70 +129,26 @@ def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 25
                 log.exception("request failed")
                 return _error(ApiError(500, f"internal error: {type(e).__name__}",
                                        kind="server_error"))
-            rid = new_id(prefix)
-            shapes = shapes_for(parsed.model, parsed.logprobs, decode_token)
-            n = parsed.params.n
+            answer = Answer(parsed, shapes_for(parsed.model, parsed.logprobs, decode_token),
+                            new_id(prefix), tokenizer)
             if not parsed.stream:
-                finals = await _collect(deltas, request, n)
+                finals = await collect(deltas, request, parsed.params.n)
                 if finals is None:
                     engine.abort(request_id)
                     return Response(status_code=499)
                 failed = next((d for d in finals if d.finish_reason == "error"), None)
                 if failed is not None:
-                    return _error(_failed(failed, parsed))
-                choices, generated = [], 0
-                for i, d in enumerate(finals):
-                    out = d.output
-                    piece = _shown(parsed, Piece(out.text, out.token_ids, out.logprobs))
-                    if parsed.echo:
-                        piece = _prompt_piece(parsed, tokenizer, out.prompt_logprobs) + piece
-                    generated += 0 if parsed.echo_only else len(out.token_ids)
-                    if parsed.tools.parser is None:
-                        choices.append(shapes.choice(i, piece, d.finish_reason, ChoiceState()))
-                        continue
-                    calls = parsed.tools.parse(out.text)
-                    choices.append(shapes.choice(
-                        i, piece, parsed.tools.finish_reason(d.finish_reason, calls),
-                        ChoiceState(), message=assistant_message(calls)))
-                return JSONResponse(shapes.body(rid, choices, len(parsed.prompt_ids), generated))
+                    return _error(request_error(failed, parsed))
+                return JSONResponse(answer.whole(finals))
 
             async def events() -> AsyncIterator[bytes]:
-                finished = False
-                states = [ChoiceState() for _ in range(n)]
-                calls = ([parsed.tools.stream() for _ in range(n)]
-                         if parsed.tools.parser is not None else None)
+                ended = False
                 try:
-                    if chat:
-                        for i in range(n):
-                            yield _sse(shapes.role_chunk(rid, i))
-                    async for d in deltas:
-                        if d.finish_reason == "error":
-                            yield _sse(_failed(d, parsed).body())
-                            finished = True
-                            break
-                        state = states[d.index]
-                        piece = _shown(parsed, Piece(d.text, d.token_ids, d.logprobs))
-                        if parsed.echo and not state.started:
-                            piece = _prompt_piece(parsed, tokenizer, d.prompt_logprobs) + piece
-                        state.started = True
-                        state.tokens += len(d.token_ids)
-                        if calls is not None:
-                            for chunk in tool_chunks(shapes, rid, d, piece, state,
-                                                     calls[d.index], parsed.tools):
-                                yield _sse(chunk)
-                        elif (piece.text or d.finish_reason is not None
-                                or (piece.token_ids and parsed.logprobs is not None)):
-                            yield _sse(shapes.chunk(rid, [shapes.chunk_choice(
-                                d.index, piece, d.finish_reason, state)]))
-                    else:
-                        finished = True
-                        if parsed.include_usage:
-                            generated = 0 if parsed.echo_only else sum(s.tokens for s in states)
-                            yield _sse(shapes.usage_chunk(rid, len(parsed.prompt_ids),
-                                                          generated))
-                    yield _sse("[DONE]")
+                    async for event in answer.stream(deltas, chat):
+                        yield event
+                    ended = True
                 finally:
-                    if not finished:  # the client went away: free the request's pages
+                    if not ended:  # the client went away: free the request's pages
                         engine.abort(request_id)
 
             return StreamingResponse(events(), media_type="text/event-stream")
