@@ -30,7 +30,7 @@ from kernels_pallas.codecs.kv import compression_ratio, make_kv_compression
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("parts", ["compressors", "perplexity", "greedy", "needle"], "What to run.")
-flags.DEFINE_list("caches", ["none", "polarquant-4", "turboquant-mse-4", "turboquant-4",
+flags.DEFINE_list("caches", ["none", "fp8", "polarquant-4", "turboquant-mse-4", "turboquant-4",
                              "turboquant-3", "qjl-256"],
                   "Cache compressions for the SmolLM2 parts.")
 flags.DEFINE_integer("perplexity_tokens", 1024, "Tokens of text scored.")

@@ -46,9 +46,11 @@ def _kv_cache_dtype(value: str) -> str | None:
         return "none"
     if _KV_COMPRESSION.fullmatch(value):
         return value
+    if value in ("fp8", "fp8_e4m3"):  # E4M3 pages with per-(layer, head) scales
+        return "fp8"
     if value.startswith("fp8"):
-        raise CommandLineError(f"--kv-cache-dtype {value}: dendrite has no FP8 KV cache; it "
-                               f"keeps the cache as codes instead: {_KV_CHOICES}")
+        raise CommandLineError(f"--kv-cache-dtype {value}: the FP8 cache is E4M3 (fp8, "
+                               "fp8_e4m3); E5M2 is not kept")
     raise CommandLineError(f"--kv-cache-dtype {value}: not a KV cache dendrite keeps; choose "
                            f"auto (= none) or a compression: {_KV_CHOICES}")
 
@@ -82,7 +84,7 @@ VLLM_FLAGS = (
     ("--max-num-seqs", "--max_num_seqs", ""),
     ("--max-num-batched-tokens", "--max_num_batched_tokens", ""),
     ("--[no-]enable-prefix-caching", "--[no]enable_prefix_caching", ""),
-    ("--kv-cache-dtype", "--kv_compression", "auto = none, or ours: turboquant-4, ..."),
+    ("--kv-cache-dtype", "--kv_compression", "auto = none, fp8 (E4M3), or ours: turboquant-4, ..."),
     ("--quantization fp8", "--weights_dtype", "fp8 (= mxfp8) or fp8-channel"),
     ("--dtype", "--dtype", "auto = float32, float = float32, bfloat16; no float16"),
     ("--seed", "--seed", "generate: the request's seed; serve: the engine's default"),

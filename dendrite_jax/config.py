@@ -233,9 +233,10 @@ class EngineConfig:
     kv_cache_bytes: int = _setting(1 << 30, "KV-cache budget in bytes.")
     seed: int = _setting(0, "Seed of requests that give none.")
     enable_prefix_caching: bool = _setting(False, "Share KV pages of common prompt prefixes.")
-    kv_compression: str = _setting("none", "KV cache as codes: none, turboquant-<b>, "
-                                   "turboquant-mse-<b>, polarquant-<b>, qjl-<dim> "
-                                   "(kernels_pallas.codecs.kv).")
+    kv_compression: str = _setting("none", "KV cache format: none (the compute dtype), fp8 "
+                                   "(E4M3, per-(layer, head) scales), or as codes: "
+                                   "turboquant-<b>, turboquant-mse-<b>, polarquant-<b>, "
+                                   "qjl-<dim> (kernels_pallas.codecs.kv).")
     attention_backend: str = _setting("auto", "Paged attention: auto (the platform's kernel "
                                       "where it reads the cache), reference, pallas_gpu, "
                                       "pallas_tpu.",

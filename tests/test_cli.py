@@ -37,6 +37,8 @@ FLAGS.update(enable_prefix_caching=True, allow_download=True, chat=True)
     (["--enable-prefix-caching=false"], ["--enable_prefix_caching=false"]),
     (["--kv-cache-dtype", "auto"], ["--kv_compression=none"]),
     (["--kv-cache-dtype=turboquant-4"], ["--kv_compression=turboquant-4"]),
+    (["--kv-cache-dtype", "fp8"], ["--kv_compression=fp8"]),
+    (["--kv-cache-dtype=fp8_e4m3"], ["--kv_compression=fp8"]),
     (["--quantization", "fp8"], ["--weights_dtype=fp8"]),
     (["--quantization=fp8-channel"], ["--weights_dtype=fp8-channel"]),
     (["--dtype", "auto"], []),
@@ -57,7 +59,7 @@ def test_translate(args, expected):
 
 @pytest.mark.parametrize("args, error", [
     (["--gpu-memory-utilization", "0.9"], "use --kv-cache-bytes"),
-    (["--kv-cache-dtype", "fp8"], "no FP8 KV cache"),
+    (["--kv-cache-dtype", "fp8_e5m2"], "the FP8 cache is E4M3"),
     (["--kv-cache-dtype=int4"], "not a KV cache dendrite keeps"),
     (["--quantization", "awq"], "to FP8 only"),
     (["--dtype", "float16"], "float32 or bfloat16"),

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
-from dendrite_jax.cache.kv import KVCache
+from dendrite_jax.cache.kv import PLAIN_KV, KVCache
 from dendrite_jax.cache.pool import PagePool, PoolStats
 from dendrite_jax.cache.prefix_cache import PrefixCache, PrefixCacheStats
 from dendrite_jax.config import EngineConfig
@@ -29,13 +29,17 @@ from dendrite_jax.model.calibration import calibration_ids
 from dendrite_jax.model.loader import LoadedModel
 from dendrite_jax.quant import fp8
 from dendrite_jax.validation import ParamError, is_int
+from kernels_pallas.paged_attention.fp8 import FP8_DTYPE
 
 
 def default_num_pages(model: LoadedModel, cfg: EngineConfig, max_model_len: int) -> int:
     """Enough pages for every slot at full length, capped by the kv_cache_bytes budget."""
-    per_page = (KVCache.bytes_per_page(model.config, cfg.page_size, cfg.dtype)
-                if cfg.kv_compression == "none" else
-                CompressedKVCache.bytes_per_page(model.config, cfg.page_size, cfg.kv_compression))
+    if cfg.kv_compression in PLAIN_KV:
+        dtype = cfg.dtype if cfg.kv_compression == "none" else FP8_DTYPE
+        per_page = KVCache.bytes_per_page(model.config, cfg.page_size, dtype)
+    else:
+        per_page = CompressedKVCache.bytes_per_page(model.config, cfg.page_size,
+                                                    cfg.kv_compression)
     full = cfg.max_num_seqs * math.ceil(max_model_len / cfg.page_size)
     return max(2, min(full, cfg.kv_cache_bytes // per_page))
 

@@ -47,11 +47,12 @@ from dendrite_jax.grammar.device_automaton import (
     fill_token_table,
 )
 from dendrite_jax.grammar.mask import allow_all, mask_words
-from dendrite_jax.model.calibration import kv_means
+from dendrite_jax.model.calibration import kv_means, kv_scales
 from dendrite_jax.model.params import Params
 from dendrite_jax.model.tensor_parallel import kv_sharding
 from dendrite_jax.progress import Progress
 from kernels_pallas import kv_compress
+from kernels_pallas.paged_attention.fp8 import FP8_DTYPE
 
 
 def enable_compilation_cache(directory: str | None = None) -> str:
@@ -122,6 +123,9 @@ class ModelRunner:
             self.kv = KVCache.create(cfg, num_pages, page_size, dtype)
             if mesh is not None:
                 self.kv = jax.device_put(self.kv, kv_sharding(mesh))
+        elif kv_compression == "fp8":  # scales from the calibration tokens' largest values
+            self.kv = KVCache.create(cfg, num_pages, page_size, FP8_DTYPE,
+                                     scales=kv_scales(params, cfg, calibration))
         else:
             kv_compress.resolve_backend(attention_backend, kv_compression, cfg.head_dim)
             # Means over the calibration tokens centre what the cache encodes.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from dendrite_jax.cache.kv import PLAIN_KV
 from dendrite_jax.config import EngineConfig
 from dendrite_jax.model.params import resolve_layer_loop
 from dendrite_jax.quant.fp8 import FOLD_NORMS, weight_scheme
@@ -44,7 +45,7 @@ def resolve(cfg: EngineConfig, platform: str, *, head_dim: int,
     if cfg.fp8_keep_layers and loop == "scan":
         raise ValueError("fp8_keep_layers needs layer_loop='unrolled' (a scanned stack cannot "
                          "mix FP8 and unquantized layers)")
-    if cfg.kv_compression == "none":
+    if cfg.kv_compression in PLAIN_KV:  # pages of vectors: every backend reads them
         attention = resolve_attention(cfg.attention_backend, platform)
     else:
         attention = kv_compress.resolve_backend(cfg.attention_backend, cfg.kv_compression,

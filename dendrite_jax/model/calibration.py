@@ -1,4 +1,5 @@
-"""Per-(layer, KV head) mean keys and values, measured once on a fixed text.
+"""Per-(layer, KV head) statistics of keys and values, measured once on a fixed text: their
+means (centring compressed caches) and largest magnitudes (scaling FP8 caches).
 
 A compressed cache encodes each key or value minus its layer and head's mean (and adds the
 mean back when decoding). Keys of real models share a large common direction, so removing the
@@ -18,6 +19,7 @@ import numpy as np
 from dendrite_jax.cache.kv import AttentionMetadata, KVCache
 from dendrite_jax.config import ModelConfig
 from dendrite_jax.model.llama import forward
+from kernels_pallas.paged_attention.fp8 import FP8_MAX
 
 CALIBRATION_TEXT = (
     "The library opened at nine, and by ten the long tables were full. A student copied "
@@ -64,3 +66,21 @@ def kv_means(params, cfg: ModelConfig, ids: list[int]) -> tuple[jax.Array, jax.A
     """float32 mean key and value [L, Hkv, hd] over the tokens `ids`."""
     k, v = prefill_kv(params, cfg, ids)
     return (k.astype(jnp.float32).mean(axis=1), v.astype(jnp.float32).mean(axis=1))
+
+
+# FP8 pages map this fraction of E4M3's range to the calibration text's largest magnitude: later
+# values up to FP8_HEADROOM times larger still fit (beyond, they saturate).
+FP8_HEADROOM = 4.0
+
+
+def kv_scales(params, cfg: ModelConfig, ids: list[int]) -> tuple[jax.Array, jax.Array]:
+    """Scales [L, Hkv] of FP8 key and value pages (`kernels_pallas.paged_attention.fp8`): each
+    (layer, KV head)'s largest magnitude over the tokens `ids`, times FP8_HEADROOM, maps to
+    E4M3's largest value."""
+    k, v = prefill_kv(params, cfg, ids)
+
+    def scale(x: jax.Array) -> jax.Array:
+        amax = jnp.abs(x.astype(jnp.float32)).max(axis=(1, 3))
+        return jnp.maximum(amax, 1e-6) * FP8_HEADROOM / FP8_MAX
+
+    return scale(k), scale(v)

@@ -7,13 +7,14 @@ are converted to it at load. Norms, softmax and logits are computed in float32.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 from dendrite_jax.cache.compressed_kv import CompressedKVCache, PagedCache
-from dendrite_jax.cache.kv import AttentionMetadata, KVCache
+from dendrite_jax.cache.kv import AttentionMetadata
 from dendrite_jax.config import ModelConfig
 from dendrite_jax.model.linear import linear
 from dendrite_jax.model.params import LayerParams, Params
@@ -93,8 +94,10 @@ def attention_block(lp: LayerParams, x: jax.Array, kv: PagedCache, layer: jax.Ar
                 heads, pages, rest = attention_specs()
                 attend = jax.shard_map(attend, in_specs=(heads,) * 3 + (pages,) * 2 + (rest,) * 4,
                                        out_specs=(heads, pages, pages), check_vma=False)
+            if kv.scales is not None:  # FP8 pages (never on a mesh: `engine.settings`)
+                attend = functools.partial(attend, scales=tuple(s[layer] for s in kv.scales))
             out, k_pages, v_pages = attend(q, k, v, kv.k, kv.v, *where)
-            kv = KVCache(k=k_pages, v=v_pages)
+            kv = dataclasses.replace(kv, k=k_pages, v=v_pages)
     with jax.named_scope("o_proj"):
         out = linear(out.reshape(num_tokens, cfg.q_size), lp.w_o)
     return out, kv

@@ -114,7 +114,8 @@ class IdentityCompressor:
         return bitpack.bits_per_element(self.encode, self.head_dim)
 
 
-KV_COMPRESSIONS = ("none", "polarquant-<2|4|8>", "qjl-<dim>", "turboquant-<bits>",
+KV_COMPRESSIONS = ("none", "fp8 (pages of E4M3 values)", "polarquant-<2|4|8>", "qjl-<dim>",
+                   "turboquant-<bits>",
                    "turboquant-mse-<bits> (caches only)")
 
 

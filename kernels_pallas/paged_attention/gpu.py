@@ -97,9 +97,10 @@ def online_softmax_step(carry, s: jax.Array, v: jax.Array):
     return acc, m_next, l_next
 
 
-def _load_pages(ref, page_ids: jax.Array, block_k: int) -> jax.Array:
-    """Pages `page_ids` of a [pages, page_size, hd] ref as [block_k, hd]."""
-    return ref[page_ids].reshape(block_k, ref.shape[-1])
+def _load_pages(ref, page_ids: jax.Array, block_k: int, dtype) -> jax.Array:
+    """Pages `page_ids` of a [pages, page_size, hd] ref as [block_k, hd] in `dtype` (FP8
+    pages are read in the query's dtype; their scales are applied outside the kernel)."""
+    return ref[page_ids].reshape(block_k, ref.shape[-1]).astype(dtype)
 
 
 def _attend_pages(q: jax.Array, q_pos: jax.Array, seq_len: jax.Array, page_table_ref,
@@ -113,8 +114,8 @@ def _attend_pages(q: jax.Array, q_pos: jax.Array, seq_len: jax.Array, page_table
 
     def body(j, carry):
         page_ids = page_base + page_table_ref[pl.ds(j * pages_per_block, pages_per_block)]
-        k = _load_pages(k_ref, page_ids, block_k)
-        v = _load_pages(v_ref, page_ids, block_k)
+        k = _load_pages(k_ref, page_ids, block_k, q.dtype)
+        v = _load_pages(v_ref, page_ids, block_k, q.dtype)
         s = _scores(q, k, sm_scale, soft_cap)
         k_pos = key_start + j * block_k + jnp.arange(block_k)
         keep = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < seq_len)

@@ -79,6 +79,8 @@ def page_reader(k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array) -> Rea
         rows, pages = tables.shape
         k = k_pages[layer, tables]
         v = v_pages[layer, tables]
+        if k.dtype.itemsize == 1:  # FP8 pages: computed in float32 (scales applied outside)
+            k, v = k.astype(jnp.float32), v.astype(jnp.float32)
         return (k.reshape(rows, pages * k.shape[2], *k.shape[3:]),
                 v.reshape(rows, pages * v.shape[2], *v.shape[3:]))
     return read

@@ -97,7 +97,8 @@ def _kernel(layer_ref, q_lens_ref, seq_lens_ref, tables_ref, q_ref, k_ref, v_ref
     @pl.when(page_live(page_start, page_size, seq_len, first_q, sliding_window))
     def _attend():
         keep = page_keep(rows, page_size, group, first_q, page_start, seq_len, sliding_window)
-        k, v = k_ref[...], v_ref[...]
+        # FP8 pages are read in the query's dtype (their scales are applied outside).
+        k, v = k_ref[...].astype(q_ref.dtype), v_ref[...].astype(q_ref.dtype)
         # float32 stays float32 (interpreted on a GPU, a default-precision dot is TF32).
         precision = lax.Precision.HIGHEST if k.dtype == jnp.float32 else None
         for h in range(num_kv_heads):
