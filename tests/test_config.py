@@ -50,7 +50,8 @@ def test_resolve_makes_platform_defaults_concrete():
     assert fp8.fp8_fold_norms is True and fp8.fp8_matmul == "pallas_gpu"
     chosen = EngineConfig(decode_burst=2, device_automata=True, threaded_launch=True,
                           split_constrained_steps=True, warmup=False, layer_loop="unrolled",
-                          attention_backend="reference", fp8_matmul="reference")
+                          attention_backend="reference", fp8_matmul="reference",
+                          triton_gemms=True)
     assert resolve(chosen, "cpu", head_dim=64) == chosen  # what the caller chose stays
     once = resolve(unset, "gpu", head_dim=64)
     assert resolve(once, "gpu", head_dim=64) == once  # idempotent
@@ -84,3 +85,14 @@ def test_bad_engine_presets(tmp_path):
     empty.write_text("dtype = 'float32'\n")
     with pytest.raises(ValueError, match="needs an \\[engine\\] table"):
         load_engine_preset(str(empty), SETTINGS)
+
+
+def test_gpu_steps_compile_with_cublas_gemms_unless_asked():
+    from dendrite_jax.engine.engine import step_compiler_options
+
+    auto = resolve(EngineConfig(), "gpu", head_dim=64)
+    assert auto.triton_gemms is False
+    assert step_compiler_options("gpu", auto) == {"xla_gpu_enable_triton_gemm": False}
+    on = resolve(EngineConfig(triton_gemms=True), "gpu", head_dim=64)
+    assert step_compiler_options("gpu", on) == {}
+    assert step_compiler_options("cpu", resolve(EngineConfig(), "cpu", head_dim=64)) == {}

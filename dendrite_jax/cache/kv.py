@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dendrite_jax.config import ModelConfig
-from kernels_pallas.paged_attention.fp8 import FP8_DTYPE
+from kernels_pallas.paged_attention.fp8 import FP8_DTYPE, Fp8Calibration
 from kernels_pallas.paged_attention.ragged import RaggedRows, ragged_rows
 
 # kv_compression values whose pages hold vectors (this cache), not codes (`compressed_kv`)
@@ -28,13 +28,8 @@ PLAIN_KV = ("none", "fp8")
 class KVCache:
     k: jax.Array  # [L, N, page_size, Hkv, hd]
     v: jax.Array  # [L, N, page_size, Hkv, hd]
-    # FP8 pages (`kernels_pallas.paged_attention.fp8`): each (layer, KV head)'s scale [L, Hkv]
-    k_scale: jax.Array | None = None
-    v_scale: jax.Array | None = None
-
-    @property
-    def scales(self) -> tuple[jax.Array, jax.Array] | None:
-        return None if self.k_scale is None else (self.k_scale, self.v_scale)
+    # FP8 pages (`kernels_pallas.paged_attention.fp8`): each (layer, KV head)'s mean and scale
+    fp8: Fp8Calibration | None = None
 
     @property
     def num_pages(self) -> int:
@@ -46,17 +41,13 @@ class KVCache:
 
     @classmethod
     def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: str,
-               scales: tuple[jax.Array, jax.Array] | None = None) -> KVCache:
-        """An empty cache of `dtype` pages; FP8 pages need their (key, value) `scales`
-        [L, Hkv] (`model.calibration.kv_scales`)."""
+               fp8: Fp8Calibration | None = None) -> KVCache:
+        """An empty cache of `dtype` pages; FP8 pages need their calibration (means and
+        scales per (layer, KV head): `model.calibration.kv_fp8_calibration`)."""
         shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-        if (jnp.dtype(dtype) == FP8_DTYPE) != (scales is not None):
-            raise ValueError("FP8 pages need key and value scales, and only they take them")
-        k_scale, v_scale = (None, None) if scales is None else (
-            jnp.asarray(s, jnp.float32).reshape(cfg.num_layers, cfg.num_kv_heads)
-            for s in scales)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), k_scale=k_scale,
-                   v_scale=v_scale)
+        if (jnp.dtype(dtype) == FP8_DTYPE) != (fp8 is not None):
+            raise ValueError("FP8 pages need their calibration, and only they take one")
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), fp8=fp8)
 
     def copied(self, src: jax.Array, dst: jax.Array) -> KVCache:
         """Pages src[i] copied to dst[i] in every layer."""

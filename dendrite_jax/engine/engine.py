@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -30,6 +31,13 @@ from dendrite_jax.model.loader import LoadedModel
 from dendrite_jax.quant import fp8
 from dendrite_jax.validation import ParamError, is_int
 from kernels_pallas.paged_attention.fp8 import FP8_DTYPE
+
+
+def step_compiler_options(platform: str, cfg: EngineConfig) -> dict[str, Any]:
+    """XLA options of the step programs: on GPUs, cuBLAS GEMMs unless `triton_gemms`."""
+    if platform == "gpu" and not cfg.triton_gemms:
+        return {"xla_gpu_enable_triton_gemm": False}
+    return {}
 
 
 def default_num_pages(model: LoadedModel, cfg: EngineConfig, max_model_len: int) -> int:
@@ -81,7 +89,8 @@ class Engine:
                                   kv_compression=cfg.kv_compression,
                                   calibration=None if cfg.kv_compression == "none" else
                                   calibration_ids(model.tokenizer, model.config.vocab_size),
-                                  mesh=mesh)
+                                  mesh=mesh, compiler_options=step_compiler_options(
+                                      self.platform, cfg))
         self.burst = cfg.decode_burst
         self.planner = StepPlanner(cfg, self.max_model_len, burst=self.burst,
                                    logit_bias=self.runner.logit_bias,

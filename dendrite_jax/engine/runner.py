@@ -47,7 +47,7 @@ from dendrite_jax.grammar.device_automaton import (
     fill_token_table,
 )
 from dendrite_jax.grammar.mask import allow_all, mask_words
-from dendrite_jax.model.calibration import kv_means, kv_scales
+from dendrite_jax.model.calibration import kv_fp8_calibration, kv_means
 from dendrite_jax.model.params import Params
 from dendrite_jax.model.tensor_parallel import kv_sharding
 from dendrite_jax.progress import Progress
@@ -109,10 +109,12 @@ class ModelRunner:
     def __init__(self, cfg: ModelConfig, params: Params, *, num_pages: int, page_size: int,
                  num_slots: int, dtype: str, attention_backend: str = "reference",
                  kv_compression: str = "none", calibration: list[int] | None = None,
-                 mesh: Mesh | None = None) -> None:
+                 mesh: Mesh | None = None,
+                 compiler_options: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.params = params
         self.attention_backend = attention_backend
+        self.compiler_options = dict(compiler_options or {})  # XLA options of every step
         # With a tensor-parallel mesh (`model.tensor_parallel`), params arrive placed; the cache is
         # split on its KV heads and everything else the step reads is replicated.
         self.mesh = mesh
@@ -123,9 +125,9 @@ class ModelRunner:
             self.kv = KVCache.create(cfg, num_pages, page_size, dtype)
             if mesh is not None:
                 self.kv = jax.device_put(self.kv, kv_sharding(mesh))
-        elif kv_compression == "fp8":  # scales from the calibration tokens' largest values
+        elif kv_compression == "fp8":  # means and scales from the calibration tokens
             self.kv = KVCache.create(cfg, num_pages, page_size, FP8_DTYPE,
-                                     scales=kv_scales(params, cfg, calibration))
+                                     fp8=kv_fp8_calibration(params, cfg, calibration))
         else:
             kv_compress.resolve_backend(attention_backend, kv_compression, cfg.head_dim)
             # Means over the calibration tokens centre what the cache encodes.
@@ -210,13 +212,15 @@ class ModelRunner:
 
         def compile_program():
             with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-                return self._jitted[kind].lower(*args, **statics).compile()
+                return self._jitted[kind].lower(*args, **statics).compile(
+                    compiler_options=self.compiler_options or None)
 
         if self.programs is None:
             compiled, loaded = compile_program(), False
         else:
             compiled, loaded = self.programs.load_or_compile(
-                self.programs.key(args, statics, kind), compile_program)
+                self.programs.key(args, {**statics, "xla": self.compiler_options}, kind),
+                compile_program)
         with self._log_lock:
             self.compile_log.append((shape, time.perf_counter() - start))
             self.loaded_programs += loaded

@@ -31,6 +31,7 @@ def resolve(cfg: EngineConfig, platform: str, *, head_dim: int,
     - `fp8_matmul` "auto": the platform's Pallas kernel; `fp8_fold_norms`: for MXFP8 only
       (per-channel FP8 loses quality to it); without FP8 weights "reference" and None;
     - `warmup`: on accelerators (off on CPUs, where compiling on demand is cheaper);
+    - `triton_gemms`: off (cuBLAS GEMMs compile in about half the time; see `EngineConfig`);
     - `decode_burst`: 4 on accelerators, where a small model's step is about as long as the
       host's work for it; 1 on a CPU, where the step far outlasts it;
     - `device_automata`: on accelerators on one device (on a CPU the host's masks cost the
@@ -62,6 +63,7 @@ def resolve(cfg: EngineConfig, platform: str, *, head_dim: int,
                         if cfg.fp8_fold_norms is None else cfg.fp8_fold_norms),
         warmup=accelerator if cfg.warmup is None else cfg.warmup,
         decode_burst=cfg.decode_burst or (4 if accelerator else 1),
+        triton_gemms=bool(cfg.triton_gemms),
         device_automata=(accelerator and not on_mesh if cfg.device_automata is None
                          else cfg.device_automata),
         split_constrained_steps=bool(cfg.split_constrained_steps),

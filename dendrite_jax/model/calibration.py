@@ -19,7 +19,7 @@ import numpy as np
 from dendrite_jax.cache.kv import AttentionMetadata, KVCache
 from dendrite_jax.config import ModelConfig
 from dendrite_jax.model.llama import forward
-from kernels_pallas.paged_attention.fp8 import FP8_MAX
+from kernels_pallas.paged_attention.fp8 import FP8_MAX, Fp8Calibration
 
 CALIBRATION_TEXT = (
     "The library opened at nine, and by ten the long tables were full. A student copied "
@@ -68,19 +68,26 @@ def kv_means(params, cfg: ModelConfig, ids: list[int]) -> tuple[jax.Array, jax.A
     return (k.astype(jnp.float32).mean(axis=1), v.astype(jnp.float32).mean(axis=1))
 
 
-# FP8 pages map this fraction of E4M3's range to the calibration text's largest magnitude: later
-# values up to FP8_HEADROOM times larger still fit (beyond, they saturate).
+# FP8 pages map this fraction of E4M3's range to the calibration text's largest centred
+# magnitude of a channel: later values up to FP8_HEADROOM times larger still fit (beyond, they
+# saturate). A channel's range is at least its head's largest over FP8_CHANNEL_FLOOR, so a
+# channel nearly silent on the calibration text is not scaled for silence alone.
 FP8_HEADROOM = 4.0
+FP8_CHANNEL_FLOOR = 64.0
 
 
-def kv_scales(params, cfg: ModelConfig, ids: list[int]) -> tuple[jax.Array, jax.Array]:
-    """Scales [L, Hkv] of FP8 key and value pages (`kernels_pallas.paged_attention.fp8`): each
-    (layer, KV head)'s largest magnitude over the tokens `ids`, times FP8_HEADROOM, maps to
+def kv_fp8_calibration(params, cfg: ModelConfig, ids: list[int]) -> Fp8Calibration:
+    """Means and scales [L, Hkv, hd] of FP8 key and value pages
+    (`kernels_pallas.paged_attention.fp8`): over the tokens `ids`, each (layer, KV head,
+    channel)'s mean, and its largest magnitude less the mean, times FP8_HEADROOM, mapped to
     E4M3's largest value."""
-    k, v = prefill_kv(params, cfg, ids)
+    k, v = (x.astype(jnp.float32) for x in prefill_kv(params, cfg, ids))
+    k_mean, v_mean = k.mean(axis=1), v.mean(axis=1)
 
-    def scale(x: jax.Array) -> jax.Array:
-        amax = jnp.abs(x.astype(jnp.float32)).max(axis=(1, 3))
-        return jnp.maximum(amax, 1e-6) * FP8_HEADROOM / FP8_MAX
+    def scale(x: jax.Array, mean: jax.Array) -> jax.Array:
+        amax = jnp.abs(x - mean[:, None]).max(axis=1)  # [L, Hkv, hd]
+        floor = amax.max(axis=-1, keepdims=True) / FP8_CHANNEL_FLOOR
+        return jnp.maximum(jnp.maximum(amax, floor), 1e-6) * FP8_HEADROOM / FP8_MAX
 
-    return scale(k), scale(v)
+    return Fp8Calibration(k_mean=k_mean, v_mean=v_mean, k_scale=scale(k, k_mean),
+                          v_scale=scale(v, v_mean))

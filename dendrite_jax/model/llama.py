@@ -94,8 +94,8 @@ def attention_block(lp: LayerParams, x: jax.Array, kv: PagedCache, layer: jax.Ar
                 heads, pages, rest = attention_specs()
                 attend = jax.shard_map(attend, in_specs=(heads,) * 3 + (pages,) * 2 + (rest,) * 4,
                                        out_specs=(heads, pages, pages), check_vma=False)
-            if kv.scales is not None:  # FP8 pages (never on a mesh: `engine.settings`)
-                attend = functools.partial(attend, scales=tuple(s[layer] for s in kv.scales))
+            if kv.fp8 is not None:  # FP8 pages (never on a mesh: `engine.settings`)
+                attend = functools.partial(attend, fp8_pages=kv.fp8.layer(layer))
             out, k_pages, v_pages = attend(q, k, v, kv.k, kv.v, *where)
             kv = dataclasses.replace(kv, k=k_pages, v=v_pages)
     with jax.named_scope("o_proj"):

@@ -10,7 +10,7 @@ keys/values into their pages and returns the step's attention with the updated c
 - "pallas_tpu": a Pallas Mosaic TPU kernel (`tpu.py`); off a TPU it runs in TPU interpret mode.
 - "auto": "pallas_gpu" on GPUs, "pallas_tpu" on TPUs, "reference" elsewhere.
 
-Every backend reads FP8 pages too (`fp8`: E4M3 with per-(layer, KV head) scales).
+Every backend reads FP8 pages too (`fp8`: E4M3, centred and scaled per (layer, KV head)).
 """
 
 from __future__ import annotations
@@ -61,24 +61,26 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Arra
                      v_pages: jax.Array, layer: jax.Array, rows: RaggedRows,
                      slot_pages: jax.Array, slot_offsets: jax.Array, *, sm_scale: float,
                      sliding_window: int | None = None, soft_cap: float | None = None,
-                     backend: str = "reference",
-                     scales: tuple[jax.Array, jax.Array] | None = None
+                     backend: str = "reference", fp8_pages: fp8.Fp8Calibration | None = None
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Write this step's keys/values k, v [T, Hkv, hd] of layer `layer` into their slots
     (slot_pages, slot_offsets [T]; a page outside the cache writes nowhere), then attend as
     `ragged_paged_attention`. Returns (out [T, Hq, hd], k_pages, v_pages). The GPU backend
     writes a decode-only step's tokens inside its decode kernel; the others scatter first.
-    `scales`: layer `layer`'s key and value scales [Hkv] of FP8 pages (`fp8`)."""
-    if scales is not None:
-        k_scale, v_scale = scales
-        num_heads = q.shape[1]
-        q = q * fp8.query_heads(k_scale, num_heads)[:, None].astype(q.dtype)
+    `fp8_pages`: layer `layer`'s calibration of FP8 pages (`fp8`)."""
+    if fp8_pages is not None:
+        if soft_cap is not None:  # the key mean would shift scores inside the cap
+            raise ValueError("FP8 pages do not support an attention soft cap")
+        c, num_heads = fp8_pages, q.shape[1]
+        q = q * fp8.query_heads(c.k_scale, num_heads).astype(q.dtype)
         out, k_pages, v_pages = write_and_attend(
-            q, fp8.quantize(k, k_scale), fp8.quantize(v, v_scale), k_pages, v_pages, layer,
-            rows, slot_pages, slot_offsets, sm_scale=sm_scale, sliding_window=sliding_window,
-            soft_cap=soft_cap, backend=backend)
-        out = out.astype(jnp.float32) * fp8.query_heads(v_scale, num_heads)[:, None]
-        return out.astype(q.dtype), k_pages, v_pages
+            q, fp8.quantize(k, c.k_mean, c.k_scale), fp8.quantize(v, c.v_mean, c.v_scale),
+            k_pages, v_pages, layer, rows, slot_pages, slot_offsets, sm_scale=sm_scale,
+            sliding_window=sliding_window, backend=backend)
+        out = (fp8.query_heads(c.v_mean, num_heads)
+               + out.astype(jnp.float32) * fp8.query_heads(c.v_scale, num_heads))
+        real = (slot_pages >= 0) & (slot_pages < k_pages.shape[1])  # padding tokens: zeros
+        return jnp.where(real[:, None, None], out, 0).astype(q.dtype), k_pages, v_pages
     backend = resolve_backend(backend)
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if backend == "pallas_gpu":
