@@ -54,6 +54,14 @@ def _error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
+def _failure(e: Exception) -> JSONResponse:
+    """A request's ApiError as it is; anything else is a server fault (500, logged)."""
+    if isinstance(e, ApiError):
+        return _error(e)
+    log.exception("request failed")
+    return _error(ApiError(500, f"internal error: {type(e).__name__}", kind="server_error"))
+
+
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     """Starlette's own 404 and 405, in OpenAI's error body."""
     return _error(ApiError(exc.status_code, exc.detail, headers=exc.headers))
@@ -123,12 +131,8 @@ def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 25
                 parsed = await asyncio.get_running_loop().run_in_executor(
                     parse_pool, parse_request, parse, raw)
                 request_id, deltas = await admit(parsed)
-            except ApiError as e:
-                return _error(e)
-            except Exception as e:  # noqa: BLE001 - a server fault, answered in OpenAI's shape
-                log.exception("request failed")
-                return _error(ApiError(500, f"internal error: {type(e).__name__}",
-                                       kind="server_error"))
+            except Exception as e:  # noqa: BLE001 - every failure answered in OpenAI's shape
+                return _failure(e)
             answer = Answer(parsed, shapes_for(parsed.model, parsed.logprobs, decode_token),
                             new_id(prefix), tokenizer)
             if not parsed.stream:
@@ -162,12 +166,8 @@ def create_app(llm: LLM, *, model_name: str | None = None, max_pending: int = 25
                 raw = await request.body()
                 return JSONResponse(await asyncio.get_running_loop().run_in_executor(
                     parse_pool, lambda: answer(protocol.decode_body(raw))))
-            except ApiError as e:
-                return _error(e)
-            except Exception as e:  # noqa: BLE001 - a server fault, answered in OpenAI's shape
-                log.exception("request failed")
-                return _error(ApiError(500, f"internal error: {type(e).__name__}",
-                                       kind="server_error"))
+            except Exception as e:  # noqa: BLE001 - every failure answered in OpenAI's shape
+                return _failure(e)
 
         return handle
 

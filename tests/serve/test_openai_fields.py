@@ -161,6 +161,9 @@ def test_seed_stop_logit_bias_and_max_completion_tokens(server):
 def test_bad_fields_are_400_naming_them(server, body, message):
     response = httpx.post(server["base"] + "/v1/completions", json={"model": MODEL, **body})
     assert response.status_code == 400 and message in response.json()["error"]["message"]
+
+
+def test_top_logprobs_without_logprobs_is_400(server):
     chat = httpx.post(server["base"] + "/v1/chat/completions", json={
         "model": MODEL, "messages": CHAT, "top_logprobs": 2})
     assert chat.status_code == 400 and "needs 'logprobs'" in chat.json()["error"]["message"]
