@@ -10,8 +10,16 @@ Parts:
 - perplexity: SmolLM2 on a long English text (Python's own reference documentation,
   `pydoc_data.topics`), each token's logprob read through the (compressed) cache.
 - greedy: agreement of greedy continuations with the uncompressed cache's, token by token.
+- greedy_long: the same for 8 prompts of 512 tokens of the long text (at different offsets):
+  the short prompts of `greedy` fit a full-precision window whole, these do not.
 - needle: a number hidden mid-way in filler text, asked for at the end, at several lengths.
 Writes JSON (results/kv_compression_cpu.json by default).
+
+A cache is named as `kv_compression` takes it, optionally with `@N` for its full-precision
+window (`kv_full_precision_window`; "fp8@0": FP8 pages alone; plain "fp8": the engine's
+default). Each row reports the bits per cached value at 1k and 8k tokens of context with every
+byte counted: codes or FP8 values, their per-vector norms, and the tail (the sink and window,
+at the compute dtype, per sequence).
 """
 
 from __future__ import annotations
@@ -65,9 +73,38 @@ def compressor_rows() -> list[dict]:
     return rows
 
 
+DTYPE = "float32"
+
+
+def parse_cache(spec: str) -> dict:
+    """"fp8@16" -> kv_compression "fp8", kv_full_precision_window 16."""
+    name, _, window = spec.partition("@")
+    return {"kv_compression": name,
+            **({"kv_full_precision_window": int(window)} if window else {})}
+
+
 def make_llm(cache: str, max_model_len: int = 8192) -> LLM:
-    return LLM(model="smollm2-135m", dtype="float32", kv_compression=cache, max_num_seqs=8,
+    return LLM(model="smollm2-135m", dtype=DTYPE, **parse_cache(cache), max_num_seqs=8,
                max_num_batched_tokens=512, max_model_len=max_model_len)
+
+
+def bits_per_value(compression: str, window: int, head_dim: int, context: int) -> float:
+    """Stored bits per cached key or value element at `context` tokens, keys and values
+    averaged, the full-precision tail (sink + window, compute dtype) included."""
+    if compression == "none":
+        return float(jnp.dtype(DTYPE).itemsize * 8)
+    if compression == "fp8":
+        base = 8.0
+    else:
+        k, v = make_kv_compression(compression, head_dim)
+        base = (k.bits_per_element() + v.bits_per_element()) / 2
+    tail = min(1 + window, context) * jnp.dtype(DTYPE).itemsize * 8 / context if window else 0
+    return base + tail
+
+
+def long_prompts(llm: LLM, count: int = 8, length: int = 512) -> list[list[int]]:
+    ids = long_text(llm.tokenizer, count * 1024)
+    return [ids[i * 1024:i * 1024 + length] for i in range(count)]
 
 
 def needle_prompt(tokenizer, length: int, secret: str) -> list[int]:
@@ -99,24 +136,31 @@ def main(argv: list[str]) -> None:
     if not smollm_parts:
         return
     report["smollm2"] = {}
-    reference_tokens = None
+    reference_tokens: dict[str, list[list[int]]] = {}
     for cache in FLAGS.caches:
         start = time.perf_counter()
         llm = make_llm(cache)
-        row = {"pages": llm.engine.pool.num_pages}
+        window = llm.stats().config.kv_full_precision_window
+        compression = parse_cache(cache)["kv_compression"]
+        row = {"pages": llm.engine.pool.num_pages, "full_precision_window": window,
+               "bits_per_value": {str(c): bits_per_value(compression, window,
+                                                         llm.config.head_dim, c)
+                                  for c in (1024, 8192)}}
         if "perplexity" in smollm_parts:
             row["perplexity"] = perplexity(llm, long_text(llm.tokenizer, FLAGS.perplexity_tokens))
-        if "greedy" in smollm_parts:
-            outs = llm.generate(GREEDY_PROMPTS, SamplingParams(max_tokens=32, temperature=0))
+        for part, prompts in (("greedy", GREEDY_PROMPTS), ("greedy_long", long_prompts(llm))):
+            if part not in smollm_parts:
+                continue
+            outs = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0))
             got = [o.token_ids for o in outs]
-            if reference_tokens is None:
-                reference_tokens = got
+            reference = reference_tokens.setdefault(part, got)  # the first cache's
             same = [sum(a == b for a, b in zip(g, r, strict=False)) / max(len(r), 1)
-                    for g, r in zip(got, reference_tokens, strict=True)]
+                    for g, r in zip(got, reference, strict=True)]
             first = [next((i for i, (a, b) in enumerate(zip(g, r, strict=False)) if a != b),
-                          min(len(g), len(r))) for g, r in zip(got, reference_tokens, strict=True)]
-            row["greedy_agreement"] = float(np.mean(same))
-            row["greedy_first_divergence_mean"] = float(np.mean(first))
+                          min(len(g), len(r))) for g, r in zip(got, reference, strict=True)]
+            suffix = "" if part == "greedy" else "_long"
+            row[f"greedy{suffix}_agreement"] = float(np.mean(same))
+            row[f"greedy{suffix}_first_divergence_mean"] = float(np.mean(first))
         if "needle" in smollm_parts:
             found = {}
             for length in [int(n) for n in FLAGS.needle_lengths]:

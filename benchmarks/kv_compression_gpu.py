@@ -5,6 +5,10 @@ against bfloat16 pages in the same run.
         --output=benchmarks/results/kv_compression_h100.json
 
 Sections (`--sections`):
+`fp8` pages are read by the plain kernels (as the engine does); the code kernels read the rest.
+`fp8@N` in the decode section adds the full-precision tail of an N-token window
+(`kv_full_precision_window`), which the sequence counts include.
+
 - `attention`: the decode kernel reading codes (`kernels_pallas.kv_compress.gpu`, best of a
   small sweep) vs the bfloat16 paged-attention kernel at each (batch, context) of
   `--attention_shapes`, Llama-3.1-8B heads (32 query, 8 KV, head_dim 128), page 16, pages
@@ -32,20 +36,23 @@ from report import header, write
 from timing import median_seconds
 
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
-from dendrite_jax.cache.kv import KVCache
+from dendrite_jax.cache.kv import PLAIN_KV, KVCache
 from dendrite_jax.engine.runner import ModelRunner
 from dendrite_jax.engine.step_plan import StepPlan, StepShape
+from dendrite_jax.model.calibration import calibration_ids
 from dendrite_jax.model.loader import load_model
 from dendrite_jax.model.params import with_layer_loop
 from kernels_pallas.kv_compress import gpu as code_kernels
 from kernels_pallas.kv_compress.rotated import rotated_queries
 from kernels_pallas.paged_attention import gpu as plain_kernels
+from kernels_pallas.paged_attention.fp8 import FP8_DTYPE, Fp8Calibration
+from kernels_pallas.paged_attention.tail import FullPrecisionTail
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sections", ["attention", "decode"], "Sections to run.")
 flags.DEFINE_list("compressions", ["none", "turboquant-4", "turboquant-mse-4"],
                   "Caches compared ('none' is the bfloat16 baseline).")
-flags.DEFINE_list("decode_compressions", ["none", "turboquant-4"],
+flags.DEFINE_list("decode_compressions", ["none", "fp8", "fp8@32", "turboquant-4"],
                   "Caches compared in the decode section (each shape compiles the 8B step).")
 flags.DEFINE_list("attention_shapes", ["32x4096", "32x8192", "8x32768"], "batch x context.")
 flags.DEFINE_list("decode_shapes", ["32x4096", "16x16384", "8x32768"], "batch x context.")
@@ -80,17 +87,34 @@ class _Heads:  # the part of a ModelConfig a cache's shape reads: Llama-3.1-8B a
     num_layers, num_kv_heads, head_dim, num_heads = 1, 8, 128, 32
 
 
-def random_cache(cfg, num_pages: int, compression: str, seed: int = 0):
+def split_name(compression: str) -> tuple[str, int]:
+    """"fp8@32" -> ("fp8", 32): the cache and its full-precision window."""
+    name, _, window = compression.partition("@")
+    return name, int(window or 0)
+
+
+def random_cache(cfg, num_pages: int, compression: str, seed: int = 0, slots: int = 1):
     """A cache of given contents, made without a zero copy first so the largest caches fit.
     Codes are random bits (any pattern is a valid code; random codes scatter the kernel's grid
     lookups as real data does), drawn for one layer and repeated over the layers: drawing a
     whole code array at once needs several times its size in temporaries, which is what ran
     out of memory in the first largest-batch runs (not the step)."""
     key = jax.random.key(seed)
-    if compression == "none":  # constant: the kernel's time does not depend on values
+    if split_name(compression)[0] in PLAIN_KV:  # constant: the time does not depend on values
         shape = (cfg.num_layers, num_pages, PAGE_SIZE, cfg.num_kv_heads, cfg.head_dim)
-        return KVCache(k=jnp.full(shape, 0.01, jnp.bfloat16), v=jnp.full(shape, 0.02,
-                                                                          jnp.bfloat16))
+        if compression == "none":
+            return KVCache(k=jnp.full(shape, 0.01, jnp.bfloat16),
+                           v=jnp.full(shape, 0.02, jnp.bfloat16))
+        heads = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        calibration = Fp8Calibration(k_mean=jnp.zeros(heads), v_mean=jnp.zeros(heads),
+                                     k_scale=jnp.ones(heads), v_scale=jnp.ones(heads))
+        compression, window = split_name(compression)
+        tail = None
+        if window:
+            tail = FullPrecisionTail.create(cfg.num_layers, slots, window, cfg.num_kv_heads,
+                                            cfg.head_dim, jnp.bfloat16)
+        return KVCache(k=jnp.full(shape, 0.5, FP8_DTYPE), v=jnp.full(shape, 0.25, FP8_DTYPE),
+                       fp8=calibration, tail=tail)
     spec = jax.eval_shape(lambda: CompressedKVCache.create(cfg, num_pages, PAGE_SIZE,
                                                            compression))
     leaves, treedef = jax.tree.flatten(spec)
@@ -119,7 +143,7 @@ def attention_row(batch: int, context: int, compressions: list[str]) -> dict:
     for compression in compressions:
         kv = random_cache(cfg, num_pages, compression)
         cache_bytes = sum(x.nbytes for x in jax.tree.leaves(kv))
-        if compression == "none":
+        if compression in PLAIN_KV:  # bfloat16 or FP8 pages: the plain kernel
             def plain(x, kv, tables, lens):
                 return plain_kernels.decode(x, kv.k, kv.v, 0, lens, tables, sm_scale=scale,
                                            interpret=INTERPRET)
@@ -181,9 +205,11 @@ def decode_row(model, batch: int, context: int, compression: str,
     num_pages = batch * plan.shape.pages_per_seq
     runner = ModelRunner(cfg, model.params, num_pages=2, page_size=PAGE_SIZE,
                          num_slots=batch, dtype="bfloat16", attention_backend=(
-                             "pallas_gpu"), kv_compression=compression)
+                             "pallas_gpu"), kv_compression=split_name(compression)[0],
+                         full_precision_window=split_name(compression)[1],
+                         calibration=calibration_ids(None, cfg.vocab_size))
     try:
-        runner.kv = random_cache(cfg, num_pages, compression)
+        runner.kv = random_cache(cfg, num_pages, compression, slots=batch)
         cache_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.kv))
         start = time.perf_counter()
         analysis = runner.compile(plan.shape).memory_analysis()
@@ -213,8 +239,12 @@ def decode_row(model, batch: int, context: int, compression: str,
 
 def seq_bytes(cfg, context: int, compression: str) -> int:
     pages = context // PAGE_SIZE + 1
-    if compression == "none":
-        return pages * KVCache.bytes_per_page(cfg, PAGE_SIZE, "bfloat16")
+    name, window = split_name(compression)
+    if name in PLAIN_KV:
+        dtype = "bfloat16" if name == "none" else FP8_DTYPE
+        tail = FullPrecisionTail.bytes_per_slot(cfg.num_layers, window, cfg.num_kv_heads,
+                                                cfg.head_dim, jnp.bfloat16) if window else 0
+        return pages * KVCache.bytes_per_page(cfg, PAGE_SIZE, dtype) + tail
     return pages * CompressedKVCache.bytes_per_page(cfg, PAGE_SIZE, compression)
 
 

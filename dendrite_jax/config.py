@@ -237,6 +237,10 @@ class EngineConfig:
                                    "(E4M3, per-(layer, head) scales), or as codes: "
                                    "turboquant-<b>, turboquant-mse-<b>, polarquant-<b>, "
                                    "qjl-<dim> (kernels_pallas.codecs.kv).")
+    kv_full_precision_window: int | None = _setting(
+        None, "With a compressed KV cache: each sequence's first token and last N tokens are "
+        "also kept at the compute dtype and attended from there (0: none; default: 32 with "
+        "fp8 where the attention backend has it, else 0).")
     attention_backend: str = _setting("auto", "Paged attention: auto (the platform's kernel "
                                       "where it reads the cache), reference, pallas_gpu, "
                                       "pallas_tpu.",
@@ -283,9 +287,11 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes",
-                     "seed", "automaton_states", "num_pages", "max_model_len", "decode_burst"):
+                     "seed", "automaton_states", "num_pages", "max_model_len", "decode_burst",
+                     "kv_full_precision_window"):
             value = getattr(self, name)
-            optional = name in ("num_pages", "max_model_len", "decode_burst")
+            optional = name in ("num_pages", "max_model_len", "decode_burst",
+                                "kv_full_precision_window")
             if not (is_int(value) or (optional and value is None)):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         for name in ("split_constrained_steps", "threaded_launch", "forced_tokens",
@@ -316,6 +322,9 @@ class EngineConfig:
             raise ValueError(f"seed must be non-negative, got {self.seed}")
         if self.automaton_states < 2:
             raise ValueError(f"automaton_states must be at least 2, got {self.automaton_states}")
+        if self.kv_full_precision_window is not None and self.kv_full_precision_window < 0:
+            raise ValueError(f"kv_full_precision_window must be >= 0, got "
+                             f"{self.kv_full_precision_window}")
         if self.decode_burst is not None and not 1 <= self.decode_burst <= 64:
             raise ValueError(f"decode_burst must be in [1, 64], got {self.decode_burst}")
         if self.dtype not in DTYPES:

@@ -51,7 +51,7 @@ def test_resolve_makes_platform_defaults_concrete():
     chosen = EngineConfig(decode_burst=2, device_automata=True, threaded_launch=True,
                           split_constrained_steps=True, warmup=False, layer_loop="unrolled",
                           attention_backend="reference", fp8_matmul="reference",
-                          triton_gemms=True)
+                          triton_gemms=True, kv_full_precision_window=0)
     assert resolve(chosen, "cpu", head_dim=64) == chosen  # what the caller chose stays
     once = resolve(unset, "gpu", head_dim=64)
     assert resolve(once, "gpu", head_dim=64) == once  # idempotent
@@ -96,3 +96,28 @@ def test_gpu_steps_compile_with_cublas_gemms_unless_asked():
     on = resolve(EngineConfig(triton_gemms=True), "gpu", head_dim=64)
     assert step_compiler_options("gpu", on) == {}
     assert step_compiler_options("cpu", resolve(EngineConfig(), "cpu", head_dim=64)) == {}
+
+
+def test_fp8_caches_get_a_full_precision_tail_where_it_can_be_had():
+    fp8 = EngineConfig(kv_compression="fp8")
+    assert resolve(fp8, "cpu", head_dim=64).kv_full_precision_window == 32
+    assert resolve(fp8, "gpu", head_dim=64).kv_full_precision_window == 32
+    assert resolve(fp8, "tpu", head_dim=64).kv_full_precision_window == 0  # no kernel yet
+    shared = EngineConfig(kv_compression="fp8", enable_prefix_caching=True)
+    assert resolve(shared, "cpu", head_dim=64).kv_full_precision_window == 0
+    assert resolve(EngineConfig(), "cpu", head_dim=64).kv_full_precision_window == 0
+    asked = dict(kv_compression="fp8", kv_full_precision_window=8)
+    codes = EngineConfig(kv_compression="turboquant-mse-4", kv_full_precision_window=8)
+    assert resolve(codes, "cpu", head_dim=64).kv_full_precision_window == 8
+    assert resolve(EngineConfig(kv_compression="turboquant-mse-4"), "cpu",
+                   head_dim=64).kv_full_precision_window == 0
+    assert resolve(EngineConfig(**asked), "gpu", head_dim=64).kv_full_precision_window == 8
+    for bad, match in [(dict(asked, enable_prefix_caching=True), "prefix caching"),
+                       (dict(asked, kv_compression="none"), "applies to"),
+                       (dict(asked, kv_compression="turboquant-mse-4",
+                             attention_backend="pallas_gpu"), "no full-precision tail"),
+                       (dict(asked, attention_backend="pallas_tpu"), "no full-precision tail")]:
+        with pytest.raises(ValueError, match=match):
+            resolve(EngineConfig(**bad), "cpu", head_dim=64)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        EngineConfig(kv_full_precision_window=-1)

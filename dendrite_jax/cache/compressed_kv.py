@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from dendrite_jax.cache.kv import KVCache
 from dendrite_jax.config import ModelConfig
 from kernels_pallas.codecs.kv import Codes, KvCompressor, make_kv_compression
+from kernels_pallas.paged_attention.tail import FullPrecisionTail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,8 @@ class CompressedKVCache:
     v_mean: jax.Array
     key_compressor: KvCompressor  # static: part of the compiled step's identity
     value_compressor: KvCompressor
+    # the full-precision sink and recent tokens per slot (`paged_attention.tail`)
+    tail: FullPrecisionTail | None = None
 
     def copied(self, src: jax.Array, dst: jax.Array) -> CompressedKVCache:
         """Pages src[i] copied to dst[i] in every layer (every code array)."""
@@ -49,9 +52,10 @@ class CompressedKVCache:
 
     @classmethod
     def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, compression: str,
-               seed: int = 0, means: tuple[jax.Array, jax.Array] | None = None
-               ) -> CompressedKVCache:
-        """An empty cache; `means` (mean key, mean value [L, Hkv, hd]) centre what is encoded."""
+               seed: int = 0, means: tuple[jax.Array, jax.Array] | None = None,
+               tail: FullPrecisionTail | None = None) -> CompressedKVCache:
+        """An empty cache; `means` (mean key, mean value [L, Hkv, hd]) centre what is
+        encoded; `tail`: a full-precision tail beside the codes."""
         key, value = make_kv_compression(compression, cfg.head_dim, seed)
         if means is None:  # two arrays: the step donates each
             means = tuple(jnp.zeros((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim),
@@ -64,7 +68,7 @@ class CompressedKVCache:
 
         return cls(k=zeros(key), v=zeros(value), k_mean=jnp.asarray(means[0], jnp.float32),
                    v_mean=jnp.asarray(means[1], jnp.float32), key_compressor=key,
-                   value_compressor=value)
+                   value_compressor=value, tail=tail)
 
     @staticmethod
     def bytes_per_page(cfg: ModelConfig, page_size: int, compression: str) -> int:
@@ -73,7 +77,8 @@ class CompressedKVCache:
         return round(cfg.num_layers * page_size * cfg.kv_size * bits) // 8
 
 
-jax.tree_util.register_dataclass(CompressedKVCache, data_fields=["k", "v", "k_mean", "v_mean"],
+jax.tree_util.register_dataclass(CompressedKVCache,
+                                 data_fields=["k", "v", "k_mean", "v_mean", "tail"],
                                  meta_fields=["key_compressor", "value_compressor"])
 
 PagedCache = KVCache | CompressedKVCache  # what a step reads and writes

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from dendrite_jax.config import ModelConfig
 from kernels_pallas.paged_attention.fp8 import FP8_DTYPE, Fp8Calibration
 from kernels_pallas.paged_attention.ragged import RaggedRows, ragged_rows
+from kernels_pallas.paged_attention.tail import FullPrecisionTail, TailTokens
 
 # kv_compression values whose pages hold vectors (this cache), not codes (`compressed_kv`)
 PLAIN_KV = ("none", "fp8")
@@ -30,6 +31,8 @@ class KVCache:
     v: jax.Array  # [L, N, page_size, Hkv, hd]
     # FP8 pages (`kernels_pallas.paged_attention.fp8`): each (layer, KV head)'s mean and scale
     fp8: Fp8Calibration | None = None
+    # FP8 pages' full-precision sink and recent tokens per slot (`paged_attention.tail`)
+    tail: FullPrecisionTail | None = None
 
     @property
     def num_pages(self) -> int:
@@ -41,13 +44,17 @@ class KVCache:
 
     @classmethod
     def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: str,
-               fp8: Fp8Calibration | None = None) -> KVCache:
+               fp8: Fp8Calibration | None = None,
+               tail: FullPrecisionTail | None = None) -> KVCache:
         """An empty cache of `dtype` pages; FP8 pages need their calibration (means and
-        scales per (layer, KV head): `model.calibration.kv_fp8_calibration`)."""
+        scales per (layer, KV head): `model.calibration.kv_fp8_calibration`) and may have a
+        full-precision tail."""
         shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
         if (jnp.dtype(dtype) == FP8_DTYPE) != (fp8 is not None):
             raise ValueError("FP8 pages need their calibration, and only they take one")
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), fp8=fp8)
+        if tail is not None and fp8 is None:
+            raise ValueError("a full-precision tail is for FP8 pages")
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), fp8=fp8, tail=tail)
 
     def copied(self, src: jax.Array, dst: jax.Array) -> KVCache:
         """Pages src[i] copied to dst[i] in every layer."""
@@ -65,8 +72,8 @@ class AttentionMetadata:
     """Where each token of a step lives (layout: `kernels_pallas.paged_attention.ragged`).
 
     Derived once per step on device from the uploaded per-sequence arrays: the attention rows
-    (`rows`), each token's sequence (`token_seq`; padding tokens: any row, `valid` False),
-    `positions`, `valid`, and
+    (`rows`), each token's sequence (`token_seq`; padding tokens: any row, `valid` False) and
+    its sequence's slot (`token_slots`), `positions`, `valid`, and
     where each new K/V is written (`slot_pages`, `slot_offsets`; padding tokens get page
     `num_pages`, out of range, and write nowhere).
     """
@@ -77,11 +84,13 @@ class AttentionMetadata:
     valid: jax.Array  # [T] bool
     slot_pages: jax.Array  # [T]
     slot_offsets: jax.Array  # [T]
+    token_slots: jax.Array  # [T]
 
     @classmethod
     def build(cls, q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *,
-              num_tokens: int, decode_only: bool, page_size: int,
-              num_pages: int) -> AttentionMetadata:
+              num_tokens: int, decode_only: bool, page_size: int, num_pages: int,
+              slot_ids: jax.Array | None = None) -> AttentionMetadata:
+        """`slot_ids` [R]: each row's slot (default: row r is slot r)."""
         rows = ragged_rows(q_lens, seq_lens, page_tables, num_tokens=num_tokens,
                            decode_only=decode_only)
         t = jnp.arange(num_tokens, dtype=jnp.int32)
@@ -97,9 +106,17 @@ class AttentionMetadata:
         offset = jnp.zeros_like(t) if decode_only else t - starts[seq]
         positions = jnp.where(valid, rows.seq_lens[seq] - rows.q_lens[seq] + offset, 0)
         page = rows.page_tables[seq, positions // page_size]
+        slots = seq if slot_ids is None else jnp.asarray(slot_ids, jnp.int32)[seq]
         return cls(rows=rows, positions=positions, token_seq=seq, valid=valid,
                    slot_pages=jnp.where(valid, page, num_pages),
-                   slot_offsets=positions % page_size)
+                   slot_offsets=positions % page_size, token_slots=slots)
+
+    def tail_tokens(self) -> TailTokens:
+        """Where the step's tokens sit in a full-precision tail (`paged_attention.tail`)."""
+        seq_lens = self.rows.seq_lens[self.token_seq]
+        return TailTokens(slots=self.token_slots, positions=self.positions,
+                          starts=seq_lens - self.rows.q_lens[self.token_seq], ends=seq_lens,
+                          valid=self.valid)
 
 
 @functools.partial(jax.jit, donate_argnums=0)

@@ -31,6 +31,7 @@ from dendrite_jax.model.loader import LoadedModel
 from dendrite_jax.quant import fp8
 from dendrite_jax.validation import ParamError, is_int
 from kernels_pallas.paged_attention.fp8 import FP8_DTYPE
+from kernels_pallas.paged_attention.tail import FullPrecisionTail
 
 
 def step_compiler_options(platform: str, cfg: EngineConfig) -> dict[str, Any]:
@@ -49,7 +50,16 @@ def default_num_pages(model: LoadedModel, cfg: EngineConfig, max_model_len: int)
         per_page = CompressedKVCache.bytes_per_page(model.config, cfg.page_size,
                                                     cfg.kv_compression)
     full = cfg.max_num_seqs * math.ceil(max_model_len / cfg.page_size)
-    return max(2, min(full, cfg.kv_cache_bytes // per_page))
+    budget = cfg.kv_cache_bytes
+    if cfg.kv_full_precision_window:  # the tail's slots come out of the same budget
+        c = model.config
+        budget -= cfg.max_num_seqs * FullPrecisionTail.bytes_per_slot(
+            c.num_layers, cfg.kv_full_precision_window, c.num_kv_heads, c.head_dim, cfg.dtype)
+        if budget < 2 * per_page:
+            raise ValueError(f"kv_cache_bytes ({cfg.kv_cache_bytes}) leaves no room for pages "
+                             f"beside the full-precision tail ({cfg.kv_cache_bytes - budget} "
+                             "bytes); raise it or lower kv_full_precision_window")
+    return max(2, min(full, budget // per_page))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +99,7 @@ class Engine:
                                   kv_compression=cfg.kv_compression,
                                   calibration=None if cfg.kv_compression == "none" else
                                   calibration_ids(model.tokenizer, model.config.vocab_size),
+                                  full_precision_window=cfg.kv_full_precision_window,
                                   mesh=mesh, compiler_options=step_compiler_options(
                                       self.platform, cfg))
         self.burst = cfg.decode_burst

@@ -53,6 +53,7 @@ from dendrite_jax.model.tensor_parallel import kv_sharding
 from dendrite_jax.progress import Progress
 from kernels_pallas import kv_compress
 from kernels_pallas.paged_attention.fp8 import FP8_DTYPE
+from kernels_pallas.paged_attention.tail import FullPrecisionTail
 
 
 def enable_compilation_cache(directory: str | None = None) -> str:
@@ -109,7 +110,7 @@ class ModelRunner:
     def __init__(self, cfg: ModelConfig, params: Params, *, num_pages: int, page_size: int,
                  num_slots: int, dtype: str, attention_backend: str = "reference",
                  kv_compression: str = "none", calibration: list[int] | None = None,
-                 mesh: Mesh | None = None,
+                 full_precision_window: int = 0, mesh: Mesh | None = None,
                  compiler_options: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.params = params
@@ -121,19 +122,28 @@ class ModelRunner:
         self._replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
         if mesh is not None and kv_compression != "none":
             raise ValueError("kv_compression with tensor_parallel_size > 1 is not supported yet")
+        tail = None
+        if full_precision_window:  # each slot's sink and recent tokens, in `dtype`
+            tail = FullPrecisionTail.create(cfg.num_layers, num_slots, full_precision_window,
+                                            cfg.num_kv_heads, cfg.head_dim, dtype)
         if kv_compression == "none":
+            if tail is not None:
+                raise ValueError("a full-precision tail is for a compressed KV cache")
             self.kv = KVCache.create(cfg, num_pages, page_size, dtype)
             if mesh is not None:
                 self.kv = jax.device_put(self.kv, kv_sharding(mesh))
         elif kv_compression == "fp8":  # means and scales from the calibration tokens
+            if not calibration:
+                raise ValueError("kv_compression='fp8' needs calibration token ids "
+                                 "(`model.calibration.calibration_ids`)")
             self.kv = KVCache.create(cfg, num_pages, page_size, FP8_DTYPE,
-                                     fp8=kv_fp8_calibration(params, cfg, calibration))
+                                     fp8=kv_fp8_calibration(params, cfg, calibration), tail=tail)
         else:
             kv_compress.resolve_backend(attention_backend, kv_compression, cfg.head_dim)
             # Means over the calibration tokens centre what the cache encodes.
             means = kv_means(params, cfg, calibration) if calibration else None
             self.kv = CompressedKVCache.create(cfg, num_pages, page_size, kv_compression,
-                                               means=means)
+                                               means=means, tail=tail)
         self.slots = jax.device_put(SlotState.create(num_slots, cfg.vocab_size),
                                     self._replicated)
         self.logit_bias = LogitBiasTable(num_slots, cfg.vocab_size,

@@ -38,7 +38,10 @@ def resolve(cfg: EngineConfig, platform: str, *, head_dim: int,
       model no time; tensor-parallel and replica engines keep host matchers);
     - `split_constrained_steps`: off (two more programs per step shape);
     - `threaded_launch`: off on a CPU, where the thread would take a core from the model;
-      elsewhere left unset: `LaunchPipeline.threads` decides per step by its rows.
+      elsewhere left unset: `LaunchPipeline.threads` decides per step by its rows;
+    - `kv_full_precision_window`: 32 with an FP8 cache on the reference and GPU backends
+      without prefix caching (`paged_attention.tail`), else 0 (caches of codes have it on
+      the reference backend when asked).
     """
     accelerator = platform != "cpu"
     fp8 = cfg.weights_dtype is not None
@@ -54,8 +57,10 @@ def resolve(cfg: EngineConfig, platform: str, *, head_dim: int,
     if on_mesh and (fp8 or cfg.kv_compression != "none"):
         raise ValueError("an explicit device mesh (tensor_parallel_size > 1 or devices) does "
                          "not combine with weights_dtype or kv_compression yet")
+    window = resolve_full_precision_window(cfg, attention)
     return dataclasses.replace(
         cfg,
+        kv_full_precision_window=window,
         attention_backend=attention,
         layer_loop=loop,
         fp8_matmul=resolve_fp8_matmul(cfg.fp8_matmul, platform) if fp8 else "reference",
@@ -69,3 +74,31 @@ def resolve(cfg: EngineConfig, platform: str, *, head_dim: int,
         split_constrained_steps=bool(cfg.split_constrained_steps),
         threaded_launch=(False if cfg.threaded_launch is None and not accelerator
                          else cfg.threaded_launch))
+
+
+DEFAULT_FULL_PRECISION_WINDOW = 32  # tokens; with the sink, what FP8 pages need for quality
+TAIL_BACKENDS = ("reference", "pallas_gpu")  # attention backends with a full-precision tail
+
+
+def resolve_full_precision_window(cfg: EngineConfig, attention: str) -> int:
+    """The full-precision tail's window (`paged_attention.tail`): the default where the cache
+    and backend have it, else 0; one asked for where it cannot be had raises."""
+    window = cfg.kv_full_precision_window
+    if window is None:
+        usable = (cfg.kv_compression == "fp8" and attention in TAIL_BACKENDS
+                  and not cfg.enable_prefix_caching)
+        return DEFAULT_FULL_PRECISION_WINDOW if usable else 0
+    if window == 0:
+        return 0
+    if cfg.kv_compression == "none":
+        raise ValueError("kv_full_precision_window applies to a compressed KV cache "
+                         "(kv_compression 'fp8' or codes)")
+    backends = TAIL_BACKENDS if cfg.kv_compression == "fp8" else ("reference",)
+    if attention not in backends:
+        raise ValueError(f"attention backend {attention!r} has no full-precision tail for a "
+                         f"{cfg.kv_compression!r} cache yet; use one of {backends} or "
+                         "kv_full_precision_window=0")
+    if cfg.enable_prefix_caching:  # a shared prefix's tail lives in another sequence's slot
+        raise ValueError("kv_full_precision_window does not combine with prefix caching yet; "
+                         "set kv_full_precision_window=0 or enable_prefix_caching=False")
+    return window

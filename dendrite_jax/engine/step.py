@@ -159,8 +159,9 @@ def _run_model(params: Params, kv: KVCache, slots: SlotState, plan: DevicePlan, 
     """The decoder over the step's tokens (K/V written), and the inputs' penalty statistics."""
     meta = AttentionMetadata.build(plan.q_lens, plan.seq_lens, plan.page_tables,
                                    num_tokens=shape.num_tokens, decode_only=shape.decode_only,
-                                   page_size=kv.page_size, num_pages=kv.num_pages)
-    token_slots = plan.slot_ids[meta.token_seq]
+                                   page_size=kv.page_size, num_pages=kv.num_pages,
+                                   slot_ids=plan.slot_ids)
+    token_slots = meta.token_slots
     input_ids = jnp.where(plan.input_ids == FROM_LAST_TOKEN, slots.last_token[token_slots],
                           plan.input_ids)
     hidden, kv = forward(params, kv, input_ids, meta, cfg, attention_backend=attention_backend)

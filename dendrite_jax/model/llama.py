@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from dendrite_jax.cache.compressed_kv import CompressedKVCache, PagedCache
 from dendrite_jax.cache.kv import AttentionMetadata
 from dendrite_jax.config import ModelConfig
-from dendrite_jax.model.linear import linear
+from dendrite_jax.model.linear import linear, precision_for
 from dendrite_jax.model.params import LayerParams, Params
 from dendrite_jax.model.tensor_parallel import attention_specs, split_columns
 from kernels_pallas import kv_compress
@@ -85,7 +85,11 @@ def attention_block(lp: LayerParams, x: jax.Array, kv: PagedCache, layer: jax.Ar
         kwargs = dict(sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window,
                       backend=attention_backend)
         where = (layer, meta.rows, meta.slot_pages, meta.slot_offsets)
-        if isinstance(kv, CompressedKVCache):
+        if isinstance(kv, CompressedKVCache) and kv.tail is not None:
+            out, kv, tail = kv_compress.write_and_attend(
+                q, k, v, kv, *where, full_tail=(kv.tail, meta.tail_tokens()), **kwargs)
+            kv = dataclasses.replace(kv, tail=tail)
+        elif isinstance(kv, CompressedKVCache):
             out, kv = kv_compress.write_and_attend(q, k, v, kv, *where, **kwargs)
         else:
             attend = functools.partial(write_and_attend, **kwargs)
@@ -96,8 +100,13 @@ def attention_block(lp: LayerParams, x: jax.Array, kv: PagedCache, layer: jax.Ar
                                        out_specs=(heads, pages, pages), check_vma=False)
             if kv.fp8 is not None:  # FP8 pages (never on a mesh: `engine.settings`)
                 attend = functools.partial(attend, fp8_pages=kv.fp8.layer(layer))
-            out, k_pages, v_pages = attend(q, k, v, kv.k, kv.v, *where)
-            kv = dataclasses.replace(kv, k=k_pages, v=v_pages)
+            if kv.tail is not None:  # and their full-precision sink and recent tokens
+                attend = functools.partial(attend, full_tail=(kv.tail, meta.tail_tokens()))
+                out, k_pages, v_pages, tail = attend(q, k, v, kv.k, kv.v, *where)
+                kv = dataclasses.replace(kv, k=k_pages, v=v_pages, tail=tail)
+            else:
+                out, k_pages, v_pages = attend(q, k, v, kv.k, kv.v, *where)
+                kv = dataclasses.replace(kv, k=k_pages, v=v_pages)
     with jax.named_scope("o_proj"):
         out = linear(out.reshape(num_tokens, cfg.q_size), lp.w_o)
     return out, kv
@@ -166,6 +175,8 @@ def compute_logits(params: Params, hidden: jax.Array) -> jax.Array:
     with jax.named_scope("lm_head"):
         if params.lm_head is None:
             return jnp.einsum("...d,vd->...v", hidden, params.embed,
+                              precision=precision_for(params.embed),
                               preferred_element_type=jnp.float32)
         return jnp.einsum("...d,dv->...v", hidden, params.lm_head,
+                          precision=precision_for(params.lm_head),
                           preferred_element_type=jnp.float32)

@@ -178,6 +178,9 @@ def beam_search(engine, prompts: list[list[int]], params: BeamSearchParams
     if engine.has_unfinished():
         raise RuntimeError("beam_search needs an idle engine: other requests are in flight")
     width = params.beam_width
+    if engine.cfg.kv_full_precision_window:  # a forked beam's tail is in its parent's slot
+        raise ValueError("beam_search does not combine with a KV cache's full-precision tail "
+                         "yet: build the LLM with kv_full_precision_window=0")
     if width > engine.cfg.max_num_seqs:
         raise ValueError(f"beam_width {width} exceeds max_num_seqs {engine.cfg.max_num_seqs}")
     eos = set(engine.model.tokenizer.stop_token_ids) if engine.model.tokenizer else set()

@@ -12,6 +12,8 @@ Backends:
 - "pallas_tpu": a Pallas Mosaic TPU kernel (`tpu.py`) for the MSE-stage TurboQuant caches
   of 1, 2, 4 or 8 bits ("turboquant-mse-4", ...); off a TPU it runs in TPU interpret mode.
 - "auto": the platform's kernel where it reads the compression, else "reference".
+
+A full-precision tail (`paged_attention.tail`) is read on the reference backend only.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax
 from kernels_pallas.codecs.kv import CompressedPages, make_kv_compression
 from kernels_pallas.kv_compress import gpu, tpu
 from kernels_pallas.kv_compress.reference import ragged_paged_attention, write_codes
+from kernels_pallas.paged_attention import tail
 from kernels_pallas.paged_attention.ragged import RaggedRows
 
 BACKENDS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
@@ -53,13 +56,29 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedPag
                      layer: jax.Array, rows: RaggedRows, slot_pages: jax.Array,
                      slot_offsets: jax.Array, *, sm_scale: float,
                      sliding_window: int | None = None, soft_cap: float | None = None,
-                     backend: str = "reference") -> tuple[jax.Array, CompressedPages]:
+                     backend: str = "reference",
+                     full_tail: tuple[tail.FullPrecisionTail, tail.TailTokens] | None = None
+                     ) -> tuple:
     """Encode this step's k, v [T, Hkv, hd] into their slots (slot_pages, slot_offsets [T]; a
     page outside the cache writes nowhere), then attend over the step's rows (`ragged`);
     returns (out [T, Hq, hd], the cache). Every backend scatters the codes first
     (`reference.write_codes`) and its kernels read them back from the pages (a GPU decode
-    kernel storing them itself was slower: `gpu.write_and_attend`)."""
+    kernel storing them itself was slower: `gpu.write_and_attend`). `full_tail`: the cache's
+    full-precision tail and the step's tokens in it (reference backend only); the updated
+    tail comes back as a third result."""
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if full_tail is not None:
+        if backend != "reference":
+            raise ValueError(f"compressed-cache backend {backend!r} has no full-precision tail "
+                             "yet; use attention_backend='reference'")
+        state, tokens = full_tail
+        kv = write_codes(kv, layer, k, v, slot_pages, slot_offsets)
+        out, lse = ragged_paged_attention(q, kv, layer, rows, tail_window=state.window,
+                                          **kwargs)
+        keys, values, keep = tail.context(state, layer, k, v, tokens)
+        out_tail, lse_tail = tail.attend(q, keys, values, keep, sm_scale=sm_scale)
+        out = tail.merge(out, lse, out_tail, lse_tail).astype(q.dtype)
+        return out, kv, tail.write(state, layer, k, v, tokens)
     if backend == "pallas_gpu":
         return gpu.write_and_attend(q, k, v, kv, layer, rows, slot_pages, slot_offsets,
                                     interpret=jax.default_backend() != "gpu", **kwargs)

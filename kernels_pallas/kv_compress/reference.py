@@ -53,8 +53,11 @@ def _read(codes: Codes, compressor: KvCompressor, mean: jax.Array, layer: jax.Ar
 def ragged_paged_attention(q: jax.Array, kv: CompressedPages, layer: jax.Array,
                            rows: RaggedRows, *, sm_scale: float,
                            sliding_window: int | None = None,
-                           soft_cap: float | None = None) -> jax.Array:
-    """Attention output [T, Hq, hd] of a step's queries (their rows: `ragged`)."""
+                           soft_cap: float | None = None, tail_window: int | None = None
+                           ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Attention output [T, Hq, hd] of a step's queries (their rows: `ragged`). With
+    `tail_window` (`paged_attention.tail`): the tail's positions left out, (output float32,
+    log-sum-exp [T, Hq])."""
     def read(tables: jax.Array) -> tuple[jax.Array, jax.Array]:
         return (_read(kv.k, kv.key_compressor, kv.k_mean, layer, tables),
                 _read(kv.v, kv.value_compressor, kv.v_mean, layer, tables))
@@ -62,6 +65,8 @@ def ragged_paged_attention(q: jax.Array, kv: CompressedPages, layer: jax.Array,
     def attend(row_q, row_q_lens, row_seq_lens, row_tables):
         return attend_pages(row_q, row_q_lens, row_seq_lens, row_tables, read,
                             page_size=kv.page_size, sm_scale=sm_scale,
-                            sliding_window=sliding_window, soft_cap=soft_cap)
+                            sliding_window=sliding_window, soft_cap=soft_cap,
+                            tail_window=tail_window)
 
-    return attend_ragged(q, rows, attend_prefill=attend).astype(q.dtype)
+    out = attend_ragged(q, rows, attend_prefill=attend)
+    return out if tail_window is not None else out.astype(q.dtype)

@@ -11,6 +11,8 @@ keys/values into their pages and returns the step's attention with the updated c
 - "auto": "pallas_gpu" on GPUs, "pallas_tpu" on TPUs, "reference" elsewhere.
 
 Every backend reads FP8 pages too (`fp8`: E4M3, centred and scaled per (layer, KV head)).
+FP8 pages may have a full-precision tail (`tail`: the sink and the recent window per slot),
+on the reference and GPU backends.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.paged_attention import fp8, gpu, tpu
+from kernels_pallas.paged_attention import fp8, gpu, tail, tpu
 from kernels_pallas.paged_attention.ragged import RaggedRows, ragged_rows
 from kernels_pallas.paged_attention.reference import (
     ragged_paged_attention as reference_ragged_paged_attention,
@@ -42,11 +44,17 @@ def resolve_backend(backend: str, platform: str | None = None) -> str:
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            layer: jax.Array, rows: RaggedRows, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
-                           backend: str = "reference") -> jax.Array:
+                           backend: str = "reference", tail_window: int | None = None
+                           ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Attention for a step's query tokens [T, Hq, hd] (their rows: `ragged`) over the paged
-    cache [L, N, page_size, Hkv, hd] of layer `layer`."""
+    cache [L, N, page_size, Hkv, hd] of layer `layer`. With `tail_window`, the positions a
+    full-precision tail holds are left out and (output, log-sum-exp [T, Hq]) come back."""
     backend = resolve_backend(backend)
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if tail_window is not None:
+        if backend == "pallas_tpu":
+            raise ValueError("the TPU attention kernel has no full-precision tail yet")
+        kwargs["tail_window"] = tail_window
     args = (q, k_pages, v_pages, layer, rows)
     if backend == "pallas_gpu":
         return gpu.ragged_paged_attention(*args, interpret=jax.default_backend() != "gpu",
@@ -61,26 +69,23 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Arra
                      v_pages: jax.Array, layer: jax.Array, rows: RaggedRows,
                      slot_pages: jax.Array, slot_offsets: jax.Array, *, sm_scale: float,
                      sliding_window: int | None = None, soft_cap: float | None = None,
-                     backend: str = "reference", fp8_pages: fp8.Fp8Calibration | None = None
-                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     backend: str = "reference", fp8_pages: fp8.Fp8Calibration | None = None,
+                     full_tail: tuple[tail.FullPrecisionTail, tail.TailTokens] | None = None
+                     ) -> tuple:
     """Write this step's keys/values k, v [T, Hkv, hd] of layer `layer` into their slots
     (slot_pages, slot_offsets [T]; a page outside the cache writes nowhere), then attend as
     `ragged_paged_attention`. Returns (out [T, Hq, hd], k_pages, v_pages). The GPU backend
     writes a decode-only step's tokens inside its decode kernel; the others scatter first.
-    `fp8_pages`: layer `layer`'s calibration of FP8 pages (`fp8`)."""
+    `fp8_pages`: layer `layer`'s calibration of FP8 pages (`fp8`). `full_tail`: FP8 pages'
+    full-precision tail and the step's tokens in it (`tail`); the updated tail comes back as
+    a fourth result."""
     if fp8_pages is not None:
-        if soft_cap is not None:  # the key mean would shift scores inside the cap
-            raise ValueError("FP8 pages do not support an attention soft cap")
-        c, num_heads = fp8_pages, q.shape[1]
-        q = q * fp8.query_heads(c.k_scale, num_heads).astype(q.dtype)
-        out, k_pages, v_pages = write_and_attend(
-            q, fp8.quantize(k, c.k_mean, c.k_scale), fp8.quantize(v, c.v_mean, c.v_scale),
-            k_pages, v_pages, layer, rows, slot_pages, slot_offsets, sm_scale=sm_scale,
-            sliding_window=sliding_window, backend=backend)
-        out = (fp8.query_heads(c.v_mean, num_heads)
-               + out.astype(jnp.float32) * fp8.query_heads(c.v_scale, num_heads))
-        real = (slot_pages >= 0) & (slot_pages < k_pages.shape[1])  # padding tokens: zeros
-        return jnp.where(real[:, None, None], out, 0).astype(q.dtype), k_pages, v_pages
+        return _write_and_attend_fp8(q, k, v, k_pages, v_pages, layer, rows, slot_pages,
+                                     slot_offsets, fp8_pages, full_tail, sm_scale=sm_scale,
+                                     sliding_window=sliding_window, soft_cap=soft_cap,
+                                     backend=backend)
+    if full_tail is not None:
+        raise ValueError("a full-precision tail is for FP8 pages (or codes), not plain pages")
     backend = resolve_backend(backend)
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if backend == "pallas_gpu":
@@ -90,6 +95,52 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Arra
     k_pages, v_pages = write_pages(k_pages, v_pages, layer, k, v, slot_pages, slot_offsets)
     out = ragged_paged_attention(q, k_pages, v_pages, layer, rows, backend=backend, **kwargs)
     return out, k_pages, v_pages
+
+
+def _write_and_attend_fp8(q, k, v, k_pages, v_pages, layer, rows, slot_pages, slot_offsets,
+                          c: fp8.Fp8Calibration, full_tail, *, sm_scale: float,
+                          sliding_window: int | None, soft_cap: float | None,
+                          backend: str) -> tuple:
+    """`write_and_attend` over FP8 pages: the pages hold (x - mean) / scale; scores use
+    queries times the key scale (the key mean only shifts each query's scores, which softmax
+    ignores) and outputs come back as v_mean + v_scale * out. A tail's keys are centred the
+    same way, so that its scores and the pages' share one shift and merge exactly."""
+    if soft_cap is not None:  # the key mean would shift scores inside the cap
+        raise ValueError("FP8 pages do not support an attention soft cap")
+    if full_tail is not None and backend == "pallas_tpu":
+        raise ValueError("the TPU attention kernel has no full-precision tail yet")
+    num_heads = q.shape[1]
+    scaled_q = q * fp8.query_heads(c.k_scale, num_heads).astype(q.dtype)
+    window = full_tail[0].window if full_tail is not None else None
+    backend = resolve_backend(backend)
+    stored_k, stored_v = fp8.quantize(k, c.k_mean, c.k_scale), fp8.quantize(v, c.v_mean, c.v_scale)
+    if backend == "pallas_gpu":
+        outs = gpu.write_and_attend(scaled_q, stored_k, stored_v, k_pages, v_pages, layer, rows,
+                                    slot_pages, slot_offsets, sm_scale=sm_scale,
+                                    sliding_window=sliding_window, tail_window=window,
+                                    interpret=jax.default_backend() != "gpu")
+        out, k_pages, v_pages = outs
+    else:
+        k_pages, v_pages = write_pages(k_pages, v_pages, layer, stored_k, stored_v, slot_pages,
+                                       slot_offsets)
+        out = ragged_paged_attention(scaled_q, k_pages, v_pages, layer, rows, sm_scale=sm_scale,
+                                     sliding_window=sliding_window, backend=backend,
+                                     tail_window=window)
+    lse = None
+    if full_tail is not None:
+        out, lse = out
+    out = (fp8.query_heads(c.v_mean, num_heads)
+           + out.astype(jnp.float32) * fp8.query_heads(c.v_scale, num_heads))
+    real = (slot_pages >= 0) & (slot_pages < k_pages.shape[1])  # padding tokens: zeros
+    if full_tail is None:
+        return jnp.where(real[:, None, None], out, 0).astype(q.dtype), k_pages, v_pages
+    state, tokens = full_tail
+    keys, values, keep = tail.context(state, layer, k, v, tokens)
+    keys = keys.astype(jnp.float32) - c.k_mean[None, None]
+    out_tail, lse_tail = tail.attend(q, keys, values, keep, sm_scale=sm_scale)
+    out = tail.merge(out, lse, out_tail, lse_tail)
+    state = tail.write(state, layer, k, v, tokens)
+    return jnp.where(real[:, None, None], out, 0).astype(q.dtype), k_pages, v_pages, state
 
 
 __all__ = ["BACKENDS", "RaggedRows", "ragged_paged_attention", "ragged_rows",

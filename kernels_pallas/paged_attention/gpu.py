@@ -106,10 +106,13 @@ def _load_pages(ref, page_ids: jax.Array, block_k: int, dtype) -> jax.Array:
 def _attend_pages(q: jax.Array, q_pos: jax.Array, seq_len: jax.Array, page_table_ref,
                   page_base: jax.Array, k_ref,
                   v_ref, *, first, end, key_start, block_k: int, sm_scale: float,
-                  soft_cap: float | None, sliding_window: int | None):
+                  soft_cap: float | None, sliding_window: int | None,
+                  tail_window: int | None = None):
     """Online softmax of queries q [M, hd] at positions q_pos [M] over key blocks
     [first, cdiv(end, block_k)) of a page table whose first key sits at `key_start`; returns the
-    unnormalised (acc, max, denominator)."""
+    unnormalised (acc, max, denominator). With `tail_window`, position 0 and the last
+    `tail_window` positions up to each query are masked (`tail`); a query with no key left
+    keeps max MASK_VALUE."""
     pages_per_block = block_k // k_ref.shape[-2]
 
     def body(j, carry):
@@ -121,6 +124,8 @@ def _attend_pages(q: jax.Array, q_pos: jax.Array, seq_len: jax.Array, page_table
         keep = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < seq_len)
         if sliding_window is not None:
             keep &= k_pos[None, :] > q_pos[:, None] - sliding_window
+        if tail_window is not None:
+            keep &= (k_pos[None, :] >= 1) & (k_pos[None, :] <= q_pos[:, None] - tail_window)
         s = jnp.where(keep, s, MASK_VALUE)
         return online_softmax_step(carry, s, v)
 
@@ -139,8 +144,8 @@ def group_rows(ref, kv_head: jax.Array, group: int, rows: int):
 
 def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, *refs,
                    sm_scale: float, soft_cap: float | None, sliding_window: int | None,
-                   pages_per_block: int, num_pages: int, group: int, group_pad: int,
-                   write: bool, normalize: bool):
+                   tail_window: int | None, pages_per_block: int, num_pages: int, group: int,
+                   group_pad: int, write: bool, normalize: bool):
     """One (row, KV head, split). The query block holds all the row's heads [Hq, hd]; the
     program reads its group's rows (masked loads, no padded copy in HBM). With `write`, the
     row's new key/value (refs after the cache) are not read from the pages: split 0 folds them
@@ -155,6 +160,8 @@ def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, 
     block_k = pages_per_block * page_size
     seq_len = seq_len_ref[0]
     context = seq_len - 1 if write else seq_len  # keys read from the pages
+    if tail_window is not None:  # the tail holds the last tail_window positions
+        context = jnp.maximum(context - tail_window, 0)
     split_start = split * pages_per_split * page_size
     end = jnp.clip(context - split_start, 0, pages_per_split * page_size)
     first = 0
@@ -166,7 +173,7 @@ def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, 
     acc, m, denom = _attend_pages(
         q, q_pos, context, page_table_ref, page_base, k_ref, v_ref, first=first, end=end,
         key_start=split_start, block_k=block_k, sm_scale=sm_scale, soft_cap=soft_cap,
-        sliding_window=sliding_window)
+        sliding_window=sliding_window, tail_window=tail_window)
     if write:
         k_new, v_new = k_new_ref[...], v_new_ref[...]
         s_new = (q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :]).sum(-1) * sm_scale
@@ -198,23 +205,30 @@ def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref, 
 
 
 def _prefill_kernel(layer_ref, q_len_ref, seq_len_ref, page_table_ref, q_ref, k_ref, v_ref,
-                    o_ref, *, sm_scale: float, soft_cap: float | None,
-                    sliding_window: int | None, block_k: int, num_pages: int):
+                    o_ref, *lse_ref, sm_scale: float, soft_cap: float | None,
+                    sliding_window: int | None, tail_window: int | None, block_k: int,
+                    num_pages: int):
     q_block = pl.program_id(2)
     block_q = q_ref.shape[0]
     q_len, seq_len = q_len_ref[0], seq_len_ref[0]
     first_q = seq_len - q_len + q_block * block_q  # position of this block's first query
     live = q_block * block_q < q_len
     end = jnp.where(live, jnp.minimum(seq_len, first_q + block_q), 0)
+    if tail_window is not None:  # the tail holds each query's last tail_window positions
+        end = jnp.maximum(end - tail_window, 0)
     first = 0
     if sliding_window is not None:
         first = jnp.maximum(first_q - sliding_window + 1, 0) // block_k
-    acc, _, denom = _attend_pages(
+    acc, m, denom = _attend_pages(
         q_ref[...], first_q + jnp.arange(block_q), seq_len, page_table_ref,
         layer_ref[0] * num_pages, k_ref, v_ref,
         first=first, end=end, key_start=0, block_k=block_k, sm_scale=sm_scale,
-        soft_cap=soft_cap, sliding_window=sliding_window)
+        soft_cap=soft_cap, sliding_window=sliding_window, tail_window=tail_window)
     valid = q_block * block_q + jnp.arange(block_q) < q_len
+    if tail_window is not None:  # a query may have no key left: zeros and -inf
+        valid &= m > 0.5 * MASK_VALUE
+        (lse_ref,) = lse_ref
+        lse_ref[...] = jnp.where(valid, m + jnp.log(jnp.where(valid, denom, 1.0)), -jnp.inf)
     out = acc / jnp.where(denom > 0, denom, 1.0)[:, None]
     o_ref[...] = jnp.where(valid[:, None], out, 0.0).astype(o_ref.dtype)
 
@@ -252,19 +266,26 @@ def default_num_splits(num_rows: int, num_kv_heads: int, num_blocks: int) -> int
     return int(min(1 << (splits - 1).bit_length(), num_blocks))
 
 
-def combine_splits(acc: jax.Array, m: jax.Array, denom: jax.Array) -> jax.Array:
-    """Merge per-split partial softmaxes [splits, ...] into normalised outputs."""
+def combine_splits(acc: jax.Array, m: jax.Array, denom: jax.Array,
+                   with_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Merge per-split partial softmaxes [splits, ...] into normalised outputs; `with_lse`:
+    (outputs, log-sum-exp), zeros and -inf where no split saw a key (max MASK_VALUE)."""
     m_all = m.max(axis=0)
     scale = jnp.exp(m - m_all[None])
     l_all = (denom * scale).sum(axis=0)
     out = (acc * scale[..., None]).sum(axis=0)
-    return out / jnp.where(l_all > 0, l_all, 1.0)[..., None]
+    out = out / jnp.where(l_all > 0, l_all, 1.0)[..., None]
+    if not with_lse:
+        return out
+    live = m_all > 0.5 * MASK_VALUE
+    return (jnp.where(live[..., None], out, 0.0),
+            jnp.where(live, m_all + jnp.log(jnp.where(live, l_all, 1.0)), -jnp.inf))
 
 
 def _decode_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array,
                  seq_lens: jax.Array, page_tables: jax.Array, new_kv: tuple | None, *,
                  sm_scale: float, sliding_window: int | None, soft_cap: float | None,
-                 tuning: DecodeTuning, interpret: bool):
+                 tuning: DecodeTuning, interpret: bool, tail_window: int | None = None):
     rows, num_heads, head_dim = q.shape
     num_layers, num_pages, page_size, num_kv_heads, _ = k_pages.shape
     group = num_heads // num_kv_heads
@@ -289,7 +310,7 @@ def _decode_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: ja
     ]
     args = [layer_array(layer), seq_lens, page_tables, q, flat_pages(k_pages),
             flat_pages(v_pages)]
-    normalize = splits == 1
+    normalize = splits == 1 and tail_window is None  # the tail needs the log-sum-exp
     if normalize:
         out_specs = [pl.BlockSpec((None, num_heads, head_dim), lambda r, h, s: (r, 0, 0))]
         out_shape = [jax.ShapeDtypeStruct((rows, num_heads, head_dim), q.dtype)]
@@ -316,9 +337,10 @@ def _decode_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: ja
                       jax.ShapeDtypeStruct(args[5].shape, v_pages.dtype)]
         aliases = {4: len(out_shape) - 2, 5: len(out_shape) - 1}
     kernel = functools.partial(_decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap,
-                               sliding_window=sliding_window, pages_per_block=pages_per_block,
-                               num_pages=num_pages, group=group, group_pad=group_pad,
-                               write=new_kv is not None, normalize=normalize)
+                               sliding_window=sliding_window, tail_window=tail_window,
+                               pages_per_block=pages_per_block, num_pages=num_pages,
+                               group=group, group_pad=group_pad, write=new_kv is not None,
+                               normalize=normalize)
     outs = pl.pallas_call(
         kernel,
         grid=(rows, num_kv_heads, splits),
@@ -333,6 +355,10 @@ def _decode_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: ja
     )(*args)
     if normalize:
         out = outs[0]
+    elif tail_window is not None:  # float32 output and log-sum-exp [R, Hq]
+        out, lse = combine_splits(*outs[:3], with_lse=True)
+        return (out[:, :, :group].reshape(rows, num_heads, head_dim),
+                lse[:, :, :group].reshape(rows, num_heads))
     else:
         out = combine_splits(*outs[:3])[:, :, :group].reshape(rows, num_heads, head_dim)
         out = out.astype(q.dtype)
@@ -344,11 +370,14 @@ def _decode_call(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: ja
 def decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array,
            seq_lens: jax.Array, page_tables: jax.Array, *, sm_scale: float,
            sliding_window: int | None = None, soft_cap: float | None = None,
-           tuning: DecodeTuning = DecodeTuning(), interpret: bool = False) -> jax.Array:
-    """One query token per row, its key already in the pages: q [R, Hq, hd] -> [R, Hq, hd]."""
+           tuning: DecodeTuning = DecodeTuning(), interpret: bool = False,
+           tail_window: int | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """One query token per row, its key already in the pages: q [R, Hq, hd] -> [R, Hq, hd].
+    With `tail_window` (`tail`): the tail's positions left out, (output float32, log-sum-exp
+    [R, Hq])."""
     return _decode_call(q, k_pages, v_pages, layer, seq_lens, page_tables, None,
                         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                        tuning=tuning, interpret=interpret)
+                        tuning=tuning, interpret=interpret, tail_window=tail_window)
 
 
 def decode_and_write(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: jax.Array,
@@ -370,17 +399,20 @@ def decode_and_write(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_pages: 
 def prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array,
             q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *,
             sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
-            tuning: PrefillTuning = PrefillTuning(), interpret: bool = False) -> jax.Array:
+            tuning: PrefillTuning = PrefillTuning(), interpret: bool = False,
+            tail_window: int | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Rows of up to Q query tokens (the last q_len of each row's context): q [R, Q, Hq, hd]
     -> [R, Q, Hq, hd], zeros past q_len. The rows are the step's prefill blocks (`ragged`:
-    Q = `block_q_for(T)`), or any rows of queries."""
+    Q = `block_q_for(T)`), or any rows of queries. With `tail_window` (`tail`): the tail's
+    positions left out, (output, log-sum-exp [R, Q, Hq])."""
     rows, width, num_heads, head_dim = q.shape
     block_q, padded = query_tiles(width, tuning.block_q)
     if padded != width:
         q = jnp.pad(q, ((0, 0), (0, padded - width), (0, 0), (0, 0)))
-        return prefill(q, k_pages, v_pages, layer, q_lens, seq_lens, page_tables,
+        outs = prefill(q, k_pages, v_pages, layer, q_lens, seq_lens, page_tables,
                        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                       tuning=tuning, interpret=interpret)[:, :width]
+                       tuning=tuning, interpret=interpret, tail_window=tail_window)
+        return jax.tree.map(lambda x: x[:, :width], outs)
     num_layers, num_pages, page_size, num_kv_heads, _ = k_pages.shape
     group = num_heads // num_kv_heads
     block_k = max(tuning.block_k, page_size)
@@ -393,8 +425,12 @@ def prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Arr
                               lambda r, h, b: (0, 0, h // group, 0))
     token_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda r, h, b: (r, b, h, 0))
     kernel = functools.partial(_prefill_kernel, sm_scale=sm_scale, soft_cap=soft_cap,
-                               sliding_window=sliding_window, block_k=block_k,
-                               num_pages=num_pages)
+                               sliding_window=sliding_window, tail_window=tail_window,
+                               block_k=block_k, num_pages=num_pages)
+    out_specs, out_shape = token_spec, jax.ShapeDtypeStruct(q.shape, q.dtype)
+    if tail_window is not None:  # and each query's log-sum-exp [R, Q, Hq]
+        out_specs = (token_spec, pl.BlockSpec((None, block_q, None), lambda r, h, b: (r, b, h)))
+        out_shape = (out_shape, jax.ShapeDtypeStruct(q.shape[:3], jnp.float32))
     return pl.pallas_call(
         kernel,
         grid=(rows, num_heads, width // block_q),
@@ -405,8 +441,8 @@ def prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Arr
             pl.BlockSpec((None, page_tables.shape[1]), lambda r, h, b: (r, 0)),
             token_spec, cache_spec, cache_spec,
         ],
-        out_specs=token_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps,
                                                 num_stages=stages),
         interpret=interpret,
@@ -420,14 +456,16 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            decode_tuning: DecodeTuning = DecodeTuning(),
                            prefill_tuning: PrefillTuning = PrefillTuning(),
-                           interpret: bool = False) -> jax.Array:
+                           interpret: bool = False, tail_window: int | None = None
+                           ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The step's attention [T, Hq, hd] (same contract as the reference)."""
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                  interpret=interpret)
+                  interpret=interpret, tail_window=tail_window)
 
     def attend_decode(row_q, _, row_seq_lens, row_tables):
-        return decode(row_q[:, 0], k_pages, v_pages, layer, row_seq_lens, row_tables,
-                      tuning=decode_tuning, **kwargs)[:, None]
+        outs = decode(row_q[:, 0], k_pages, v_pages, layer, row_seq_lens, row_tables,
+                      tuning=decode_tuning, **kwargs)
+        return jax.tree.map(lambda x: x[:, None], outs)
 
     def attend_prefill(row_q, row_q_lens, row_seq_lens, row_tables):
         return prefill(row_q, k_pages, v_pages, layer, row_q_lens, row_seq_lens, row_tables,
@@ -442,14 +480,18 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Arra
                      sliding_window: int | None = None, soft_cap: float | None = None,
                      decode_tuning: DecodeTuning = DecodeTuning(),
                      prefill_tuning: PrefillTuning = PrefillTuning(),
-                     interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     interpret: bool = False, tail_window: int | None = None) -> tuple:
     """The step's attention with its K/V writes (contract: the dispatcher's
     `write_and_attend`). A decode-only step's tokens are written by the decode kernel itself,
     so it has no separate write at all; a step with prefill blocks scatters every token into
-    its page first, then the kernels read them with the rest of the context."""
+    its page first, then the kernels read them with the rest of the context. With
+    `tail_window` (`tail`) every step scatters first (the new token is the tail's), and the
+    output is (out, log-sum-exp)."""
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   interpret=interpret)
-    if rows.decode_only:
+    if tail_window is not None:
+        kwargs["tail_window"] = tail_window
+    elif rows.decode_only:
         return decode_and_write(q, k, v, k_pages, v_pages, layer, rows.decode_seq_lens,
                                 rows.page_tables, slot_pages, slot_offsets,
                                 tuning=decode_tuning, **kwargs)

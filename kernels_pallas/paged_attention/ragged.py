@@ -144,15 +144,18 @@ def scatter_rows(decode_out: jax.Array, block_out: jax.Array | None,
 def attend_ragged(q: jax.Array, rows: RaggedRows, *, attend_prefill: AttendRows,
                   attend_decode: AttendRows | None = None) -> jax.Array:
     """Step queries [T, Hq, hd] -> outputs [T, Hq, hd]: `attend_decode` (default:
-    `attend_prefill`) on the decode rows (Q = 1), `attend_prefill` on the prefill blocks."""
+    `attend_prefill`) on the decode rows (Q = 1), `attend_prefill` on the prefill blocks. An
+    attend function may return a tuple of per-query arrays ([R, Q, ...] each): each comes back
+    on the token axis."""
     attend_decode = attend_decode or attend_prefill
     decode_out = attend_decode(gather_decode(q, rows)[:, None], rows.decode_q_lens,
-                               rows.decode_seq_lens, rows.page_tables)[:, 0]
-    block_out = None
-    if not rows.decode_only:
-        block_out = attend_prefill(gather_blocks(q, rows), rows.block_q_lens,
-                                   rows.block_seq_lens, rows.block_tables)
-    return scatter_rows(decode_out, block_out, rows)
+                               rows.decode_seq_lens, rows.page_tables)
+    decode_out = jax.tree.map(lambda x: x[:, 0], decode_out)
+    if rows.decode_only:
+        return decode_out
+    block_out = attend_prefill(gather_blocks(q, rows), rows.block_q_lens,
+                               rows.block_seq_lens, rows.block_tables)
+    return jax.tree.map(lambda d, b: scatter_rows(d, b, rows), decode_out, block_out)
 
 
 __all__ = ["MAX_BLOCK_Q", "AttendRows", "RaggedRows", "attend_ragged", "block_q_for",

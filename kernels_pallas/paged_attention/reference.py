@@ -23,10 +23,13 @@ ReadPages = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
 def attend_pages(q: jax.Array, q_lens: jax.Array, seq_lens: jax.Array,
                  page_tables: jax.Array, read: ReadPages, *, page_size: int, sm_scale: float,
-                 sliding_window: int | None, soft_cap: float | None) -> jax.Array:
+                 sliding_window: int | None, soft_cap: float | None,
+                 tail_window: int | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """q [R, Q, Hq, hd] of R rows, each row's queries the last q_len positions of its context
     of seq_len keys, read through `read` -> [R, Q, Hq, hd] float32; query slots past q_len
-    and rows without context give zeros."""
+    and rows without context give zeros. With `tail_window` (`tail`), position 0 and the
+    last `tail_window` positions up to each query are left out, and the softmax's log-sum-exp
+    [R, Q, Hq] (-inf where no key is left) comes back beside the output."""
     rows, max_q_len, num_heads, head_dim = q.shape
     chunk = max(1, min(CHUNK_TOKENS // page_size, page_tables.shape[1]))
     pad = -page_tables.shape[1] % chunk
@@ -52,6 +55,9 @@ def attend_pages(q: jax.Array, q_lens: jax.Array, seq_lens: jax.Array,
             k_pos[None, None, :] < seq_lens[:, None, None])
         if sliding_window is not None:
             mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+        if tail_window is not None:
+            mask &= (k_pos[None, None, :] >= 1) & (
+                k_pos[None, None, :] <= q_pos[:, :, None] - tail_window)
         s = jnp.where(mask[:, :, None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(-1))
         safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -66,10 +72,14 @@ def attend_pages(q: jax.Array, q_lens: jax.Array, seq_lens: jax.Array,
     init = (jnp.full((rows, max_q_len, num_heads), -jnp.inf, jnp.float32),
             jnp.zeros((rows, max_q_len, num_heads), jnp.float32),
             jnp.zeros((rows, max_q_len, num_heads, head_dim), jnp.float32))
-    _, denom, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    m, denom, acc = jax.lax.fori_loop(0, num_chunks, body, init)
     out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
     valid = jnp.arange(max_q_len)[None, :] < q_lens[:, None]
-    return jnp.where(valid[:, :, None, None], out, 0.0)
+    out = jnp.where(valid[:, :, None, None], out, 0.0)
+    if tail_window is None:
+        return out
+    live = valid[:, :, None] & (denom > 0)
+    return out, jnp.where(live, m + jnp.log(jnp.where(live, denom, 1.0)), -jnp.inf)
 
 
 def page_reader(k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array) -> ReadPages:
@@ -96,14 +106,18 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-) -> jax.Array:
-    """Attention output [T, Hq, hd]; padding tokens get zeros."""
+    tail_window: int | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Attention output [T, Hq, hd]; padding tokens get zeros. With `tail_window`, the
+    tail's positions are left out and (output float32, log-sum-exp [T, Hq]) come back."""
     q = jnp.asarray(q)
     read = page_reader(k_pages, v_pages, layer)
 
     def attend(row_q, row_q_lens, row_seq_lens, row_tables):
         return attend_pages(row_q, row_q_lens, row_seq_lens, row_tables, read,
                             page_size=k_pages.shape[2], sm_scale=sm_scale,
-                            sliding_window=sliding_window, soft_cap=soft_cap)
+                            sliding_window=sliding_window, soft_cap=soft_cap,
+                            tail_window=tail_window)
 
-    return attend_ragged(q, rows, attend_prefill=attend).astype(q.dtype)
+    out = attend_ragged(q, rows, attend_prefill=attend)
+    return out if tail_window is not None else out.astype(q.dtype)

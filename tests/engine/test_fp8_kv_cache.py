@@ -1,11 +1,13 @@
 """The FP8 KV cache on the real SmolLM2: E4M3 pages, centred and scaled per (layer, head,
 channel) from a calibration text, hold 4x the float32 cache's pages in the same bytes, keep
 greedy output on a plain prompt, and share and copy pages with their calibration (prefix
-caching)."""
+caching). With a full-precision tail longer than every sequence, the engine (chunked
+prefill, concurrent requests in their own slots, decode) gives the float32 model's numbers."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from dendrite_jax import LLM, SamplingParams
@@ -58,3 +60,28 @@ def test_fp8_pages_need_their_calibration():
     kv = KVCache.create(cfg, 4, 4, FP8_DTYPE, fp8=c)
     copied = kv.copied(jnp.array([0]), jnp.array([1]))
     assert copied.fp8 is kv.fp8 and copied.k.dtype == FP8_DTYPE
+
+
+@pytest.mark.parametrize("compression", ["fp8", "turboquant-mse-4"])
+def test_a_tail_longer_than_the_sequences_gives_the_unquantized_model(smollm, compression):
+    """Every position is attended from the tail, so any slot or ring mix-up shows (FP8 pages,
+    and pages of codes on the reference backend)."""
+    llm = LLM(**SMOLLM, kv_compression=compression, kv_full_precision_window=200,
+              max_num_seqs=4, max_num_batched_tokens=32, kv_cache_bytes=1 << 26)
+    tail = llm.engine.runner.kv.tail
+    assert tail.window_k.shape[1:3] == (4, 200)
+    prompts = [PROMPT, "Here are 5 tips for staying healthy:\n1." * 3,
+               "Once upon a time, in a small village by the mountains, " * 4]
+    params = SamplingParams(max_tokens=20, temperature=0, logprobs=1, prompt_logprobs=1)
+    ours, want = llm.generate(prompts, params), smollm.generate(prompts, params)
+    for a, b in zip(ours, want, strict=True):
+        assert a.token_ids == b.token_ids
+        prompt = a.prompt_token_ids
+        np.testing.assert_allclose([a.prompt_logprobs[i][prompt[i]].logprob
+                                    for i in range(1, len(prompt))],
+                                   [b.prompt_logprobs[i][prompt[i]].logprob
+                                    for i in range(1, len(prompt))], atol=2e-4)
+        np.testing.assert_allclose([e[t].logprob for e, t in zip(a.logprobs, a.token_ids, strict=True)],
+                                   [e[t].logprob for e, t in zip(b.logprobs, b.token_ids, strict=True)],
+                                   atol=2e-4)
+    assert llm.engine.pool.stats().used == 0  # every page went back

@@ -1,0 +1,114 @@
+"""FP8 pages with a full-precision tail (`paged_attention.tail`), over several steps of two
+sequences (chunked prefill, mixed and decode-only steps, one sequence joining late): each query
+attends to position 0 and its last `window` positions exactly as written and to the rest as
+the FP8 pages hold them; the tail's merge equals one softmax over the whole context."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dendrite_jax.cache.kv import AttentionMetadata
+from kernels_pallas.paged_attention import write_and_attend
+from kernels_pallas.paged_attention.fp8 import Fp8Calibration, quantize
+from kernels_pallas.paged_attention.tail import FullPrecisionTail
+
+PAGE, PAGES_PER_SEQ, HEADS, KV_HEADS, HEAD_DIM, WINDOW = 8, 6, 4, 2, 32, 5
+LENGTH = PAGE * PAGES_PER_SEQ
+# Each step: (tokens of sequence 0, of sequence 1) and whether it is decode-only.
+STEPS = [((12, 0), False), ((9, 0), False), ((1, 7), False), ((1, 1), True), ((1, 6), False),
+         ((1, 1), True), ((1, 1), True), ((3, 1), False), ((1, 1), True)]
+
+
+def _calibration(rng) -> Fp8Calibration:
+    mean = rng.standard_normal((KV_HEADS, HEAD_DIM)).astype(np.float32) * 3
+    return Fp8Calibration(k_mean=jnp.asarray(mean), v_mean=jnp.asarray(-mean / 2),
+                          k_scale=jnp.full((KV_HEADS, HEAD_DIM), 8 / 448, jnp.float32),
+                          v_scale=jnp.full((KV_HEADS, HEAD_DIM), 8 / 448, jnp.float32))
+
+
+def _as_stored(x: np.ndarray, mean, scale) -> np.ndarray:
+    """What an FP8 page gives back for x [..., Hkv, hd]."""
+    flat = jnp.asarray(x.reshape(-1, KV_HEADS, HEAD_DIM))
+    q = np.asarray(quantize(flat, mean, scale)).astype(np.float32)
+    return (q * np.asarray(scale) + np.asarray(mean)).reshape(x.shape)
+
+
+def _oracle(q, k, v, stored_k, stored_v, pos: int) -> np.ndarray:
+    """One query [Hq, hd] at `pos` over exact keys at 0 and (pos - WINDOW, pos], stored ones
+    elsewhere."""
+    j = np.arange(pos + 1)
+    exact = (j == 0) | (j > pos - WINDOW)
+    keys = np.where(exact[:, None, None], k[:pos + 1], stored_k[:pos + 1])
+    values = np.where(exact[:, None, None], v[:pos + 1], stored_v[:pos + 1])
+    group = HEADS // KV_HEADS
+    keys, values = np.repeat(keys, group, axis=1), np.repeat(values, group, axis=1)
+    s = np.einsum("hd,khd->hk", q, keys) / np.sqrt(HEAD_DIM)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hk,khd->hd", p, values)
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas_gpu"])
+def test_fp8_pages_with_a_tail_attend_exactly_to_the_sink_and_window(backend):
+    rng = np.random.default_rng(3)
+    cal = _calibration(rng)
+    mean = np.asarray(cal.k_mean)
+    k = (rng.standard_normal((2, LENGTH, KV_HEADS, HEAD_DIM)) + mean).astype(np.float32)
+    v = (rng.standard_normal((2, LENGTH, KV_HEADS, HEAD_DIM)) - mean / 2).astype(np.float32)
+    q = rng.standard_normal((2, LENGTH, HEADS, HEAD_DIM)).astype(np.float32)
+    stored_k, stored_v = _as_stored(k, cal.k_mean, cal.k_scale), _as_stored(v, cal.v_mean,
+                                                                            cal.v_scale)
+    shape = (1, 2 * PAGES_PER_SEQ, PAGE, KV_HEADS, HEAD_DIM)
+    k_pages = jnp.zeros(shape, jnp.float8_e4m3fn)
+    v_pages = jnp.zeros(shape, jnp.float8_e4m3fn)
+    # slots are 1 and 0 (not the rows' order) and a third slot stays unused
+    tail = FullPrecisionTail.create(1, 3, WINDOW, KV_HEADS, HEAD_DIM, jnp.float32)
+    slot_of = [1, 0]
+    tables = np.arange(2 * PAGES_PER_SEQ, dtype=np.int32).reshape(2, PAGES_PER_SEQ)
+    done = [0, 0]
+    checked = 0
+    for (counts, decode_only) in STEPS:
+        rows = [r for r in range(2) if counts[r]] if not decode_only else [0, 1]
+        num_tokens = len(rows) if decode_only else 16
+        tok_q, tok_k, tok_v, where = [], [], [], []
+        for r in rows:
+            for i in range(counts[r]):
+                p = done[r] + i
+                tok_q.append(q[r, p]), tok_k.append(k[r, p]), tok_v.append(v[r, p])
+                where.append((r, p))
+        pad = num_tokens - len(where)
+        zeros_q, zeros_kv = np.zeros((HEADS, HEAD_DIM)), np.zeros((KV_HEADS, HEAD_DIM))
+        step_q = np.stack(tok_q + [zeros_q] * pad).astype(np.float32)
+        step_k = np.stack(tok_k + [zeros_kv] * pad).astype(np.float32)
+        step_v = np.stack(tok_v + [zeros_kv] * pad).astype(np.float32)
+        q_lens = np.array([counts[r] for r in rows], np.int32)
+        seq_lens = np.array([done[r] + counts[r] for r in rows], np.int32)
+        meta = AttentionMetadata.build(jnp.asarray(q_lens), jnp.asarray(seq_lens),
+                                       jnp.asarray(tables[rows]), num_tokens=num_tokens,
+                                       decode_only=decode_only, page_size=PAGE,
+                                       num_pages=shape[1],
+                                       slot_ids=jnp.asarray([slot_of[r] for r in rows]))
+        out, k_pages, v_pages, tail = write_and_attend(
+            jnp.asarray(step_q), jnp.asarray(step_k), jnp.asarray(step_v), k_pages, v_pages,
+            jnp.int32(0), meta.rows, meta.slot_pages, meta.slot_offsets,
+            sm_scale=HEAD_DIM ** -0.5, backend=backend, fp8_pages=cal,
+            full_tail=(tail, meta.tail_tokens()))
+        out = np.asarray(out)
+        for t, (r, p) in enumerate(where):
+            want = _oracle(q[r, p], k[r], v[r], stored_k[r], stored_v[r], p)
+            np.testing.assert_allclose(out[t], want, rtol=1e-4, atol=1e-4)
+            checked += 1
+        assert np.all(out[len(where):] == 0)
+        for r in rows:
+            done[r] += counts[r]
+    assert checked == sum(sum(c) for c, _ in STEPS)
+    # the tail holds each sequence's sink and its last WINDOW positions, exactly
+    for r in range(2):
+        slot = slot_of[r]
+        np.testing.assert_array_equal(np.asarray(tail.sink_k[0, slot]), k[r, 0])
+        for p in range(done[r] - WINDOW, done[r]):
+            np.testing.assert_array_equal(np.asarray(tail.window_v[0, slot, p % WINDOW]), v[r, p])
+    assert not np.asarray(tail.window_k[0, 2]).any()
+
