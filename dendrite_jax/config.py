@@ -240,7 +240,7 @@ class EngineConfig:
     kv_full_precision_window: int | None = _setting(
         None, "With a compressed KV cache: each sequence's first token and last N tokens are "
         "also kept at the compute dtype and attended from there (0: none; default: 32 with "
-        "fp8 where the attention backend has it, else 0).")
+        "fp8 where the attention backend has it and prefix caching is off, else 0).")
     attention_backend: str = _setting("auto", "Paged attention: auto (the platform's kernel "
                                       "where it reads the cache), reference, pallas_gpu, "
                                       "pallas_tpu.",

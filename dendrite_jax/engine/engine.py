@@ -92,7 +92,10 @@ class Engine:
         self.prefix_cache = PrefixCache(self.pool, cfg.page_size) if cfg.enable_prefix_caching else None
         self.blocks = KVBlockManager(self.pool, cfg.page_size, self.prefix_cache)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=cfg.max_num_seqs,
-                                   max_num_batched_tokens=cfg.max_num_batched_tokens)
+                                   max_num_batched_tokens=cfg.max_num_batched_tokens,
+                                   # a tail is per slot: a sample reading its sibling's
+                                   # prompt pages would miss that prompt's tail
+                                   share_sibling_prompts=not cfg.kv_full_precision_window)
         self.runner = ModelRunner(model.config, model.params, num_pages=num_pages,
                                   page_size=cfg.page_size, num_slots=cfg.max_num_seqs,
                                   dtype=cfg.dtype, attention_backend=cfg.attention_backend,

@@ -38,7 +38,10 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, blocks: KVBlockManager, *, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, share_sibling_prompts: bool = True) -> None:
+        """`share_sibling_prompts`: parallel samples read their first sibling's prompt pages
+        (off where a slot keeps state of its own positions: a KV cache's full-precision
+        tail)."""
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be at least "
                              f"max_num_seqs ({max_num_seqs}) so every running request can decode")
@@ -46,6 +49,7 @@ class Scheduler:
         self.page_size = blocks.page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.share_sibling_prompts = share_sibling_prompts
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the youngest
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
@@ -143,7 +147,7 @@ class Scheduler:
         computed the prompt; None while r should wait for it; 0 to compute the prompt itself
         (no sibling, one that is gone, or settings that need every prompt token fed)."""
         donor = r.donor
-        if donor is None or _feeds_whole_prompt(r):
+        if donor is None or _feeds_whole_prompt(r) or not self.share_sibling_prompts:
             return 0
         if donor.status is RequestStatus.RUNNING and donor.num_computed >= len(r.prompt_ids):
             return len(r.prompt_ids) - 1

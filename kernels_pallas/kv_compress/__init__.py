@@ -71,11 +71,13 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedPag
         if backend != "reference":
             raise ValueError(f"compressed-cache backend {backend!r} has no full-precision tail "
                              "yet; use attention_backend='reference'")
+        if soft_cap is not None:
+            raise ValueError("a full-precision tail does not support an attention soft cap yet")
         state, tokens = full_tail
         kv = write_codes(kv, layer, k, v, slot_pages, slot_offsets)
         out, lse = ragged_paged_attention(q, kv, layer, rows, tail_window=state.window,
                                           **kwargs)
-        keys, values, keep = tail.context(state, layer, k, v, tokens)
+        keys, values, keep = tail.context(state, layer, k, v, tokens, sliding_window)
         out_tail, lse_tail = tail.attend(q, keys, values, keep, sm_scale=sm_scale)
         out = tail.merge(out, lse, out_tail, lse_tail).astype(q.dtype)
         return out, kv, tail.write(state, layer, k, v, tokens)

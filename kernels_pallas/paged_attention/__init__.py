@@ -135,7 +135,7 @@ def _write_and_attend_fp8(q, k, v, k_pages, v_pages, layer, rows, slot_pages, sl
     if full_tail is None:
         return jnp.where(real[:, None, None], out, 0).astype(q.dtype), k_pages, v_pages
     state, tokens = full_tail
-    keys, values, keep = tail.context(state, layer, k, v, tokens)
+    keys, values, keep = tail.context(state, layer, k, v, tokens, sliding_window)
     keys = keys.astype(jnp.float32) - c.k_mean[None, None]
     out_tail, lse_tail = tail.attend(q, keys, values, keep, sm_scale=sm_scale)
     out = tail.merge(out, lse, out_tail, lse_tail)

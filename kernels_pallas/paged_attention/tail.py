@@ -11,8 +11,9 @@ A query at position p then attends to position 0 and positions (p - window, p] a
 precision, and to positions [1, p - window] from the pages: the page kernels mask out what the
 tail holds (`tail_window`) and return their softmax's log-sum-exp, and `merge` joins the two
 parts exactly. Every token is still written to the pages, so the tail is only ever read, never
-flushed. The tail is per slot: a sequence must have written its own earlier positions (no
-prefix-cache hits, no forked beams; `engine.settings` refuses those combinations).
+flushed. The tail is per slot: a sequence must have written its own earlier positions, so the
+engine gives it no prefix-cache hits (`engine.settings`), no forked beams (`search.beam`) and
+no sibling's prompt pages (parallel samples compute their own prompts: `Scheduler`).
 """
 
 from __future__ import annotations
@@ -67,11 +68,13 @@ class TailTokens:
 
 
 def context(tail: FullPrecisionTail, layer: jax.Array, k: jax.Array, v: jax.Array,
-            tokens: TailTokens) -> tuple[jax.Array, jax.Array, jax.Array]:
+            tokens: TailTokens, sliding_window: int | None = None
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Each token's full-precision keys and values [T, 1 + window, Hkv, hd] (the sink, then
-    positions p - window + 1 .. p) and which of them it attends to ([T, 1 + window]). Positions
-    written in this step come from the step's own k, v [T, Hkv, hd] (a sequence's tokens are
-    consecutive on the token axis); earlier ones from the tail."""
+    positions p - window + 1 .. p) and which of them it attends to ([T, 1 + window]; with a
+    `sliding_window`, only positions inside it). Positions written in this step come from the
+    step's own k, v [T, Hkv, hd] (a sequence's tokens are consecutive on the token axis);
+    earlier ones from the tail."""
     window, num_tokens = tail.window, k.shape[0]
     slots = jnp.clip(tokens.slots, 0, tail.sink_k.shape[1] - 1)
     pos = tokens.positions[:, None] - window + 1 + jnp.arange(window)  # [T, W]
@@ -87,7 +90,11 @@ def context(tail: FullPrecisionTail, layer: jax.Array, k: jax.Array, v: jax.Arra
         sink_now = jnp.where((tokens.starts == 0)[:, None, None], new[first], sink[layer][slots])
         return jnp.concatenate([sink_now[:, None], recent.astype(new.dtype)], axis=1)
 
-    keep = jnp.concatenate([tokens.valid[:, None], (pos >= 1) & tokens.valid[:, None]], axis=1)
+    key_pos = jnp.concatenate([jnp.zeros_like(pos[:, :1]), pos], axis=1)  # [T, 1 + W]
+    keep = tokens.valid[:, None] & jnp.concatenate(
+        [jnp.ones_like(this_step[:, :1]), pos >= 1], axis=1)
+    if sliding_window is not None:
+        keep &= key_pos > tokens.positions[:, None] - sliding_window
     return keys_of(k, tail.sink_k, tail.window_k), keys_of(v, tail.sink_v, tail.window_v), keep
 
 

@@ -84,4 +84,16 @@ def test_a_tail_longer_than_the_sequences_gives_the_unquantized_model(smollm, co
         np.testing.assert_allclose([e[t].logprob for e, t in zip(a.logprobs, a.token_ids, strict=True)],
                                    [e[t].logprob for e, t in zip(b.logprobs, b.token_ids, strict=True)],
                                    atol=2e-4)
+    # parallel samples: the second computes its own prompt (its slot's tail), not its
+    # sibling's; each sampled token's logprob is the unquantized model's for that sequence
+    prompt = llm.tokenizer.encode("A recipe for pancakes, step by step, for four people:")
+    pair = llm.generate([prompt], SamplingParams(n=2, max_tokens=12, temperature=1.0, seed=0,
+                                                 logprobs=1))[0].samples
+    for sample in pair:
+        ref = smollm.generate([prompt + sample.token_ids],
+                              SamplingParams(max_tokens=1, prompt_logprobs=1))[0]
+        np.testing.assert_allclose(
+            [e[t].logprob for e, t in zip(sample.logprobs, sample.token_ids, strict=True)],
+            [ref.prompt_logprobs[len(prompt) + i][t].logprob
+             for i, t in enumerate(sample.token_ids)], atol=2e-4)
     assert llm.engine.pool.stats().used == 0  # every page went back

@@ -35,13 +35,15 @@ def _as_stored(x: np.ndarray, mean, scale) -> np.ndarray:
     return (q * np.asarray(scale) + np.asarray(mean)).reshape(x.shape)
 
 
-def _oracle(q, k, v, stored_k, stored_v, pos: int) -> np.ndarray:
+def _oracle(q, k, v, stored_k, stored_v, pos: int, sliding: int | None = None) -> np.ndarray:
     """One query [Hq, hd] at `pos` over exact keys at 0 and (pos - WINDOW, pos], stored ones
-    elsewhere."""
-    j = np.arange(pos + 1)
+    elsewhere (only the last `sliding` positions with a sliding window)."""
+    first = 0 if sliding is None else max(0, pos - sliding + 1)
+    j = np.arange(first, pos + 1)
+    k, v, stored_k, stored_v = k[first:], v[first:], stored_k[first:], stored_v[first:]
     exact = (j == 0) | (j > pos - WINDOW)
-    keys = np.where(exact[:, None, None], k[:pos + 1], stored_k[:pos + 1])
-    values = np.where(exact[:, None, None], v[:pos + 1], stored_v[:pos + 1])
+    keys = np.where(exact[:, None, None], k[:len(j)], stored_k[:len(j)])
+    values = np.where(exact[:, None, None], v[:len(j)], stored_v[:len(j)])
     group = HEADS // KV_HEADS
     keys, values = np.repeat(keys, group, axis=1), np.repeat(values, group, axis=1)
     s = np.einsum("hd,khd->hk", q, keys) / np.sqrt(HEAD_DIM)
@@ -50,8 +52,11 @@ def _oracle(q, k, v, stored_k, stored_v, pos: int) -> np.ndarray:
     return np.einsum("hk,khd->hd", p, values)
 
 
+@pytest.mark.parametrize("sliding", [None, 7])
 @pytest.mark.parametrize("backend", ["reference", "pallas_gpu"])
-def test_fp8_pages_with_a_tail_attend_exactly_to_the_sink_and_window(backend):
+def test_fp8_pages_with_a_tail_attend_exactly_to_the_sink_and_window(backend, sliding):
+    """With a sliding window (7, wider than the tail's 5), positions past it are left out of
+    both parts, the sink included."""
     rng = np.random.default_rng(3)
     cal = _calibration(rng)
     mean = np.asarray(cal.k_mean)
@@ -93,11 +98,11 @@ def test_fp8_pages_with_a_tail_attend_exactly_to_the_sink_and_window(backend):
         out, k_pages, v_pages, tail = write_and_attend(
             jnp.asarray(step_q), jnp.asarray(step_k), jnp.asarray(step_v), k_pages, v_pages,
             jnp.int32(0), meta.rows, meta.slot_pages, meta.slot_offsets,
-            sm_scale=HEAD_DIM ** -0.5, backend=backend, fp8_pages=cal,
+            sm_scale=HEAD_DIM ** -0.5, sliding_window=sliding, backend=backend, fp8_pages=cal,
             full_tail=(tail, meta.tail_tokens()))
         out = np.asarray(out)
         for t, (r, p) in enumerate(where):
-            want = _oracle(q[r, p], k[r], v[r], stored_k[r], stored_v[r], p)
+            want = _oracle(q[r, p], k[r], v[r], stored_k[r], stored_v[r], p, sliding)
             np.testing.assert_allclose(out[t], want, rtol=1e-4, atol=1e-4)
             checked += 1
         assert np.all(out[len(where):] == 0)
