@@ -6,8 +6,8 @@ against bfloat16 pages in the same run.
 
 Sections (`--sections`):
 `fp8` pages are read by the plain kernels (as the engine does); the code kernels read the rest.
-`fp8@N` in the decode section adds the full-precision tail of an N-token window
-(`kv_full_precision_window`), which the sequence counts include.
+`<cache>@N` in the decode section (`fp8@32`, `turboquant-mse-4@32`) adds the full-precision
+tail of an N-token window (`kv_full_precision_window`), which the sequence counts include.
 
 - `attention`: the decode kernel reading codes (`kernels_pallas.kv_compress.gpu`, best of a
   small sweep) vs the bfloat16 paged-attention kernel at each (batch, context) of
@@ -100,7 +100,12 @@ def random_cache(cfg, num_pages: int, compression: str, seed: int = 0, slots: in
     whole code array at once needs several times its size in temporaries, which is what ran
     out of memory in the first largest-batch runs (not the step)."""
     key = jax.random.key(seed)
-    if split_name(compression)[0] in PLAIN_KV:  # constant: the time does not depend on values
+    compression, window = split_name(compression)
+    tail = None
+    if window:  # zeros: the step's time does not depend on the tail's values
+        tail = FullPrecisionTail.create(cfg.num_layers, slots, window, cfg.num_kv_heads,
+                                        cfg.head_dim, jnp.bfloat16)
+    if compression in PLAIN_KV:  # constant: the time does not depend on values
         shape = (cfg.num_layers, num_pages, PAGE_SIZE, cfg.num_kv_heads, cfg.head_dim)
         if compression == "none":
             return KVCache(k=jnp.full(shape, 0.01, jnp.bfloat16),
@@ -108,11 +113,6 @@ def random_cache(cfg, num_pages: int, compression: str, seed: int = 0, slots: in
         heads = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
         calibration = Fp8Calibration(k_mean=jnp.zeros(heads), v_mean=jnp.zeros(heads),
                                      k_scale=jnp.ones(heads), v_scale=jnp.ones(heads))
-        compression, window = split_name(compression)
-        tail = None
-        if window:
-            tail = FullPrecisionTail.create(cfg.num_layers, slots, window, cfg.num_kv_heads,
-                                            cfg.head_dim, jnp.bfloat16)
         return KVCache(k=jnp.full(shape, 0.5, FP8_DTYPE), v=jnp.full(shape, 0.25, FP8_DTYPE),
                        fp8=calibration, tail=tail)
     spec = jax.eval_shape(lambda: CompressedKVCache.create(cfg, num_pages, PAGE_SIZE,
@@ -127,7 +127,7 @@ def random_cache(cfg, num_pages: int, compression: str, seed: int = 0, slots: in
         else:  # norms and means
             one = jax.random.uniform(k, layer_shape, s.dtype, 0.5, 1.5)
         arrays.append(jnp.broadcast_to(one[None], s.shape))
-    return jax.tree.unflatten(treedef, arrays)
+    return dataclasses.replace(jax.tree.unflatten(treedef, arrays), tail=tail)
 
 
 def attention_row(batch: int, context: int, compressions: list[str]) -> dict:
@@ -240,12 +240,12 @@ def decode_row(model, batch: int, context: int, compression: str,
 def seq_bytes(cfg, context: int, compression: str) -> int:
     pages = context // PAGE_SIZE + 1
     name, window = split_name(compression)
+    tail = FullPrecisionTail.bytes_per_slot(cfg.num_layers, window, cfg.num_kv_heads,
+                                            cfg.head_dim, jnp.bfloat16) if window else 0
     if name in PLAIN_KV:
         dtype = "bfloat16" if name == "none" else FP8_DTYPE
-        tail = FullPrecisionTail.bytes_per_slot(cfg.num_layers, window, cfg.num_kv_heads,
-                                                cfg.head_dim, jnp.bfloat16) if window else 0
         return pages * KVCache.bytes_per_page(cfg, PAGE_SIZE, dtype) + tail
-    return pages * CompressedKVCache.bytes_per_page(cfg, PAGE_SIZE, compression)
+    return pages * CompressedKVCache.bytes_per_page(cfg, PAGE_SIZE, name) + tail
 
 
 def decode_section(report: dict) -> None:

@@ -115,7 +115,7 @@ def test_fp8_caches_get_a_full_precision_tail_where_it_can_be_had():
     for bad, match in [(dict(asked, enable_prefix_caching=True), "prefix caching"),
                        (dict(asked, kv_compression="none"), "applies to"),
                        (dict(asked, kv_compression="turboquant-mse-4",
-                             attention_backend="pallas_gpu"), "no full-precision tail"),
+                             attention_backend="pallas_tpu"), "no full-precision tail"),
                        (dict(asked, attention_backend="pallas_tpu"), "no full-precision tail")]:
         with pytest.raises(ValueError, match=match):
             resolve(EngineConfig(**bad), "cpu", head_dim=64)

@@ -41,7 +41,7 @@ def resolve(cfg: EngineConfig, platform: str, *, head_dim: int,
       elsewhere left unset: `LaunchPipeline.threads` decides per step by its rows;
     - `kv_full_precision_window`: 32 with an FP8 cache on the reference and GPU backends
       without prefix caching (`paged_attention.tail`), else 0 (caches of codes have it on
-      the reference backend when asked).
+      those backends when asked).
     """
     accelerator = platform != "cpu"
     fp8 = cfg.weights_dtype is not None
@@ -93,10 +93,9 @@ def resolve_full_precision_window(cfg: EngineConfig, attention: str) -> int:
     if cfg.kv_compression == "none":
         raise ValueError("kv_full_precision_window applies to a compressed KV cache "
                          "(kv_compression 'fp8' or codes)")
-    backends = TAIL_BACKENDS if cfg.kv_compression == "fp8" else ("reference",)
-    if attention not in backends:
+    if attention not in TAIL_BACKENDS:
         raise ValueError(f"attention backend {attention!r} has no full-precision tail for a "
-                         f"{cfg.kv_compression!r} cache yet; use one of {backends} or "
+                         f"{cfg.kv_compression!r} cache yet; use one of {TAIL_BACKENDS} or "
                          "kv_full_precision_window=0")
     if cfg.enable_prefix_caching:  # a shared prefix's tail lives in another sequence's slot
         raise ValueError("kv_full_precision_window does not combine with prefix caching yet; "

@@ -13,7 +13,7 @@ Backends:
   of 1, 2, 4 or 8 bits ("turboquant-mse-4", ...); off a TPU it runs in TPU interpret mode.
 - "auto": the platform's kernel where it reads the compression, else "reference".
 
-A full-precision tail (`paged_attention.tail`) is read on the reference backend only.
+A full-precision tail (`paged_attention.tail`) is read on the reference and GPU backends.
 """
 
 from __future__ import annotations
@@ -64,19 +64,24 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedPag
     returns (out [T, Hq, hd], the cache). Every backend scatters the codes first
     (`reference.write_codes`) and its kernels read them back from the pages (a GPU decode
     kernel storing them itself was slower: `gpu.write_and_attend`). `full_tail`: the cache's
-    full-precision tail and the step's tokens in it (reference backend only); the updated
-    tail comes back as a third result."""
+    full-precision tail and the step's tokens in it (reference and GPU backends); the
+    updated tail comes back as a third result."""
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if full_tail is not None:
-        if backend != "reference":
+        if backend not in ("reference", "pallas_gpu"):
             raise ValueError(f"compressed-cache backend {backend!r} has no full-precision tail "
-                             "yet; use attention_backend='reference'")
+                             "yet; use attention_backend='reference' or 'pallas_gpu'")
         if soft_cap is not None:
             raise ValueError("a full-precision tail does not support an attention soft cap yet")
         state, tokens = full_tail
-        kv = write_codes(kv, layer, k, v, slot_pages, slot_offsets)
-        out, lse = ragged_paged_attention(q, kv, layer, rows, tail_window=state.window,
-                                          **kwargs)
+        if backend == "pallas_gpu":
+            (out, lse), kv = gpu.write_and_attend(
+                q, k, v, kv, layer, rows, slot_pages, slot_offsets, tail_window=state.window,
+                interpret=jax.default_backend() != "gpu", **kwargs)
+        else:
+            kv = write_codes(kv, layer, k, v, slot_pages, slot_offsets)
+            out, lse = ragged_paged_attention(q, kv, layer, rows, tail_window=state.window,
+                                              **kwargs)
         keys, values, keep = tail.context(state, layer, k, v, tokens, sliding_window)
         out_tail, lse_tail = tail.attend(q, keys, values, keep, sm_scale=sm_scale)
         out = tail.merge(out, lse, out_tail, lse_tail).astype(q.dtype)

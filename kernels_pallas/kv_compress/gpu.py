@@ -158,10 +158,11 @@ def _key_scores(q_rot, q_sketch, bias, load, norms, codes: _Codes, key: TurboQua
 def _attend_codes(q_rot, q_sketch, bias, q_pos, seq_len, page_table_ref, page_base,
                   codes: _Codes, *, first, end, key_start, block_k: int, sm_scale: float,
                   soft_cap: float | None, sliding_window: int | None, key: TurboQuantCompressor,
-                  value: TurboQuantCompressor):
+                  value: TurboQuantCompressor, tail_window: int | None):
     """Online softmax of rotated queries q_rot [M, hd] (sketches q_sketch [M, m], score offsets
     bias [M]) at positions q_pos over key blocks [first, cdiv(end, block_k)); returns the
-    unnormalised (rotated-domain acc [M, hd], max, denominator)."""
+    unnormalised (rotated-domain acc [M, hd], max, denominator). With `tail_window`, position
+    0 and each query's last `tail_window` positions are masked (`paged_attention.tail`)."""
     page_size = codes.k["norm"].shape[-1]
     pages_per_block = block_k // page_size
     head_dim, dtype = q_rot.shape[-1], q_rot.dtype
@@ -176,6 +177,8 @@ def _attend_codes(q_rot, q_sketch, bias, q_pos, seq_len, page_table_ref, page_ba
         keep = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < seq_len)
         if sliding_window is not None:
             keep &= k_pos[None, :] > q_pos[:, None] - sliding_window
+        if tail_window is not None:
+            keep &= (k_pos[None, :] >= 1) & (k_pos[None, :] <= q_pos[:, None] - tail_window)
         s = jnp.where(keep, s, MASK_VALUE)
         m_next = jnp.maximum(m_prev, s.max(axis=-1))
         correction = jnp.exp(m_prev - m_next)
@@ -205,7 +208,10 @@ def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_rot_ref, q_sketch_r
     page_base = layer_ref[0] * num_pages
     seq_len = seq_len_ref[0]
     split_start = split * pages_per_split * page_size
-    end = jnp.clip(seq_len - split_start, 0, pages_per_split * page_size)
+    context = seq_len  # keys read from the pages; a tail holds the last tail_window
+    if kwargs["tail_window"] is not None:
+        context = jnp.maximum(seq_len - kwargs["tail_window"], 0)
+    end = jnp.clip(context - split_start, 0, pages_per_split * page_size)
     first = 0
     if kwargs["sliding_window"] is not None:
         first = jnp.maximum(seq_len - kwargs["sliding_window"] - split_start, 0) // block_k
@@ -230,20 +236,28 @@ def _decode_kernel(layer_ref, seq_len_ref, page_table_ref, q_rot_ref, q_sketch_r
 
 def _prefill_kernel(layer_ref, q_len_ref, seq_len_ref, page_table_ref, q_rot_ref, q_sketch_ref,
                     bias_ref, *refs, num_pages: int, **kwargs):
-    codes, (o_ref,) = _take_codes(refs, kwargs["key"])
+    codes, (o_ref, *lse_ref) = _take_codes(refs, kwargs["key"])
     q_block = pl.program_id(2)
     block_q, block_k = q_rot_ref.shape[0], kwargs["block_k"]
     q_len, seq_len = q_len_ref[0], seq_len_ref[0]
     first_q = seq_len - q_len + q_block * block_q
     end = jnp.where(q_block * block_q < q_len, jnp.minimum(seq_len, first_q + block_q), 0)
+    if kwargs["tail_window"] is not None:  # the tail holds each query's last positions
+        end = jnp.maximum(end - kwargs["tail_window"], 0)
     first = 0
     if kwargs["sliding_window"] is not None:
         first = jnp.maximum(first_q - kwargs["sliding_window"] + 1, 0) // block_k
-    acc, _, denom = _attend_codes(
+    acc, m, denom = _attend_codes(
         q_rot_ref[...], q_sketch_ref[...], bias_ref[...], first_q + jnp.arange(block_q),
         seq_len, page_table_ref, layer_ref[0] * num_pages, codes, first=first, end=end,
         key_start=0, **kwargs)
-    o_ref[...] = acc / jnp.where(denom > 0, denom, 1.0)[:, None]
+    out = acc / jnp.where(denom > 0, denom, 1.0)[:, None]
+    if kwargs["tail_window"] is not None:  # a query may have no key left: zeros and -inf
+        live = m > 0.5 * MASK_VALUE
+        out = jnp.where(live[:, None], out, 0.0)
+        (lse_ref,) = lse_ref
+        lse_ref[...] = jnp.where(live, m + jnp.log(jnp.where(live, denom, 1.0)), -jnp.inf)
+    o_ref[...] = out
 
 
 def _code_arrays(kv: CompressedPages, dtype) -> list[jax.Array]:
@@ -274,13 +288,15 @@ def _stages(tuning: CodeTuning, block_k: int, kv: CompressedPages) -> int:
     return fit_stages(tuning.num_stages, block_k * page_bytes * 4)  # unpacked tiles too
 
 
-def _kernel_kwargs(kv, sm_scale, sliding_window, soft_cap, block_k):
+def _kernel_kwargs(kv, sm_scale, sliding_window, soft_cap, block_k, tail_window=None):
     return dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                block_k=block_k, key=kv.key_compressor, value=kv.value_compressor)
+                block_k=block_k, key=kv.key_compressor, value=kv.value_compressor,
+                tail_window=tail_window)
 
 
 def _decode_call(q_rot, q_sketch, bias, kv: CompressedPages, layer, seq_lens, page_tables,
-                 *, sm_scale, sliding_window, soft_cap, tuning: CodeTuning, interpret):
+                 *, sm_scale, sliding_window, soft_cap, tuning: CodeTuning, interpret,
+                 tail_window=None):
     rows, num_heads, head_dim = q_rot.shape
     num_pages, page_size, num_kv_heads = kv.num_pages, kv.page_size, kv.k["norm"].shape[3]
     group = num_heads // num_kv_heads
@@ -305,7 +321,7 @@ def _decode_call(q_rot, q_sketch, bias, kv: CompressedPages, layer, seq_lens, pa
     ]
     args = [layer_array(layer), seq_lens, page_tables, q_rot, q_sketch,
             bias.astype(jnp.float32), *arrays]
-    normalize = splits == 1
+    normalize = splits == 1 and tail_window is None  # the tail needs the log-sum-exp
     if normalize:
         out_specs = [pl.BlockSpec((None, num_heads, head_dim), lambda r, h, s: (r, 0, 0))]
         out_shape = [jax.ShapeDtypeStruct((rows, num_heads, head_dim), jnp.float32)]
@@ -323,7 +339,7 @@ def _decode_call(q_rot, q_sketch, bias, kv: CompressedPages, layer, seq_lens, pa
     kernel = functools.partial(
         _decode_kernel, num_pages=num_pages, group=group, group_pad=group_pad,
         normalize=normalize,
-        **_kernel_kwargs(kv, sm_scale, sliding_window, soft_cap, block_k))
+        **_kernel_kwargs(kv, sm_scale, sliding_window, soft_cap, block_k, tail_window))
     outs = pl.pallas_call(
         kernel, grid=(rows, num_kv_heads, splits), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape,
@@ -333,35 +349,45 @@ def _decode_call(q_rot, q_sketch, bias, kv: CompressedPages, layer, seq_lens, pa
     )(*args)
     if normalize:
         return outs[0]
+    if tail_window is not None:  # and the log-sum-exp [R, Hq]
+        out, lse = combine_splits(*outs, with_lse=True)
+        return (out[:, :, :group].reshape(rows, num_heads, head_dim),
+                lse[:, :, :group].reshape(rows, num_heads))
     return combine_splits(*outs)[:, :, :group].reshape(rows, num_heads, head_dim)
 
 
 def decode(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: CompressedPages,
            layer: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *, sm_scale: float,
            sliding_window: int | None = None, soft_cap: float | None = None,
-           tuning: CodeTuning = CodeTuning(), interpret: bool = False) -> jax.Array:
+           tuning: CodeTuning = CodeTuning(), interpret: bool = False,
+           tail_window: int | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """One query per row (its key already in the pages): rotated queries q_rot [R, Hq, hd],
-    sketches [R, Hq, m], offsets bias [R, Hq] -> rotated-domain outputs [R, Hq, hd] float32."""
+    sketches [R, Hq, m], offsets bias [R, Hq] -> rotated-domain outputs [R, Hq, hd] float32;
+    with `tail_window`, (outputs, log-sum-exp [R, Hq]) of the positions the tail does not hold."""
     return _decode_call(q_rot, q_sketch, bias, kv, layer, seq_lens, page_tables,
                         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                        tuning=tuning, interpret=interpret)
+                        tuning=tuning, interpret=interpret, tail_window=tail_window)
 
 
 def prefill(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: CompressedPages,
             layer: jax.Array, q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array,
             *, sm_scale: float, sliding_window: int | None = None,
             soft_cap: float | None = None, tuning: CodeTuning = CodeTuning(),
-            interpret: bool = False) -> jax.Array:
+            interpret: bool = False, tail_window: int | None = None
+            ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Rows of up to Q queries: q_rot [R, Q, Hq, hd], q_sketch [R, Q, Hq, m], bias [R, Q, Hq]
-    -> rotated-domain outputs [R, Q, Hq, hd] float32 (garbage past q_len: mask it)."""
+    -> rotated-domain outputs [R, Q, Hq, hd] float32 (garbage past q_len: mask it); with
+    `tail_window`, (outputs, log-sum-exp [R, Q, Hq]) of the positions the tail does not hold."""
     rows, width, num_heads, head_dim = q_rot.shape
     block_q, padded = query_tiles(width, tuning.block_q)
     if padded != width:  # Triton's tiles: a power of two of at least 16 queries
         pad = ((0, 0), (0, padded - width))
-        return prefill(*(jnp.pad(a, pad + ((0, 0),) * (a.ndim - 2))
+        outs = prefill(*(jnp.pad(a, pad + ((0, 0),) * (a.ndim - 2))
                          for a in (q_rot, q_sketch, bias)), kv, layer, q_lens, seq_lens,
                        page_tables, sm_scale=sm_scale, sliding_window=sliding_window,
-                       soft_cap=soft_cap, tuning=tuning, interpret=interpret)[:, :width]
+                       soft_cap=soft_cap, tuning=tuning, interpret=interpret,
+                       tail_window=tail_window)
+        return jax.tree.map(lambda x: x[:, :width], outs)
     page_size, num_kv_heads = kv.page_size, kv.k["norm"].shape[3]
     group = num_heads // num_kv_heads
     block_k = max(tuning.pages_per_block * page_size, page_size)
@@ -372,7 +398,12 @@ def prefill(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: Compress
         return pl.BlockSpec((None, block_q, None, *last), lambda r, h, b: (r, b, h, *(0,) * len(last)))
 
     kernel = functools.partial(_prefill_kernel, num_pages=kv.num_pages,
-                               **_kernel_kwargs(kv, sm_scale, sliding_window, soft_cap, block_k))
+                               **_kernel_kwargs(kv, sm_scale, sliding_window, soft_cap, block_k,
+                                                tail_window))
+    out_specs, out_shape = tokens((head_dim,)), jax.ShapeDtypeStruct(q_rot.shape, jnp.float32)
+    if tail_window is not None:  # and each query's log-sum-exp [R, Q, Hq]
+        out_specs = (out_specs, tokens(()))
+        out_shape = (out_shape, jax.ShapeDtypeStruct(q_rot.shape[:3], jnp.float32))
     return pl.pallas_call(
         kernel, grid=(rows, num_heads, width // block_q),
         in_specs=[
@@ -382,8 +413,8 @@ def prefill(q_rot: jax.Array, q_sketch: jax.Array, bias: jax.Array, kv: Compress
             tokens((head_dim,)), tokens((q_sketch.shape[-1],)), tokens(()),
             *_code_specs(arrays, lambda r, h, b: h // group),
         ],
-        out_specs=tokens((head_dim,)),
-        out_shape=jax.ShapeDtypeStruct(q_rot.shape, jnp.float32),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=tuning.num_warps,
                                                 num_stages=_stages(tuning, block_k, kv)),
         interpret=interpret, name="compressed_attention_prefill",
@@ -405,49 +436,62 @@ def _decode_values(out_rot: jax.Array, kv: CompressedPages, layer: jax.Array,
 
 def _prefill_values(rows: jax.Array, kv: CompressedPages, layer: jax.Array,
                     q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array,
-                    **kwargs) -> jax.Array:
-    """`prefill` on query rows [R, Q, Hq, hd], read back as values; zeros past q_len."""
-    out = prefill(*rotated_queries(rows, kv, layer), kv, layer, q_lens, seq_lens, page_tables,
-                  **kwargs)
+                    **kwargs) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """`prefill` on query rows [R, Q, Hq, hd], read back as values; zeros past q_len (and,
+    with a tail, the log-sum-exp beside them: -inf past q_len)."""
+    outs = prefill(*rotated_queries(rows, kv, layer), kv, layer, q_lens, seq_lens, page_tables,
+                   **kwargs)
+    out, lse = outs if isinstance(outs, tuple) else (outs, None)
     valid = jnp.arange(rows.shape[1])[None, :] < q_lens[:, None]
-    return jnp.where(valid[:, :, None, None], values_out(out, kv, layer), 0.0)
+    values = jnp.where(valid[:, :, None, None], values_out(out, kv, layer), 0.0)
+    if lse is None:
+        return values
+    return values, jnp.where(valid[:, :, None], lse, -jnp.inf)
 
 
 def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedPages,
                      layer: jax.Array, rows: RaggedRows, slot_pages: jax.Array,
                      slot_offsets: jax.Array, *, sm_scale: float,
                      sliding_window: int | None = None, soft_cap: float | None = None,
-                     tuning: CodeTuning = CodeTuning(), interpret: bool = False
-                     ) -> tuple[jax.Array, CompressedPages]:
+                     tuning: CodeTuning = CodeTuning(), interpret: bool = False,
+                     tail_window: int | None = None) -> tuple:
     """The step's attention with its code writes (contract: `kv_compress.write_and_attend`):
     every token's codes are scattered into their pages (in place, the cache donated), then
     the kernels read them with the rest of the context. (A decode kernel that stored its row's
-    codes itself, as the plain one does, is slower per call.)"""
+    codes itself, as the plain one does, is slower per call.) With `tail_window`, the
+    attention is (output float32, log-sum-exp) of the positions a tail does not hold."""
     _check_supported(kv)  # before the cache is written
     kv = write_codes(kv, layer, k, v, slot_pages, slot_offsets)
     return ragged_paged_attention(q, kv, layer, rows, sm_scale=sm_scale,
                                   sliding_window=sliding_window, soft_cap=soft_cap,
-                                  tuning=tuning, interpret=interpret), kv
+                                  tuning=tuning, interpret=interpret,
+                                  tail_window=tail_window), kv
 
 
 def ragged_paged_attention(q: jax.Array, kv: CompressedPages, layer: jax.Array,
                            rows: RaggedRows, *, sm_scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
-                           tuning: CodeTuning = CodeTuning(),
-                           interpret: bool = False) -> jax.Array:
+                           tuning: CodeTuning = CodeTuning(), interpret: bool = False,
+                           tail_window: int | None = None
+                           ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The step's attention [T, Hq, hd] over codes (contract: `reference.ragged_paged_attention`)."""
     _check_supported(kv)
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                  tuning=tuning, interpret=interpret)
+                  tuning=tuning, interpret=interpret, tail_window=tail_window)
 
     def attend_decode(row_q, row_q_lens, row_seq_lens, row_tables):
-        out = decode(*rotated_queries(row_q[:, 0], kv, layer), kv, layer, row_seq_lens,
-                     row_tables, **kwargs)
-        return _decode_values(out, kv, layer, row_q_lens)[:, None]
+        outs = decode(*rotated_queries(row_q[:, 0], kv, layer), kv, layer, row_seq_lens,
+                      row_tables, **kwargs)
+        if tail_window is None:
+            return _decode_values(outs, kv, layer, row_q_lens)[:, None]
+        out, lse = outs
+        live = (row_q_lens > 0)[:, None]
+        return (_decode_values(out, kv, layer, row_q_lens)[:, None],
+                jnp.where(live, lse, -jnp.inf)[:, None])
 
     def attend_prefill(row_q, row_q_lens, row_seq_lens, row_tables):
         return _prefill_values(row_q, kv, layer, row_q_lens, row_seq_lens, row_tables,
                                **kwargs)
 
     out = attend_ragged(q, rows, attend_prefill=attend_prefill, attend_decode=attend_decode)
-    return out.astype(q.dtype)
+    return out if tail_window is not None else out.astype(q.dtype)

@@ -1,15 +1,21 @@
-"""FP8 pages with a full-precision tail (`paged_attention.tail`), over several steps of two
-sequences (chunked prefill, mixed and decode-only steps, one sequence joining late): each query
+"""A full-precision tail (`paged_attention.tail`) over several steps of two sequences (chunked
+prefill, mixed and decode-only steps, one sequence joining late): with FP8 pages each query
 attends to position 0 and its last `window` positions exactly as written and to the rest as
-the FP8 pages hold them; the tail's merge equals one softmax over the whole context."""
+the pages hold them, and the tail's merge equals one softmax over the whole context; with pages
+of codes the GPU kernels give the reference's numbers, tail included."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.kv import AttentionMetadata
+from kernels_pallas import kv_compress
 from kernels_pallas.paged_attention import write_and_attend
 from kernels_pallas.paged_attention.fp8 import Fp8Calibration, quantize
 from kernels_pallas.paged_attention.tail import FullPrecisionTail
@@ -117,3 +123,55 @@ def test_fp8_pages_with_a_tail_attend_exactly_to_the_sink_and_window(backend, sl
             np.testing.assert_array_equal(np.asarray(tail.window_v[0, slot, p % WINDOW]), v[r, p])
     assert not np.asarray(tail.window_k[0, 2]).any()
 
+
+
+def _steps(rng):
+    """Each step's (q, k, v, metadata, [(row, position)] of its real tokens)."""
+    q = rng.standard_normal((2, LENGTH, HEADS, HEAD_DIM)).astype(np.float32)
+    k = (rng.standard_normal((2, LENGTH, KV_HEADS, HEAD_DIM)) + 2).astype(np.float32)
+    v = rng.standard_normal((2, LENGTH, KV_HEADS, HEAD_DIM)).astype(np.float32)
+    tables = np.arange(2 * PAGES_PER_SEQ, dtype=np.int32).reshape(2, PAGES_PER_SEQ)
+    done = [0, 0]
+    for counts, decode_only in STEPS:
+        rows = [r for r in range(2) if counts[r]] if not decode_only else [0, 1]
+        num_tokens = len(rows) if decode_only else 16
+        where = [(r, done[r] + i) for r in rows for i in range(counts[r])]
+        pad = num_tokens - len(where)
+
+        def stack(x, heads, where=where, pad=pad):
+            return jnp.asarray(np.stack([x[r, p] for r, p in where]
+                                        + [np.zeros((heads, HEAD_DIM), np.float32)] * pad))
+        meta = AttentionMetadata.build(
+            jnp.asarray([counts[r] for r in rows], jnp.int32),
+            jnp.asarray([done[r] + counts[r] for r in rows], jnp.int32),
+            jnp.asarray(tables[rows]), num_tokens=num_tokens, decode_only=decode_only,
+            page_size=PAGE, num_pages=2 * PAGES_PER_SEQ, slot_ids=jnp.asarray([1, 0])[jnp.asarray(rows)])
+        yield stack(q, HEADS), stack(k, KV_HEADS), stack(v, KV_HEADS), meta, where
+        for r in rows:
+            done[r] += counts[r]
+
+
+@pytest.mark.parametrize("compression", ["turboquant-mse-4", "turboquant-4"])
+def test_code_kernels_with_a_tail_match_the_reference(compression):
+    cfg = dataclasses.make_dataclass("Shape", ["num_layers", "num_kv_heads", "head_dim"])(
+        1, KV_HEADS, HEAD_DIM)
+    rng = np.random.default_rng(11)
+    means = tuple(jnp.asarray(rng.standard_normal((1, KV_HEADS, HEAD_DIM)), jnp.float32)
+                  for _ in range(2))
+    caches = {b: CompressedKVCache.create(cfg, 2 * PAGES_PER_SEQ, PAGE, compression, means=means)
+              for b in ("reference", "pallas_gpu")}
+    tails = {b: FullPrecisionTail.create(1, 2, WINDOW, KV_HEADS, HEAD_DIM, jnp.float32)
+             for b in caches}
+    for q, k, v, meta, where in _steps(rng):
+        outs = {}
+        for b in caches:
+            with jax.default_matmul_precision("highest"):
+                outs[b], caches[b], tails[b] = kv_compress.write_and_attend(
+                    q, k, v, caches[b], jnp.int32(0), meta.rows, meta.slot_pages,
+                    meta.slot_offsets, sm_scale=HEAD_DIM ** -0.5, backend=b,
+                    full_tail=(tails[b], meta.tail_tokens()))
+        real = len(where)
+        ref, got = np.asarray(outs["reference"]), np.asarray(outs["pallas_gpu"])
+        np.testing.assert_allclose(got[:real], ref[:real], rtol=5e-5, atol=5e-5)
+    np.testing.assert_array_equal(np.asarray(tails["pallas_gpu"].window_k),
+                                  np.asarray(tails["reference"].window_k))
