@@ -37,7 +37,8 @@ from dendrite_jax import LLM, SamplingParams
 from kernels_pallas.codecs.kv import compression_ratio, make_kv_compression
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("parts", ["compressors", "perplexity", "greedy", "needle"], "What to run.")
+flags.DEFINE_list("parts", ["compressors", "perplexity", "greedy", "greedy_long", "needle"],
+                  "What to run.")
 flags.DEFINE_list("caches", ["none", "fp8", "polarquant-4", "turboquant-mse-4", "turboquant-4",
                              "turboquant-3", "qjl-256"],
                   "Cache compressions for the SmolLM2 parts.")
