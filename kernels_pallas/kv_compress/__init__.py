@@ -82,10 +82,9 @@ def write_and_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv: CompressedPag
             kv = write_codes(kv, layer, k, v, slot_pages, slot_offsets)
             out, lse = ragged_paged_attention(q, kv, layer, rows, tail_window=state.window,
                                               **kwargs)
-        keys, values, keep = tail.context(state, layer, k, v, tokens, sliding_window)
-        out_tail, lse_tail = tail.attend(q, keys, values, keep, sm_scale=sm_scale)
-        out = tail.merge(out, lse, out_tail, lse_tail).astype(q.dtype)
-        return out, kv, tail.write(state, layer, k, v, tokens)
+        out, state = tail.merge_and_write(state, layer, q, k, v, tokens, out, lse,
+                                          sm_scale=sm_scale, sliding_window=sliding_window)
+        return out.astype(q.dtype), kv, state
     if backend == "pallas_gpu":
         return gpu.write_and_attend(q, k, v, kv, layer, rows, slot_pages, slot_offsets,
                                     interpret=jax.default_backend() != "gpu", **kwargs)

@@ -115,11 +115,10 @@ def _write_and_attend_fp8(q, k, v, k_pages, v_pages, layer, rows, slot_pages, sl
     backend = resolve_backend(backend)
     stored_k, stored_v = fp8.quantize(k, c.k_mean, c.k_scale), fp8.quantize(v, c.v_mean, c.v_scale)
     if backend == "pallas_gpu":
-        outs = gpu.write_and_attend(scaled_q, stored_k, stored_v, k_pages, v_pages, layer, rows,
-                                    slot_pages, slot_offsets, sm_scale=sm_scale,
-                                    sliding_window=sliding_window, tail_window=window,
-                                    interpret=jax.default_backend() != "gpu")
-        out, k_pages, v_pages = outs
+        out, k_pages, v_pages = gpu.write_and_attend(
+            scaled_q, stored_k, stored_v, k_pages, v_pages, layer, rows, slot_pages,
+            slot_offsets, sm_scale=sm_scale, sliding_window=sliding_window, tail_window=window,
+            interpret=jax.default_backend() != "gpu")
     else:
         k_pages, v_pages = write_pages(k_pages, v_pages, layer, stored_k, stored_v, slot_pages,
                                        slot_offsets)
@@ -135,11 +134,9 @@ def _write_and_attend_fp8(q, k, v, k_pages, v_pages, layer, rows, slot_pages, sl
     if full_tail is None:
         return jnp.where(real[:, None, None], out, 0).astype(q.dtype), k_pages, v_pages
     state, tokens = full_tail
-    keys, values, keep = tail.context(state, layer, k, v, tokens, sliding_window)
-    keys = keys.astype(jnp.float32) - c.k_mean[None, None]
-    out_tail, lse_tail = tail.attend(q, keys, values, keep, sm_scale=sm_scale)
-    out = tail.merge(out, lse, out_tail, lse_tail)
-    state = tail.write(state, layer, k, v, tokens)
+    out, state = tail.merge_and_write(state, layer, q, k, v, tokens, out, lse,
+                                      sm_scale=sm_scale, sliding_window=sliding_window,
+                                      k_shift=c.k_mean)
     return jnp.where(real[:, None, None], out, 0).astype(q.dtype), k_pages, v_pages, state
 
 

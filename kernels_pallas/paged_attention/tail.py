@@ -146,3 +146,18 @@ def write(tail: FullPrecisionTail, layer: jax.Array, k: jax.Array, v: jax.Array,
     sink_k, window_k = put(tail.sink_k, tail.window_k, k)
     sink_v, window_v = put(tail.sink_v, tail.window_v, v)
     return FullPrecisionTail(sink_k=sink_k, sink_v=sink_v, window_k=window_k, window_v=window_v)
+
+
+def merge_and_write(tail: FullPrecisionTail, layer: jax.Array, q: jax.Array, k: jax.Array,
+                    v: jax.Array, tokens: TailTokens, out: jax.Array, lse: jax.Array, *,
+                    sm_scale: float, sliding_window: int | None = None,
+                    k_shift: jax.Array | None = None) -> tuple[jax.Array, FullPrecisionTail]:
+    """The pages' attention (out, lse from a kernel run with `tail_window`) joined with the
+    tail's, then the step's k, v [T, Hkv, hd] written into the tail: (out [T, Hq, hd] float32,
+    the tail). `k_shift` [Hkv, hd] is subtracted from the tail's keys so that their scores
+    carry the pages' shift (FP8 pages hold keys minus a mean)."""
+    keys, values, keep = context(tail, layer, k, v, tokens, sliding_window)
+    if k_shift is not None:
+        keys = keys.astype(jnp.float32) - k_shift[None, None]
+    out_tail, lse_tail = attend(q, keys, values, keep, sm_scale=sm_scale)
+    return merge(out, lse, out_tail, lse_tail), write(tail, layer, k, v, tokens)
