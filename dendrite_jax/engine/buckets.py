@@ -13,8 +13,9 @@ ladder of token counts times a few variants:
 - prompt-logprob steps: mixed steps that also score every input token, on a sparser ladder
   (`prompt_logprob_ladder`), always sorted.
 
-`all_shapes` enumerates the set for warm-up; `bucket_shape` picks a step's member of it;
-`prefill_to_fit` lets the scheduler size a mixed step to a rung rather than pad it.
+`all_shapes` enumerates the set for warm-up (`longest_first` orders it for the compile pool);
+`bucket_shape` picks a step's member of it; `prefill_to_fit` lets the scheduler size a mixed
+step to a rung rather than pad it.
 """
 
 from __future__ import annotations
@@ -142,3 +143,17 @@ def all_shapes(*, max_num_seqs: int, max_num_batched_tokens: int, pages_per_seq:
         shapes.add(StepShape(t, mixed_rows(t, max_num_seqs), pages_per_seq,
                              prompt_logprobs=True, needs_sort=True))
     return sorted(shapes)
+
+
+def compile_cost_rank(shape: StepShape) -> tuple:
+    """A sort key that grows with how long `shape`'s program takes to compile: prompt-logprob
+    steps, then mixed steps (both attention kernels), then decode steps, each larger first."""
+    return (shape.prompt_logprobs, not shape.decode_only, shape.num_tokens, shape.needs_sort,
+            shape.burst)
+
+
+def longest_first(shapes: list[StepShape]) -> list[StepShape]:
+    """`shapes` in the order a pool of compile threads should start them: the longest first,
+    so that the pool's last programs are short ones and no long program compiles alone at
+    the end while the other threads idle."""
+    return sorted(shapes, key=compile_cost_rank, reverse=True)

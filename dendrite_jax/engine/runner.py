@@ -33,6 +33,7 @@ from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.kv import KVCache, copy_pages
 from dendrite_jax.config import ModelConfig
 from dendrite_jax.engine import step_output
+from dendrite_jax.engine.buckets import longest_first
 from dendrite_jax.engine.logit_bias import LogitBias, LogitBiasTable
 from dendrite_jax.engine.program_cache import ProgramCache, default_program_cache
 from dendrite_jax.engine.step import SlotState, forward_step, sample_step, step
@@ -260,8 +261,9 @@ class ModelRunner:
                threads: int | None = None, freeze: bool = True) -> None:
         """Compile every shape (and the split step of each one `split` selects) ahead of time
         on a pool of `threads` (default: the machine's cores), then (with `freeze`) refuse to
-        compile anything else. A progress line shows on stderr when this takes more than a few
-        seconds."""
+        compile anything else. The longest programs start first (`buckets.longest_first`). A
+        progress line shows on stderr when this takes more than a few seconds."""
+        shapes = longest_first(shapes)
         work = [(shape, STEP) for shape in shapes]
         work += [(shape, kind) for shape in shapes if split(shape) for kind in (FORWARD, SAMPLE)]
         work = [key for key in work if key not in self._compiled]

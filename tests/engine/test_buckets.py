@@ -7,7 +7,14 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dendrite_jax.engine.buckets import CUT_MIN_TOKENS, PAD_SLACK, mixed_ladder, prefill_to_fit
+from dendrite_jax.engine.buckets import (
+    CUT_MIN_TOKENS,
+    PAD_SLACK,
+    all_shapes,
+    longest_first,
+    mixed_ladder,
+    prefill_to_fit,
+)
 
 
 @given(budget=st.sampled_from([16, 48, 512, 600, 2048]), data=st.data())
@@ -38,3 +45,16 @@ def test_prefill_to_fit_examples():
     assert prefill_to_fit(0, 9, 512) == 9  # under the smallest rung
     assert prefill_to_fit(6, 39, 512) == 39  # 45 pads to 64: a small step, padded
     assert prefill_to_fit(300, 10, 512) == 10  # the rung below (256) holds no prefill token
+
+
+def test_longest_first_starts_long_programs_before_short_ones():
+    shapes = all_shapes(max_num_seqs=8, max_num_batched_tokens=512, pages_per_seq=32,
+                        min_decode_rows=2, burst=4)
+    order = longest_first(shapes)
+    assert sorted(order) == sorted(shapes)
+    kinds = ["logprobs" if s.prompt_logprobs else "decode" if s.decode_only else "mixed"
+             for s in order]
+    # every prompt-logprob program, then every mixed one, then the decode ones
+    assert kinds == sorted(kinds, key=["logprobs", "mixed", "decode"].index)
+    mixed = [s.num_tokens for s, kind in zip(order, kinds, strict=True) if kind == "mixed"]
+    assert mixed == sorted(mixed, reverse=True) and order[0].num_tokens == 512
