@@ -73,7 +73,7 @@ class AttentionMetadata:
 
     Derived once per step on device from the uploaded per-sequence arrays: the attention rows
     (`rows`), each token's sequence (`token_seq`; padding tokens: any row, `valid` False) and
-    its sequence's slot (`token_slots`), `positions`, `valid`, and
+    its sequence's slot (`token_slots`; each row's: `row_slots`), `positions`, `valid`, and
     where each new K/V is written (`slot_pages`, `slot_offsets`; padding tokens get page
     `num_pages`, out of range, and write nowhere).
     """
@@ -85,6 +85,7 @@ class AttentionMetadata:
     slot_pages: jax.Array  # [T]
     slot_offsets: jax.Array  # [T]
     token_slots: jax.Array  # [T]
+    row_slots: jax.Array  # [R]
 
     @classmethod
     def build(cls, q_lens: jax.Array, seq_lens: jax.Array, page_tables: jax.Array, *,
@@ -106,17 +107,19 @@ class AttentionMetadata:
         offset = jnp.zeros_like(t) if decode_only else t - starts[seq]
         positions = jnp.where(valid, rows.seq_lens[seq] - rows.q_lens[seq] + offset, 0)
         page = rows.page_tables[seq, positions // page_size]
-        slots = seq if slot_ids is None else jnp.asarray(slot_ids, jnp.int32)[seq]
+        row_slots = (jnp.arange(num_rows, dtype=jnp.int32) if slot_ids is None
+                     else jnp.asarray(slot_ids, jnp.int32))
         return cls(rows=rows, positions=positions, token_seq=seq, valid=valid,
                    slot_pages=jnp.where(valid, page, num_pages),
-                   slot_offsets=positions % page_size, token_slots=slots)
+                   slot_offsets=positions % page_size, token_slots=row_slots[seq],
+                   row_slots=row_slots)
 
     def tail_tokens(self) -> TailTokens:
         """Where the step's tokens sit in a full-precision tail (`paged_attention.tail`)."""
-        seq_lens = self.rows.seq_lens[self.token_seq]
-        return TailTokens(slots=self.token_slots, positions=self.positions,
-                          starts=seq_lens - self.rows.q_lens[self.token_seq], ends=seq_lens,
-                          valid=self.valid)
+        q_lens, seq_lens = self.rows.q_lens, self.rows.seq_lens
+        return TailTokens(rows=self.token_seq, positions=self.positions, valid=self.valid,
+                          slots=self.row_slots, starts=seq_lens - q_lens, ends=seq_lens,
+                          offsets=jnp.cumsum(q_lens) - q_lens)
 
 
 @functools.partial(jax.jit, donate_argnums=0)

@@ -57,14 +57,18 @@ class FullPrecisionTail:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TailTokens:
-    """Each step token's slot, position, its sequence's first position in this step (`starts`)
-    and length after it (`ends`), and whether it is a real token (`valid`), all [T]."""
+    """Where a step's tokens sit in the tail. Per token [T]: its row (`rows`), its position
+    and whether it is a real token (`valid`). Per row [R]: its slot (`slots`), its first
+    position in this step (`starts`), its length after it (`ends`) and its first token on the
+    token axis (`offsets`); a row with no tokens has `starts == ends`."""
 
-    slots: jax.Array
+    rows: jax.Array
     positions: jax.Array
+    valid: jax.Array
+    slots: jax.Array
     starts: jax.Array
     ends: jax.Array
-    valid: jax.Array
+    offsets: jax.Array
 
 
 def context(tail: FullPrecisionTail, layer: jax.Array, k: jax.Array, v: jax.Array,
@@ -76,18 +80,19 @@ def context(tail: FullPrecisionTail, layer: jax.Array, k: jax.Array, v: jax.Arra
     step's own k, v [T, Hkv, hd] (a sequence's tokens are consecutive on the token axis);
     earlier ones from the tail."""
     window, num_tokens = tail.window, k.shape[0]
-    slots = jnp.clip(tokens.slots, 0, tail.sink_k.shape[1] - 1)
+    slots = jnp.clip(tokens.slots, 0, tail.sink_k.shape[1] - 1)[tokens.rows]
+    starts = tokens.starts[tokens.rows]
     pos = tokens.positions[:, None] - window + 1 + jnp.arange(window)  # [T, W]
-    this_step = pos >= tokens.starts[:, None]
+    this_step = pos >= starts[:, None]
     index = jnp.clip(jnp.arange(num_tokens)[:, None] - (tokens.positions[:, None] - pos), 0,
                      num_tokens - 1)
     ring = jnp.mod(pos, window)
+    first = tokens.offsets[tokens.rows]  # the row's first token: its position 0 if starts == 0
 
     def keys_of(new: jax.Array, sink: jax.Array, ring_pages: jax.Array) -> jax.Array:
         recent = jnp.where(this_step[..., None, None], new[index],
                            ring_pages[layer][slots[:, None], ring])
-        first = jnp.clip(jnp.arange(num_tokens) - tokens.positions, 0, num_tokens - 1)
-        sink_now = jnp.where((tokens.starts == 0)[:, None, None], new[first], sink[layer][slots])
+        sink_now = jnp.where((starts == 0)[:, None, None], new[first], sink[layer][slots])
         return jnp.concatenate([sink_now[:, None], recent.astype(new.dtype)], axis=1)
 
     key_pos = jnp.concatenate([jnp.zeros_like(pos[:, :1]), pos], axis=1)  # [T, 1 + W]
@@ -127,24 +132,31 @@ def merge(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array, lse_b: jax.Array
             + out_b.astype(jnp.float32) * (wb / total)[..., None])
 
 
-def write(tail: FullPrecisionTail, layer: jax.Array, k: jax.Array, v: jax.Array,
+def write(tail: FullPrecisionTail, layer: jax.Array, keys: jax.Array, values: jax.Array,
           tokens: TailTokens) -> FullPrecisionTail:
-    """The step's position-0 tokens into the sink and each sequence's last `window` positions
-    into the window (others, and padding, write nowhere)."""
-    num_slots, window = tail.sink_k.shape[1], tail.window
-    at_sink = jnp.where(tokens.valid & (tokens.positions == 0), tokens.slots, num_slots)
-    recent = tokens.valid & (tokens.positions >= tokens.ends - window)
-    at_ring = jnp.where(recent, tokens.slots, num_slots)
-    ring = jnp.mod(tokens.positions, window)
+    """The tail after the step, from the step's `context` (unshifted keys and values [T,
+    1 + window, Hkv, hd]): a row's last token's context is exactly what the row's slot holds
+    next, its sink and its last `window` positions (rows without tokens write nowhere).
 
-    def put(sink, ring_pages, new):
-        sink = sink.at[layer, at_sink].set(new.astype(sink.dtype), mode="drop")
-        ring_pages = ring_pages.at[layer, at_ring, ring].set(new.astype(ring_pages.dtype),
-                                                             mode="drop")
+    Writing whole rows from the gathered context, not each token into the tail, makes the
+    write depend on the gather: XLA then updates the tail in place, where the token-wise
+    write, independent of the gather, made it copy the whole tail every layer."""
+    num_slots, window, num_tokens = tail.sink_k.shape[1], tail.window, keys.shape[0]
+    last = jnp.clip(tokens.offsets + tokens.ends - tokens.starts - 1, 0, num_tokens - 1)  # [R]
+    at = jnp.where(tokens.ends > tokens.starts, tokens.slots, num_slots)
+    # context index 1 + i holds position ends - window + i, which the ring keeps at
+    # (ends - window + i) % window: ring entry j is context index 1 + (j - ends) % window.
+    order = 1 + jnp.mod(jnp.arange(window)[None, :] - tokens.ends[:, None], window)  # [R, W]
+
+    def put(sink, ring_pages, context_rows):
+        rows = context_rows[last]  # [R, 1 + W, Hkv, hd]
+        sink = sink.at[layer, at].set(rows[:, 0].astype(sink.dtype), mode="drop")
+        ring = jnp.take_along_axis(rows, order[:, :, None, None], axis=1)
+        ring_pages = ring_pages.at[layer, at].set(ring.astype(ring_pages.dtype), mode="drop")
         return sink, ring_pages
 
-    sink_k, window_k = put(tail.sink_k, tail.window_k, k)
-    sink_v, window_v = put(tail.sink_v, tail.window_v, v)
+    sink_k, window_k = put(tail.sink_k, tail.window_k, keys)
+    sink_v, window_v = put(tail.sink_v, tail.window_v, values)
     return FullPrecisionTail(sink_k=sink_k, sink_v=sink_v, window_k=window_k, window_v=window_v)
 
 
@@ -157,7 +169,8 @@ def merge_and_write(tail: FullPrecisionTail, layer: jax.Array, q: jax.Array, k: 
     the tail). `k_shift` [Hkv, hd] is subtracted from the tail's keys so that their scores
     carry the pages' shift (FP8 pages hold keys minus a mean)."""
     keys, values, keep = context(tail, layer, k, v, tokens, sliding_window)
+    tail = write(tail, layer, keys, values, tokens)
     if k_shift is not None:
         keys = keys.astype(jnp.float32) - k_shift[None, None]
     out_tail, lse_tail = attend(q, keys, values, keep, sm_scale=sm_scale)
-    return merge(out, lse, out_tail, lse_tail), write(tail, layer, k, v, tokens)
+    return merge(out, lse, out_tail, lse_tail), tail
