@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,6 +54,18 @@ def test_truncation_masks_exact(kwargs, kept):
     assert m.tolist() == [True] * kept + [False] * (8 - kept)
 
 
+@pytest.mark.parametrize("top_p,kept", [(0.5, 1), (0.75, 2), (0.875, 3), (0.5000001, 2),
+                                         (0.9999999, 5)])
+def test_top_p_at_its_boundary(top_p, kept):
+    """Powers of two make the mass before a token equal top_p exactly: that token is dropped
+    (the smallest prefix whose mass reaches top_p), one a hair past it is kept."""
+    probs = np.array([0.5, 0.25, 0.125, 0.0625, 0.0625], np.float32)
+    logits = np.log(probs)
+    # the boundary is exact only if float32 softmax returns these powers of two exactly
+    np.testing.assert_array_equal(np.asarray(jax.nn.softmax(jnp.asarray(logits))), probs)
+    assert mask(top_p=top_p, logits=logits).tolist() == [True] * kept + [False] * (5 - kept)
+
+
 def test_ties_at_the_cutoff_survive():
     logits = np.log(np.array([0.3, 0.2, 0.2, 0.2, 0.1], np.float32))
     assert mask(top_k=2, logits=logits).tolist() == [True, True, True, True, False]
@@ -69,11 +82,20 @@ def test_penalties_match_formulae():
 
 
 def test_greedy_and_sampled_rows_in_one_batch():
-    logits = jnp.tile(jnp.asarray(LOGITS), (2, 1))
-    b = batch(2, temperature=1.0)
-    b = SamplingBatch(**{**b.__dict__, "temperature": jnp.array([0.0, 1.0])})
-    tokens = np.asarray(sample(logits, b, jnp.array([3, 3]), truncate=False))
-    assert tokens[0] == 0
+    """Rows alternate greedy and sampled: greedy rows take the argmax whatever their noise,
+    sampled rows the Gumbel-max of their own (seed, position)."""
+    n = 40
+    logits = jnp.tile(jnp.asarray(LOGITS), (n, 1))
+    greedy = np.arange(n) % 2 == 0
+    b = SamplingBatch(**{**batch(n).__dict__, "temperature": jnp.where(greedy, 0.0, 1.0),
+                         "seed": jnp.arange(n, dtype=jnp.uint32)})
+    positions = jnp.full((n,), 3, jnp.int32)
+    tokens = np.asarray(sample(logits, b, positions, truncate=False))
+    noise = np.asarray(gumbel_noise(b.seed, positions, len(PROBS)))
+    assert np.all(tokens[greedy] == 0)
+    want = np.argmax(LOGITS[None] + noise, axis=-1)
+    np.testing.assert_array_equal(tokens[~greedy], want[~greedy])
+    assert np.any(tokens[~greedy] != 0) and np.any(want[greedy] != 0)  # the noise mattered
 
 
 def test_sampler_follows_the_distribution():

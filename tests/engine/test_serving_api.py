@@ -43,6 +43,20 @@ def test_shared_system_prompt_is_computed_once(smollm, cached_llm):
     assert cached_llm.stats().prefix_cache.tokens_saved - saved >= length
 
 
+def test_a_repeat_whose_whole_prompt_is_cached(smollm, cached_llm):
+    """A prompt of whole pages, repeated: every page is in the cache, and the repeat still
+    computes its last token (into a copy of the last page) to sample its first one."""
+    page = 16
+    prompt = cached_llm.tokenizer.encode("A short story. " + LONG_TEXT)[:3 * page]
+    first = cached_llm.generate([prompt], GREEDY)[0]
+    saved = cached_llm.stats().prefix_cache.tokens_saved
+    again = cached_llm.generate([prompt], GREEDY)[0]
+    assert again.token_ids == first.token_ids == smollm.generate([prompt], GREEDY)[0].token_ids
+    assert cached_llm.stats().prefix_cache.tokens_saved - saved == 3 * page - 1
+    pool = cached_llm.stats().pool
+    assert pool.used == cached_llm.stats().prefix_cache.cached_pages  # nothing leaked
+
+
 def test_stream_yields_text_deltas(smollm):
     reference = smollm.generate(["The capital of France is"],
                                 SamplingParams(max_tokens=16, temperature=0))[0]

@@ -8,8 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 CHECK = """
 import re
 from dendrite_jax import LLM, SamplingParams
@@ -27,7 +25,6 @@ print("split steps warmed up")
 """
 
 
-@pytest.mark.slow  # compile-heavy: `make test-slow` (the default run must fit 20 minutes cold)
 def test_warmup_compiles_the_split_steps():
     """A warmed-up engine (the compile guard on) serves constrained requests: warm-up compiled
     both halves of every decode-only step for a model with a tokenizer."""

@@ -82,10 +82,15 @@ def test_streaming_matches_whole_response(server):
     assert "".join(c.choices[0].text for c in chunks) == server["expected"]["completion"]
     assert chunks[-1].choices[0].finish_reason == "length"
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
-    chat = server["client"].chat.completions.create(model="smollm2-135m", messages=CHAT,
-                                                    max_tokens=8, temperature=0, stream=True)
+    chat = list(server["client"].chat.completions.create(model="smollm2-135m", messages=CHAT,
+                                                         max_tokens=8, temperature=0,
+                                                         stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chat)
     assert text == server["expected"]["chat"]
+    assert chat[0].choices[0].delta.role == "assistant"
+    assert chat[-1].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in chat[:-1])
+    assert all(c.object == "chat.completion.chunk" and c.id == chat[0].id for c in chat)
     # A stop string of two tokens: the first is generated (not yet streamed) before it matches.
     count = dict(model="smollm2-135m", prompt="Count from one to ten in words: one, two, three,",
                  max_tokens=20, temperature=0, stop=", six")
@@ -93,6 +98,28 @@ def test_streaming_matches_whole_response(server):
     chunks = list(server["client"].completions.create(**count, stream=True))
     assert whole.finish_reason == "stop" and whole.text.endswith("five")
     assert "".join(c.choices[0].text for c in chunks) == whole.text
+
+
+def test_streams_that_end_at_end_of_text(server):
+    """An answer that ends with end-of-text (the model's usual ending) closes its stream with a
+    chunk that carries no text, only `finish_reason="stop"`: a server dropping that chunk, or
+    its finish_reason, leaves the client without an ending."""
+    chat = dict(model="smollm2-135m", messages=CHAT, max_tokens=64, temperature=0)
+    whole = server["client"].chat.completions.create(**chat).choices[0]
+    assert whole.finish_reason == "stop" and whole.message.content  # ended well before 64
+    chunks = list(server["client"].chat.completions.create(**chat, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1
+    prompt = server["llm"].tokenizer.apply_chat_template(CHAT, tokenize=True)
+    done = dict(model="smollm2-135m", prompt=prompt, max_tokens=64, temperature=0)
+    text = server["client"].completions.create(**done).choices[0]
+    chunks = list(server["client"].completions.create(**done, stream=True))
+    assert text.finish_reason == chunks[-1].choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].text for c in chunks) == text.text == whole.message.content
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
 
 
 def test_chat_json_schema_response_format(server):
