@@ -48,6 +48,9 @@ def test_deltas_joined_are_the_output(run):
         request.append_token(token, MAX_LEN, logprob, 1, NO_TOP, NO_TOP)
         if now:
             deltas.append(next_delta(request, position, 3))
+            # what has streamed is a prefix of the text, and the position counts it
+            streamed = "".join(d.text for d in deltas if d is not None)
+            assert request.text.startswith(streamed) and position.text == len(streamed)
     assert request.finished  # by a stop string or max_tokens
     deltas.append(next_delta(request, position, 3))
     assert next_delta(request, position, 3) is None  # one last delta, once
@@ -63,6 +66,19 @@ def test_deltas_joined_are_the_output(run):
     assert [d.finish_reason for d in deltas[:-1]] == [None] * (len(deltas) - 1)
     assert all(d.output is None for d in deltas[:-1])
     assert deltas[-1].finish_reason == out.finish_reason and deltas[-1].output == out
+
+
+def test_text_shorter_than_what_is_held_back_streams_nothing_yet():
+    """With a 4-character stop string, 3 characters wait; a shorter text waits whole."""
+    request = FakeEngine(PieceTokenizer(["a", "b", "c"])).make_request(
+        None, [0], SamplingParams(max_tokens=8, stop=["zzzz"]))
+    position = StreamPosition()
+    request.append_token(0, MAX_LEN, 0.0, 1, NO_TOP, NO_TOP)
+    first = next_delta(request, position)
+    assert (first.text, first.token_ids, position.text) == ("", [0], 0)
+    for token in (1, 2, 0, 1):
+        request.append_token(token, MAX_LEN, 0.0, 1, NO_TOP, NO_TOP)
+    assert next_delta(request, position).text == "ab"  # "abcab": all but the last 3
 
 
 def test_text_a_stop_string_may_still_cut_is_held_back():
