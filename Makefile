@@ -12,7 +12,7 @@ ARGS ?=
 RUN_STAMP := $(VENV)/.run-installed
 TEST_STAMP := $(VENV)/.test-installed
 
-.PHONY: run serve test test-slow test-all lint bench clean
+.PHONY: run serve test test-slow test-all mutants lint bench clean
 
 $(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ test: $(TEST_STAMP)
 
 test-slow: $(TEST_STAMP)
 	$(PY) -m pytest -m slow $(ARGS)
+
+# Hand-written mutations, each on a scratch copy with the tests that should catch it
+# (tests/mutants): reports caught / missed. Not part of `make test`.
+mutants: $(TEST_STAMP)
+	$(PY) -m tests.mutants.run $(ARGS)
 
 test-all: $(TEST_STAMP)
 	$(PY) -m pytest $(ARGS)

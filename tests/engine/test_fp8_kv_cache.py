@@ -81,9 +81,9 @@ def test_a_tail_longer_than_the_sequences_gives_the_unquantized_model(smollm, co
                                     for i in range(1, len(prompt))],
                                    [b.prompt_logprobs[i][prompt[i]].logprob
                                     for i in range(1, len(prompt))], atol=2e-4)
-        np.testing.assert_allclose([e[t].logprob for e, t in zip(a.logprobs, a.token_ids, strict=True)],
-                                   [e[t].logprob for e, t in zip(b.logprobs, b.token_ids, strict=True)],
-                                   atol=2e-4)
+        np.testing.assert_allclose(
+            [e[t].logprob for e, t in zip(a.logprobs, a.token_ids, strict=True)],
+            [e[t].logprob for e, t in zip(b.logprobs, b.token_ids, strict=True)], atol=2e-4)
     # parallel samples: the second computes its own prompt (its slot's tail), not its
     # sibling's; each sampled token's logprob is the unquantized model's for that sequence
     prompt = llm.tokenizer.encode("A recipe for pancakes, step by step, for four people:")
