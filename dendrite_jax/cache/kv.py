@@ -117,9 +117,12 @@ class AttentionMetadata:
     def tail_tokens(self) -> TailTokens:
         """Where the step's tokens sit in a full-precision tail (`paged_attention.tail`)."""
         q_lens, seq_lens = self.rows.q_lens, self.rows.seq_lens
+        # a decode-only step's token r is row r's, whatever rows without a token lie between
+        offsets = (jnp.arange(q_lens.shape[0], dtype=jnp.int32) if self.rows.decode_only
+                   else jnp.cumsum(q_lens) - q_lens)
         return TailTokens(rows=self.token_seq, positions=self.positions, valid=self.valid,
                           slots=self.row_slots, starts=seq_lens - q_lens, ends=seq_lens,
-                          offsets=jnp.cumsum(q_lens) - q_lens)
+                          offsets=offsets)
 
 
 @functools.partial(jax.jit, donate_argnums=0)

@@ -2,9 +2,12 @@
 
 A router scores each token against every expert and keeps its top k; each expert's gated MLP
 then runs over only the tokens routed to it. The token copies (T * k of them) are sorted by
-expert so that one grouped matmul (`jax.lax.ragged_dot`, each expert a group) computes every
-expert's rows, never a dense product of every token with every expert. Dropless: every routed
-copy is computed (the families served here route without a capacity limit at inference).
+expert so that one grouped matmul per projection (`jax.lax.ragged_dot`, each expert a group)
+computes every expert's rows. This is the reference; how XLA lowers `ragged_dot` is the
+platform's (XLA:CPU as a masked product over every expert), and a Pallas grouped-matmul kernel
+for GPUs is still to come. Dropless: every routed copy is computed (the families served here
+route without a capacity limit at inference). Each token's k results are summed in a fixed
+order (no scatter-add), so a step's output does not depend on the order of atomics.
 
 Weights are stacked on a leading expert axis, [E, D, 2F] (gate then up) and [E, F, D], in the
 x @ w orientation of `model.linear`.
@@ -27,7 +30,8 @@ ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approx
 class RouterSpec:
     """How a family routes: `top_k` experts per token, scored by "softmax_topk" (softmax over
     every expert, keep the top k, renormalise them where `normalize`: Mixtral, Qwen3-MoE) or
-    "topk_softmax" (keep the top k logits, softmax over those: gpt-oss)."""
+    "topk_softmax" (keep the top k logits, softmax over those: gpt-oss's order, normalised by
+    construction, so `normalize` must stay True)."""
 
     num_experts: int
     top_k: int
@@ -37,6 +41,8 @@ class RouterSpec:
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
             raise ValueError(f"router scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        if self.scoring == "topk_softmax" and not self.normalize:
+            raise ValueError("topk_softmax weights always sum to 1: normalize must be True")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"a router's top_k must be in [1, num_experts={self.num_experts}], "
                              f"got {self.top_k}")
@@ -87,8 +93,9 @@ def grouped_gated_mlp(x: jax.Array, weights: jax.Array, experts: jax.Array, w_ga
          ).astype(x.dtype)
     y = jax.lax.ragged_dot(h, w_down, group_sizes, precision=precision_for(w_down),
                            preferred_element_type=jnp.float32)
-    y = y * weights.reshape(-1)[order][:, None]
-    return jnp.zeros((num_tokens, y.shape[-1]), jnp.float32).at[token_of].add(y).astype(x.dtype)
+    per_copy = y[jnp.argsort(order)].reshape(num_tokens, top_k, -1)  # back in token order
+    return jnp.einsum("tk,tkd->td", weights, per_copy,
+                      precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
 
 
 def moe_mlp(p: MoeParams, x: jax.Array, spec: RouterSpec, activation: str = "silu") -> jax.Array:

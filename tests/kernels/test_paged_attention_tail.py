@@ -16,6 +16,7 @@ import pytest
 from dendrite_jax.cache.compressed_kv import CompressedKVCache
 from dendrite_jax.cache.kv import AttentionMetadata
 from kernels_pallas import kv_compress
+from kernels_pallas.paged_attention import tail as tail_lib
 from kernels_pallas.paged_attention import write_and_attend
 from kernels_pallas.paged_attention.fp8 import Fp8Calibration, quantize
 from kernels_pallas.paged_attention.tail import FullPrecisionTail
@@ -175,3 +176,32 @@ def test_code_kernels_with_a_tail_match_the_reference(compression):
         np.testing.assert_allclose(got[:real], ref[:real], rtol=5e-5, atol=5e-5)
     np.testing.assert_array_equal(np.asarray(tails["pallas_gpu"].window_k),
                                   np.asarray(tails["reference"].window_k))
+
+
+def test_decode_rows_without_a_token_leave_their_slots_alone():
+    """A decode-only step may hold rows without a token anywhere (token r is row r's): each
+    real row's slot takes its token (position 0's into the sink too) and reads it back in its
+    context; an empty row's slot, and every other entry, keeps what it held."""
+    window, slots = 4, 4
+    marks = np.arange(slots * (1 + window), dtype=np.float32).reshape(slots, 1 + window) + 100
+    state = FullPrecisionTail(
+        sink_k=jnp.asarray(marks[None, :, 0, None, None]),
+        sink_v=jnp.asarray(-marks[None, :, 0, None, None]),
+        window_k=jnp.asarray(marks[None, :, 1:, None, None]),
+        window_v=jnp.asarray(-marks[None, :, 1:, None, None]))
+    q_lens, seq_lens = np.array([1, 0, 1, 1]), np.array([5, 0, 1, 9])  # positions 4, -, 0, 8
+    meta = AttentionMetadata.build(jnp.asarray(q_lens, jnp.int32),
+                                   jnp.asarray(seq_lens, jnp.int32),
+                                   jnp.zeros((4, 2), jnp.int32), num_tokens=4, decode_only=True,
+                                   page_size=16, num_pages=8)
+    k = jnp.asarray([1.0, 2.0, 3.0, 4.0])[:, None, None]
+    keys, values, _ = tail_lib.context(state, jnp.int32(0), k, -k, meta.tail_tokens())
+    assert float(keys[2, 0, 0, 0]) == 3.0  # position 0: its own key is the sink
+    assert [float(keys[t, -1, 0, 0]) for t in (0, 2, 3)] == [1.0, 3.0, 4.0]
+    after = tail_lib.write(state, jnp.int32(0), keys, values, meta.tail_tokens())
+    want_sink, want_ring = marks[:, 0].copy(), marks[:, 1:].copy()
+    want_sink[2] = 3.0
+    want_ring[0, 4 % window], want_ring[2, 0], want_ring[3, 8 % window] = 1.0, 3.0, 4.0
+    np.testing.assert_array_equal(np.asarray(after.sink_k)[0, :, 0, 0], want_sink)
+    np.testing.assert_array_equal(np.asarray(after.window_k)[0, :, :, 0, 0], want_ring)
+    np.testing.assert_array_equal(np.asarray(after.window_v)[0, :, :, 0, 0], -want_ring)

@@ -52,6 +52,8 @@ def test_router_spec_refuses_what_it_cannot_do():
         RouterSpec(4, 5)
     with pytest.raises(ValueError, match="scoring"):
         RouterSpec(4, 2, "sigmoid")
+    with pytest.raises(ValueError, match="normalize"):
+        RouterSpec(4, 2, "topk_softmax", normalize=False)
 
 
 ROUTINGS = {

@@ -194,7 +194,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # ---------------------------------------------------------------------------- experts
     Mutation("expert-weights-in-token-order", "mixture of experts",
              "dendrite_jax/model/moe.py",
-             "y = y * weights.reshape(-1)[order][:, None]",
-             "y = y * weights.reshape(-1)[:, None]",
+             "per_copy = y[jnp.argsort(order)].reshape(num_tokens, top_k, -1)",
+             "per_copy = y.reshape(num_tokens, top_k, -1)",
              ("tests/model/test_moe.py",)),
 )
