@@ -57,6 +57,13 @@ class ModelConfig:
     attention_bias: bool = False  # Qwen2: biases on the q/k/v projections
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before rotary
     sliding_window: int | None = None  # Mistral-style local attention, in tokens
+    # Mixture-of-experts MLP in every layer (Qwen3-MoE; `model.moe`): experts per layer (0: a
+    # dense MLP), experts per token, each expert's hidden size, and whether the kept experts'
+    # routing weights are renormalised to sum to 1.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
     name: str = "model"
     # Tensor-parallel shards the fused projections are grouped by (`model.tensor_parallel`);
     # set by LLM(tensor_parallel_size=...), 1 for a checkpoint as loaded.
@@ -72,6 +79,12 @@ class ModelConfig:
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.num_experts and not (1 <= self.num_experts_per_tok <= self.num_experts
+                                     and self.moe_intermediate_size > 0):
+            raise ValueError(f"a mixture of {self.num_experts} experts needs "
+                             f"num_experts_per_tok in [1, {self.num_experts}] and a positive "
+                             f"moe_intermediate_size, got {self.num_experts_per_tok} and "
+                             f"{self.moe_intermediate_size}")
 
     @property
     def q_size(self) -> int:
@@ -83,7 +96,9 @@ class ModelConfig:
 
     def num_params(self) -> int:
         d, f, layers = self.hidden_size, self.intermediate_size, self.num_layers
-        per_layer = d * (self.q_size + 2 * self.kv_size) + self.q_size * d + 3 * d * f + 2 * d
+        mlp = (d * self.num_experts * (1 + 3 * self.moe_intermediate_size) if self.num_experts
+               else 3 * d * f)
+        per_layer = d * (self.q_size + 2 * self.kv_size) + self.q_size * d + mlp + 2 * d
         if self.attention_bias:
             per_layer += self.q_size + 2 * self.kv_size
         if self.qk_norm:

@@ -17,6 +17,7 @@ from dendrite_jax.cache.compressed_kv import CompressedKVCache, PagedCache
 from dendrite_jax.cache.kv import AttentionMetadata
 from dendrite_jax.config import ModelConfig
 from dendrite_jax.model.linear import linear, precision_for
+from dendrite_jax.model.moe import MoeParams, RouterSpec, moe_mlp
 from dendrite_jax.model.params import LayerParams, Params
 from dendrite_jax.model.tensor_parallel import attention_specs, split_columns
 from kernels_pallas import kv_compress
@@ -119,6 +120,15 @@ def swiglu_mlp(lp: LayerParams, x: jax.Array, shards: int = 1) -> jax.Array:
     return linear(jax.nn.silu(gate) * up, lp.w_down)
 
 
+def mlp(lp: LayerParams, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The layer's MLP: dense SwiGLU, or a mixture of SwiGLU experts (`model.moe`)."""
+    if lp.router is None:
+        return swiglu_mlp(lp, x, cfg.shards)
+    spec = RouterSpec(cfg.num_experts, cfg.num_experts_per_tok, normalize=cfg.norm_topk_prob)
+    return moe_mlp(MoeParams(router=lp.router, w_gate_up=lp.w_gate_up, w_down=lp.w_down),
+                   x, spec)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "attention_backend"))
 def decoder_layer(lp: LayerParams, layer: jax.Array, x: jax.Array, kv: PagedCache,
                   meta: AttentionMetadata, angles: tuple[jax.Array, jax.Array], *,
@@ -137,7 +147,7 @@ def decoder_layer(lp: LayerParams, layer: jax.Array, x: jax.Array, kv: PagedCach
         x = x + attn
     with jax.named_scope("mlp"):
         h = block_input(x, lp.mlp_norm, lp.w_gate_up, cfg.rms_norm_eps)
-        x = x + swiglu_mlp(lp, h, cfg.shards)
+        x = x + mlp(lp, h, cfg)
     return x, kv
 
 

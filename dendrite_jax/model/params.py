@@ -27,11 +27,12 @@ class LayerParams:
     w_qkv: jax.Array  # [L, D, (Hq + 2 Hkv) * hd]
     w_o: jax.Array  # [L, Hq * hd, D]
     mlp_norm: jax.Array  # [L, D]
-    w_gate_up: jax.Array  # [L, D, 2 F]
-    w_down: jax.Array  # [L, F, D]
+    w_gate_up: jax.Array  # [L, D, 2 F]; experts: [L, E, D, 2 F]
+    w_down: jax.Array  # [L, F, D]; experts: [L, E, F, D]
     b_qkv: jax.Array | None = None  # [L, (Hq + 2 Hkv) * hd]  (Qwen2)
     q_norm: jax.Array | None = None  # [L, hd]  (Qwen3)
     k_norm: jax.Array | None = None  # [L, hd]  (Qwen3)
+    router: jax.Array | None = None  # [L, D, E]  (a mixture of experts: `model.moe`)
 
 
 @jax.tree_util.register_dataclass
@@ -94,12 +95,16 @@ def param_shapes(cfg: ModelConfig) -> Params:
     """The shape of every weight, as a Params of tuples: the one description of the layout."""
     d, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     qkv = cfg.q_size + 2 * cfg.kv_size
+    experts = (cfg.num_experts,) if cfg.num_experts else ()
+    if experts:
+        f = cfg.moe_intermediate_size
     layers = LayerParams(
         attn_norm=(n, d), w_qkv=(n, d, qkv), w_o=(n, cfg.q_size, d), mlp_norm=(n, d),
-        w_gate_up=(n, d, 2 * f), w_down=(n, f, d),
+        w_gate_up=(n, *experts, d, 2 * f), w_down=(n, *experts, f, d),
         b_qkv=(n, qkv) if cfg.attention_bias else None,
         q_norm=(n, cfg.head_dim) if cfg.qk_norm else None,
         k_norm=(n, cfg.head_dim) if cfg.qk_norm else None,
+        router=(n, d, cfg.num_experts) if experts else None,
     )
     return Params(embed=(cfg.vocab_size, d), layers=layers, final_norm=(d,),
                   lm_head=None if cfg.tie_word_embeddings else (d, cfg.vocab_size))

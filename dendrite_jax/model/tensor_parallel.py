@@ -40,6 +40,9 @@ def check(cfg: ModelConfig, tp: int, num_devices: int | None = None) -> None:
     if tp > devices:
         raise ValueError(f"tensor_parallel_size {tp} needs {tp} devices; {devices} present "
                          f"({jax.default_backend()})")
+    if cfg.num_experts and tp > 1:
+        raise ValueError(f"tensor_parallel_size {tp}: {cfg.name}'s mixture-of-experts layers "
+                         "do not split across devices yet")
     for name, n in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads),
                     ("intermediate_size", cfg.intermediate_size)):
         if n % tp:

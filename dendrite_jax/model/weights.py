@@ -34,11 +34,13 @@ GetTensor = Callable[[str, tuple[int, ...]], np.ndarray]  # (name, expected shap
 def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Each checkpoint tensor's shape, [out, in] for matrices, by its key in the name tables."""
     d, q, kv, hd = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.head_dim
-    inter, vocab = cfg.intermediate_size, cfg.vocab_size
+    inter, vocab, moe = cfg.intermediate_size, cfg.vocab_size, cfg.moe_intermediate_size
     return {"embed": (vocab, d), "lm_head": (vocab, d), "final_norm": (d,), "attn_norm": (d,),
             "mlp_norm": (d,), "q": (q, d), "k": (kv, d), "v": (kv, d), "o": (d, q),
             "gate": (inter, d), "up": (inter, d), "down": (d, inter), "q_bias": (q,),
-            "k_bias": (kv,), "v_bias": (kv,), "q_norm": (hd,), "k_norm": (hd,)}
+            "k_bias": (kv,), "v_bias": (kv,), "q_norm": (hd,), "k_norm": (hd,),
+            "router": (cfg.num_experts, d), "expert_gate": (moe, d), "expert_up": (moe, d),
+            "expert_down": (d, moe)}
 
 
 def _assemble(cfg: ModelConfig, get: GetTensor, names: dict[str, str], dtype: str,
@@ -48,7 +50,7 @@ def _assemble(cfg: ModelConfig, get: GetTensor, names: dict[str, str], dtype: st
     shapes = checkpoint_shapes(cfg)
     fields: dict[str, list[np.ndarray]] = {k: [] for k in (
         "attn_norm", "w_qkv", "w_o", "mlp_norm", "w_gate_up", "w_down", "b_qkv", "q_norm",
-        "k_norm")}
+        "k_norm", "router")}
     progress = Progress(f"loading {source}", n)
     for i in range(n):
         t = lambda key, i=i: np.asarray(  # noqa: E731
@@ -57,8 +59,17 @@ def _assemble(cfg: ModelConfig, get: GetTensor, names: dict[str, str], dtype: st
         fields["w_qkv"].append(np.concatenate([t("q"), t("k"), t("v")], axis=0).T)
         fields["w_o"].append(t("o").T)
         fields["mlp_norm"].append(t("mlp_norm"))
-        fields["w_gate_up"].append(np.concatenate([t("gate"), t("up")], axis=0).T)
-        fields["w_down"].append(t("down").T)
+        if cfg.num_experts:  # experts stacked [E, ...] (`model.moe`)
+            expert = lambda key, e, i=i: np.asarray(  # noqa: E731
+                get(names[key].format(i=i, e=e), shapes[key]), np.float32)
+            experts = range(cfg.num_experts)
+            fields["router"].append(t("router").T)
+            fields["w_gate_up"].append(np.stack([np.concatenate(
+                [expert("expert_gate", e), expert("expert_up", e)], axis=0).T for e in experts]))
+            fields["w_down"].append(np.stack([expert("expert_down", e).T for e in experts]))
+        else:
+            fields["w_gate_up"].append(np.concatenate([t("gate"), t("up")], axis=0).T)
+            fields["w_down"].append(t("down").T)
         if cfg.attention_bias:
             fields["b_qkv"].append(np.concatenate([t("q_bias"), t("k_bias"), t("v_bias")]))
         if cfg.qk_norm:
@@ -181,9 +192,13 @@ _HF_NAMES = {
     "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     "mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
     "gate": "model.layers.{i}.mlp.gate_proj.weight", "up": "model.layers.{i}.mlp.up_proj.weight",
+    "router": "model.layers.{i}.mlp.gate.weight",
+    "expert_gate": "model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
+    "expert_up": "model.layers.{i}.mlp.experts.{e}.up_proj.weight",
+    "expert_down": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
     "down": "model.layers.{i}.mlp.down_proj.weight",
 }
-HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
 
 
 def hf_model_config(directory: Path) -> ModelConfig:
@@ -243,6 +258,20 @@ def hf_model_config(directory: Path) -> ModelConfig:
         raise CheckpointError(path, f"a per-layer sliding window ({family}) is not supported",
                               "use_sliding_window")
     heads, hidden = integer("num_attention_heads"), integer("hidden_size")
+    experts = {}
+    if family == "qwen3_moe":
+        if raw.get("mlp_only_layers") or raw.get("decoder_sparse_step", 1) != 1:
+            raise CheckpointError(path, "dense layers among mixture-of-experts ones "
+                                  "(mlp_only_layers, decoder_sparse_step) are not supported yet",
+                                  "mlp_only_layers")
+        # Hub checkpoints name the count `num_experts`; transformers >= 5 writes it as
+        # `num_local_experts`.
+        if "num_experts" not in raw and "num_local_experts" in raw:
+            raw["num_experts"] = raw["num_local_experts"]
+        experts = dict(num_experts=integer("num_experts"),
+                       num_experts_per_tok=integer("num_experts_per_tok"),
+                       moe_intermediate_size=integer("moe_intermediate_size"),
+                       norm_topk_prob=bool(raw.get("norm_topk_prob", False)))
     try:
         return ModelConfig(
             name=directory.name, vocab_size=integer("vocab_size"), hidden_size=hidden,
@@ -256,7 +285,8 @@ def hf_model_config(directory: Path) -> ModelConfig:
                                       positive=True),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
-            qk_norm=family == "qwen3", sliding_window=sliding_window)
+            qk_norm=family in ("qwen3", "qwen3_moe"), sliding_window=sliding_window,
+            **experts)
     except ValueError as e:  # the config's own consistency checks
         raise CheckpointError(path, f"inconsistent model config: {e}") from None
 

@@ -56,6 +56,9 @@ def quantize_weights(params, scheme: str = "mxfp8", matmul: str = "reference",
     `keep_layers` the result is per-layer (a stack cannot mix FP8 and plain weights)."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown FP8 scheme {scheme!r}; choose from {SCHEMES}")
+    first = params.layers if not isinstance(params.layers, tuple) else params.layers[0]
+    if first.router is not None:
+        raise ValueError("FP8 weights for mixture-of-experts layers are not supported yet")
     folded = {"w_qkv": "attn_norm", "w_gate_up": "mlp_norm"} if rms_norm_eps is not None else {}
 
     def weight(layer, name):

@@ -1,5 +1,5 @@
-"""Tiny random Llama / Mistral / Qwen2 / Qwen3 models saved by transformers load through our
-Hugging Face path and reproduce transformers' logits."""
+"""Tiny random Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE models saved by transformers load
+through our Hugging Face path and reproduce transformers' logits."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ FAMILIES = {
         rope_theta=1000000.0, tie_word_embeddings=False)),
     "qwen3-qk-norm": (transformers.Qwen3Config, dict(
         rope_theta=1000000.0, head_dim=32, tie_word_embeddings=True)),
+    "qwen3-moe": (transformers.Qwen3MoeConfig, dict(
+        rope_theta=1000000.0, head_dim=32, tie_word_embeddings=False, num_experts=6,
+        num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True)),
 }
 
 
@@ -50,6 +53,8 @@ def build(name, directory, tokenizer_json, shard=False):
         for pname, p in model.named_parameters():
             if "norm" in pname or pname.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
+            if pname.endswith("mlp.gate.weight"):  # decisive routing: no near-ties in top-k
+                p.mul_(30.0)
     model.save_pretrained(directory, max_shard_size="300KB" if shard else "5GB")
     (directory / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
     (directory / "tokenizer_config.json").write_text(json.dumps(
@@ -73,9 +78,12 @@ def test_logits_match_transformers(name, tmp_path, tokenizer_json):
     assert np.abs(ours - theirs).max() <= 1e-4 * spread, name
 
 
-def test_generate_through_the_engine_matches_greedy(tmp_path, tokenizer_json):
-    hf_model = build("qwen3-qk-norm", tmp_path, tokenizer_json)
-    llm = LLM(model=str(tmp_path), num_pages=64, compilation_cache=False)
+@pytest.mark.parametrize("name", ["qwen3-qk-norm", "qwen3-moe"])
+def test_generate_through_the_engine_matches_greedy(name, tmp_path, tokenizer_json):
+    """Through the engine: the 20-token prompt in chunks of at most 16 tokens, then decode."""
+    hf_model = build(name, tmp_path, tokenizer_json)
+    llm = LLM(model=str(tmp_path), num_pages=64, compilation_cache=False, max_num_seqs=4,
+              max_num_batched_tokens=16)
     ids = [int(i) for i in np.random.default_rng(2).integers(3, VOCAB, 20)]
     out = llm.generate([ids], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
     with torch.no_grad():
@@ -102,4 +110,13 @@ def test_truncated_safetensors_names_the_file(tmp_path, tokenizer_json):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
     with pytest.raises(CheckpointError, match=r"model\.safetensors: '.*': truncated: the tensor"):
+        load_model(str(tmp_path), "float32")
+
+
+def test_dense_layers_among_experts_are_refused(tmp_path, tokenizer_json):
+    build("qwen3-moe", tmp_path, tokenizer_json)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["mlp_only_layers"] = [1]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="dense layers among mixture-of-experts"):
         load_model(str(tmp_path), "float32")

@@ -123,3 +123,25 @@ def test_blocks_equal_transformers(family, normalize):
         w_down=jnp.asarray(block.experts.down_proj.detach().numpy().transpose(0, 2, 1)))
     out = moe_mlp(params, jnp.asarray(x[0].numpy()), RouterSpec(E, 2, normalize=normalize))
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-5)
+
+
+def test_what_mixture_of_experts_layers_do_not_support_yet_is_refused():
+    from dendrite_jax.config import ModelConfig
+    from dendrite_jax.model import tensor_parallel
+    from dendrite_jax.model.params import random_params
+    from dendrite_jax.quant.fp8 import quantize_weights
+
+    cfg = ModelConfig(vocab_size=32, hidden_size=D, intermediate_size=32, num_layers=2,
+                      num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64,
+                      num_experts=E, num_experts_per_tok=2, moe_intermediate_size=F)
+    params = random_params(jax.random.PRNGKey(0), cfg, "float32")
+    assert params.layers.w_gate_up.shape == (2, E, D, 2 * F)
+    assert params.layers.router.shape == (2, D, E)
+    with pytest.raises(ValueError, match="FP8 weights for mixture-of-experts"):
+        quantize_weights(params)
+    with pytest.raises(ValueError, match="mixture-of-experts layers do not split"):
+        tensor_parallel.check(cfg, 2, num_devices=2)
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        ModelConfig(vocab_size=32, hidden_size=D, intermediate_size=32, num_layers=2,
+                    num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64,
+                    num_experts=E, num_experts_per_tok=E + 1, moe_intermediate_size=F)

@@ -197,4 +197,9 @@ MUTATIONS: tuple[Mutation, ...] = (
              "per_copy = y[jnp.argsort(order)].reshape(num_tokens, top_k, -1)",
              "per_copy = y.reshape(num_tokens, top_k, -1)",
              ("tests/model/test_moe.py",)),
+    Mutation("router-weights-never-renormalised", "mixture of experts",
+             "dendrite_jax/model/llama.py",
+             "normalize=cfg.norm_topk_prob)",
+             "normalize=False)",
+             ("tests/model/test_hf_families.py::test_logits_match_transformers[qwen3-moe]",)),
 )
