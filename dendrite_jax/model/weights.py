@@ -198,7 +198,14 @@ _HF_NAMES = {
     "expert_down": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
     "down": "model.layers.{i}.mlp.down_proj.weight",
 }
-HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+HF_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
+# Mixtral names its experts' gate, down and up projections w1, w2, w3.
+_MIXTRAL_NAMES = {
+    "router": "model.layers.{i}.block_sparse_moe.gate.weight",
+    "expert_gate": "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
+    "expert_up": "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
+    "expert_down": "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
+}
 
 
 def hf_model_config(directory: Path) -> ModelConfig:
@@ -214,7 +221,9 @@ def hf_model_config(directory: Path) -> ModelConfig:
         raise CheckpointError(path, "MLP biases are not supported", "mlp_bias")
 
     def integer(key: str, default: Any = None) -> int:
-        value = raw.get(key, default)
+        value = raw.get(key)
+        if value is None:  # absent, or null (transformers writes `"head_dim": null`)
+            value = default
         if value is None:
             raise CheckpointError(path, "missing", key)
         return positive_int(value, path, key)
@@ -252,14 +261,18 @@ def hf_model_config(directory: Path) -> ModelConfig:
     except ValueError as e:
         raise CheckpointError(path, str(e), rope_key) from None
     sliding_window = None
-    if family == "mistral" and raw.get("sliding_window") is not None:
+    if family in ("mistral", "mixtral") and raw.get("sliding_window") is not None:
         sliding_window = integer("sliding_window")
-    elif family != "mistral" and raw.get("use_sliding_window"):
+    elif family not in ("mistral", "mixtral") and raw.get("use_sliding_window"):
         raise CheckpointError(path, f"a per-layer sliding window ({family}) is not supported",
                               "use_sliding_window")
     heads, hidden = integer("num_attention_heads"), integer("hidden_size")
     experts = {}
-    if family == "qwen3_moe":
+    if family == "mixtral":  # every expert as wide as `intermediate_size`; weights renormalised
+        experts = dict(num_experts=integer("num_local_experts"),
+                       num_experts_per_tok=integer("num_experts_per_tok"),
+                       moe_intermediate_size=integer("intermediate_size"), norm_topk_prob=True)
+    elif family == "qwen3_moe":
         if raw.get("mlp_only_layers") or raw.get("decoder_sparse_step", 1) != 1:
             raise CheckpointError(path, "dense layers among mixture-of-experts ones "
                                   "(mlp_only_layers, decoder_sparse_step) are not supported yet",
@@ -321,7 +334,8 @@ def _hf_weight_files(directory: Path, within: Path) -> list[Path]:
 
 def load_hf(directory: Path, dtype: str, within: Path | None = None
             ) -> tuple[ModelConfig, Params]:
-    """Load a Llama/Mistral/Qwen2/Qwen3 checkpoint directory (config.json + safetensors).
+    """Load a Llama/Mistral/Mixtral/Qwen2/Qwen3/Qwen3-MoE checkpoint directory (config.json +
+    safetensors).
     Weight files must resolve inside `within` (default: the directory itself; a Hugging Face
     cache snapshot's files link to blobs in its repo's folder)."""
     cfg = hf_model_config(directory)
@@ -343,7 +357,9 @@ def load_hf(directory: Path, dtype: str, within: Path | None = None
                                   f"{shape}", name)
         return array
 
-    return cfg, _assemble(cfg, get, _HF_NAMES, dtype, directory.name)
+    mixtral = json_object(directory / "config.json").get("model_type") == "mixtral"
+    names = {**_HF_NAMES, **_MIXTRAL_NAMES} if mixtral else _HF_NAMES
+    return cfg, _assemble(cfg, get, names, dtype, directory.name)
 
 
 def load_random(cfg: ModelConfig, dtype: str, seed: int) -> Params:

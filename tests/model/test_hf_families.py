@@ -1,5 +1,5 @@
-"""Tiny random Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE models saved by transformers load
-through our Hugging Face path and reproduce transformers' logits."""
+"""Tiny random Llama / Mistral / Mixtral / Qwen2 / Qwen3 / Qwen3-MoE models saved by
+transformers load through our Hugging Face path and reproduce transformers' logits."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ FAMILIES = {
         rope_theta=1000000.0, tie_word_embeddings=False)),
     "qwen3-qk-norm": (transformers.Qwen3Config, dict(
         rope_theta=1000000.0, head_dim=32, tie_word_embeddings=True)),
+    "mixtral-sliding-window": (transformers.MixtralConfig, dict(
+        rope_theta=1000000.0, sliding_window=7, tie_word_embeddings=False, num_local_experts=6,
+        num_experts_per_tok=2)),
     "qwen3-moe": (transformers.Qwen3MoeConfig, dict(
         rope_theta=1000000.0, head_dim=32, tie_word_embeddings=False, num_experts=6,
         num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True)),
@@ -53,7 +56,7 @@ def build(name, directory, tokenizer_json, shard=False):
         for pname, p in model.named_parameters():
             if "norm" in pname or pname.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
-            if pname.endswith("mlp.gate.weight"):  # decisive routing: no near-ties in top-k
+            if pname.endswith(("mlp.gate.weight", "moe.gate.weight")):  # decisive routing
                 p.mul_(30.0)
     model.save_pretrained(directory, max_shard_size="300KB" if shard else "5GB")
     (directory / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
@@ -78,7 +81,7 @@ def test_logits_match_transformers(name, tmp_path, tokenizer_json):
     assert np.abs(ours - theirs).max() <= 1e-4 * spread, name
 
 
-@pytest.mark.parametrize("name", ["qwen3-qk-norm", "qwen3-moe"])
+@pytest.mark.parametrize("name", ["qwen3-qk-norm", "qwen3-moe", "mixtral-sliding-window"])
 def test_generate_through_the_engine_matches_greedy(name, tmp_path, tokenizer_json):
     """Through the engine: the 20-token prompt in chunks of at most 16 tokens, then decode."""
     hf_model = build(name, tmp_path, tokenizer_json)
