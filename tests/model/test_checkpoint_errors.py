@@ -29,6 +29,10 @@ def test_presets_load():
     assert 1.2e9 < one_b.num_params() < 1.3e9  # Llama-3.2-1B: 1.24B parameters
     eight_b = load_preset("llama-3.1-8b").model
     assert 8.0e9 < eight_b.num_params() < 8.1e9  # Llama-3.1-8B: 8.03B parameters
+    qwen3_moe = load_preset("qwen3-30b-a3b").model
+    assert 30.4e9 < qwen3_moe.num_params() < 30.6e9  # Qwen3-30B-A3B: 30.5B parameters
+    mixtral = load_preset("mixtral-8x7b").model
+    assert 46.6e9 < mixtral.num_params() < 46.8e9  # Mixtral-8x7B: 46.7B parameters
 
 
 def test_gguf_metadata_and_tensors():
