@@ -263,11 +263,9 @@ class ModelRunner:
         on a pool of `threads` (default: the machine's cores), then (with `freeze`) refuse to
         compile anything else. The longest programs start first (`buckets.longest_first`). A
         progress line shows on stderr when this takes more than a few seconds."""
-        work = [(shape, STEP) for shape in shapes]
-        work += [(shape, kind) for shape in shapes if split(shape) for kind in (FORWARD, SAMPLE)]
-        rank = {shape: i for i, shape in enumerate(longest_first(shapes))}
-        work = sorted((key for key in work if key not in self._compiled),
-                      key=lambda key: rank[key[0]])
+        work = [(shape, kind) for shape in longest_first(shapes)
+                for kind in ((STEP, FORWARD, SAMPLE) if split(shape) else (STEP,))
+                if (shape, kind) not in self._compiled]
         progress = Progress("warm-up: compiling step programs", len(work))
         threads = threads or os.cpu_count() or 1
         self._check_map_pressure(0, len(work))

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from dendrite_jax.model.linear import precision_for
 
 SCORINGS = ("softmax_topk", "topk_softmax")
-ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,16 +50,11 @@ class RouterSpec:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class MoeParams:
-    """One layer's experts: router [D, E], gate/up [E, D, 2F], down [E, F, D]; an optional
-    shared expert (gate/up [D, 2Fs], down [Fs, D]) that every token passes through, scaled by
-    sigmoid(x @ shared_gate [D, 1]) where that is given (Qwen2-MoE)."""
+    """One layer's experts: router [D, E], gate/up [E, D, 2F], down [E, F, D]."""
 
     router: jax.Array
     w_gate_up: jax.Array
     w_down: jax.Array
-    shared_gate_up: jax.Array | None = None
-    shared_down: jax.Array | None = None
-    shared_gate: jax.Array | None = None
 
 
 def route(logits: jax.Array, spec: RouterSpec) -> tuple[jax.Array, jax.Array]:
@@ -77,9 +71,9 @@ def route(logits: jax.Array, spec: RouterSpec) -> tuple[jax.Array, jax.Array]:
 
 
 def grouped_gated_mlp(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up: jax.Array,
-                      w_down: jax.Array, activation: str = "silu") -> jax.Array:
+                      w_down: jax.Array) -> jax.Array:
     """sum_j weights[t, j] * expert_{experts[t, j]}(x[t]) for tokens x [T, D], each expert
-    act(x @ gate) * (x @ up) @ down, computed over the routed copies grouped by expert."""
+    silu(x @ gate) * (x @ up) @ down, computed over the routed copies grouped by expert."""
     num_tokens, top_k = experts.shape
     num_experts = w_gate_up.shape[0]
     flat = experts.reshape(-1)
@@ -89,8 +83,7 @@ def grouped_gated_mlp(x: jax.Array, weights: jax.Array, experts: jax.Array, w_ga
     precision = precision_for(w_gate_up)
     h = jax.lax.ragged_dot(x[token_of], w_gate_up, group_sizes, precision=precision)
     gate, up = jnp.split(h, 2, axis=-1)
-    h = (ACTIVATIONS[activation](gate.astype(jnp.float32)) * up.astype(jnp.float32)
-         ).astype(x.dtype)
+    h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
     y = jax.lax.ragged_dot(h, w_down, group_sizes, precision=precision_for(w_down),
                            preferred_element_type=jnp.float32)
     per_copy = y[jnp.argsort(order)].reshape(num_tokens, top_k, -1)  # back in token order
@@ -98,20 +91,9 @@ def grouped_gated_mlp(x: jax.Array, weights: jax.Array, experts: jax.Array, w_ga
                       precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
 
 
-def moe_mlp(p: MoeParams, x: jax.Array, spec: RouterSpec, activation: str = "silu") -> jax.Array:
-    """The mixture-of-experts MLP of tokens x [T, D] (already normalised): routed experts plus
-    the shared expert where the layer has one."""
+def moe_mlp(p: MoeParams, x: jax.Array, spec: RouterSpec) -> jax.Array:
+    """The mixture-of-experts MLP of tokens x [T, D] (already normalised)."""
     logits = jnp.einsum("td,de->te", x, p.router, precision=precision_for(p.router),
                         preferred_element_type=jnp.float32)
     weights, experts = route(logits, spec)
-    out = grouped_gated_mlp(x, weights, experts, p.w_gate_up, p.w_down, activation)
-    if p.shared_gate_up is not None:
-        h = jnp.einsum("td,df->tf", x, p.shared_gate_up, precision=precision_for(p.shared_gate_up))
-        gate, up = jnp.split(h, 2, axis=-1)
-        shared = jnp.einsum("tf,fd->td", ACTIVATIONS[activation](gate) * up, p.shared_down,
-                            precision=precision_for(p.shared_down))
-        if p.shared_gate is not None:
-            shared = shared * jax.nn.sigmoid(
-                jnp.einsum("td,do->to", x, p.shared_gate, precision=precision_for(p.shared_gate)))
-        out = out + shared.astype(out.dtype)
-    return out
+    return grouped_gated_mlp(x, weights, experts, p.w_gate_up, p.w_down)

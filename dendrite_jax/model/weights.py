@@ -192,23 +192,33 @@ _HF_NAMES = {
     "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     "mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
     "gate": "model.layers.{i}.mlp.gate_proj.weight", "up": "model.layers.{i}.mlp.up_proj.weight",
-    "router": "model.layers.{i}.mlp.gate.weight",
-    "expert_gate": "model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
-    "expert_up": "model.layers.{i}.mlp.experts.{e}.up_proj.weight",
-    "expert_down": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
     "down": "model.layers.{i}.mlp.down_proj.weight",
 }
-HF_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
-# Mixtral names its experts' gate, down and up projections w1, w2, w3.
-_MIXTRAL_NAMES = {
-    "router": "model.layers.{i}.block_sparse_moe.gate.weight",
-    "expert_gate": "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
-    "expert_up": "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
-    "expert_down": "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
+# The router and experts' tensors of the mixture-of-experts families (Mixtral names its
+# experts' gate, down and up projections w1, w2, w3).
+_HF_EXPERT_NAMES = {
+    "qwen3_moe": {
+        "router": "model.layers.{i}.mlp.gate.weight",
+        "expert_gate": "model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
+        "expert_up": "model.layers.{i}.mlp.experts.{e}.up_proj.weight",
+        "expert_down": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
+    },
+    "mixtral": {
+        "router": "model.layers.{i}.block_sparse_moe.gate.weight",
+        "expert_gate": "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
+        "expert_up": "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
+        "expert_down": "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
+    },
 }
+HF_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
 
 
 def hf_model_config(directory: Path) -> ModelConfig:
+    """The ModelConfig of a Hugging Face checkpoint directory's config.json."""
+    return _hf_config_and_family(directory)[0]
+
+
+def _hf_config_and_family(directory: Path) -> tuple[ModelConfig, str]:
     path = directory / "config.json"
     raw = json_object(path)
     family = raw.get("model_type")
@@ -279,9 +289,8 @@ def hf_model_config(directory: Path) -> ModelConfig:
                                   "mlp_only_layers")
         # Hub checkpoints name the count `num_experts`; transformers >= 5 writes it as
         # `num_local_experts`.
-        if "num_experts" not in raw and "num_local_experts" in raw:
-            raw["num_experts"] = raw["num_local_experts"]
-        experts = dict(num_experts=integer("num_experts"),
+        count = "num_local_experts" if "num_experts" not in raw else "num_experts"
+        experts = dict(num_experts=integer(count),
                        num_experts_per_tok=integer("num_experts_per_tok"),
                        moe_intermediate_size=integer("moe_intermediate_size"),
                        norm_topk_prob=bool(raw.get("norm_topk_prob", False)))
@@ -299,7 +308,7 @@ def hf_model_config(directory: Path) -> ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
             qk_norm=family in ("qwen3", "qwen3_moe"), sliding_window=sliding_window,
-            **experts)
+            **experts), family
     except ValueError as e:  # the config's own consistency checks
         raise CheckpointError(path, f"inconsistent model config: {e}") from None
 
@@ -338,7 +347,7 @@ def load_hf(directory: Path, dtype: str, within: Path | None = None
     safetensors).
     Weight files must resolve inside `within` (default: the directory itself; a Hugging Face
     cache snapshot's files link to blobs in its repo's folder)."""
-    cfg = hf_model_config(directory)
+    cfg, family = _hf_config_and_family(directory)
     tensors: dict[str, tuple[np.ndarray, Path]] = {}
     for f in _hf_weight_files(directory, within or directory):
         for name, array in read_safetensors(f).items():
@@ -357,8 +366,7 @@ def load_hf(directory: Path, dtype: str, within: Path | None = None
                                   f"{shape}", name)
         return array
 
-    mixtral = json_object(directory / "config.json").get("model_type") == "mixtral"
-    names = {**_HF_NAMES, **_MIXTRAL_NAMES} if mixtral else _HF_NAMES
+    names = {**_HF_NAMES, **_HF_EXPERT_NAMES.get(family, {})}
     return cfg, _assemble(cfg, get, names, dtype, directory.name)
 
 
